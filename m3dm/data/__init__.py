@@ -1,0 +1,10 @@
+"""Dataset readers, per-sample transforms and on-disk formats.
+
+The torch dataset lives in ``m3dm.data.dataset`` (imported explicitly so that preprocessing does not pay for
+importing torch).
+"""
+
+from .io import DataError
+from .layout import Sample, available_classes, discover_samples
+
+__all__ = ["DataError", "Sample", "available_classes", "discover_samples"]

@@ -1,0 +1,123 @@
+"""Reading and writing the on-disk formats, with validation that names the file and what is wrong.
+
+Writes are atomic: the data goes to a temporary file in the destination folder, which is then renamed over
+the destination, so an interrupted run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable or does not hold what the format requires."""
+
+
+def read_organized_pc(path: str | os.PathLike) -> np.ndarray:
+    """Read an organized point cloud TIFF as an ``(H, W, 3)`` float array (float32 or float64 as stored).
+
+    Zero rows mean "no measurement". Raises DataError for unreadable files, wrong shape or dtype, and
+    non-finite coordinates.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: point cloud file not found")
+    try:
+        cloud = tifffile.imread(path)
+    except Exception as exc:  # tifffile raises several exception types for corrupt files
+        raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
+    if cloud.ndim != 3 or cloud.shape[2] != 3:
+        raise DataError(f"{path}: expected an organized point cloud of shape (H, W, 3), got {cloud.shape}")
+    if not np.issubdtype(cloud.dtype, np.floating):
+        raise DataError(f"{path}: expected float coordinates, got dtype {cloud.dtype}")
+    if not np.isfinite(cloud).all():
+        bad = int((~np.isfinite(cloud)).any(axis=2).sum())
+        raise DataError(f"{path}: {bad} pixels hold NaN or infinite coordinates")
+    return cloud
+
+
+def _open_image(path: Path, kind: str) -> Image.Image:
+    if not path.is_file():
+        raise DataError(f"{path}: {kind} file not found")
+    try:
+        image = Image.open(path)
+        image.load()
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    return image
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an RGB image (any mode PIL understands) and convert it to 3-channel RGB."""
+    return _open_image(Path(path), "RGB image").convert("RGB")
+
+
+def read_mask(path: str | os.PathLike) -> Image.Image:
+    """Open a ground-truth mask and convert it to 8-bit grey ('L'), as the reference does."""
+    return _open_image(Path(path), "ground-truth mask").convert("L")
+
+
+def check_same_size(cloud: np.ndarray, image: Image.Image, cloud_path, image_path) -> None:
+    """Raise DataError when an organized cloud and its image do not have the same pixel grid."""
+    if cloud.shape[:2] != (image.height, image.width):
+        raise DataError(
+            f"{image_path}: image is {image.width}x{image.height} (WxH) but its point cloud {cloud_path} "
+            f"is {cloud.shape[1]}x{cloud.shape[0]}"
+        )
+
+
+@contextmanager
+def atomic_path(destination: str | os.PathLike):
+    """Yield a temporary path next to ``destination``; on success rename it over the destination."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp" + destination.suffix,
+                               dir=destination.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, destination)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> int:
+    """Delete temporary files left by an interrupted atomic write under ``root``; returns how many."""
+    stale = [p for p in Path(root).rglob(".*.tmp*") if p.is_file()] if Path(root).is_dir() else []
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
+def write_tiff(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write an array as an uncompressed TIFF, atomically. ``(H, W, 3)`` clouds are stored as MVTec 3D-AD
+    stores them: one page, photometric RGB, contiguous samples."""
+    rgb_like = getattr(array, "ndim", 0) == 3 and array.shape[2] == 3
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, array, photometric="rgb" if rgb_like else None)
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array, or a uint16 (H, W) array, as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def copy_file(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copy a file byte for byte, atomically."""
+    with atomic_path(destination) as tmp:
+        shutil.copyfile(source, tmp)

@@ -1,0 +1,132 @@
+"""What both dataset converters share: output-root rules, a parallel resumable job runner, the summary."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+
+
+@dataclass
+class JobResult:
+    name: str  # the sample, relative to the source root
+    skipped: bool = False  # already done by an earlier run
+    valid_points: int | None = None  # valid points in the written cloud
+    clusters: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    source: Path
+    output: Path
+    processed: int = 0
+    skipped: int = 0
+    copied: int = 0
+    seconds: float = 0.0
+    empty: list[str] = field(default_factory=list)
+    multi_cluster: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, result: JobResult) -> None:
+        if result.error is not None:
+            self.errors.append(f"{result.name}: {result.error}")
+        elif result.skipped:
+            self.skipped += 1
+        else:
+            self.processed += 1
+            if result.valid_points == 0:
+                self.empty.append(result.name)
+            if result.clusters is not None and result.clusters > 1:
+                self.multi_cluster.append(result.name)
+
+    def report(self) -> str:
+        rate = self.processed / self.seconds if self.seconds > 0 else float("nan")
+        lines = [f"{self.source} -> {self.output}",
+                 f"  samples written: {self.processed}, already done (skipped): {self.skipped}, "
+                 f"other files copied: {self.copied}, errors: {len(self.errors)}",
+                 f"  time: {self.seconds:.1f} s ({rate:.2f} samples/s)"]
+        if self.multi_cluster:
+            lines.append(f"  {len(self.multi_cluster)} sample(s) had more than one DBSCAN cluster "
+                         f"(only the largest was kept)")
+        if self.empty:
+            lines.append(f"  WARNING: {len(self.empty)} sample(s) have an EMPTY point cloud after processing:")
+            lines += [f"    {name}" for name in self.empty]
+        if self.errors:
+            lines.append("  ERRORS (these samples were not written):")
+            lines += [f"    {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+def resolve_roots(source: str | Path, output: str | Path | None, inplace: bool) -> tuple[Path, Path]:
+    """Check the source exists and return (source, output) as absolute paths.
+
+    The default output is the sibling ``<source>_preprocessed``. Writing inside the source (or the source
+    inside the output) is refused unless ``inplace`` is asked for explicitly.
+    """
+    source = Path(source).resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: dataset root not found")
+    if inplace:
+        if output is not None and Path(output).resolve() != source:
+            raise ValueError("--inplace writes into the source root; do not also give an output root")
+        return source, source
+    output = Path(output).resolve() if output is not None else source.with_name(source.name + "_preprocessed")
+    if output == source:
+        raise ValueError(f"output root {output} is the source root; pass --inplace if you really want to "
+                         f"overwrite the source")
+    if source in output.parents:
+        raise ValueError(f"output root {output} is inside the source root {source}; choose a folder outside it")
+    if output in source.parents:
+        raise ValueError(f"source root {source} is inside the output root {output}; choose another output root")
+    return source, output
+
+
+def _call(job_and_fn):
+    fn, job = job_and_fn
+    try:
+        return fn(job)
+    except Exception as exc:  # one bad sample must not stop the others
+        detail = str(exc) if isinstance(exc, (ValueError, OSError)) else traceback.format_exc(limit=3)
+        return JobResult(name=getattr(job, "name", str(job)), error=f"{type(exc).__name__}: {detail}")
+
+
+def _init_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def run_jobs(jobs: Sequence, fn: Callable, workers: int, desc: str) -> list[JobResult]:
+    """Run ``fn(job)`` for every job on ``workers`` processes with a progress bar; exceptions become
+    per-job errors. ``fn`` must be a module-level function and jobs picklable."""
+    workers = max(1, min(workers, len(jobs)))
+    bar = tqdm(total=len(jobs), desc=desc, unit="sample")
+    results = []
+    if workers == 1:
+        for job in jobs:
+            results.append(_call((fn, job)))
+            bar.update()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # spawn, not fork: Open3D's OpenMP thread pool does not survive a fork reliably
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+            for result in pool.imap_unordered(_call, [(fn, job) for job in jobs], chunksize=1):
+                results.append(result)
+                bar.update()
+    bar.close()
+    return results
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def timed(summary: Summary, start: float) -> Summary:
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,215 @@
+"""MVTec 3D-AD preprocessing (spec §3): background-plane removal, square padding, DBSCAN cleaning.
+
+The algorithm is the reference's, step for step (thresholds, RANSAC parameters, padding rule, the DBSCAN
+"largest label wins, noise label included" rule). What differs is how it is run: the source is never
+modified (a complete copy of the tree is written to an output root), each file is written atomically, a run
+resumes where an interrupted one stopped, samples run in parallel, and RANSAC is seeded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..data.io import (DataError, check_same_size, copy_file, read_organized_pc, remove_stale_temporaries,
+                       write_png, write_tiff)
+from ..data.layout import available_classes, discover_samples, SPLITS
+from .common import JobResult, Summary, resolve_roots, run_jobs, timed
+
+EDGE_BAND = 10
+RANSAC_DISTANCE = 0.004
+RANSAC_N = 50
+RANSAC_ITERATIONS = 1000
+PLANE_REMOVAL_DISTANCE = 0.005
+DBSCAN_EPS = 0.006
+DBSCAN_MIN_POINTS = 30
+PAD_MULTIPLE = 100
+DONE_LOG = ".m3dm_preprocess_done"  # only used with --inplace, where outputs cannot mark completion
+
+
+def valid_mask(cloud: np.ndarray) -> np.ndarray:
+    return (cloud != 0).all(axis=-1)
+
+
+def edge_band_points(cloud: np.ndarray, band: int = EDGE_BAND) -> np.ndarray:
+    """Valid points of the outer ``band`` rows and columns (corners twice, as in the reference)."""
+    parts = [cloud[:band], cloud[-band:], cloud[:, :band], cloud[:, -band:]]
+    points = np.concatenate([p.reshape(-1, 3) for p in parts])
+    return points[valid_mask(points)]
+
+
+def fit_background_plane(points: np.ndarray, seed: int = 0) -> np.ndarray:
+    """RANSAC plane ``(a, b, c, d)`` with Open3D's ``segment_plane`` and the reference's parameters."""
+    import open3d as o3d
+
+    if len(points) < RANSAC_N:
+        raise DataError(f"only {len(points)} valid points in the {EDGE_BAND}-pixel border band; at least "
+                        f"{RANSAC_N} are needed to fit the background plane")
+    o3d.utility.random.seed(seed)
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
+    plane, _ = cloud.segment_plane(distance_threshold=RANSAC_DISTANCE, ransac_n=RANSAC_N,
+                                   num_iterations=RANSAC_ITERATIONS)
+    return np.asarray(plane)
+
+
+def remove_plane(cloud: np.ndarray, rgb: np.ndarray, plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Zero every pixel (cloud and RGB) closer than 5 mm to the plane."""
+    distance = np.abs(cloud @ plane[:3] + plane[3])
+    near = distance < PLANE_REMOVAL_DISTANCE
+    cloud, rgb = cloud.copy(), rgb.copy()
+    cloud[near] = 0
+    rgb[near] = 0
+    return cloud, rgb
+
+
+def pad_to_square(array: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray:
+    """Zero-pad H and W up to the next multiple of ``multiple``, then to a square of the larger side,
+    splitting the padding floor-first (top/left) as the reference does."""
+    height, width = array.shape[:2]
+    side = max(-(-height // multiple) * multiple, -(-width // multiple) * multiple)
+    top, left = (side - height) // 2, (side - width) // 2
+    pad = [(top, side - height - top), (left, side - width - left)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad, mode="constant")
+
+
+def largest_cluster_mask(points: np.ndarray) -> tuple[np.ndarray, int]:
+    """Boolean mask of the points in the most populous DBSCAN label (the noise label -1 competes too, as in
+    the reference), and the number of labels found."""
+    import open3d as o3d
+
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
+    labels = np.asarray(cloud.cluster_dbscan(eps=DBSCAN_EPS, min_points=DBSCAN_MIN_POINTS))
+    ids, counts = np.unique(labels, return_counts=True)
+    return labels == ids[np.argmax(counts)], len(ids)
+
+
+def clean_with_dbscan(cloud: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Keep only the largest DBSCAN cluster; everything else is zeroed in the cloud and the RGB image."""
+    valid = valid_mask(cloud)
+    if not valid.any():
+        return cloud, rgb, 0
+    keep, n_labels = largest_cluster_mask(cloud[valid])
+    drop = np.zeros(valid.shape, bool)
+    drop[valid] = ~keep
+    cloud, rgb = cloud.copy(), rgb.copy()
+    cloud[drop] = 0
+    rgb[drop] = 0
+    return cloud, rgb, n_labels
+
+
+def preprocess_arrays(cloud: np.ndarray, rgb: np.ndarray, gt: np.ndarray | None = None, seed: int = 0):
+    """The whole per-sample algorithm on arrays. Returns ``(cloud, rgb, gt, n_labels)``; gt may be None."""
+    plane = fit_background_plane(edge_band_points(cloud), seed)
+    cloud, rgb = remove_plane(cloud, rgb, plane)
+    cloud, rgb = pad_to_square(cloud), pad_to_square(rgb)
+    gt = None if gt is None else pad_to_square(gt)
+    cloud, rgb, n_labels = clean_with_dbscan(cloud, rgb)
+    return cloud, rgb, gt, n_labels
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    name: str
+    xyz: Path
+    rgb: Path
+    gt: Path | None
+    out_xyz: Path
+    out_rgb: Path
+    out_gt: Path | None
+    seed: int
+    done_log: Path | None  # set with --inplace
+
+
+def process_sample(job: SampleJob) -> JobResult:
+    cloud = read_organized_pc(job.xyz)
+    with Image.open(job.rgb) as image:
+        check_same_size(cloud, image, job.xyz, job.rgb)
+        rgb = np.array(image.convert("RGB"))
+    gt = None
+    if job.gt is not None:
+        with Image.open(job.gt) as mask:
+            check_same_size(cloud, mask, job.xyz, job.gt)
+            gt = np.array(mask)
+    cloud, rgb, gt, n_labels = preprocess_arrays(cloud, rgb, gt, job.seed)
+    if gt is not None:
+        write_png(job.out_gt, gt)
+    write_png(job.out_rgb, rgb)
+    write_tiff(job.out_xyz, cloud)  # written last: its presence marks the sample as done
+    if job.done_log is not None:
+        with open(job.done_log, "a") as log:
+            log.write(job.name + "\n")
+    return JobResult(job.name, valid_points=int(valid_mask(cloud).sum()), clusters=n_labels)
+
+
+def _sample_paths(source: Path) -> tuple[list, set[Path]]:
+    """All samples of all classes and splits (pairing validated up front), and the set of their files."""
+    class_dirs = [p for p in sorted(source.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    if not class_dirs:
+        raise DataError(f"{source}: no class folders found")
+    with_splits = set(available_classes(source))
+    samples = []
+    for class_dir in class_dirs:
+        if class_dir.name not in with_splits:
+            raise DataError(f"{class_dir}: class folder holds no train/validation/test split")
+        for split in SPLITS:
+            if (class_dir / split).is_dir():
+                samples += discover_samples(source, class_dir.name, split)
+    files = set()
+    for s in samples:
+        files.update({s.rgb_path, s.xyz_path} | ({s.gt_path} if s.gt_path else set()))
+    return samples, files
+
+
+def _good_gt(sample) -> Path | None:
+    """Good test samples may carry a gt folder; the reference pads those masks too."""
+    candidate = sample.xyz_path.parent.parent / "gt" / f"{sample.stem}.png"
+    return candidate if candidate.is_file() else None
+
+
+def preprocess_dataset(source, output=None, inplace: bool = False, workers: int = 1, seed: int = 0) -> Summary:
+    """Preprocess a whole raw MVTec 3D-AD tree into ``output`` (default ``<source>_preprocessed``)."""
+    start = time.perf_counter()
+    source, output = resolve_roots(source, output, inplace)
+    samples, sample_files = _sample_paths(source)
+    summary = Summary(source, output)
+    remove_stale_temporaries(output)
+    done = set()
+    done_log = output / DONE_LOG if inplace else None
+    if inplace and done_log.exists():
+        done = set(done_log.read_text().split())
+
+    jobs, already = [], []
+    for s in samples:
+        gt = s.gt_path or _good_gt(s)
+        rel = lambda p: output / p.relative_to(source)  # noqa: E731
+        job = SampleJob(s.name, s.xyz_path, s.rgb_path, gt, rel(s.xyz_path), rel(s.rgb_path),
+                        rel(gt) if gt else None, seed, done_log)
+        is_done = s.name in done if inplace else job.out_xyz.exists()
+        (already if is_done else jobs).append(job)
+        if gt:
+            sample_files.add(gt)
+    for job in already:
+        summary.add(JobResult(job.name, skipped=True))
+
+    if not inplace:
+        summary.copied = _copy_other_files(source, output, sample_files)
+    for result in run_jobs(jobs, process_sample, workers, desc="preprocess mvtec3d"):
+        summary.add(result)
+    return timed(summary, start)
+
+
+def _copy_other_files(source: Path, output: Path, sample_files: set[Path]) -> int:
+    """Copy every file that is not a sample file (calibration, licence, readme...) so the copy is complete."""
+    copied = 0
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and path not in sample_files and not path.name.startswith("."):
+            target = output / path.relative_to(source)
+            if not target.exists():
+                copy_file(path, target)
+                copied += 1
+    return copied
+
