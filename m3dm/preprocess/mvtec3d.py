@@ -1,7 +1,8 @@
 """MVTec 3D-AD preprocessing (spec §3): background-plane removal, square padding, DBSCAN cleaning.
 
 The algorithm is the reference's, step for step (thresholds, RANSAC parameters, padding rule, the DBSCAN
-"largest label wins, noise label included" rule). What differs is how it is run: the source is never
+"largest label wins, noise label included" rule; DBSCAN labels are exactly Open3D's, computed by a
+cell-based algorithm that is two orders of magnitude faster on dense scans). What differs is how it is run: the source is never
 modified (a complete copy of the tree is written to an output root), each file is written atomically, a run
 resumes where an interrupted one stopped, samples run in parallel, and RANSAC is seeded.
 """
@@ -18,6 +19,7 @@ from PIL import Image
 from ..data.io import (DataError, check_same_size, copy_file, read_organized_pc, remove_stale_temporaries,
                        write_png, write_tiff)
 from ..data.layout import available_classes, discover_samples, SPLITS
+from .dbscan import dbscan_labels
 from .common import JobResult, Summary, resolve_roots, run_jobs, timed
 
 EDGE_BAND = 10
@@ -78,11 +80,8 @@ def pad_to_square(array: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray
 
 def largest_cluster_mask(points: np.ndarray) -> tuple[np.ndarray, int]:
     """Boolean mask of the points in the most populous DBSCAN label (the noise label -1 competes too, as in
-    the reference), and the number of labels found."""
-    import open3d as o3d
-
-    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
-    labels = np.asarray(cloud.cluster_dbscan(eps=DBSCAN_EPS, min_points=DBSCAN_MIN_POINTS))
+    the reference), and the number of labels found. The labels are exactly Open3D's (see ``dbscan``)."""
+    labels = dbscan_labels(points, eps=DBSCAN_EPS, min_points=DBSCAN_MIN_POINTS)
     ids, counts = np.unique(labels, return_counts=True)
     return labels == ids[np.argmax(counts)], len(ids)
 
