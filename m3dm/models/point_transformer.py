@@ -49,21 +49,29 @@ DROP_PATH_RATE = 0.1
 FETCH_BLOCKS = (3, 7, 11)
 
 
-def _batch_norm_per_sample(bn: nn.BatchNorm1d, x: Tensor, batch_size: int) -> Tensor:
-    """BatchNorm1d on `(B*G, C, K)` with statistics of each sample's own G*K values (training mode)
-    or with the running statistics (eval mode)."""
-    if not bn.training:
-        return bn(x)
-    rows, channels, length = x.shape
-    per_sample = x.view(batch_size, rows // batch_size, channels, length)
-    var, mean = torch.var_mean(per_sample, dim=(1, 3), unbiased=False, keepdim=True)
-    scale = bn.weight.view(1, 1, -1, 1) * torch.rsqrt(var + bn.eps)
-    shift = bn.bias.view(1, 1, -1, 1) - mean * scale
-    return (per_sample * scale + shift).view(rows, channels, length)
+def _batch_norm_per_sample(bn: nn.BatchNorm1d, x: Tensor) -> Tensor:
+    """BatchNorm1d on channels-last `(B, points, C)`: in training mode with the statistics of each sample's own
+    points (biased variance, as a batch-1 reference call), in eval mode with the running statistics."""
+    if bn.training:
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+    else:
+        var, mean = bn.running_var, bn.running_mean
+    scale = bn.weight * torch.rsqrt(var + bn.eps)
+    return torch.addcmul(bn.bias - mean * scale, x, scale)
+
+
+def _pointwise(conv: nn.Conv1d, x: Tensor, bias: bool = True) -> Tensor:
+    """A kernel-size-1 Conv1d applied to channels-last points: a matrix product."""
+    return F.linear(x, conv.weight[:, :, 0], conv.bias if bias else None)
 
 
 class MiniPointNet(nn.Module):
-    """Per-group encoder: shared point MLP, max-pool, concat global, second MLP, max-pool (spec §5.2 step 2)."""
+    """Per-group encoder: shared point MLP, max-pool, concat global, second MLP, max-pool (spec §5.2 step 2).
+
+    Parameters are the official Conv1d/BatchNorm1d ones; the forward runs channels-last as matrix products and
+    splits the first convolution of the second stage into its global and per-point halves, so the global
+    feature is transformed once per group instead of once per point (same result up to float round-off).
+    """
 
     def __init__(self, encoder_channel: int) -> None:
         super().__init__()
@@ -74,20 +82,21 @@ class MiniPointNet(nn.Module):
             nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
             nn.Conv1d(512, encoder_channel, 1))
 
-    @staticmethod
-    def _stage(stage: nn.Sequential, x: Tensor, batch_size: int) -> Tensor:
-        conv_in, bn, _, conv_out = stage
-        return conv_out(F.relu(_batch_norm_per_sample(bn, conv_in(x), batch_size)))
-
     def forward(self, neighbourhoods: Tensor) -> Tensor:
         """`(B, G, K, 3)` relative neighbourhoods -> `(B, G, encoder_channel)` tokens."""
         batch, groups, size, _ = neighbourhoods.shape
-        x = neighbourhoods.reshape(batch * groups, size, 3).transpose(1, 2)
-        x = self._stage(self.first_conv, x, batch)
-        pooled = x.amax(dim=2, keepdim=True)
-        x = torch.cat([pooled.expand(-1, -1, size), x], dim=1)
-        x = self._stage(self.second_conv, x, batch)
-        return x.amax(dim=2).reshape(batch, groups, self.encoder_channel)
+        conv_a, bn_a, _, conv_b = self.first_conv
+        x = neighbourhoods.reshape(batch, groups * size, 3)
+        x = _pointwise(conv_b, F.relu(_batch_norm_per_sample(bn_a, _pointwise(conv_a, x))))
+        local = x.view(batch, groups, size, -1)
+        pooled = local.amax(dim=2)  # (B, G, 256)
+        conv_c, bn_c, _, conv_d = self.second_conv
+        width = pooled.shape[-1]
+        weight = conv_c.weight[:, :, 0]
+        x = F.linear(local, weight[:, width:]) + F.linear(pooled, weight[:, :width], conv_c.bias)[:, :, None]
+        x = F.relu(_batch_norm_per_sample(bn_c, x.view(batch, groups * size, -1)))
+        x = _pointwise(conv_d, x)
+        return x.view(batch, groups, size, -1).amax(dim=2)
 
 
 class Mlp(nn.Module):
