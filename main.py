@@ -1,36 +1,51 @@
-"""M3DM: fit and evaluate per class. The detection pipeline lands with the pipeline issue; for now ``--demo``
-builds the synthetic dataset, preprocesses it and checks that it loads."""
+"""M3DM: fit and evaluate per class (MVTec 3D-AD, Eyecandies, or the built-in synthetic data with --demo).
 
-import argparse
+Same flags and defaults as the reference's main.py (see docs/quirks.md for --fix_quirks), plus --classes,
+--device, --batch_size, --num_workers, --output_dir, checkpoint paths, --random_init and --demo.
+"""
+
 import sys
 from pathlib import Path
 
+from m3dm.cli import build_parser, run, validate
 
-def run_demo(root: Path) -> None:
-    from m3dm.data.dataset import AnomalyDataset
+DEMO_CLASSES = ("gadget", "widget")
+
+
+def prepare_demo(args) -> None:
+    """Synthetic data (generated and preprocessed once), DINO+Point_MAE on two classes, pictures on."""
+    from m3dm.models.checkpoints import default_checkpoint_available
     from m3dm.preprocess.mvtec3d import preprocess_dataset
     from m3dm.synthetic import write_mvtec3d
 
-    raw = write_mvtec3d(root / "synthetic_mvtec3d")
+    raw = write_mvtec3d(Path(args.demo_root) / "synthetic_mvtec3d", classes=DEMO_CLASSES)
     summary = preprocess_dataset(raw, workers=2)
     print(summary.report())
-    for class_name in ("gadget", "widget"):
-        for split in ("train", "test"):
-            dataset = AnomalyDataset(summary.output, class_name, split)
-            labels = [s.label for s in dataset.samples]
-            print(f"{class_name}/{split}: {len(dataset)} samples ({sum(labels)} anomalous), "
-                  f"first item rgb {tuple(dataset[0]['rgb'].shape)} pc {tuple(dataset[0]['pc'].shape)}")
-    print("Data is ready. The M3DM detection pipeline (memory banks, scoring, metrics) is not built yet.")
+    args.dataset_path = str(summary.output)
+    args.classes = list(DEMO_CLASSES)
+    args.method_name, args.memory_bank = "DINO+Point_MAE", "multiple"
+    args.save_preds = True
+    if args.output_dir == "results":
+        args.output_dir = "results/demo"
+    have_weights = all(default_checkpoint_available(kind, name) for kind, name in
+                       (("rgb", args.rgb_backbone_name), ("xyz", args.xyz_backbone_name)))
+    if not have_weights and not args.random_init:
+        print("demo: pretrained weights not found under checkpoints/ (see checkpoints/README.md): running with "
+              "RANDOM backbone weights", file=sys.stderr)
+        args.random_init = True
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--demo", action="store_true", help="run on built-in synthetic data")
-    parser.add_argument("--demo_root", default="datasets", help="where the demo writes its data")
+    parser = build_parser()
+    parser.add_argument("--demo_root", default="datasets", help="where --demo writes its synthetic data")
     args = parser.parse_args(argv)
-    if not args.demo:
-        parser.error("only --demo is available until the pipeline lands")
-    run_demo(Path(args.demo_root))
+    if args.demo:
+        prepare_demo(args)
+    try:
+        validate(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    run(args)
     return 0
 
 
