@@ -192,7 +192,8 @@ def run(args) -> dict:
         runner = ClassRunner(config, extractor, args.dataset_path, class_name, img_size=args.img_size,
                              batch_size=args.batch_size, num_workers=args.num_workers,
                              max_sample=args.max_sample, fusion_block=fusion_block, device=device, timer=timer,
-                             reextract_pass2=args.dlf_reextract)
+                             reextract_pass2=args.dlf_reextract,
+                             save_feature_path=args.save_feature_path if args.save_feature else None)
         runner.fit()
         result = runner.evaluate()
         per_class[class_name] = result.metrics

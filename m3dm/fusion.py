@@ -96,3 +96,33 @@ def load_fusion_block(path: str | Path, device: str | torch.device = "cpu",
                               f"unexpected keys {unexpected[:8]}, wrong shapes {wrong_shape[:8]}")
     block.load_state_dict(state, strict=True)
     return block.to(device).eval()
+
+
+def scrambled_rgb_rows(rgb_patches: torch.Tensor, rows: int) -> torch.Tensor:
+    """The reference's RGB layout in pretraining dumps (quirk 20): row ``t`` holds RGB token
+    ``(4 (t mod n) + floor(t / n)) mod n`` of the ``n`` ViT tokens, instead of the token above it."""
+    n = rgb_patches.shape[0]
+    if rows != 4 * n:
+        raise ValueError(f"the reference's dump layout needs 4 x {n} = {4 * n} xyz patches, got {rows}: use "
+                         f"--fix_quirks for spatially aligned dumps")
+    t = torch.arange(rows)
+    return rgb_patches[(4 * (t % n) + t // n) % n]
+
+
+def pretraining_features(xyz: torch.Tensor, rgb_patches: torch.Tensor, rgb_aligned: torch.Tensor,
+                         aligned: bool) -> torch.Tensor:
+    """One dumped training sample (spec §7.3): ``(3136, 1152 + C)``, unnormalised xyz patches then RGB, with
+    the reference's scrambled RGB rows unless ``aligned``."""
+    rgb = rgb_aligned if aligned else scrambled_rgb_rows(rgb_patches, xyz.shape[0])
+    return torch.cat([xyz, rgb], dim=1).float().contiguous()
+
+
+def save_pretraining_features(folder: str | Path, class_name: str, index: int, features: torch.Tensor) -> Path:
+    """``<folder>/<class><index>.pt`` as the reference names them, written atomically."""
+    from .data.io import atomic_path
+
+    path = Path(folder) / f"{class_name}{index}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(features.clone(), tmp)
+    return path

@@ -63,7 +63,7 @@ class ClassRunner:
     def __init__(self, config: DetectorConfig, extractor: FeatureExtractor, dataset_root, class_name: str, *,
                  img_size: int = 224, batch_size: int = 1, num_workers: int = 0, max_sample: int = 400,
                  fusion_block=None, device="cpu", timer: StageTimer | None = None, progress: bool = True,
-                 reextract_pass2: bool = False):
+                 reextract_pass2: bool = False, save_feature_path: str | Path | None = None):
         self.config, self.extractor = config, extractor
         self.class_name = class_name
         self.root = Path(dataset_root)
@@ -73,6 +73,7 @@ class ClassRunner:
         self.timer = timer or StageTimer()
         self.progress = progress
         self.reextract_pass2 = reextract_pass2
+        self.save_feature_path = save_feature_path
 
     def _loader(self, split: str, cap: int | None = None):
         dataset = AnomalyDataset(self.root, self.class_name, split, self.img_size)
@@ -96,6 +97,8 @@ class ClassRunner:
                 features = self._extract(batch)
             with self.timer("memory"):
                 for sample in features:
+                    if self.save_feature_path is not None:
+                        self._dump(sample, detector.n_train)
                     detector.add(sample)
         with self.timer("coreset"):
             detector.finalize()
@@ -104,6 +107,13 @@ class ClassRunner:
             with self.timer("dlf fit"):
                 detector.fit_fusion(scores)
         detector.release_training_samples()
+
+    def _dump(self, sample, index: int) -> None:
+        """``--save_feature``: the UFF pretraining input of one training sample (spec §7.3)."""
+        from .fusion import pretraining_features, save_pretraining_features
+
+        rows = pretraining_features(sample.xyz, sample.rgb, sample.rgb_aligned(), aligned=self.config.fix_quirks)
+        save_pretraining_features(self.save_feature_path, self.class_name, index, rows)
 
     def _pass2_reused(self) -> list[dict[str, ModalityScore]]:
         """Pass 2 on the pass-1 features kept with the banks (no second extraction)."""

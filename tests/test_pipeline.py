@@ -103,3 +103,23 @@ def test_missing_uff_checkpoint_is_a_clear_error(dataset, tmp_path):
     with pytest.raises(Exception, match="not found"):
         run_main(dataset, tmp_path, "--method_name", "Fusion", "--memory_bank", "single", "--use_uff",
                  "--fusion_module_path", str(tmp_path / "nothing.pth"))
+
+
+def test_save_feature_dumps_reference_layout_and_aligned_layout(dataset, tmp_path):
+    """One (3136, 1152 + C) tensor per training sample; RGB rows scrambled as the reference (quirk 20) by default,
+    spatially aligned (2x nearest of the 28 x 28 token map) with --fix_quirks. ViT-S/8 gives the real 28 grid."""
+    dumps = {}
+    for fix in (False, True):
+        folder = tmp_path / f"patch_lib_{fix}"
+        run_main(dataset, tmp_path / f"out_{fix}", "--method_name", "DINO+Point_MAE", "--save_feature",
+                 "--save_feature_path", str(folder), "--max_sample", "2", "--rgb_backbone_name",
+                 "vit_small_patch8_224", *(["--fix_quirks"] if fix else []))
+        files = sorted(folder.glob("*.pt"))
+        assert [f.name for f in files] == [f"gadget{i}.pt" for i in range(2 if fix else 3)]  # max_sample + 1
+        dumps[fix] = torch.load(files[0], weights_only=True)
+        assert dumps[fix].shape == (56 * 56, 1152 + 384) and dumps[fix].dtype == torch.float32
+    aligned = dumps[True][:, 1152:].reshape(56, 56, 384)
+    assert torch.equal(aligned[0::2, 0::2], aligned[1::2, 1::2])  # each token fills a 2 x 2 block
+    tokens = aligned[0::2, 0::2].reshape(784, 384)
+    t = torch.arange(3136)
+    assert torch.equal(dumps[False][:, 1152:], tokens[(4 * (t % 784) + t // 784) % 784])
