@@ -142,6 +142,59 @@ def _lower_min_distances(reduced: torch.Tensor, last: torch.Tensor, min_dist: to
         torch.minimum(part, dist, out=part)
 
 
+PRUNE_SLACK = 0.01  # relative safety margin of the triangle-inequality test (float16 rounding is ~5e-4)
+
+
+def _row_distances(rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Distances of ``rows`` to ``last`` exactly as :func:`_lower_min_distances` computes them on the CPU."""
+    if rows.dtype == torch.float16:
+        return torch.linalg.vector_norm(rows - last, dim=1, dtype=torch.float64).to(torch.float16)
+    return torch.linalg.norm(rows - last, dim=1)
+
+
+def _greedy_pruned(reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
+    """The same selection as the plain loop, skipping rows that provably cannot get closer (CPU).
+
+    Every row remembers the selected centre it is nearest to. By the triangle inequality a row whose centre lies
+    at least twice its running minimum away from the new centre cannot get closer to the new one, and a whole
+    cluster can be skipped when the new centre is at least twice the cluster's largest running minimum away.
+    The test carries a 1 % margin, far above float16 rounding, so the skipped rows are exactly those whose
+    minimum the plain loop would leave unchanged; the rows that are computed use the plain loop's arithmetic.
+    Hence the indices are identical, at a cost that falls as clusters shrink.
+    """
+    centres = torch.empty((max(n, 1), reduced.shape[1]), dtype=torch.float32)
+    radius = torch.zeros(max(n, 1), dtype=torch.float32)
+    assign = torch.zeros(reduced.shape[0], dtype=torch.long)
+    selected = torch.zeros(max(n, 1), dtype=torch.long)
+    centres[0] = reduced[0].float()
+    radius[0] = float("inf")  # the first update (against row 0 again, as the reference) checks every row
+    factor = 2.0 * (1.0 + PRUNE_SLACK)
+    for step in tqdm(range(1, n), desc="coreset", disable=not progress, leave=False):
+        k = step - 1  # the most recently selected centre; its distances are taken now, as in the reference
+        last_row = reduced[selected[k]].unsqueeze(0)
+        centre_dist = torch.linalg.vector_norm(centres[:step] - centres[k], dim=1)
+        open_clusters = centre_dist < factor * radius[:step]
+        open_clusters[k] = True
+        members = open_clusters[assign].nonzero().squeeze(1)
+        member_centre_dist = centre_dist[assign[members]]
+        current = min_dist[members]
+        candidates = member_centre_dist < factor * current.float()
+        rows = members[candidates]
+        new = _row_distances(reduced[rows], last_row)
+        closer = new < min_dist[rows]
+        moved = rows[closer]
+        min_dist[moved] = new[closer]
+        assign[moved] = k
+        # the largest running minimum of every open cluster (all their rows are in `members`)
+        radius[:step][open_clusters] = 0
+        radius.scatter_reduce_(0, assign[members], min_dist[members].float(), reduce="amax")
+        index = int(torch.argmax(min_dist))
+        min_dist[index] = 0
+        selected[step] = index
+        centres[step] = reduced[index].float()
+    return selected
+
+
 def greedy_coreset(features: ArrayLike, n: int, eps: float = 0.9, random_state=None,
                    device: str | torch.device | None = None, fp16: bool = True,
                    chunk_size: int | None = None, progress: bool = True) -> torch.Tensor:
@@ -161,6 +214,8 @@ def greedy_coreset(features: ArrayLike, n: int, eps: float = 0.9, random_state=N
     projector = fit_sparse_random_projection(features.shape[0], features.shape[1], eps, random_state)
     reduced, min_dist = _project_for_coreset(features, projector, torch.float16 if fp16 else None, device)
 
+    if device.type == "cpu" and reduced.dtype == torch.float16 and chunk_size is None:
+        return _greedy_pruned(reduced, min_dist, n, progress)
     selected = torch.zeros(max(n, 1), dtype=torch.long, device=device)
     last = reduced[:1]
     # The reference's first iteration recomputes the distances to row 0 in float16 and takes the minimum with

@@ -453,3 +453,17 @@ def test_finalize_argument_checks():
         MemoryBank().finalize()
     with pytest.raises(RuntimeError):
         _ = MemoryBank().bank
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pruned_cpu_coreset_selects_exactly_what_the_plain_loop_selects(seed):
+    """The triangle-inequality pruning (CPU default) must not change a single index."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(40, 256, generator=generator) * 3
+    rows = centres[torch.randint(0, 40, (6000,), generator=generator)]
+    rows = rows + 0.3 * torch.randn(6000, 256, generator=generator)
+    rows[::7] = 0  # empty patches, as in xyz banks
+    rows[1::11] = rows[2::11][: len(rows[1::11])]  # duplicates
+    pruned = greedy_coreset(rows, 700, random_state=seed, progress=False)
+    plain = greedy_coreset(rows, 700, random_state=seed, progress=False, chunk_size=4096)
+    assert torch.equal(pruned, plain)
