@@ -44,7 +44,7 @@ def prediction_panel(rgb: np.ndarray, gt: np.ndarray | None, score_map: np.ndarr
     canvas = Image.new("RGB", (3 * width, height + 18), "white")
     for i, panel in enumerate((rgb, gt_panel, overlay)):
         canvas.paste(Image.fromarray(panel), (i * width, 18))
-    ImageDraw.Draw(canvas).text((4, 3), f"{title}  image score {score:.4f}", fill="black")
+    ImageDraw.Draw(canvas).text((4, 3), f"{title}  image score {score:.5g}", fill="black")
     return canvas
 
 
