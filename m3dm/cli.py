@@ -65,11 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--fix_quirks", action="store_true",
                      help="corrected behaviour instead of the reference's (see docs/quirks.md)")
     new.add_argument("--seed", type=int, default=0, help="seed set for every class, as the reference does")
+    new.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                     help="bf16: bfloat16 matrix products in the backbones (faster, features within ~1 %%; "
+                          "default fp32 for parity with the reference)")
     new.add_argument("--dlf_reextract", action="store_true",
                      help="pass 2 extracts the training samples again as the reference does (default: reuse the "
                           "pass-1 features; identical in eval mode, see docs/quirks.md)")
     new.add_argument("--demo", action="store_true",
                      help="generate synthetic data if absent and run DINO+Point_MAE on it")
+
+    saved = p.add_argument_group("saved models and pass/fail thresholds (docs/inference.md)")
+    saved.add_argument("--save_model", action="store_true",
+                       help="after fitting a class, set its pass/fail thresholds on good parts (validation/good) "
+                            "and save it to <output_dir>/models/<class>.pt")
+    saved.add_argument("--load_model", nargs="?", const="", default=None, metavar="FOLDER",
+                       help="skip fitting: load <FOLDER>/<class>.pt (default FOLDER: <output_dir>/models) and "
+                            "evaluate with it; the run's flags and weight files must match the model's")
+    saved.add_argument("--far", type=float, default=0.01,
+                       help="--save_model: fraction of good parts allowed above the image threshold")
+    saved.add_argument("--pixel_far", type=float, default=0.01,
+                       help="--save_model: fraction of good parts' pixels allowed above the pixel threshold")
     return p
 
 
@@ -105,6 +120,12 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--f_coreset must be in (0, 1]")
     if args.batch_size < 1 or args.max_sample < 0:
         raise ValueError("--batch_size must be >= 1 and --max_sample >= 0")
+    if args.save_model and args.load_model is not None:
+        raise ValueError("--save_model fits and saves, --load_model skips fitting: use one of them")
+    if args.load_model is not None and args.save_feature:
+        raise ValueError("--save_feature dumps features while fitting, which --load_model skips: drop one")
+    if not (0 <= args.far < 1 and 0 <= args.pixel_far < 1):
+        raise ValueError("--far and --pixel_far are fractions of good parts / pixels: use values in [0, 1)")
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -142,7 +163,7 @@ def build_extractor(args, detector_needs: tuple[bool, bool], device: str):
                                      num_group=args.num_group, group_size=args.group_size)
         point.train(not args.backbone_eval)  # the reference never calls .eval() (spec §5.4)
     return FeatureExtractor(rgb, point, img_size=args.img_size, device=device, seed=args.seed,
-                            clamp_pfa=args.fix_quirks)
+                            clamp_pfa=args.fix_quirks, precision=args.precision)
 
 
 def save_prediction_pictures(result, class_name: str, output_dir: Path) -> Path:
@@ -169,7 +190,9 @@ def save_prediction_pictures(result, class_name: str, output_dir: Path) -> Path:
 def run(args) -> dict:
     """Fit and evaluate every class; print and write the tables and the JSON record."""
     from .fusion import load_fusion_block
-    from .methods import DetectorConfig, Detector
+    from .methods import DetectorConfig, Detector, sample_cap
+    from .model_io import MODELS_DIR, describe_run, load_into_runner, model_path, save_runner_model
+    from .threshold import choose_threshold_samples
     from .report import class_line, markdown_table, write_results, METRIC_TABLES
     from .runner import ClassRunner, StageTimer, seed_everything
 
@@ -186,15 +209,32 @@ def run(args) -> dict:
                                          rgb_dim=extractor.rgb_backbone.feature_dim)
     timer = StageTimer()
     per_class = {}
+    setup = describe_run(args, extractor, fusion_block) if args.save_model or args.load_model is not None else None
+    models_dir = output_dir / MODELS_DIR if not args.load_model else Path(args.load_model)
     for class_name in classes:
         seed_everything(args.seed)
         extractor.generator.manual_seed(args.seed)
+        good_parts = None
+        if args.save_model:
+            good_parts = choose_threshold_samples(args.dataset_path, class_name,
+                                                  sample_cap(args.max_sample, args.fix_quirks))
         runner = ClassRunner(config, extractor, args.dataset_path, class_name, img_size=args.img_size,
                              batch_size=args.batch_size, num_workers=args.num_workers,
                              max_sample=args.max_sample, fusion_block=fusion_block, device=device, timer=timer,
                              reextract_pass2=args.dlf_reextract,
-                             save_feature_path=args.save_feature_path if args.save_feature else None)
-        runner.fit()
+                             save_feature_path=args.save_feature_path if args.save_feature else None,
+                             train_limit=None if good_parts is None else good_parts.train_limit)
+        if args.load_model is not None:
+            with timer("load model"):
+                load_into_runner(runner, model_path(models_dir, class_name), setup, fusion_block, device)
+        else:
+            runner.fit()
+        if args.save_model:
+            with timer("thresholds and saving"):
+                path, thresholds = save_runner_model(runner, model_path(models_dir, class_name), setup, good_parts,
+                                                     args.far, args.pixel_far, device=device)
+            print(f"  model saved: {path} (thresholds from {thresholds.source}: image {thresholds.image:.6g}, "
+                  f"pixel {thresholds.pixel:.6g})")
         result = runner.evaluate()
         per_class[class_name] = result.metrics
         print(class_line(class_name, args.method_name, result.metrics), flush=True)

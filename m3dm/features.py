@@ -7,6 +7,7 @@ needs are run (quirk 19: the reference always runs both; skipping one changes no
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, rgb_backbone=None, point_backbone=None, *, img_size: int = 224, device="cpu",
-                 seed: int = 0, clamp_pfa: bool = False):
+                 seed: int = 0, clamp_pfa: bool = False, precision: str = "fp32"):
         if rgb_backbone is None and point_backbone is None:
             raise ValueError("FeatureExtractor needs at least one backbone")
         self.device = torch.device(device)
@@ -47,6 +48,9 @@ class FeatureExtractor:
         self.point_backbone = None if point_backbone is None else point_backbone.to(self.device)
         self.img_size = img_size
         self.clamp_pfa = clamp_pfa
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.precision = precision
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     @torch.no_grad()
@@ -55,13 +59,21 @@ class FeatureExtractor:
         batch = rgb.shape[0] if rgb is not None else pc.shape[0]
         out = [SampleFeatures() for _ in range(batch)]
         if self.rgb_backbone is not None:
-            rgb_maps = self.rgb_backbone(rgb.to(self.device)).float().cpu()
+            with self._autocast():
+                rgb_maps = self.rgb_backbone(rgb.to(self.device)).float().cpu()
             for sample, rgb_map in zip(out, rgb_maps):
                 sample.rgb_map = rgb_map
                 sample.rgb = rgb_map.flatten(1).T.contiguous()
         if self.point_backbone is not None:
             self._add_point_features(out, pc, names)
         return out
+
+    def _autocast(self):
+        """bfloat16 matrix products in both backbones (``--precision bf16``): about 2x faster on CPUs with
+        AVX-512 BF16 and on GPUs, features within about 1 % of float32; off by default (exact parity)."""
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _add_point_features(self, out: list[SampleFeatures], pc: torch.Tensor, names) -> None:
         pc = pc.to(self.device)
@@ -73,7 +85,9 @@ class FeatureExtractor:
                 raise DataError(f"{name}: the point cloud has no valid point")
             clouds.append(points)
             flat_indices.append(flat_index)
-        group_features, centres = self.point_backbone(clouds, generator=self.generator)
+        with self._autocast():
+            group_features, centres = self.point_backbone(clouds, generator=self.generator)
+        group_features, centres = group_features.float(), centres.float()
         for i, sample in enumerate(out):
             patches = pfa_patches(clouds[i], flat_indices[i], centres[i], group_features[i].T, self.img_size,
                                   XYZ_PATCH_GRID, clamp=self.clamp_pfa)

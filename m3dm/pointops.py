@@ -7,6 +7,8 @@ is on a CUDA device they are used instead (they are not required).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,21 @@ except Exception:  # noqa: BLE001
 FPS_INITIAL_DISTANCE = 1e10
 FPS_MIN_SQUARED_NORM = 1e-3  # points this close to the origin are never chosen by the kernel
 KNN_CHUNK_BYTES = 64 * 2**20
+
+
+@contextmanager
+def _single_thread_on_cpu(device: torch.device):
+    """FPS is a long chain of small element-wise steps: on the CPU one thread is as fast, and immune to the
+    synchronisation stalls that multi-threaded tiny kernels suffer when another process shares the cores."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def farthest_point_sample(points: Tensor, n_samples: int) -> Tensor:
@@ -43,12 +60,13 @@ def farthest_point_sample(points: Tensor, n_samples: int) -> Tensor:
     running = torch.where(selectable, FPS_INITIAL_DISTANCE, -1.0).to(points.dtype)
     chosen = torch.zeros(batch, n_samples, dtype=torch.long, device=points.device)
     current = torch.zeros(batch, 1, dtype=torch.long, device=points.device)
-    for j in range(1, n_samples):
-        cx, cy, cz = (coord.gather(1, current) for coord in (x, y, z))
-        dx, dy, dz = x - cx, y - cy, z - cz
-        running = torch.minimum(running, dx * dx + dy * dy + dz * dz)
-        current = running.argmax(dim=1, keepdim=True)
-        chosen[:, j : j + 1] = current
+    with _single_thread_on_cpu(points.device):
+        for j in range(1, n_samples):
+            cx, cy, cz = (coord.gather(1, current) for coord in (x, y, z))
+            dx, dy, dz = x - cx, y - cy, z - cz
+            running = torch.minimum(running, dx * dx + dy * dy + dz * dz)
+            current = running.argmax(dim=1, keepdim=True)
+            chosen[:, j : j + 1] = current
     return chosen
 
 
