@@ -1,6 +1,15 @@
-"""UFF contrastive fusion pretraining under torch.distributed (not built yet: see the UFF issue)."""
+"""UFF contrastive fusion pretraining (spec §7.4) on the dumps of ``main.py --save_feature``.
+
+    python fusion_pretrain.py --data_path datasets/patch_lib --batch_size 16 --accum_iter 16 --lr 0.003
+    torchrun --nproc_per_node=N fusion_pretrain.py ...
+    python -m torch.distributed.launch --nproc_per_node=N fusion_pretrain.py ...
+
+See docs/uff_pretraining.md; the work is done by ``m3dm.pretrain``.
+"""
 
 import sys
 
+from m3dm.pretrain import main
+
 if __name__ == "__main__":
-    sys.exit("fusion_pretrain.py: UFF pretraining is not implemented yet")
+    sys.exit(main())
