@@ -79,3 +79,40 @@ class DecisionLayerFusion:
         if not self.fitted:
             raise RuntimeError("DecisionLayerFusion is not fitted")
         return self.detect_fuser.coef_.ravel().copy(), self.seg_fuser.coef_.ravel().copy()
+
+    # -- saving and loading (m3dm.model_io) ----------------------------------------------------------------------
+    _FUSERS = ("detect_fuser", "seg_fuser")
+
+    def export_state(self) -> dict:
+        """The fitted arrays of both SVMs (``coef_``, ``offset_``, ...) and their parameters, as tensors and
+        primitives: no pickled scikit-learn object."""
+        if not self.fitted:
+            raise RuntimeError("DecisionLayerFusion is not fitted")
+        fusers = {}
+        for name in self._FUSERS:
+            svm = getattr(self, name)
+            fusers[name] = {"params": svm.get_params(), "coef": torch.from_numpy(svm.coef_.copy()),
+                            "offset": torch.from_numpy(np.asarray(svm.offset_).copy()), "t": float(svm.t_),
+                            "n_iter": int(svm.n_iter_)}
+        return {"dtype": np.dtype(self.dtype).name, "n_modalities": self._n_modalities, "fusers": fusers}
+
+    @classmethod
+    def from_state(cls, state: dict) -> DecisionLayerFusion:
+        """Rebuild the fitted pair from ``export_state``: ``score_samples`` then runs scikit-learn's own code on
+        the same arrays, so scores are bit-identical to the original's."""
+        params = state["fusers"]["detect_fuser"]["params"]
+        fusion = cls(nu=params["nu"], max_iter=params["max_iter"], random_state=params["random_state"],
+                     dtype=np.dtype(state["dtype"]).type)
+        for name in cls._FUSERS:
+            saved = state["fusers"][name]
+            svm = SGDOneClassSVM(**saved["params"])
+            svm.coef_ = saved["coef"].numpy().copy()
+            svm.offset_ = saved["offset"].numpy().copy()
+            svm.t_, svm.n_iter_ = saved["t"], saved["n_iter"]
+            svm.n_features_in_ = svm.coef_.shape[-1]
+            if svm.n_features_in_ != state["n_modalities"]:
+                raise ValueError(f"saved {name} has {svm.n_features_in_} weights for {state['n_modalities']} "
+                                 f"modalities")
+            setattr(fusion, name, svm)
+        fusion._n_modalities = state["n_modalities"]
+        return fusion

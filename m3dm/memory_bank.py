@@ -544,3 +544,30 @@ class MemoryBank:
         x = self.normalise(patches) if normalise else _as_tensor(patches).to(self.storage_device, torch.float32)
         min_dist, nn_idx = nearest_neighbours(x, self.bank, chunk_size=chunk_size)
         return reweighted_score(x, self.bank, min_dist, nn_idx, n_reweight, eps, divisor), min_dist
+
+    # -- saving and loading (m3dm.model_io) ----------------------------------------------------------------------
+    def export_state(self) -> dict:
+        """The finalised bank, its normalisation scalars and coreset indices, as CPU tensors and primitives."""
+        def cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.detach().cpu()
+
+        return {"bank": cpu(self.bank), "mean": cpu(self.mean), "std": cpu(self.std),
+                "coreset_idx": cpu(self.coreset_idx), "sample_rows": self.sample_rows}
+
+    @classmethod
+    def from_state(cls, state: dict, storage_device: str | torch.device = "cpu") -> MemoryBank:
+        """A finalised bank that scores exactly like the one ``export_state`` was taken from."""
+        rows = state["bank"]
+        if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.dtype != torch.float32:
+            raise ValueError("a saved memory bank must be a (rows, dim) float32 tensor")
+        if (state["mean"] is None) != (state["std"] is None):
+            raise ValueError("a saved memory bank must have both mean and std, or neither")
+        bank = cls(storage_device)
+        bank._bank = rows.to(bank.storage_device)
+        bank._dim = rows.shape[1]
+        bank._sample_rows = list(state.get("sample_rows", []))
+        if state["mean"] is not None:
+            bank.mean = state["mean"].to(bank.storage_device, torch.float32)
+            bank.std = state["std"].to(bank.storage_device, torch.float32)
+        bank.coreset_idx = state.get("coreset_idx")
+        return bank

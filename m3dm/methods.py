@@ -258,6 +258,38 @@ class Detector:
         score_map = torch.from_numpy(np.asarray(self.dlf.score_pixels(pixels), dtype=np.float32))
         return image, score_map.reshape(MAP_SIZE, MAP_SIZE)
 
+    # ---------------------------------------------------------------------------------- saving and loading
+
+    def fitted_state(self) -> dict:
+        """Everything scoring needs once fitted (banks, normalisation, DLF arrays, RGB grid), as tensors and
+        primitives (``m3dm.model_io`` saves it)."""
+        unfinished = [m for m, bank in self.banks.items() if not bank.finalized]
+        if unfinished:
+            raise RuntimeError(f"the {', '.join(unfinished)} bank(s) are not finalised: fit the detector first")
+        if self.uses_dlf and self.dlf is None:
+            raise RuntimeError("decision layer fusion is not fitted: run pass 2 (fit_fusion) first")
+        return {"modalities": list(self.spec.modalities),
+                "banks": {m: bank.export_state() for m, bank in self.banks.items()},
+                "dlf": None if self.dlf is None else self.dlf.export_state(),
+                "rgb_grid": self.rgb_grid, "n_train": self.n_train}
+
+    @classmethod
+    def from_fitted_state(cls, config: DetectorConfig, state: dict, fusion_block=None, device="cpu",
+                          progress: bool = True) -> "Detector":
+        """A fitted detector from ``fitted_state``; it scores bit-identically to the one it was taken from."""
+        detector = cls(config, fusion_block=fusion_block, device=device, progress=progress)
+        if list(state["modalities"]) != list(detector.spec.modalities):
+            raise ValueError(f"saved banks {list(state['modalities'])} do not fit {config.method_name} "
+                             f"({list(detector.spec.modalities)})")
+        if detector.uses_dlf and state["dlf"] is None:
+            raise ValueError(f"{config.method_name} with --memory_bank multiple needs the saved decision layer "
+                             f"fusion, which is missing")
+        detector.banks = {m: MemoryBank.from_state(state["banks"][m]) for m in detector.spec.modalities}
+        detector.dlf = None if state["dlf"] is None else DecisionLayerFusion.from_state(state["dlf"])
+        detector.rgb_grid = state["rgb_grid"]
+        detector.n_train = state["n_train"]
+        return detector
+
 
 def sample_cap(max_sample: int, fix_quirks: bool) -> int:
     """Training samples per pass: the reference processes ``max_sample + 1`` (quirk 35)."""

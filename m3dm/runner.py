@@ -63,7 +63,8 @@ class ClassRunner:
     def __init__(self, config: DetectorConfig, extractor: FeatureExtractor, dataset_root, class_name: str, *,
                  img_size: int = 224, batch_size: int = 1, num_workers: int = 0, max_sample: int = 400,
                  fusion_block=None, device="cpu", timer: StageTimer | None = None, progress: bool = True,
-                 reextract_pass2: bool = False, save_feature_path: str | Path | None = None):
+                 reextract_pass2: bool = False, save_feature_path: str | Path | None = None,
+                 train_limit: int | None = None):
         self.config, self.extractor = config, extractor
         self.class_name = class_name
         self.root = Path(dataset_root)
@@ -74,6 +75,7 @@ class ClassRunner:
         self.progress = progress
         self.reextract_pass2 = reextract_pass2
         self.save_feature_path = save_feature_path
+        self.train_limit = train_limit  # at most this many training samples for the banks (threshold hold-out)
 
     def _loader(self, split: str, cap: int | None = None):
         dataset = AnomalyDataset(self.root, self.class_name, split, self.img_size)
@@ -91,7 +93,8 @@ class ClassRunner:
 
     def fit(self) -> None:
         detector = self.detector
-        loader = self._loader("train", sample_cap(self.max_sample, self.config.fix_quirks))
+        cap = sample_cap(self.max_sample, self.config.fix_quirks)
+        loader = self._loader("train", cap if self.train_limit is None else min(cap, self.train_limit))
         for batch in self._batches(loader, "pass 1 (memory)"):
             with self.timer("extract"):
                 features = self._extract(batch)
@@ -155,6 +158,21 @@ class ClassRunner:
         with self.timer("metrics"):
             result.metrics = compute_metrics(result.labels, result.image_scores, result.masks, result.maps)
         return result
+
+    @torch.no_grad()
+    def score_dataset(self, dataset, desc: str) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores ``(N,)`` and ``(N, 224, 224)`` float32 maps of every sample of ``dataset``, in order, with
+        the fitted detector (the good parts that set a saved model's pass/fail thresholds)."""
+        scores, maps = [], []
+        for batch in self._batches(make_loader(dataset, self.batch_size, self.num_workers), desc):
+            with self.timer("extract"):
+                features = self._extract(batch)
+            with self.timer("threshold scoring"):
+                for sample in features:
+                    score, score_map = self.detector.predict(self.detector.modality_patches(sample))
+                    scores.append(score)
+                    maps.append(score_map.numpy().astype(np.float32))
+        return np.asarray(scores, dtype=np.float64), np.stack(maps)
 
 
 def check_map_shape(result: ClassResult) -> None:
