@@ -130,14 +130,6 @@ def validate(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------ running
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _classes(args) -> list[str]:
     from .constants import CLASSES_BY_DATASET
     from .data import available_classes
@@ -188,15 +180,20 @@ def save_prediction_pictures(result, class_name: str, output_dir: Path) -> Path:
 
 
 def run(args) -> dict:
-    """Fit and evaluate every class; print and write the tables and the JSON record."""
-    from .fusion import load_fusion_block
-    from .methods import DetectorConfig, Detector, sample_cap
-    from .model_io import MODELS_DIR, describe_run, load_into_runner, model_path, save_runner_model
-    from .threshold import choose_threshold_samples
-    from .report import class_line, markdown_table, write_results, METRIC_TABLES
-    from .runner import ClassRunner, StageTimer, seed_everything
+    """Fit and evaluate every class; print and write the tables and the JSON record.
 
-    device = _device(args.device)
+    Under ``torchrun --nproc_per_node=N`` each process takes every N-th class and process 0 gathers the results
+    into the same tables (m3dm.parallel).
+    """
+    from . import parallel
+    from .fusion import load_fusion_block
+    from .methods import Detector, DetectorConfig
+    from .model_io import MODELS_DIR, describe_run
+    from .report import METRIC_TABLES, markdown_table, write_results
+    from .runner import StageTimer, seed_everything
+
+    workers = parallel.start()
+    device = parallel.device_for(args.device, workers)
     output_dir = Path(args.output_dir)
     config = DetectorConfig.from_args(args)
     classes = _classes(args)
@@ -208,45 +205,68 @@ def run(args) -> dict:
         fusion_block = load_fusion_block(args.fusion_module_path, device,
                                          rgb_dim=extractor.rgb_backbone.feature_dim)
     timer = StageTimer()
-    per_class = {}
     setup = describe_run(args, extractor, fusion_block) if args.save_model or args.load_model is not None else None
     models_dir = output_dir / MODELS_DIR if not args.load_model else Path(args.load_model)
-    for class_name in classes:
-        seed_everything(args.seed)
-        extractor.generator.manual_seed(args.seed)
-        good_parts = None
-        if args.save_model:
-            good_parts = choose_threshold_samples(args.dataset_path, class_name,
-                                                  sample_cap(args.max_sample, args.fix_quirks))
-        runner = ClassRunner(config, extractor, args.dataset_path, class_name, img_size=args.img_size,
-                             batch_size=args.batch_size, num_workers=args.num_workers,
-                             max_sample=args.max_sample, fusion_block=fusion_block, device=device, timer=timer,
-                             reextract_pass2=args.dlf_reextract,
-                             save_feature_path=args.save_feature_path if args.save_feature else None,
-                             train_limit=None if good_parts is None else good_parts.train_limit)
-        if args.load_model is not None:
-            with timer("load model"):
-                load_into_runner(runner, model_path(models_dir, class_name), setup, fusion_block, device)
-        else:
-            runner.fit()
-        if args.save_model:
-            with timer("thresholds and saving"):
-                path, thresholds = save_runner_model(runner, model_path(models_dir, class_name), setup, good_parts,
-                                                     args.far, args.pixel_far, device=device)
-            print(f"  model saved: {path} (thresholds from {thresholds.source}: image {thresholds.image:.6g}, "
-                  f"pixel {thresholds.pixel:.6g})")
-        result = runner.evaluate()
-        per_class[class_name] = result.metrics
-        print(class_line(class_name, args.method_name, result.metrics), flush=True)
-        if args.save_preds:
-            with timer("pictures"):
-                folder = save_prediction_pictures(result, class_name, output_dir)
-            print(f"  prediction pictures: {folder}")
+    mine = {}
+    for class_name in workers.share(classes):
+        mine[class_name] = _run_class(args, class_name, config, extractor, fusion_block, device, timer, setup,
+                                      models_dir, output_dir)
+    gathered = parallel.gather((mine, dict(timer.seconds)), workers)
+    parallel.finish(workers)
+    if not workers.is_main:
+        return {}
+    per_class = {c: results[c] for c in classes for results, _ in gathered if c in results}
+    seconds = {}
+    for _, timings in gathered:
+        for stage, value in timings.items():
+            seconds[stage] = seconds.get(stage, 0.0) + value
     for metric in METRIC_TABLES:
         print(f"\n{METRIC_TABLES[metric]}\n{markdown_table(args.method_name, per_class, metric)}")
-    record_config = {k: v for k, v in vars(args).items()}
-    record_config["device_used"] = device
-    paths = write_results(output_dir, args.method_name, per_class, record_config, dict(timer.seconds))
-    print(f"\n{timer.report()}")
+    record_config = dict(vars(args), device_used=device, processes=workers.world)
+    paths = write_results(output_dir, args.method_name, per_class, record_config, seconds)
+    timer.seconds.clear()
+    timer.seconds.update(seconds)
+    print(f"\n{timer.report()}" + (f" summed over {workers.world} processes" if workers.world > 1 else ""))
     print(f"results written to {output_dir.resolve()} ({', '.join(p.name for p in paths.values())})")
     return per_class
+
+
+def _run_class(args, class_name, config, extractor, fusion_block, device, timer, setup, models_dir,
+               output_dir) -> dict:
+    """Fit (or load), optionally save, evaluate one class; returns its metrics."""
+    from .methods import sample_cap
+    from .model_io import load_into_runner, model_path, save_runner_model
+    from .report import class_line
+    from .runner import ClassRunner, seed_everything
+    from .threshold import choose_threshold_samples
+
+    seed_everything(args.seed)
+    extractor.generator.manual_seed(args.seed)
+    good_parts = None
+    if args.save_model:
+        good_parts = choose_threshold_samples(args.dataset_path, class_name,
+                                              sample_cap(args.max_sample, args.fix_quirks))
+    runner = ClassRunner(config, extractor, args.dataset_path, class_name, img_size=args.img_size,
+                         batch_size=args.batch_size, num_workers=args.num_workers,
+                         max_sample=args.max_sample, fusion_block=fusion_block, device=device, timer=timer,
+                         reextract_pass2=args.dlf_reextract,
+                         save_feature_path=args.save_feature_path if args.save_feature else None,
+                         train_limit=None if good_parts is None else good_parts.train_limit)
+    if args.load_model is not None:
+        with timer("load model"):
+            load_into_runner(runner, model_path(models_dir, class_name), setup, fusion_block, device)
+    else:
+        runner.fit()
+    if args.save_model:
+        with timer("thresholds and saving"):
+            path, thresholds = save_runner_model(runner, model_path(models_dir, class_name), setup, good_parts,
+                                                 args.far, args.pixel_far, device=device)
+        print(f"  model saved: {path} (thresholds from {thresholds.source}: image {thresholds.image:.6g}, "
+              f"pixel {thresholds.pixel:.6g})")
+    result = runner.evaluate()
+    print(class_line(class_name, args.method_name, result.metrics), flush=True)
+    if args.save_preds:
+        with timer("pictures"):
+            folder = save_prediction_pictures(result, class_name, output_dir)
+        print(f"  prediction pictures: {folder}")
+    return result.metrics
