@@ -45,7 +45,15 @@ def main(argv=None) -> int:
         validate(args)
     except ValueError as exc:
         parser.error(str(exc))
-    run(args)
+    from m3dm.data.io import DataError
+    from m3dm.errors import CheckpointError
+    from m3dm.model_io import ModelFileError
+
+    try:
+        run(args)
+    except (DataError, CheckpointError, ModelFileError) as exc:  # a wrong input file: say which, no traceback
+        print(f"main.py: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CheckpointError
 from .constants import XYZ_FEATURE_DIM
 
 RGB_FEATURE_DIM = 768  # ViT-B; the block follows the backbone's width (192 for ViT-Ti, 384 for ViT-S)
@@ -131,8 +132,6 @@ def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: flo
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
-class CheckpointError(RuntimeError):
-    pass
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import main as main_module
+from m3dm.cli import build_parser, run, validate
 from m3dm.model_io import ModelFileError, content_sha256, load_class_model
 from m3dm.models.point_transformer import PointTransformer
 from m3dm.preprocess.mvtec3d import preprocess_dataset
@@ -52,7 +52,9 @@ def run_main(dataset: Path, out: Path, *extra: str, forbid_fit: bool = False):
         if forbid_fit:
             patch.setattr(ClassRunner, "fit", no_fit)
         argv = ["--dataset_path", str(dataset), "--output_dir", str(out), *SMALL, *extra]
-        assert main_module.main(argv) == 0
+        args = build_parser().parse_args(argv)
+        validate(args)
+        run(args)  # main.py's own flow, with errors raised rather than reported (main.py exits 2 on them)
     return results
 
 

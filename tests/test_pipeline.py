@@ -99,10 +99,19 @@ def test_invalid_flag_combinations_are_refused(argv, message):
         validate(args)
 
 
-def test_missing_uff_checkpoint_is_a_clear_error(dataset, tmp_path):
-    with pytest.raises(Exception, match="not found"):
-        run_main(dataset, tmp_path, "--method_name", "Fusion", "--memory_bank", "single", "--use_uff",
-                 "--fusion_module_path", str(tmp_path / "nothing.pth"))
+def test_missing_uff_checkpoint_is_a_clear_error(dataset, tmp_path, capsys):
+    argv = ["--dataset_path", str(dataset), "--output_dir", str(tmp_path), *SMALL, "--method_name", "Fusion",
+            "--memory_bank", "single", "--use_uff", "--fusion_module_path", str(tmp_path / "nothing.pth")]
+    assert main_module.main(argv) == 2
+    message = capsys.readouterr().err
+    assert "nothing.pth" in message and "not found" in message and "Traceback" not in message
+
+
+def test_missing_dataset_class_is_a_clear_error(dataset, tmp_path, capsys):
+    argv = ["--dataset_path", str(dataset), "--output_dir", str(tmp_path), *SMALL, "--method_name", "DINO",
+            "--memory_bank", "single", "--classes", "no_such_class"]
+    assert main_module.main(argv) == 2
+    assert "no_such_class" in capsys.readouterr().err
 
 
 def test_save_feature_dumps_reference_layout_and_aligned_layout(dataset, tmp_path):

@@ -27,6 +27,8 @@ file to download and where to put it, or, with `random_init=True`, random weight
 
 from __future__ import annotations
 
+from ..errors import CheckpointError  # noqa: F401 (re-exported)
+
 import pickle
 import sys
 from pathlib import Path
@@ -68,10 +70,6 @@ POINT_DEFAULT_FILES = {
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 RGB_OPTIONAL_PREFIXES = ("head.", "fc_norm.")
 LISTED_KEYS = 10
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, or does not fit the backbone it is loaded into."""
 
 
 # ----------------------------------------------------------------------------------------------- reading
