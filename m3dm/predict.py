@@ -371,10 +371,9 @@ def _flush(predictor: Predictor, pending: list, writer: ResultWriter, report) ->
 def run(args) -> int:
     from tqdm import tqdm
 
-    from .cli import _device
+    from .parallel import Workers, device_for
+    from .errors import CheckpointError
     from .model_io import ModelFileError, load_class_model
-    from .models.checkpoints import CheckpointError
-    from .fusion import CheckpointError as FusionCheckpointError
 
     start = time.perf_counter()
     try:
@@ -385,9 +384,9 @@ def run(args) -> int:
             raise ValueError("no input parts: give folders and/or --rgb/--xyz pairs")
         print(f"model {model.path}: {model.method_name}, class {model.class_name}; thresholds from "
               f"{thresholds.source}: image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g}", file=sys.stderr)
-        predictor = Predictor(model, _device(args.device), args.rgb_checkpoint, args.xyz_checkpoint,
+        predictor = Predictor(model, device_for(args.device, Workers()), args.rgb_checkpoint, args.xyz_checkpoint,
                               args.fusion_module_path)
-    except (ModelFileError, CheckpointError, FusionCheckpointError, ValueError, OSError) as exc:
+    except (ModelFileError, CheckpointError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FATAL
 
