@@ -132,3 +132,17 @@ def test_save_feature_dumps_reference_layout_and_aligned_layout(dataset, tmp_pat
     tokens = aligned[0::2, 0::2].reshape(784, 384)
     t = torch.arange(3136)
     assert torch.equal(dumps[False][:, 1152:], tokens[(4 * (t % 784) + t // 784) % 784])
+
+
+def test_asymmetric_memory_bank_and_zero_row_options(dataset, tmp_path, uff_checkpoint):
+    """--asy_memory_bank keeps xyz and fusion banks to the first samples; --rm_zero_for_project drops empty
+    patches of the Point_MAE bank. Both run end to end and change the numbers."""
+    full = run_main(dataset, tmp_path / "full", "--method_name", "DINO+Point_MAE+Fusion", "--use_uff",
+                    "--fusion_module_path", str(uff_checkpoint))
+    asy = run_main(dataset, tmp_path / "asy", "--method_name", "DINO+Point_MAE+Fusion", "--use_uff",
+                   "--fusion_module_path", str(uff_checkpoint), "--asy_memory_bank", "2")
+    assert asy["per_class"] != full["per_class"]
+    plain = run_main(dataset, tmp_path / "plain", "--method_name", "Point_MAE", "--memory_bank", "single")
+    no_zero = run_main(dataset, tmp_path / "no_zero", "--method_name", "Point_MAE", "--memory_bank", "single",
+                       "--rm_zero_for_project")
+    assert no_zero["per_class"] != plain["per_class"]
