@@ -175,9 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- training
 
 def _load_resume_checkpoint(source: str) -> dict:
+    if source.startswith(("http://", "https://")):  # the reference downloads; this project never does
+        raise CheckpointError(f"--resume {source}: nothing is downloaded at run time; download the checkpoint "
+                              f"yourself and pass its local path")
     try:
-        if source.startswith("https://"):
-            return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True)
         return torch.load(source, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"--resume {source}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
