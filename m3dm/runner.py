@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .data.dataset import AnomalyDataset, make_loader
 from .features import FeatureExtractor
-from .methods import MAP_SIZE, Detector, DetectorConfig, ModalityScore, sample_cap
+from .methods import Detector, DetectorConfig, ModalityScore, sample_cap
 from .metrics import compute_metrics
 
 
@@ -137,18 +137,21 @@ class ClassRunner:
                 scores += [self.detector.modality_scores(self.detector.modality_patches(f)) for f in features]
         return scores
 
-    @torch.no_grad()
-    def evaluate(self) -> ClassResult:
-        loader = self._loader("test")
-        labels, image_scores, maps, masks, names, paths = [], [], [], [], [], []
-        for batch in self._batches(loader, "test"):
+    def _scored_batches(self, loader, desc: str, stage: str):
+        """Yield ``(batch, image scores, (224, 224) float32 maps)`` for every batch of ``loader``."""
+        for batch in self._batches(loader, desc):
             with self.timer("extract"):
                 features = self._extract(batch)
-            with self.timer("test scoring"):
-                for i, sample in enumerate(features):
-                    score, score_map = self.detector.predict(self.detector.modality_patches(sample))
-                    image_scores.append(score)
-                    maps.append(score_map.numpy().astype(np.float32))
+            with self.timer(stage):
+                predictions = [self.detector.predict(self.detector.modality_patches(f)) for f in features]
+            yield batch, [score for score, _ in predictions], [m.numpy().astype(np.float32) for _, m in predictions]
+
+    @torch.no_grad()
+    def evaluate(self) -> ClassResult:
+        labels, image_scores, maps, masks, names, paths = [], [], [], [], [], []
+        for batch, scores, score_maps in self._scored_batches(self._loader("test"), "test", "test scoring"):
+            image_scores += scores
+            maps += score_maps
             masks.extend(batch["gt"][:, 0].numpy().astype(np.uint8))
             labels.extend(int(x) for x in batch["label"])
             names.extend(batch["name"])
@@ -164,16 +167,8 @@ class ClassRunner:
         """Image scores ``(N,)`` and ``(N, 224, 224)`` float32 maps of every sample of ``dataset``, in order, with
         the fitted detector (the good parts that set a saved model's pass/fail thresholds)."""
         scores, maps = [], []
-        for batch in self._batches(make_loader(dataset, self.batch_size, self.num_workers), desc):
-            with self.timer("extract"):
-                features = self._extract(batch)
-            with self.timer("threshold scoring"):
-                for sample in features:
-                    score, score_map = self.detector.predict(self.detector.modality_patches(sample))
-                    scores.append(score)
-                    maps.append(score_map.numpy().astype(np.float32))
+        loader = make_loader(dataset, self.batch_size, self.num_workers)
+        for _, batch_scores, batch_maps in self._scored_batches(loader, desc, "threshold scoring"):
+            scores += batch_scores
+            maps += batch_maps
         return np.asarray(scores, dtype=np.float64), np.stack(maps)
-
-
-def check_map_shape(result: ClassResult) -> None:
-    assert result.maps.shape[1:] == (MAP_SIZE, MAP_SIZE)
