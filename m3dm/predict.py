@@ -129,17 +129,12 @@ def load_part(part: Part, img_size: int = 224, preprocess: bool = False, seed: i
     """Read (and with ``preprocess`` clean) one part into the tensors ``AnomalyDataset`` builds."""
     from PIL import Image
 
-    from .data.io import DataError, check_same_size, read_mask, read_organized_pc, read_rgb
-    from .data.transforms import mask_to_tensor, organized_pc_to_tensor, rgb_to_tensor, valid_point_mask
+    from .data.dataset import read_sample, sample_tensors
+    from .data.io import DataError
 
     if part.problem:
         raise DataError(part.problem)
-    cloud = read_organized_pc(part.xyz)
-    image = read_rgb(part.rgb)
-    check_same_size(cloud, image, part.xyz, part.rgb)
-    mask = None if part.gt is None else read_mask(part.gt)
-    if mask is not None:
-        check_same_size(cloud, mask, part.xyz, part.gt)
+    cloud, image, mask = read_sample(part.rgb, part.xyz, part.gt)
     if preprocess:
         from .preprocess.mvtec3d import preprocess_arrays
 
@@ -150,12 +145,9 @@ def load_part(part: Part, img_size: int = 224, preprocess: bool = False, seed: i
             raise DataError(f"{part.xyz}: cannot preprocess: {exc}") from exc
         image = Image.fromarray(rgb)
         mask = None if gt is None else Image.fromarray(gt)
-    pc = organized_pc_to_tensor(cloud, img_size)
-    if not valid_point_mask(pc).any():
-        when = " after preprocessing" if preprocess else ""
-        raise DataError(f"{part.xyz}: the point cloud has no valid point{when} (every pixel has a zero coordinate)")
-    gt = None if mask is None else mask_to_tensor(mask)[0].numpy() > 0
-    return LoadedPart(part, rgb_to_tensor(image), pc, gt)
+    rgb, pc, gt = sample_tensors(cloud, image, mask, img_size, part.xyz,
+                                 note=" after preprocessing" if preprocess else "")
+    return LoadedPart(part, rgb, pc, None if gt is None else gt[0].numpy() > 0)
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -216,22 +208,12 @@ class Predictor:
 def part_picture(rgb: np.ndarray, score_map: np.ndarray, region: np.ndarray, colour_range: tuple[float, float],
                  title: str, gt: np.ndarray | None = None):
     """RGB | heatmap over the RGB with the region outlined in white [| ground truth], and a title line."""
-    from PIL import Image, ImageDraw
+    from .visualize import compose, heat_overlay, mask_panel
 
-    from .visualize import jet, outline
-
-    low, high = colour_range
-    overlay = (0.5 * rgb + 0.5 * jet((score_map - low) / (high - low))).astype(np.uint8)
-    overlay[outline(region)] = 255
-    panels = [rgb, overlay]
+    panels = [rgb, heat_overlay(rgb, score_map, *colour_range, region)]
     if gt is not None:
-        panels.append(np.repeat(gt[..., None] * np.uint8(255), 3, axis=2))
-    height, width = rgb.shape[:2]
-    canvas = Image.new("RGB", (len(panels) * width, height + 18), "white")
-    for i, panel in enumerate(panels):
-        canvas.paste(Image.fromarray(panel), (i * width, 18))
-    ImageDraw.Draw(canvas).text((4, 3), title, fill="black")
-    return canvas
+        panels.append(mask_panel(gt, rgb.shape))
+    return compose(panels, title)
 
 
 class ResultWriter:

@@ -31,21 +31,38 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def prediction_panel(rgb: np.ndarray, gt: np.ndarray | None, score_map: np.ndarray, score: float,
-                     vmin: float, vmax: float, region: np.ndarray | None = None, title: str = "") -> Image.Image:
-    """Side-by-side RGB, GT mask (blank when None) and heatmap blended over the RGB. ``region`` (a boolean
-    map, e.g. the thresholded anomaly region) is drawn as a white outline on the overlay."""
+def heat_overlay(rgb: np.ndarray, score_map: np.ndarray, vmin: float, vmax: float,
+                 region: np.ndarray | None = None) -> np.ndarray:
+    """The heatmap blended half and half over the RGB; ``region`` (boolean map) outlined in white."""
     heat = jet((score_map - vmin) / max(vmax - vmin, 1e-12))
     overlay = (0.5 * rgb + 0.5 * heat).astype(np.uint8)
     if region is not None:
         overlay[outline(region)] = 255
-    gt_panel = np.zeros_like(rgb) if gt is None else np.repeat((gt > 0)[..., None] * 255, 3, 2).astype(np.uint8)
-    height, width = rgb.shape[:2]
-    canvas = Image.new("RGB", (3 * width, height + 18), "white")
-    for i, panel in enumerate((rgb, gt_panel, overlay)):
+    return overlay
+
+
+def mask_panel(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """A boolean mask as a white-on-black RGB image (all black when None)."""
+    if mask is None:
+        return np.zeros(shape, dtype=np.uint8)
+    return np.repeat((mask > 0)[..., None] * np.uint8(255), 3, axis=2)
+
+
+def compose(panels: list[np.ndarray], title: str) -> Image.Image:
+    """Equal-sized RGB panels side by side under a one-line title."""
+    height, width = panels[0].shape[:2]
+    canvas = Image.new("RGB", (len(panels) * width, height + 18), "white")
+    for i, panel in enumerate(panels):
         canvas.paste(Image.fromarray(panel), (i * width, 18))
-    ImageDraw.Draw(canvas).text((4, 3), f"{title}  image score {score:.5g}", fill="black")
+    ImageDraw.Draw(canvas).text((4, 3), title, fill="black")
     return canvas
+
+
+def prediction_panel(rgb: np.ndarray, gt: np.ndarray | None, score_map: np.ndarray, score: float,
+                     vmin: float, vmax: float, region: np.ndarray | None = None, title: str = "") -> Image.Image:
+    """Side-by-side RGB, GT mask (blank when None) and heatmap overlay, with the image score."""
+    panels = [rgb, mask_panel(gt, rgb.shape), heat_overlay(rgb, score_map, vmin, vmax, region)]
+    return compose(panels, f"{title}  image score {score:.5g}")
 
 
 def save_panel(path: str | Path, panel: Image.Image) -> Path:

@@ -32,21 +32,34 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        cloud = read_organized_pc(sample.xyz_path)
-        image = read_rgb(sample.rgb_path)
-        check_same_size(cloud, image, sample.xyz_path, sample.rgb_path)
-        pc = organized_pc_to_tensor(cloud, self.img_size)
-        if not valid_point_mask(pc).any():
-            raise DataError(f"{sample.xyz_path}: the point cloud has no valid point (every pixel has a zero "
-                            f"coordinate) after resizing to {self.img_size}x{self.img_size}")
-        if sample.gt_path is None:
+        cloud, image, mask = read_sample(sample.rgb_path, sample.xyz_path, sample.gt_path)
+        rgb, pc, gt = sample_tensors(cloud, image, mask, self.img_size, sample.xyz_path)
+        if gt is None:
             gt = torch.zeros(1, RGB_SIZE, RGB_SIZE)
-        else:
-            mask = read_mask(sample.gt_path)
-            check_same_size(cloud, mask, sample.xyz_path, sample.gt_path)
-            gt = mask_to_tensor(mask)
-        return {"rgb": rgb_to_tensor(image), "pc": pc, "gt": gt, "label": sample.label, "index": index,
+        return {"rgb": rgb, "pc": pc, "gt": gt, "label": sample.label, "index": index,
                 "name": sample.name, "rgb_path": str(sample.rgb_path)}
+
+
+def read_sample(rgb_path, xyz_path, gt_path=None):
+    """``(cloud (H, W, 3), RGB image, mask image or None)`` of one sample, sizes checked against the cloud."""
+    cloud = read_organized_pc(xyz_path)
+    image = read_rgb(rgb_path)
+    check_same_size(cloud, image, xyz_path, rgb_path)
+    mask = None
+    if gt_path is not None:
+        mask = read_mask(gt_path)
+        check_same_size(cloud, mask, xyz_path, gt_path)
+    return cloud, image, mask
+
+
+def sample_tensors(cloud, image, mask, img_size: int, xyz_path, note: str = ""):
+    """Per-sample tensors (spec §2.4): ``rgb (3, 224, 224)``, ``pc (3, S, S)``, ``gt (1, 224, 224)`` or None.
+    A cloud without a valid point is an error naming ``xyz_path`` (``note`` says at which step)."""
+    pc = organized_pc_to_tensor(cloud, img_size)
+    if not valid_point_mask(pc).any():
+        raise DataError(f"{xyz_path}: the point cloud has no valid point{note} (every pixel has a zero "
+                        f"coordinate) after resizing to {img_size}x{img_size}")
+    return rgb_to_tensor(image), pc, None if mask is None else mask_to_tensor(mask)
 
 
 def make_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
