@@ -4,6 +4,7 @@ up-front validation of flag combinations that the reference only discovers by cr
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 METHODS = ("DINO", "Point_MAE", "Fusion", "DINO+Point_MAE", "DINO+Point_MAE+add", "DINO+Point_MAE+Fusion")
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--dlf_reextract", action="store_true",
                      help="pass 2 extracts the training samples again as the reference does (default: reuse the "
                           "pass-1 features; identical in eval mode, see docs/quirks.md)")
+    new.add_argument("--coreset_shards", type=int, default=1, metavar="S",
+                     help="faster coreset: S contiguous blocks of the bank, each with its own greedy selection "
+                          "(about S times faster; default 1 = the reference's exact selection; effect on the "
+                          "metrics in benchmarks/README.md)")
+    new.add_argument("--bank_storage", default="disk", choices=("disk", "memory"),
+                     help="where the training patches wait for the coreset and pass 2: a temporary file "
+                          "(default; a 400-sample class needs ~16 GB there instead of in RAM) or host memory")
+    new.add_argument("--spool_dir", default=None,
+                     help="folder of the --bank_storage disk file (default: the system's temporary folder)")
     new.add_argument("--demo", action="store_true",
                      help="generate synthetic data if absent and run DINO+Point_MAE on it")
 
@@ -86,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     saved.add_argument("--pixel_far", type=float, default=0.01,
                        help="--save_model: fraction of good parts' pixels allowed above the pixel threshold")
     return p
+
+
+def spool_folder(args: argparse.Namespace) -> str | None:
+    """The folder of the banks' temporary file, or None to keep the training patches in memory."""
+    if args.bank_storage == "memory":
+        return None
+    return args.spool_dir or tempfile.gettempdir()
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -118,6 +135,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--img_size must be 224: the reference's RGB, mask and score-map sizes are fixed at 224")
     if not 0 < args.f_coreset <= 1:
         raise ValueError("--f_coreset must be in (0, 1]")
+    if args.coreset_shards < 1:
+        raise ValueError("--coreset_shards must be at least 1 (1: the reference's exact selection)")
     if args.batch_size < 1 or args.max_sample < 0:
         raise ValueError("--batch_size must be >= 1 and --max_sample >= 0")
     if args.save_model and args.load_model is not None:
@@ -251,7 +270,8 @@ def _run_class(args, class_name, config, extractor, fusion_block, device, timer,
                          max_sample=args.max_sample, fusion_block=fusion_block, device=device, timer=timer,
                          reextract_pass2=args.dlf_reextract,
                          save_feature_path=args.save_feature_path if args.save_feature else None,
-                         train_limit=None if good_parts is None else good_parts.train_limit)
+                         train_limit=None if good_parts is None else good_parts.train_limit,
+                         spool_dir=spool_folder(args))
     if args.load_model is not None:
         with timer("load model"):
             load_into_runner(runner, model_path(models_dir, class_name), setup, fusion_block, device)

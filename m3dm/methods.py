@@ -57,6 +57,7 @@ class DetectorConfig:
     lambdas: dict = field(default_factory=lambda: {"xyz": (1.0, 1.0), "rgb": (0.1, 0.1), "fusion": (1.0, 1.0)})
     fix_quirks: bool = False
     coreset_fp16: bool = True
+    coreset_shards: int = 1  # > 1: the faster per-block greedy selection (not the reference's; m3dm.memory_bank)
 
     @classmethod
     def from_args(cls, args) -> "DetectorConfig":
@@ -66,7 +67,7 @@ class DetectorConfig:
                    coreset_eps=args.coreset_eps, random_state=args.random_state,
                    asy_memory_bank=args.asy_memory_bank, rm_zero_for_project=args.rm_zero_for_project,
                    ocsvm_nu=args.ocsvm_nu, ocsvm_maxiter=args.ocsvm_maxiter, lambdas=lambdas,
-                   fix_quirks=args.fix_quirks)
+                   fix_quirks=args.fix_quirks, coreset_shards=args.coreset_shards)
 
     @property
     def spec(self) -> MethodSpec:
@@ -90,7 +91,8 @@ class Detector:
     """Memory banks of one class: pass 1 (``add``), ``finalize`` (normalise + coreset), pass 2 (``fit_fusion``,
     decision layer fusion) and ``predict`` (image score and 224 x 224 map of a test sample)."""
 
-    def __init__(self, config: DetectorConfig, fusion_block=None, device="cpu", progress: bool = True):
+    def __init__(self, config: DetectorConfig, fusion_block=None, device="cpu", progress: bool = True,
+                 spool_dir=None):
         self.config = config
         self.progress = progress
         self.spec = config.spec
@@ -98,7 +100,7 @@ class Detector:
             raise ValueError(f"{config.method_name} needs the UFF fusion block (--use_uff)")
         self.fusion_block = fusion_block
         self.device = torch.device(device)
-        self.banks = {m: MemoryBank() for m in self.spec.modalities}
+        self.banks = {m: MemoryBank(spool_dir=spool_dir) for m in self.spec.modalities}
         self.dlf = None
         self.rgb_grid: int | None = None
         self._late_xyz: dict[int, torch.Tensor] = {}  # xyz patches of samples beyond --asy_memory_bank
@@ -181,7 +183,7 @@ class Detector:
                           random_state=cfg.random_state, device=self.device, fp16=cfg.coreset_fp16,
                           drop_zero_rows_before=drop_zero, drop_zero_rows_after=drop_zero or triple_zero_rows,
                           append_zero_row=drop_zero or triple_zero_rows, progress=self.progress,
-                          keep_samples=self.uses_dlf)
+                          keep_samples=self.uses_dlf, shards=cfg.coreset_shards)
 
     # ------------------------------------------------------------------------------------------- scoring
 

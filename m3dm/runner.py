@@ -64,13 +64,14 @@ class ClassRunner:
                  img_size: int = 224, batch_size: int = 1, num_workers: int = 0, max_sample: int = 400,
                  fusion_block=None, device="cpu", timer: StageTimer | None = None, progress: bool = True,
                  reextract_pass2: bool = False, save_feature_path: str | Path | None = None,
-                 train_limit: int | None = None):
+                 train_limit: int | None = None, spool_dir=None):
         self.config, self.extractor = config, extractor
         self.class_name = class_name
         self.root = Path(dataset_root)
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
         self.max_sample = max_sample
-        self.detector = Detector(config, fusion_block=fusion_block, device=device, progress=progress)
+        self.detector = Detector(config, fusion_block=fusion_block, device=device, progress=progress,
+                                 spool_dir=spool_dir)
         self.timer = timer or StageTimer()
         self.progress = progress
         self.reextract_pass2 = reextract_pass2

@@ -467,3 +467,67 @@ def test_pruned_cpu_coreset_selects_exactly_what_the_plain_loop_selects(seed):
     pruned = greedy_coreset(rows, 700, random_state=seed, progress=False)
     plain = greedy_coreset(rows, 700, random_state=seed, progress=False, chunk_size=4096)
     assert torch.equal(pruned, plain)
+
+
+# -- storage on disk and the sharded coreset -------------------------------------------------------------------
+
+def test_sample_store_on_disk_reads_like_memory(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    samples = [torch.randn(rows, 12, generator=generator) for rows in (5, 17, 1, 30)]
+    stores = [mb.SampleStore(), mb.SampleStore(tmp_path)]
+    for store in stores:
+        for sample in samples:
+            store.append(sample)
+    everything = torch.cat(samples)
+    picks = torch.tensor([52, 0, 4, 5, 21, 21, 3, 22, 51])
+    for store in stores:
+        assert (len(store), store.rows) == (4, 53)
+        assert all(torch.equal(store.sample(i), s) for i, s in enumerate(samples))
+        for start, stop in ((0, 53), (3, 9), (4, 23), (22, 23), (50, 80)):
+            assert torch.equal(store.read(start, stop), everything[start:stop])
+        for chunk_rows in (1, 7, 4096):
+            assert torch.equal(store.take(picks, chunk_rows=chunk_rows), everything[picks])
+    assert stores[1].on_disk and list(tmp_path.iterdir()) == []  # unlinked temporary file
+    stores[1].clear()
+    assert stores[1]._file is None
+
+
+@pytest.mark.parametrize("n_coreset", [None, 37])
+def test_bank_on_disk_equals_the_straightforward_concatenation(tmp_path, n_coreset):
+    """Pins the chunked, spooled construction against concatenate → normalise → coreset → index."""
+    samples = [torch.from_numpy(clustered(seed, rows=120, dim=48)) for seed in range(4)]
+    everything = torch.cat(samples)
+    mean, std = 0.25, 1.5
+    expected = (everything - torch.tensor(mean)) / torch.tensor(std)
+    if n_coreset is not None:
+        expected = expected[greedy_coreset(expected, n_coreset, random_state=2, device="cpu", progress=False)]
+    for spool in (None, tmp_path):
+        bank = MemoryBank(spool_dir=spool)
+        for sample in samples:
+            bank.add(sample)
+        built = bank.finalize(mean, std, n_coreset=n_coreset, random_state=2, device="cpu", progress=False,
+                              keep_samples=True)
+        assert torch.equal(built, expected)
+        assert torch.equal(bank.sample(2), samples[2])  # kept for pass 2, raw
+        bank.release_samples()
+        with pytest.raises(RuntimeError, match="not available"):
+            bank.sample(0)
+
+
+def test_sharded_coreset_selects_each_blocks_share_greedily():
+    x = torch.from_numpy(clustered(8, rows=900, dim=256))
+    assert torch.equal(greedy_coreset(x, 60, random_state=1, device="cpu", progress=False, shards=1),
+                       greedy_coreset(x, 60, random_state=1, device="cpu", progress=False))
+    chosen = greedy_coreset(x, 60, random_state=1, device="cpu", fp16=False, progress=False, shards=3)
+    assert len(chosen) == 60 and len(set(chosen.tolist())) == 60
+    proj = SparseRandomProjection(eps=0.9, random_state=1).fit_transform(x.numpy().astype(np.float64))
+    for block in range(3):
+        picked = chosen[block * 20:(block + 1) * 20].tolist()
+        assert all(block * 300 <= i < (block + 1) * 300 for i in picked)
+        rows = proj[block * 300:(block + 1) * 300]
+        local = [i - block * 300 for i in picked]
+        assert local[0] == 0
+        min_dist = np.linalg.norm(rows - rows[0], axis=1)
+        for index in local[1:]:  # each next pick is the block row farthest from the block's picks so far
+            assert min_dist[index] == pytest.approx(min_dist.max(), rel=1e-12)
+            min_dist = np.minimum(min_dist, np.linalg.norm(rows - rows[index], axis=1))

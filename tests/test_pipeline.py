@@ -63,7 +63,8 @@ def test_fusion_methods_with_uff_checkpoint(dataset, tmp_path, uff_checkpoint, m
 
 def test_defects_are_localised_and_runs_reproducible(dataset, tmp_path):
     first = run_main(dataset, tmp_path / "a", "--method_name", "DINO+Point_MAE", "--save_preds")
-    second = run_main(dataset, tmp_path / "b", "--method_name", "DINO+Point_MAE")
+    # the first run spools the training patches to disk (default), the second keeps them in memory
+    second = run_main(dataset, tmp_path / "b", "--method_name", "DINO+Point_MAE", "--bank_storage", "memory")
     assert first["per_class"] == second["per_class"]
     # random backbone weights, yet the geometric and colour defects stand out
     assert first["per_class"]["gadget"]["pixel_rocauc"] > 0.75
@@ -92,6 +93,7 @@ def test_fix_quirks_runs(dataset, tmp_path, uff_checkpoint):
     (["--method_name", "DINO", "--memory_bank", "single", "--save_feature"], "--method_name DINO+Point_MAE"),
     (["--method_name", "Point_MAE", "--memory_bank", "single", "--asy_memory_bank", "3"], "DINO+Point_MAE+Fusion"),
     (["--method_name", "DINO", "--memory_bank", "single", "--img_size", "256"], "224"),
+    (["--method_name", "DINO", "--memory_bank", "single", "--coreset_shards", "0"], "at least 1"),
 ])
 def test_invalid_flag_combinations_are_refused(argv, message):
     args = build_parser().parse_args(argv)
@@ -146,3 +148,10 @@ def test_asymmetric_memory_bank_and_zero_row_options(dataset, tmp_path, uff_chec
     no_zero = run_main(dataset, tmp_path / "no_zero", "--method_name", "Point_MAE", "--memory_bank", "single",
                        "--rm_zero_for_project")
     assert no_zero["per_class"] != plain["per_class"]
+
+
+def test_sharded_coreset_option_runs(dataset, tmp_path):
+    record = run_main(dataset, tmp_path, "--method_name", "DINO+Point_MAE", "--coreset_shards", "3",
+                      "--spool_dir", str(tmp_path / "spool"))
+    assert record["per_class"]["gadget"]["pixel_rocauc"] > 0.75
+    assert list((tmp_path / "spool").iterdir()) == []  # the spool file is anonymous and gone
