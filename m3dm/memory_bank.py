@@ -551,6 +551,8 @@ class MemoryBank:
         self.mean: torch.Tensor | None = None  # normalisation applied by finalize/score (float32 scalars)
         self.std: torch.Tensor | None = None
         self.coreset_idx: torch.Tensor | None = None
+        self.screened = True  # exact bfloat16-screened nearest neighbours where the CPU has native bfloat16
+        self._screened_bank = None
 
     # -- collection ---------------------------------------------------------------------------------------------
     def add(self, patches: ArrayLike) -> None:
@@ -675,8 +677,19 @@ class MemoryBank:
         ``divisor`` as in :func:`reweighted_score`. The distances are the undivided ones (for the map).
         """
         x = self.normalise(patches) if normalise else _as_tensor(patches).to(self.storage_device, torch.float32)
-        min_dist, nn_idx = nearest_neighbours(x, self.bank, chunk_size=chunk_size)
+        min_dist, nn_idx = self._nearest(x, chunk_size)
         return reweighted_score(x, self.bank, min_dist, nn_idx, n_reweight, eps, divisor), min_dist
+
+    def _nearest(self, x: torch.Tensor, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`nearest_neighbours`, through the exact bfloat16-screened search (m3dm.nn_search: same values
+        and indices, faster where screening prunes) on CPUs with native bfloat16 matrix products."""
+        from .nn_search import ScreenedBank, bf16_matmul_is_fast
+
+        if self.screened and self._screened_bank is None and bf16_matmul_is_fast(self.bank.device):
+            self._screened_bank = ScreenedBank(self.bank)
+        if self._screened_bank is not None:
+            return self._screened_bank.search(x, chunk_size=chunk_size)
+        return nearest_neighbours(x, self.bank, chunk_size=chunk_size)
 
     # -- saving and loading (m3dm.model_io) ----------------------------------------------------------------------
     def export_state(self) -> dict:

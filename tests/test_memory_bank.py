@@ -531,3 +531,20 @@ def test_sharded_coreset_selects_each_blocks_share_greedily():
         for index in local[1:]:  # each next pick is the block row farthest from the block's picks so far
             assert min_dist[index] == pytest.approx(min_dist.max(), rel=1e-12)
             min_dist = np.minimum(min_dist, np.linalg.norm(rows - rows[index], axis=1))
+
+
+def test_bank_scores_identically_with_and_without_bf16_screening():
+    """The screened search MemoryBank.score uses on bf16 CPUs equals the plain float32 one."""
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(64, 384, generator=generator) * 4
+    rows = centres[torch.randint(0, 64, (4000,), generator=generator)] + torch.randn(4000, 384, generator=generator)
+    queries = rows[:600] + 0.1 * torch.randn(600, 384, generator=generator)
+    scores = []
+    for screened in (False, True):
+        bank = MemoryBank()
+        bank.add(rows)
+        bank.finalize(0.1, 1.3, progress=False)
+        bank.screened = screened
+        scores.append(bank.score(queries, eps=1e-5))
+    assert scores[0][0] == scores[1][0]
+    assert torch.equal(scores[0][1], scores[1][1])
