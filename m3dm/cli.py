@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "pass-1 features; identical in eval mode, see docs/quirks.md)")
     new.add_argument("--coreset_shards", type=int, default=1, metavar="S",
                      help="faster coreset: S contiguous blocks of the bank, each with its own greedy selection "
-                          "(about S times faster; default 1 = the reference's exact selection; effect on the "
-                          "metrics in benchmarks/README.md)")
+                          "(faster; default 1 = the reference's exact selection; it lowers the localisation "
+                          "metrics, see benchmarks/README.md)")
     new.add_argument("--bank_storage", default="disk", choices=("disk", "memory"),
                      help="where the training patches wait for the coreset and pass 2: a temporary file "
                           "(default; a 400-sample class needs ~16 GB there instead of in RAM) or host memory")
