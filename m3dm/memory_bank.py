@@ -445,6 +445,10 @@ class SampleStore:
         return self._starts[-1]
 
     @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
     def on_disk(self) -> bool:
         return self.spool_dir is not None
 
@@ -516,7 +520,7 @@ class NormalisedRows:
 
     def __init__(self, store: SampleStore, mean: torch.Tensor | None, std: torch.Tensor | None) -> None:
         self.store, self.mean, self.std = store, mean, std
-        self.shape = (store.rows, store._dim)
+        self.shape = (store.rows, store.dim)
         self.ndim = 2
 
     def __getitem__(self, key) -> torch.Tensor:
