@@ -147,6 +147,9 @@ def _lower_min_distances(reduced: torch.Tensor, last: torch.Tensor, min_dist: to
 
 
 PRUNE_SLACK = 0.01  # relative safety margin of the triangle-inequality test (float16 rounding is ~5e-4)
+SCREEN_DIMS = 32  # leading principal directions in the cheap lower bound on distances between centres
+SCREEN_ALLOWANCE = 1e-3  # float32 rounding allowance of that bound, relative to a centre's offset (worst case ~1e-4)
+MIN_COPY_SHARE = 0.05  # drop exact copies of earlier rows before the selection when at least this share are copies
 
 
 def _row_distances(rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -156,46 +159,84 @@ def _row_distances(rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(rows - last, dim=1)
 
 
+class _CentreScreen:
+    """Lower bounds on the distances from the newest centre to the earlier ones, at a tenth of the cost.
+
+    The bound is the distance between the centres' coordinates along the bank's leading principal directions
+    (an orthogonal projection never lengthens a vector) less an allowance for float32 rounding, so a centre it
+    rules out is truly that far; only the centres it cannot rule out get their exact distance computed.
+    """
+
+    def __init__(self, reduced: torch.Tensor, capacity: int) -> None:
+        sample = reduced[::max(1, reduced.shape[0] // 20000)].float()
+        self.mean = sample.mean(dim=0)
+        dims = min(SCREEN_DIMS, reduced.shape[1])
+        self.basis = torch.linalg.svd(sample - self.mean, full_matrices=False).Vh[:dims].T.contiguous()
+        self.coords = torch.empty((capacity, self.basis.shape[1]), dtype=torch.float32)
+        self.allowance = torch.empty(capacity, dtype=torch.float32)
+
+    def add(self, index: int, centre: torch.Tensor) -> None:
+        offset = centre - self.mean
+        self.coords[index] = offset @ self.basis
+        self.allowance[index] = SCREEN_ALLOWANCE * torch.linalg.vector_norm(offset)
+
+    def possibly_within(self, k: int, thresholds: torch.Tensor) -> torch.Tensor:
+        """Indices ``i < len(thresholds)`` of the centres that may lie closer than ``thresholds[i]`` to centre k."""
+        count = thresholds.shape[0]
+        lower = torch.linalg.vector_norm(self.coords[:count] - self.coords[k], dim=1)
+        lower -= self.allowance[:count] + self.allowance[k]
+        return (lower < thresholds).nonzero().squeeze(1)
+
+
 def _greedy_pruned(reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
     """The same selection as the plain loop, skipping rows that provably cannot get closer (CPU).
 
     Every row remembers the selected centre it is nearest to. By the triangle inequality a row whose centre lies
     at least twice its running minimum away from the new centre cannot get closer to the new one, and a whole
-    cluster can be skipped when the new centre is at least twice the cluster's largest running minimum away.
-    The test carries a 1 % margin, far above float16 rounding, so the skipped rows are exactly those whose
-    minimum the plain loop would leave unchanged; the rows that are computed use the plain loop's arithmetic.
-    Hence the indices are identical, at a cost that falls as clusters shrink.
+    cluster can be skipped when the new centre is at least twice the cluster's largest running minimum away
+    (the distances between centres are bounded from below first by :class:`_CentreScreen`, and computed only
+    where the bound cannot decide). The test carries a 1 % margin, far above float16 rounding, so the skipped
+    rows are exactly those whose minimum the plain loop would leave unchanged; the rows that are computed use
+    the plain loop's arithmetic. Hence the indices are identical, at a cost that falls as clusters shrink.
     """
-    centres = torch.empty((max(n, 1), reduced.shape[1]), dtype=torch.float32)
-    radius = torch.zeros(max(n, 1), dtype=torch.float32)
+    count = max(n, 1)
+    centres = torch.empty((count, reduced.shape[1]), dtype=torch.float32)
+    radius = torch.zeros(count, dtype=torch.float32)
     assign = torch.zeros(reduced.shape[0], dtype=torch.long)
-    selected = torch.zeros(max(n, 1), dtype=torch.long)
+    selected = torch.zeros(count, dtype=torch.long)
+    running = min_dist.float()  # the float16 minima, exactly: float32 compares and argmaxes several times faster
+    screen = _CentreScreen(reduced, count)
     centres[0] = reduced[0].float()
+    screen.add(0, centres[0])
     radius[0] = float("inf")  # the first update (against row 0 again, as the reference) checks every row
     factor = 2.0 * (1.0 + PRUNE_SLACK)
     for step in tqdm(range(1, n), desc="coreset", disable=not progress, leave=False):
         k = step - 1  # the most recently selected centre; its distances are taken now, as in the reference
         last_row = reduced[selected[k]].unsqueeze(0)
-        centre_dist = torch.linalg.vector_norm(centres[:step] - centres[k], dim=1)
-        open_clusters = centre_dist < factor * radius[:step]
-        open_clusters[k] = True
+        thresholds = factor * radius[:step]
+        near = screen.possibly_within(k, thresholds)
+        near_dist = torch.linalg.vector_norm(centres[near] - centres[k], dim=1)
+        is_open = near_dist < thresholds[near]
+        centre_dist = torch.full((step,), float("inf"))
+        centre_dist[near[is_open]] = near_dist[is_open]
+        centre_dist[k] = 0
+        open_clusters = centre_dist < float("inf")
         members = open_clusters[assign].nonzero().squeeze(1)
-        member_centre_dist = centre_dist[assign[members]]
-        current = min_dist[members]
-        candidates = member_centre_dist < factor * current.float()
+        candidates = centre_dist[assign[members]] < factor * running[members]
         rows = members[candidates]
-        new = _row_distances(reduced[rows], last_row)
-        closer = new < min_dist[rows]
+        new = _row_distances(reduced[rows], last_row).float()
+        closer = new < running[rows]
         moved = rows[closer]
-        min_dist[moved] = new[closer]
+        running[moved] = new[closer]
         assign[moved] = k
         # the largest running minimum of every open cluster (all their rows are in `members`)
         radius[:step][open_clusters] = 0
-        radius.scatter_reduce_(0, assign[members], min_dist[members].float(), reduce="amax")
-        index = int(torch.argmax(min_dist))
-        min_dist[index] = 0
+        radius.scatter_reduce_(0, assign[members], running[members], reduce="amax")
+        index = int(torch.argmax(running))
+        running[index] = 0
         selected[step] = index
         centres[step] = reduced[index].float()
+        screen.add(step, centres[step])
     return selected
 
 
@@ -244,9 +285,51 @@ def _sharded_selection(reduced: torch.Tensor, n: int, shards: int, chunk_size: i
     return torch.cat(picked)
 
 
+def _first_occurrences(reduced: torch.Tensor) -> torch.Tensor | None:
+    """Ascending indices of the rows that are not an exact copy of an earlier row (None when fewer than
+    ``MIN_COPY_SHARE`` of the rows are copies).
+
+    Copies are common: every empty patch of an xyz bank is the same row (about 80 % of the rows on MVTec 3D-AD).
+    Rows are grouped by a random linear key, then each row is compared with the first row of its group, so a
+    copy is dropped only when it is equal element for element (a copy the key misses is merely kept).
+    """
+    rows = reduced.shape[0]
+    generator = torch.Generator().manual_seed(0)  # a private generator: the global random streams are untouched
+    probe = torch.randn(reduced.shape[1], generator=generator).to(reduced.device)
+    keys = torch.cat([chunk.float() @ probe for chunk in reduced.split(CPU_DISTANCE_CHUNK_ROWS)])
+    _, group = torch.unique(keys, return_inverse=True)
+    order = torch.arange(rows, device=reduced.device)
+    first = torch.full((rows,), rows, dtype=torch.long, device=reduced.device)
+    first = first.scatter_reduce_(0, group, order, reduce="amin")[group]
+    suspects = (first != order).nonzero().squeeze(1)
+    if suspects.numel() < MIN_COPY_SHARE * rows:
+        return None
+    equal = torch.cat([(reduced[part] == reduced[first[part]]).all(dim=1)
+                       for part in suspects.split(CPU_DISTANCE_CHUNK_ROWS)])
+    if int(equal.sum()) < MIN_COPY_SHARE * rows:
+        return None
+    keep = torch.ones(rows, dtype=torch.bool, device=reduced.device)
+    keep[suspects[equal]] = False
+    return keep.nonzero().squeeze(1)
+
+
 def _greedy_selection(reduced: torch.Tensor, min_dist: torch.Tensor, n: int, chunk_size: int | None,
                       progress: bool) -> torch.Tensor:
-    """Greedy k-center from row 0 given every row's distance to row 0 (``min_dist``, updated in place)."""
+    """Greedy k-center from row 0 given every row's distance to row 0 (``min_dist``, may be updated in place).
+
+    Exact copies of earlier rows are left out first: a copy always has its original's running minimum, so it
+    can only be the farthest row when its original (earlier, hence first on ties) is too; once the original is
+    selected, both minima are 0. The indices are therefore those of the selection over every row.
+    """
+    kept = _first_occurrences(reduced)
+    if kept is not None:
+        chosen = _greedy_selection_all_rows(reduced[kept], min_dist[kept], n, chunk_size, progress)
+        return kept.cpu()[chosen]
+    return _greedy_selection_all_rows(reduced, min_dist, n, chunk_size, progress)
+
+
+def _greedy_selection_all_rows(reduced: torch.Tensor, min_dist: torch.Tensor, n: int, chunk_size: int | None,
+                               progress: bool) -> torch.Tensor:
     if reduced.device.type == "cpu" and reduced.dtype == torch.float16 and chunk_size is None:
         return _greedy_pruned(reduced, min_dist, n, progress)
     selected = torch.zeros(max(n, 1), dtype=torch.long, device=reduced.device)

@@ -455,18 +455,49 @@ def test_finalize_argument_checks():
         _ = MemoryBank().bank
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_pruned_cpu_coreset_selects_exactly_what_the_plain_loop_selects(seed):
-    """The triangle-inequality pruning (CPU default) must not change a single index."""
+@pytest.mark.parametrize("seed,offset", [(0, 0.0), (1, 0.0), (2, 300.0)])
+def test_pruned_cpu_coreset_selects_exactly_what_the_plain_loop_selects(seed, offset):
+    """The triangle-inequality pruning (CPU default) must not change a single index, also where the rows lie
+    far from the origin compared with their spread (float32 rounding of the centre screen is largest there)."""
     generator = torch.Generator().manual_seed(seed)
     centres = torch.randn(40, 256, generator=generator) * 3
-    rows = centres[torch.randint(0, 40, (6000,), generator=generator)]
+    rows = centres[torch.randint(0, 40, (6000,), generator=generator)] + offset
     rows = rows + 0.3 * torch.randn(6000, 256, generator=generator)
     rows[::7] = 0  # empty patches, as in xyz banks
     rows[1::11] = rows[2::11][: len(rows[1::11])]  # duplicates
     pruned = greedy_coreset(rows, 700, random_state=seed, progress=False)
     plain = greedy_coreset(rows, 700, random_state=seed, progress=False, chunk_size=4096)
     assert torch.equal(pruned, plain)
+
+
+def banks_with_copies(seed: int, rows: int = 3000, dim: int = 200) -> torch.Tensor:
+    """Mostly empty (all-zero) rows, as xyz banks, plus exact copies of other rows."""
+    generator = torch.Generator().manual_seed(seed)
+    bank = torch.randn(rows, dim, generator=generator) * torch.rand(rows, 1, generator=generator) * 4
+    bank[torch.rand(rows, generator=generator) < 0.8] = 0
+    bank[5::13] = bank[4::13][: len(bank[5::13])]
+    return bank
+
+
+def test_first_occurrences_are_exactly_the_rows_without_an_earlier_copy():
+    bank = banks_with_copies(0).half()
+    seen, expected = set(), []
+    for index, row in enumerate(bank.tolist()):
+        if tuple(row) not in seen:
+            seen.add(tuple(row))
+            expected.append(index)
+    assert mb._first_occurrences(bank).tolist() == expected
+    assert mb._first_occurrences(torch.randn(500, 20).half()) is None  # no copies: nothing to drop
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+@pytest.mark.parametrize("seed,n", [(1, 200), (2, 800)])  # 800 > the ~600 distinct rows: row 0 repeats at the end
+def test_dropping_exact_copies_keeps_the_selection(fp16, seed, n, monkeypatch):
+    bank = banks_with_copies(seed)
+    fast = greedy_coreset(bank, n, random_state=seed, device="cpu", fp16=fp16, progress=False)
+    assert fast.tolist() == numpy_coreset(bank.numpy(), n, seed, fp16)
+    monkeypatch.setattr(mb, "MIN_COPY_SHARE", 2.0)  # never drop copies
+    assert torch.equal(greedy_coreset(bank, n, random_state=seed, device="cpu", fp16=fp16, progress=False), fast)
 
 
 # -- storage on disk and the sharded coreset -------------------------------------------------------------------
