@@ -356,6 +356,14 @@ def _cdist_mode(n_patches: int, n_bank: int) -> str:
     return "donot_use_mm_for_euclid_dist"
 
 
+def query_block_rows(n_patches: int, n_bank: int, block_elements: int) -> int:
+    """Queries per block: as few blocks as keep each within ``block_elements`` distances, of equal size (so no
+    short tail block: the BLAS computes an entry the same way in any block of more than a few rows)."""
+    limit = max(1, min(n_patches, block_elements // max(n_bank, 1)))
+    blocks = -(-n_patches // limit)
+    return max(1, -(-n_patches // blocks))
+
+
 def nearest_neighbours(patches: torch.Tensor, bank: torch.Tensor, chunk_size: int | None = None,
                        bank_chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance of every patch to its nearest bank row, and that row's index (spec §8.1 steps 1–2).
@@ -369,7 +377,7 @@ def nearest_neighbours(patches: torch.Tensor, bank: torch.Tensor, chunk_size: in
     if n_bank == 0:
         raise ValueError("nearest_neighbours: the bank is empty")
     if chunk_size is None:
-        chunk_size = max(1, min(n_patches, NN_BLOCK_ELEMENTS // n_bank))
+        chunk_size = query_block_rows(n_patches, n_bank, NN_BLOCK_ELEMENTS)
     if bank_chunk_size is None:
         fits = chunk_size * n_bank <= NN_BLOCK_ELEMENTS
         bank_chunk_size = n_bank if fits else max(1, NN_BLOCK_ELEMENTS // chunk_size)
@@ -640,6 +648,8 @@ class MemoryBank:
         self.coreset_idx: torch.Tensor | None = None
         self.screened = True  # exact bfloat16-screened nearest neighbours where the CPU has native bfloat16
         self._screened_bank = None
+        self.share_empty_rows = True  # search the row of all-zero patches once (see _nearest)
+        self._empty_neighbour: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- collection ---------------------------------------------------------------------------------------------
     def add(self, patches: ArrayLike) -> None:
@@ -763,11 +773,50 @@ class MemoryBank:
         ``normalise`` applies finalize's ``mean``/``std`` (a no-op for a bank finalised without them); ``eps`` and
         ``divisor`` as in :func:`reweighted_score`. The distances are the undivided ones (for the map).
         """
-        x = self.normalise(patches) if normalise else _as_tensor(patches).to(self.storage_device, torch.float32)
-        min_dist, nn_idx = self._nearest(x, chunk_size)
+        raw = _as_tensor(patches)
+        x = self.normalise(raw) if normalise else raw.to(self.storage_device, torch.float32)
+        empty = (raw == 0).all(dim=1).to(x.device) if self.share_empty_rows and raw.ndim == 2 else None
+        min_dist, nn_idx = self._nearest(x, chunk_size, empty)
         return reweighted_score(x, self.bank, min_dist, nn_idx, n_reweight, eps, divisor), min_dist
 
-    def _nearest(self, x: torch.Tensor, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nearest(self, x: torch.Tensor, chunk_size: int | None, empty: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`nearest_neighbours` of the rows ``x``; ``empty`` flags the rows of all-zero patches.
+
+        Empty patches (no point behind them: about 80 % of an xyz sample) all normalise to one constant row, so
+        its nearest neighbour is searched once per bank and reused. The values are the same as searching every
+        row: whatever the block, the search computes a row's distances with the same float32 arithmetic (blocks
+        of at least ``MIN_GEMM_SIDE`` rows on both sides, see m3dm.nn_search). An explicit ``chunk_size`` searches
+        every row.
+        """
+        from .nn_search import MIN_GEMM_SIDE
+
+        n_empty = 0 if empty is None else int(empty.sum())
+        n_filled = x.shape[0] - n_empty
+        if (chunk_size is not None or n_empty < 2 or n_filled < MIN_GEMM_SIDE
+                or self.bank.shape[0] <= max(MIN_GEMM_SIDE, CDIST_MM_THRESHOLD)):
+            return self._search(x, chunk_size)
+        filled = (~empty).nonzero().squeeze(1)
+        min_dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+        nn_idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        min_dist[filled], nn_idx[filled] = self._search(x[filled], chunk_size)
+        empty_row = x[int(empty.nonzero()[0, 0])]
+        min_dist[empty], nn_idx[empty] = self._empty_row_neighbour(empty_row)
+        return min_dist, nn_idx
+
+    def _empty_row_neighbour(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest bank row of the constant row of empty patches, searched in a block of ``MIN_GEMM_SIDE`` copies
+        (so with the arithmetic of any full block) and remembered per value."""
+        from .nn_search import MIN_GEMM_SIDE
+
+        key = row.cpu().numpy().tobytes()
+        if key not in self._empty_neighbour:
+            block = row.unsqueeze(0).expand(MIN_GEMM_SIDE, -1).contiguous()
+            dist, idx = self._search(block, None)
+            self._empty_neighbour[key] = (dist[0], idx[0])
+        return self._empty_neighbour[key]
+
+    def _search(self, x: torch.Tensor, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`nearest_neighbours`, through the exact bfloat16-screened search (m3dm.nn_search: same values
         and indices, faster where screening prunes) on CPUs with native bfloat16 matrix products."""
         from .nn_search import ScreenedBank, bf16_matmul_is_fast

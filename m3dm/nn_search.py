@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from m3dm.memory_bank import NN_BLOCK_ELEMENTS, _cdist_mode, nearest_neighbours
+from m3dm.memory_bank import NN_BLOCK_ELEMENTS, _cdist_mode, nearest_neighbours, query_block_rows
 
 U_FP32 = 2.0 ** -24  # unit roundoff of float32 (round to nearest)
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
@@ -269,7 +269,7 @@ class ScreenedBank:
             stats.plain_blocks = stats.blocks = 1
             return min_dist, nn_idx, stats
         if chunk_size is None:
-            chunk_size = max(1, min(n_patches, self.block_elements // n_bank))
+            chunk_size = query_block_rows(n_patches, n_bank, self.block_elements)
         min_dist = torch.empty(n_patches, dtype=torch.float32, device=patches.device)
         nn_idx = torch.empty(n_patches, dtype=torch.long, device=patches.device)
         skip = self._skip_searches > 0
