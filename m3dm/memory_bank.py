@@ -786,8 +786,9 @@ class MemoryBank:
         Empty patches (no point behind them: about 80 % of an xyz sample) all normalise to one constant row, so
         its nearest neighbour is searched once per bank and reused. The values are the same as searching every
         row: whatever the block, the search computes a row's distances with the same float32 arithmetic (blocks
-        of at least ``MIN_GEMM_SIDE`` rows on both sides, see m3dm.nn_search). An explicit ``chunk_size`` searches
-        every row.
+        of at least ``MIN_GEMM_SIDE`` rows on both sides, see m3dm.nn_search; on CUDA, where cuBLAS picks its
+        kernel by shape, they may differ in the last bit, as the blocking itself already makes them). An explicit
+        ``chunk_size`` searches every row.
         """
         from .nn_search import MIN_GEMM_SIDE
 
