@@ -52,7 +52,7 @@ def farthest_point_sample(points: Tensor, n_samples: int) -> Tensor:
     if points.is_cuda and _pointnet2_utils is not None and points.dtype == torch.float32:
         return _pointnet2_utils.furthest_point_sample(points.contiguous(), n_samples).long()
     batch, n_points, _ = points.shape
-    x, y, z = points.unbind(-1)
+    x, y, z = (coord.contiguous() for coord in points.unbind(-1))
     # the kernel compares a float magnitude with the double literal 1e-3, so compare in float64
     selectable = (x * x + y * y + z * z).double() > FPS_MIN_SQUARED_NORM
     # unselectable points carry -1, below every real distance: argmax never picks them unless all are -1,
@@ -60,11 +60,14 @@ def farthest_point_sample(points: Tensor, n_samples: int) -> Tensor:
     running = torch.where(selectable, FPS_INITIAL_DISTANCE, -1.0).to(points.dtype)
     chosen = torch.zeros(batch, n_samples, dtype=torch.long, device=points.device)
     current = torch.zeros(batch, 1, dtype=torch.long, device=points.device)
+    dist, part = torch.empty_like(x), torch.empty_like(x)  # reused: a thousand short steps, no allocations
     with _single_thread_on_cpu(points.device):
         for j in range(1, n_samples):
-            cx, cy, cz = (coord.gather(1, current) for coord in (x, y, z))
-            dx, dy, dz = x - cx, y - cy, z - cz
-            running = torch.minimum(running, dx * dx + dy * dy + dz * dz)
+            # ((dx² + dy²) + dz²), in the kernel's order
+            torch.sub(x, x.gather(1, current), out=dist).square_()
+            dist.add_(torch.sub(y, y.gather(1, current), out=part).square_())
+            dist.add_(torch.sub(z, z.gather(1, current), out=part).square_())
+            torch.minimum(running, dist, out=running)
             current = running.argmax(dim=1, keepdim=True)
             chosen[:, j : j + 1] = current
     return chosen

@@ -139,6 +139,19 @@ def test_point_forward_matches_reference_formulation(point_model, train):
 
 
 @pytest.mark.parametrize("train", [True, False])
+def test_point_forward_with_autograd_equals_the_in_place_one(point_model, train):
+    """Without autograd the mini-PointNet normalises in place; with it, out of place: the same values."""
+    clouds = make_clouds(seed=5)
+    point_model.train(train)
+    with torch.no_grad():
+        in_place, _ = point_model(clouds, generator=torch.Generator().manual_seed(9))
+    recorded, _ = point_model(clouds, generator=torch.Generator().manual_seed(9))
+    point_model.train()
+    assert recorded.requires_grad
+    assert torch.equal(recorded.detach(), in_place)
+
+
+@pytest.mark.parametrize("train", [True, False])
 def test_point_batch_equals_single_calls(point_model, train):
     clouds = make_clouds(seed=5)
     point_model.train(train)
