@@ -17,7 +17,8 @@ Data (timing depends on it through the number of candidates the screening keeps)
     patches; --query_noise flattens it. Row norms, the nearest/typical distance ratio and the relative gap between
     the second and the first nearest squared distance (what decides the screening) are measured and printed.
   * --from_features: real extracted features (random-weight ViT-B/8 DINO and Point-MAE, a random-weight fusion
-    block) of synthetic MVTec 3D-AD scenes: 3 training samples, normalised like the method (quirk 26: xyz mean and
+    block) of synthetic MVTec 3D-AD scenes, preprocessed (about 80 % of the xyz patches empty, as on the real
+    data): 3 training samples, normalised like the method (quirk 26: xyz mean and
     rgb std for every bank; own statistics with --fix_quirks), tiled to the bank size with small noise (the copies
     are near-duplicates, unlike a coreset's spread rows; --tile_noise 0.5 spreads them); the queries are further
     scenes' features. Random weights give flat distances: the screening may not pay, and then falls back.
@@ -25,7 +26,8 @@ Data (timing depends on it through the number of candidates the screening keeps)
 For each bank: seconds per sample of the plain ``nearest_neighbours`` (blocked torch.cdist, float32) and of
 ``ScreenedBank.search`` (the once-per-bank preparation is timed apart), their ratio, candidates per screened
 query, the mean re-ranked union as a fraction of the bank, the blocks scored by the plain path (fallbacks), and
-whether both give bit-identical distances and indices.
+whether both give bit-identical distances and indices. With --from_features also the search MemoryBank.score
+runs, which searches the row of empty (all-zero) patches once per bank: about 80 % of an xyz sample.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from m3dm.memory_bank import nearest_neighbours  # noqa: E402
+from m3dm.memory_bank import MemoryBank, nearest_neighbours  # noqa: E402
 from m3dm.nn_search import ScreenedBank, bf16_matmul_is_fast  # noqa: E402
 
 TRAIN_SAMPLES = 400
@@ -79,11 +81,15 @@ def clustered_bank(rows: int, dim: int, queries: int, samples: int, seed: int, q
 # -- real features -----------------------------------------------------------------------------------------
 
 def extract_scene_features(scenes: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """xyz, rgb and fusion patch features of ``scenes`` synthetic scenes, random-weight backbones and block."""
-    from m3dm.constants import IMAGENET_MEAN, IMAGENET_STD
+    """xyz, rgb and fusion patch features of ``scenes`` synthetic scenes, preprocessed as MVTec 3D-AD (background
+    plane removed: most xyz patches are empty, as in the real data), random-weight backbones and block."""
+    from PIL import Image
+
+    from m3dm.data.dataset import sample_tensors
     from m3dm.features import FeatureExtractor
     from m3dm.fusion import FeatureFusionBlock
     from m3dm.models.checkpoints import build_point_backbone, build_rgb_backbone
+    from m3dm.preprocess.mvtec3d import preprocess_arrays
     from m3dm.synthetic import make_mvtec_scene
 
     torch.manual_seed(seed)
@@ -91,13 +97,11 @@ def extract_scene_features(scenes: int, seed: int) -> list[dict[str, torch.Tenso
     point_backbone = build_point_backbone("Point_MAE", random_init=True, quiet=True)  # train mode, as the reference
     extractor = FeatureExtractor(rgb_backbone, point_backbone, seed=seed)
     block = FeatureFusionBlock().eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     out = []
     for index in range(scenes):
-        scene = make_mvtec_scene(np.random.default_rng(seed + index), 224, 224, "gadget")
-        rgb = (torch.from_numpy(scene.rgb).permute(2, 0, 1).float() / 255 - mean) / std
-        cloud = torch.from_numpy(scene.cloud).permute(2, 0, 1)
+        scene = make_mvtec_scene(np.random.default_rng(seed + index), 256, 256, "gadget")
+        cloud, image, _, _ = preprocess_arrays(scene.cloud, scene.rgb, seed=seed)
+        rgb, cloud, _ = sample_tensors(cloud, Image.fromarray(image), None, 224, f"scene {index}")
         features = extractor(rgb[None], cloud[None])[0]
         with torch.no_grad():
             fused = block.feature_fusion(features.xyz, features.rgb_aligned())
@@ -131,7 +135,8 @@ def feature_banks(fix_quirks: bool, samples: int, noise: float, seed: int
     for name, (rows, _, _) in BANKS[fix_quirks].items():
         mean, std = stats[name]
         bank = tiled_bank((raw[name] - mean) / std, rows, noise, seed)
-        banks[name] = (bank, [(s[name] - mean) / std for s in test])
+        empties = [(s[name] == 0).all(dim=1) for s in test]  # patches with no point behind them
+        banks[name] = (bank, [(s[name] - mean) / std for s in test], empties)
     return banks
 
 
@@ -157,8 +162,11 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def measure_bank(bank: torch.Tensor, query_sets: list[torch.Tensor]) -> dict:
-    """Seconds per sample of both searches, the screening's statistics, and whether the results agree."""
+def measure_bank(bank: torch.Tensor, query_sets: list[torch.Tensor], empties: list[torch.Tensor] | None = None
+                 ) -> dict:
+    """Seconds per sample of both searches, the screening's statistics, and whether the results agree; with
+    ``empties`` (the queries' all-zero patches) also of the search ``MemoryBank.score`` runs, which searches the
+    row of empty patches once per bank."""
     screened, prepare_s = timed(lambda: ScreenedBank(bank))
     screened.search(query_sets[0][:64])  # warm-up (kernel selection)
     nearest_neighbours(query_sets[0][:64], bank)
@@ -178,7 +186,20 @@ def measure_bank(bank: torch.Tensor, query_sets: list[torch.Tensor]) -> dict:
         blocks += stats.blocks
         plain_blocks += stats.plain_blocks
     n = len(query_sets)
+    scored_s, empty_share = None, None
+    if empties is not None:
+        memory_bank = MemoryBank.from_state({"bank": bank, "mean": None, "std": None})
+        memory_bank._screened_bank = screened if bf16_matmul_is_fast() else None
+        memory_bank._nearest(query_sets[0][:64], None)  # warm-up
+        scored_s = 0.0
+        for queries, empty in zip(query_sets, empties):
+            (dist, idx), t_scored = timed(lambda: memory_bank._nearest(queries, None, empty))
+            scored_s += t_scored / n
+            plain_dist, plain_idx = nearest_neighbours(queries, bank)
+            identical &= torch.equal(idx, plain_idx) and torch.equal(dist, plain_dist)
+        empty_share = float(torch.cat(empties).float().mean())
     return {"prepare": prepare_s, "plain": plain_s / n, "screened": screened_s / n, "identical": identical,
+            "scored": scored_s, "empty_share": empty_share,
             "candidates": candidates / max(1, screened_queries), "screened_queries": screened_queries,
             "max_candidates": max_candidates, "blocks": blocks,
             "plain_blocks": plain_blocks,
@@ -211,11 +232,12 @@ def main() -> None:
         print(f"features of {3 + args.samples} scenes extracted in {extract_s:.0f} s; tile noise {args.tile_noise}")
     results = {}
     for offset, (name, (rows, dim, queries)) in enumerate(layout.items()):
+        empties = None
         if args.from_features:
-            bank, query_sets = banks.pop(name)
+            bank, query_sets, empties = banks.pop(name)
         else:
             bank, query_sets = clustered_bank(rows, dim, queries, args.samples, args.seed + offset, args.query_noise)
-        result = measure_bank(bank, query_sets)
+        result = measure_bank(bank, query_sets, empties)
         results[name] = result
         gflop = 2 * queries * rows * (dim + 2) / 1e9
         print(f"\n{name}: bank {rows:,} x {dim}, {queries} queries per sample; "
@@ -228,11 +250,19 @@ def main() -> None:
               f"union {100 * result['union']:.2f} % of the bank per group on average; "
               f"{result['plain_blocks']} of {result['blocks']} blocks by the plain path; "
               f"identical to plain (bitwise): {'yes' if result['identical'] else 'NO'}")
+        if result["scored"] is not None:
+            print(f"  as MemoryBank.score searches  {result['scored']:7.2f} s/sample  "
+                  f"{result['plain'] / result['scored']:.2f}x   ({100 * result['empty_share']:.0f} % of the queries "
+                  f"are empty patches, searched once)")
         del bank, query_sets
     plain = sum(r["plain"] for r in results.values())
     screened = sum(r["screened"] for r in results.values())
     print(f"\ntotal per sample: plain {plain:.2f} s, screened {screened:.2f} s, {plain / screened:.2f}x; "
           f"all identical: {'yes' if all(r['identical'] for r in results.values()) else 'NO'}")
+    if args.from_features:
+        scored = sum(r["scored"] for r in results.values())
+        print(f"as MemoryBank.score searches (empty patches once): {scored:.2f} s per sample, "
+              f"{plain / scored:.2f}x the plain search")
 
 
 if __name__ == "__main__":
