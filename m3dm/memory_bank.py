@@ -148,6 +148,7 @@ def _lower_min_distances(reduced: torch.Tensor, last: torch.Tensor, min_dist: to
 
 PRUNE_SLACK = 0.01  # relative safety margin of the triangle-inequality test (float16 rounding is ~5e-4)
 SCREEN_DIMS = 32  # leading principal directions in the cheap lower bound on distances between centres
+SCREEN_MIN_CENTRES = 512  # smaller selections compute every distance between centres
 SCREEN_ALLOWANCE = 1e-3  # float32 rounding allowance of that bound, relative to a centre's offset (worst case ~1e-4)
 MIN_COPY_SHARE = 0.05  # drop exact copies of earlier rows before the selection when at least this share are copies
 
@@ -168,6 +169,9 @@ class _CentreScreen:
     """
 
     def __init__(self, reduced: torch.Tensor, capacity: int) -> None:
+        self.active = capacity >= SCREEN_MIN_CENTRES  # fewer centres: every distance is cheaper than the set-up
+        if not self.active:
+            return
         sample = reduced[::max(1, reduced.shape[0] // 20000)].float()
         self.mean = sample.mean(dim=0)
         dims = min(SCREEN_DIMS, reduced.shape[1])
@@ -176,6 +180,8 @@ class _CentreScreen:
         self.allowance = torch.empty(capacity, dtype=torch.float32)
 
     def add(self, index: int, centre: torch.Tensor) -> None:
+        if not self.active:
+            return
         offset = centre - self.mean
         self.coords[index] = offset @ self.basis
         self.allowance[index] = SCREEN_ALLOWANCE * torch.linalg.vector_norm(offset)
@@ -183,6 +189,8 @@ class _CentreScreen:
     def possibly_within(self, k: int, thresholds: torch.Tensor) -> torch.Tensor:
         """Indices ``i < len(thresholds)`` of the centres that may lie closer than ``thresholds[i]`` to centre k."""
         count = thresholds.shape[0]
+        if not self.active:
+            return torch.arange(count)
         lower = torch.linalg.vector_norm(self.coords[:count] - self.coords[k], dim=1)
         lower -= self.allowance[:count] + self.allowance[k]
         return (lower < thresholds).nonzero().squeeze(1)
