@@ -26,8 +26,9 @@ Data (timing depends on it through the number of candidates the screening keeps)
 For each bank: seconds per sample of the plain ``nearest_neighbours`` (blocked torch.cdist, float32) and of
 ``ScreenedBank.search`` (the once-per-bank preparation is timed apart), their ratio, candidates per screened
 query, the mean re-ranked union as a fraction of the bank, the blocks scored by the plain path (fallbacks), and
-whether both give bit-identical distances and indices. With --from_features also the search MemoryBank.score
-runs, which searches the row of empty (all-zero) patches once per bank: about 80 % of an xyz sample.
+whether both give bit-identical distances and indices. With --from_features also MemoryBank.score itself (its
+distances and image score checked against the plain search), which searches the row of empty (all-zero) patches
+once per bank: about 80 % of an xyz sample.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from m3dm.memory_bank import MemoryBank, nearest_neighbours  # noqa: E402
+from m3dm.memory_bank import MemoryBank, nearest_neighbours, reweighted_score  # noqa: E402
 from m3dm.nn_search import ScreenedBank, bf16_matmul_is_fast  # noqa: E402
 
 TRAIN_SAMPLES = 400
@@ -121,9 +122,9 @@ def tiled_bank(train: torch.Tensor, rows: int, noise: float, seed: int) -> torch
     return bank
 
 
-def feature_banks(fix_quirks: bool, samples: int, noise: float, seed: int
-                  ) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
-    """Banks and query sets from real features: 3 training scenes, ``samples`` test scenes."""
+def feature_banks(fix_quirks: bool, samples: int, noise: float, seed: int) -> dict[str, tuple]:
+    """Per bank: the normalised bank, the normalised query sets, and (the raw query sets, mean, std), from real
+    features: 3 training scenes, ``samples`` test scenes."""
     scenes = extract_scene_features(3 + samples, seed)
     train, test = scenes[:3], scenes[3:]
     raw = {m: torch.cat([s[m] for s in train]) for m in ("xyz", "rgb", "fusion")}
@@ -135,8 +136,8 @@ def feature_banks(fix_quirks: bool, samples: int, noise: float, seed: int
     for name, (rows, _, _) in BANKS[fix_quirks].items():
         mean, std = stats[name]
         bank = tiled_bank((raw[name] - mean) / std, rows, noise, seed)
-        empties = [(s[name] == 0).all(dim=1) for s in test]  # patches with no point behind them
-        banks[name] = (bank, [(s[name] - mean) / std for s in test], empties)
+        raw_queries = [s[name] for s in test]  # what MemoryBank.score gets: unnormalised, empty patches all zero
+        banks[name] = (bank, [(q - mean) / std for q in raw_queries], (raw_queries, mean, std))
     return banks
 
 
@@ -162,11 +163,10 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def measure_bank(bank: torch.Tensor, query_sets: list[torch.Tensor], empties: list[torch.Tensor] | None = None
-                 ) -> dict:
+def measure_bank(bank: torch.Tensor, query_sets: list[torch.Tensor], raw: tuple | None = None) -> dict:
     """Seconds per sample of both searches, the screening's statistics, and whether the results agree; with
-    ``empties`` (the queries' all-zero patches) also of the search ``MemoryBank.score`` runs, which searches the
-    row of empty patches once per bank."""
+    ``raw`` (the unnormalised query sets and the normalisation's mean and std) also of ``MemoryBank.score``,
+    which searches the row of empty (all-zero) patches once per bank."""
     screened, prepare_s = timed(lambda: ScreenedBank(bank))
     screened.search(query_sets[0][:64])  # warm-up (kernel selection)
     nearest_neighbours(query_sets[0][:64], bank)
@@ -187,17 +187,18 @@ def measure_bank(bank: torch.Tensor, query_sets: list[torch.Tensor], empties: li
         plain_blocks += stats.plain_blocks
     n = len(query_sets)
     scored_s, empty_share = None, None
-    if empties is not None:
-        memory_bank = MemoryBank.from_state({"bank": bank, "mean": None, "std": None})
-        memory_bank._screened_bank = screened if bf16_matmul_is_fast() else None
-        memory_bank._nearest(query_sets[0][:64], None)  # warm-up
+    if raw is not None:
+        raw_sets, mean, std = raw
+        memory_bank = MemoryBank.from_state({"bank": bank, "mean": mean, "std": std})
+        memory_bank.score(raw_sets[0])  # warm-up, and the once-per-bank preparation of the screened search
         scored_s = 0.0
-        for queries, empty in zip(query_sets, empties):
-            (dist, idx), t_scored = timed(lambda: memory_bank._nearest(queries, None, empty))
+        for queries, raw_queries in zip(query_sets, raw_sets):
+            (image_score, dist), t_scored = timed(lambda: memory_bank.score(raw_queries))
             scored_s += t_scored / n
             plain_dist, plain_idx = nearest_neighbours(queries, bank)
-            identical &= torch.equal(idx, plain_idx) and torch.equal(dist, plain_dist)
-        empty_share = float(torch.cat(empties).float().mean())
+            identical &= torch.equal(dist, plain_dist)
+            identical &= image_score == reweighted_score(queries, bank, plain_dist, plain_idx)
+        empty_share = float(torch.cat([(q == 0).all(dim=1) for q in raw_sets]).float().mean())
     return {"prepare": prepare_s, "plain": plain_s / n, "screened": screened_s / n, "identical": identical,
             "scored": scored_s, "empty_share": empty_share,
             "candidates": candidates / max(1, screened_queries), "screened_queries": screened_queries,
@@ -232,12 +233,12 @@ def main() -> None:
         print(f"features of {3 + args.samples} scenes extracted in {extract_s:.0f} s; tile noise {args.tile_noise}")
     results = {}
     for offset, (name, (rows, dim, queries)) in enumerate(layout.items()):
-        empties = None
+        raw = None
         if args.from_features:
-            bank, query_sets, empties = banks.pop(name)
+            bank, query_sets, raw = banks.pop(name)
         else:
             bank, query_sets = clustered_bank(rows, dim, queries, args.samples, args.seed + offset, args.query_noise)
-        result = measure_bank(bank, query_sets, empties)
+        result = measure_bank(bank, query_sets, raw)
         results[name] = result
         gflop = 2 * queries * rows * (dim + 2) / 1e9
         print(f"\n{name}: bank {rows:,} x {dim}, {queries} queries per sample; "
@@ -251,7 +252,7 @@ def main() -> None:
               f"{result['plain_blocks']} of {result['blocks']} blocks by the plain path; "
               f"identical to plain (bitwise): {'yes' if result['identical'] else 'NO'}")
         if result["scored"] is not None:
-            print(f"  as MemoryBank.score searches  {result['scored']:7.2f} s/sample  "
+            print(f"  MemoryBank.score              {result['scored']:7.2f} s/sample  "
                   f"{result['plain'] / result['scored']:.2f}x   ({100 * result['empty_share']:.0f} % of the queries "
                   f"are empty patches, searched once)")
         del bank, query_sets
@@ -261,7 +262,7 @@ def main() -> None:
           f"all identical: {'yes' if all(r['identical'] for r in results.values()) else 'NO'}")
     if args.from_features:
         scored = sum(r["scored"] for r in results.values())
-        print(f"as MemoryBank.score searches (empty patches once): {scored:.2f} s per sample, "
+        print(f"MemoryBank.score (empty patches searched once): {scored:.2f} s per sample, "
               f"{plain / scored:.2f}x the plain search")
 
 

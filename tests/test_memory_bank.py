@@ -582,31 +582,28 @@ def test_bank_scores_identically_with_and_without_bf16_screening():
 
 
 @pytest.mark.parametrize("screened", [False, True])
-def test_empty_patches_searched_once_score_exactly_like_every_row_searched(screened):
+@pytest.mark.parametrize("offset", [0.0, 20.0])  # 20: no bank row near the empty patches, they are the worst
+def test_empty_patches_searched_once_score_exactly_like_every_row_searched(screened, offset):
     """Empty (all-zero) patches share one nearest-neighbour search per bank; the distances, indices and image
     score equal searching every row, also when an empty patch is the worst one."""
     generator = torch.Generator().manual_seed(4)
     centres = torch.randn(48, 256, generator=generator) * 3
     rows = centres[torch.randint(0, 48, (3000,), generator=generator)] + torch.randn(3000, 256, generator=generator)
     rows[torch.rand(3000, generator=generator) < 0.8] = 0
+    rows += offset
+    base = rows[3000 - 700:]
+    queries = base + 0.05 * torch.randn(700, 256, generator=generator)
+    queries[(base == offset).all(dim=1) | (torch.rand(700, generator=generator) < 0.5)] = 0
     bank = MemoryBank()
     bank.add(rows)
     bank.finalize(0.2, 1.7, n_coreset=400, random_state=0, progress=False)
     bank.screened = screened
-    for far_empty in (False, True):
-        base = rows[3000 - 700:]
-        queries = base + 0.05 * torch.randn(700, 256, generator=generator)
-        queries[(base == 0).all(dim=1) | (torch.rand(700, generator=generator) < 0.5)] = 0
-        if far_empty:  # move the bank's zero rows away, so that the empty patches are the worst ones
-            bank._bank[(bank._bank == bank.normalise(torch.zeros(1, 256))).all(dim=1)] = 50.0
-            bank._screened_bank, bank._empty_neighbour = None, {}
-        bank.share_empty_rows = True
-        shared = bank.score(queries, eps=1e-5)
-        assert len(bank._empty_neighbour) == 1
-        bank.share_empty_rows = False
-        every = bank.score(queries, eps=1e-5)
-        expected, _ = nearest_neighbours(bank.normalise(queries), bank.bank)
-        assert shared[0] == every[0]
-        assert torch.equal(shared[1], every[1]) and torch.equal(shared[1], expected)
-        if far_empty:
-            assert (queries[int(torch.argmax(shared[1]))] == 0).all()
+    shared = bank.score(queries, eps=1e-5)
+    assert len(bank._empty_neighbour) == 1  # the empty row was searched on its own
+    bank.share_empty_rows = False
+    every = bank.score(queries, eps=1e-5)
+    expected, _ = nearest_neighbours(bank.normalise(queries), bank.bank)
+    assert shared[0] == every[0]
+    assert torch.equal(shared[1], every[1]) and torch.equal(shared[1], expected)
+    worst_is_empty = bool((queries[int(torch.argmax(shared[1]))] == 0).all())
+    assert worst_is_empty == (offset > 0)
