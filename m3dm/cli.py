@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default; a 400-sample class needs ~16 GB there instead of in RAM) or host memory")
     new.add_argument("--spool_dir", default=None,
                      help="folder of the --bank_storage disk file (default: the system's temporary folder)")
+    new.add_argument("--save_maps", action="store_true",
+                     help="write every test part's 224x224 float map, image score and label to "
+                          "<output_dir>/maps/<class>.npz (compare two runs pixel by pixel)")
     new.add_argument("--demo", action="store_true",
                      help="generate synthetic data if absent and run DINO+Point_MAE on it")
 
@@ -198,6 +201,24 @@ def save_prediction_pictures(result, class_name: str, output_dir: Path) -> Path:
     return folder
 
 
+def save_score_maps(result, class_name: str, output_dir: Path) -> Path:
+    """``--save_maps``: names, labels, image scores and ``(N, 224, 224)`` float32 maps of one class, compressed."""
+    import io
+
+    import numpy as np
+
+    from .data.io import atomic_path
+
+    path = output_dir / "maps" / f"{class_name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, names=np.asarray(result.names), labels=result.labels,
+                        image_scores=result.image_scores, maps=result.maps.astype(np.float32))
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(buffer.getvalue())
+    return path
+
+
 def run(args) -> dict:
     """Fit and evaluate every class; print and write the tables and the JSON record.
 
@@ -285,6 +306,8 @@ def _run_class(args, class_name, config, extractor, fusion_block, device, timer,
               f"pixel {thresholds.pixel:.6g})")
     result = runner.evaluate()
     print(class_line(class_name, args.method_name, result.metrics), flush=True)
+    if args.save_maps:
+        print(f"  maps: {save_score_maps(result, class_name, output_dir)}")
     if args.save_preds:
         with timer("pictures"):
             folder = save_prediction_pictures(result, class_name, output_dir)
