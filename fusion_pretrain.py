@@ -4,12 +4,12 @@
     torchrun --nproc_per_node=N fusion_pretrain.py ...
     python -m torch.distributed.launch --nproc_per_node=N fusion_pretrain.py ...
 
-See docs/uff_pretraining.md; the work is done by ``m3dm.pretrain``.
+See docs/uff_pretraining.md; the work is done by ``m3dm.uff.pretrain``.
 """
 
 import sys
 
-from m3dm.pretrain import main
+from m3dm.uff.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,16 +7,16 @@ Same flags and defaults as the reference's main.py (see docs/quirks.md for --fix
 import sys
 from pathlib import Path
 
-from m3dm.cli import build_parser, run, validate
+from m3dm.app.cli import build_parser, run, validate
 
 DEMO_CLASSES = ("gadget", "widget")
 
 
 def prepare_demo(args) -> None:
     """Synthetic data (generated and preprocessed once), DINO+Point_MAE on two classes, pictures on."""
-    from m3dm.models.checkpoints import default_checkpoint_available
+    from m3dm.features.weights import default_checkpoint_available
     from m3dm.preprocess.mvtec3d import preprocess_dataset
-    from m3dm.synthetic import write_mvtec3d
+    from m3dm.data.synthetic import write_mvtec3d
 
     raw = write_mvtec3d(Path(args.demo_root) / "synthetic_mvtec3d", classes=DEMO_CLASSES)
     summary = preprocess_dataset(raw, workers=2)
@@ -45,9 +45,9 @@ def main(argv=None) -> int:
         validate(args)
     except ValueError as exc:
         parser.error(str(exc))
-    from m3dm.data.io import DataError
+    from m3dm.errors import DataError
     from m3dm.errors import CheckpointError
-    from m3dm.model_io import ModelFileError
+    from m3dm.errors import ModelFileError
 
     try:
         run(args)

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 METRICS = ("image_rocauc", "pixel_rocauc", "au_pro")
 
@@ -47,13 +46,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="side of the generated images")
     args = parser.parse_args()
 
-    from m3dm.cli import build_parser
-    from m3dm.features import FeatureExtractor
-    from m3dm.methods import DetectorConfig
-    from m3dm.models.checkpoints import build_point_backbone, build_rgb_backbone
+    from m3dm.app.cli import build_parser
+    from m3dm.features.extractor import FeatureExtractor
+    from m3dm.detection.detector import DetectorConfig
+    from m3dm.features.weights import build_point_backbone, build_rgb_backbone
     from m3dm.preprocess.mvtec3d import preprocess_dataset
-    from m3dm.runner import ClassRunner, StageTimer, seed_everything
-    from m3dm.synthetic import write_mvtec3d
+    from m3dm.app.run import ClassRunner, StageTimer, seed_everything
+    from m3dm.data.synthetic import write_mvtec3d
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 REFERENCE_SECONDS_ON_THIS_MACHINE = 8.9
 
@@ -60,9 +59,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    from m3dm.alignment import pfa_patches_reference, valid_points
-    from m3dm.features import FeatureExtractor
-    from m3dm.models.checkpoints import build_point_backbone, build_rgb_backbone
+    from m3dm.features.alignment import pfa_patches_reference, valid_points
+    from m3dm.features.extractor import FeatureExtractor
+    from m3dm.features.weights import build_point_backbone, build_rgb_backbone
 
     torch.manual_seed(0)
     rgb_backbone = build_rgb_backbone("vit_base_patch8_224_dino", random_init=True, quiet=True).eval().to(device)

@@ -26,17 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from extract import dense_cloud  # noqa: E402
-from pipeline import MemoryTimer, rss_gb  # noqa: E402
+from extract import dense_cloud
+from pipeline import MemoryTimer, rss_gb
 
 
 def noisy(features, generator: torch.Generator, scale: float):
-    from m3dm.features import SampleFeatures
+    from m3dm.features.extractor import SampleFeatures
 
     def jitter(tensor):
         return tensor + scale * tensor.std() * torch.randn(tensor.shape, generator=generator)
@@ -56,10 +54,10 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.05, help="noise std relative to the features' std")
     args = parser.parse_args()
 
-    from m3dm.features import FeatureExtractor
-    from m3dm.fusion import FeatureFusionBlock
-    from m3dm.methods import Detector, DetectorConfig
-    from m3dm.models.checkpoints import build_point_backbone, build_rgb_backbone
+    from m3dm.features.extractor import FeatureExtractor
+    from m3dm.uff.block import FeatureFusionBlock
+    from m3dm.detection.detector import Detector, DetectorConfig
+    from m3dm.features.weights import build_point_backbone, build_rgb_backbone
 
     timer = MemoryTimer()
     baseline = rss_gb()

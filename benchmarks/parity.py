@@ -61,7 +61,7 @@ def make_dataset(folder: Path, preset: dict) -> Path:
     if prepared.is_dir():
         return prepared
     raw = folder / "mvtec3d"
-    subprocess.run([sys.executable, "-m", "m3dm.synthetic", str(raw), "--size", str(preset["size"]),
+    subprocess.run([sys.executable, "-m", "m3dm.data.synthetic", str(raw), "--size", str(preset["size"]),
                     "--classes", *CLASSES, "--train", str(preset["n_train"]), "--validation", "1", "--test_good", "2",
                     "--test_defect", "1", "--seed", "7"],
                    check=True, cwd=ROOT)
@@ -98,7 +98,7 @@ def make_weights(folder: Path, preset: dict) -> dict[str, Path]:
         return files
     import timm
 
-    from m3dm.models.rgb_backbone import timm_model_name  # only needed when the files are first written
+    from m3dm.features.vit import timm_model_name  # only needed when the files are first written
 
     torch.manual_seed(11)
     vit = timm.create_model(timm_model_name(preset["rgb"]), pretrained=False, num_classes=0)
@@ -110,10 +110,8 @@ def make_weights(folder: Path, preset: dict) -> dict[str, Path]:
 
 
 def _point_mae_module(preset: dict) -> dict:
-    try:
-        from m3dm.features.point_transformer import PointTransformer
-    except ImportError:
-        from m3dm.models.point_transformer import PointTransformer
+    from m3dm.features.point_transformer import PointTransformer
+
     torch.manual_seed(12)
     model = PointTransformer("Point_MAE", num_group=preset["num_group"], group_size=preset["group_size"])
     return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}

@@ -19,9 +19,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m3dm.runner import StageTimer  # noqa: E402
+from m3dm.app.run import StageTimer
 
 
 def rss_gb() -> float:
@@ -68,13 +67,13 @@ def main() -> None:
 
     import torch
 
-    from m3dm.cli import build_parser
-    from m3dm.features import FeatureExtractor
-    from m3dm.methods import DetectorConfig
-    from m3dm.models.checkpoints import build_point_backbone, build_rgb_backbone
+    from m3dm.app.cli import build_parser
+    from m3dm.features.extractor import FeatureExtractor
+    from m3dm.detection.detector import DetectorConfig
+    from m3dm.features.weights import build_point_backbone, build_rgb_backbone
     from m3dm.preprocess.mvtec3d import preprocess_dataset
-    from m3dm.runner import ClassRunner, seed_everything
-    from m3dm.synthetic import write_mvtec3d
+    from m3dm.app.run import ClassRunner, seed_everything
+    from m3dm.data.synthetic import write_mvtec3d
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -13,14 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from m3dm.data.io import read_organized_pc  # noqa: E402
-from m3dm.preprocess import mvtec3d as prep  # noqa: E402
-from m3dm.preprocess.common import default_workers  # noqa: E402
-from m3dm.synthetic import write_mvtec3d  # noqa: E402
+from m3dm.data.io import read_organized_pc
+from m3dm.preprocess import mvtec3d as prep
+from m3dm.preprocess.common import default_workers
+from m3dm.data.synthetic import write_mvtec3d
 
 MVTEC3D_CLOUDS = 4150
 

@@ -1,5 +1,5 @@
 """Per-sample anomaly scoring (nearest-neighbour search) against full-size memory banks: the plain float32 search
-against the exact bfloat16-screened one (m3dm.nn_search).
+against the exact bfloat16-screened one (m3dm.memory.screened).
 
     python benchmarks/scoring.py [--samples 2] [--fix_quirks] [--query_noise 0.08]
                                  [--from_features [--tile_noise 0.1]] [--threads N]
@@ -38,13 +38,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from m3dm.memory_bank import MemoryBank, nearest_neighbours, reweighted_score  # noqa: E402
-from m3dm.nn_search import ScreenedBank, bf16_matmul_is_fast  # noqa: E402
+from m3dm.memory.bank import MemoryBank, nearest_neighbours, reweighted_score
+from m3dm.memory.screened import ScreenedBank, bf16_matmul_is_fast
 
 TRAIN_SAMPLES = 400
 XYZ_ROWS = TRAIN_SAMPLES * 3136 // 10  # 125,440
@@ -87,11 +86,11 @@ def extract_scene_features(scenes: int, seed: int) -> list[dict[str, torch.Tenso
     from PIL import Image
 
     from m3dm.data.dataset import sample_tensors
-    from m3dm.features import FeatureExtractor
-    from m3dm.fusion import FeatureFusionBlock
-    from m3dm.models.checkpoints import build_point_backbone, build_rgb_backbone
+    from m3dm.features.extractor import FeatureExtractor
+    from m3dm.uff.block import FeatureFusionBlock
+    from m3dm.features.weights import build_point_backbone, build_rgb_backbone
     from m3dm.preprocess.mvtec3d import preprocess_arrays
-    from m3dm.synthetic import make_mvtec_scene
+    from m3dm.data.synthetic import make_mvtec_scene
 
     torch.manual_seed(seed)
     rgb_backbone = build_rgb_backbone("vit_base_patch8_224_dino", random_init=True, quiet=True).eval()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from m3dm.synthetic import write_eyecandies, write_mvtec3d
+from m3dm.data.synthetic import write_eyecandies, write_mvtec3d
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_MVTEC_SUBSET = PROJECT_ROOT.parent / "shared" / "data" / "mvtec3d_cable_gland_subset"

@@ -9,11 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m3dm.data.io import DataError  # noqa: E402
-from m3dm.preprocess.common import default_workers  # noqa: E402
-from m3dm.preprocess.eyecandies import convert_dataset  # noqa: E402
+from m3dm.errors import DataError
+from m3dm.preprocess.common import default_workers
+from m3dm.preprocess.eyecandies import convert_dataset
 
 
 def main(argv=None) -> int:

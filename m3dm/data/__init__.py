@@ -4,7 +4,7 @@ The torch dataset lives in ``m3dm.data.dataset`` (imported explicitly so that pr
 importing torch).
 """
 
-from .io import DataError
-from .layout import Sample, available_classes, discover_samples
+from m3dm.errors import DataError
+from m3dm.data.layout import Sample, available_classes, discover_samples
 
 __all__ = ["DataError", "Sample", "available_classes", "discover_samples"]

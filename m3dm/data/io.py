@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
+from m3dm.errors import DataError
 
 
-class DataError(ValueError):
-    """A dataset file is missing, unreadable or does not hold what the format requires."""
 
 
 def read_organized_pc(path: str | os.PathLike) -> np.ndarray:

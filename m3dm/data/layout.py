@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import DataError
+from m3dm.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 GOOD = "good"

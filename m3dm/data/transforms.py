@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..constants import IMAGENET_MEAN, IMAGENET_STD, RGB_SIZE
+from m3dm.constants import IMAGENET_MEAN, IMAGENET_STD, RGB_SIZE
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
 _STD = np.asarray(IMAGENET_STD, dtype=np.float32)

@@ -18,8 +18,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from ..data.io import DataError, copy_file, remove_stale_temporaries, write_png, write_tiff
-from .common import JobResult, Summary, resolve_roots, run_jobs, timed
+from m3dm.data.io import copy_file, remove_stale_temporaries, write_png, write_tiff
+from m3dm.errors import DataError
+from m3dm.preprocess.common import JobResult, Summary, resolve_roots, run_jobs, timed
 
 FOCAL_LENGTH = 711.11
 RGB_LIGHTING = 4  # which of the six lighting images becomes the RGB input

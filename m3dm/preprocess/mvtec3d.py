@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.io import (DataError, check_same_size, copy_file, read_organized_pc, remove_stale_temporaries,
-                       write_png, write_tiff)
-from ..data.layout import available_classes, discover_samples, SPLITS
-from .dbscan import dbscan_labels
-from .common import JobResult, Summary, resolve_roots, run_jobs, timed
+from m3dm.data.io import (check_same_size, copy_file, read_organized_pc, remove_stale_temporaries, write_png, write_tiff)
+from m3dm.errors import DataError
+from m3dm.data.layout import available_classes, discover_samples, SPLITS
+from m3dm.preprocess.dbscan import dbscan_labels
+from m3dm.preprocess.common import JobResult, Summary, resolve_roots, run_jobs, timed
 
 EDGE_BAND = 10
 RANSAC_DISTANCE = 0.004

@@ -1,0 +1,1 @@
+"""Applications: the command lines, the per-class run, prediction on new parts, the demo and processes."""

@@ -1,0 +1,414 @@
+"""Inference on new parts with a saved class model (an addition; the reference has no inference path).
+
+    python -m m3dm.app.predict --model results/models/bagel.pt INPUTS... [--rgb a.png --xyz a.tiff] [--preprocess]
+
+Inputs: folders in the ``<defect>/{rgb,xyz}`` layout (a dataset split such as ``datasets/mvtec3d/bagel/test``) or
+the ``{rgb,xyz}`` layout, paired by file stem (``rgb/*.png`` with ``xyz/*.tiff``; ``gt/*.png`` is shown when
+present), and single pairs given with ``--rgb``/``--xyz``. ``--preprocess`` applies the MVTec 3D-AD
+preprocessing (spec §3, seed 0 as ``m3dm.preprocess``) to raw inputs; without it inputs must be preprocessed.
+
+The model's backbones are rebuilt from the recorded weight files (or random weights and seed) and every checksum
+is verified (``m3dm.detection.persistence``). Parts are read one by one and scored in batches of ``--batch_size``. Outputs under
+``--output``: ``predictions.csv`` and ``predictions.jsonl`` (one row per part, written as parts finish: name,
+pass/fail/error, image score, threshold, anomalous pixels, heatmap path, input paths, error message) and
+``heatmaps/<name>.png`` (RGB | heatmap overlay with the thresholded region outlined in white [| ground truth]).
+
+Bad inputs (unreadable or unpaired files, a cloud empty after preprocessing, ...) are reported per part and the
+run goes on. Exit status: 0 when every part was scored, 1 when some could not be, 2 when nothing could run (bad
+model file, missing weights, no input).
+
+With the reference's training-mode point backbone (a model fitted without ``--backbone_eval``) DropPath is
+active, so a part's score depends on the random draws before it; the generator starts from the state saved after
+fitting, so the same inputs in the same order and batch size give the same scores as ``main.py``'s evaluation.
+Fit with ``--backbone_eval`` for scores that depend on the part alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EXIT_OK, EXIT_PART_ERRORS, EXIT_FATAL = 0, 1, 2
+RGB_SUFFIXES = (".png",)
+XYZ_SUFFIXES = (".tiff", ".tif")
+CSV_FIELDS = ("name", "result", "image_score", "image_threshold", "anomalous_pixels", "heatmap", "map", "rgb",
+              "xyz", "error")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+@dataclass
+class Part:
+    name: str
+    rgb: Path | None
+    xyz: Path | None
+    gt: Path | None = None
+    problem: str | None = None  # known before reading (unpaired file, missing folder)
+
+
+def _files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")}
+
+
+def _is_group(folder: Path) -> bool:
+    return (folder / "rgb").is_dir() or (folder / "xyz").is_dir()
+
+
+def _group_parts(folder: Path, prefix: str) -> list[Part]:
+    """The parts of one ``{rgb,xyz[,gt]}`` folder, paired by stem, sorted; an unpaired file is a bad part."""
+    rgb = _files(folder / "rgb", RGB_SUFFIXES)
+    xyz = _files(folder / "xyz", XYZ_SUFFIXES)
+    gt = _files(folder / "gt", (".png",))
+    parts = []
+    for stem in sorted(set(rgb) | set(xyz)):
+        problem = None
+        if stem not in xyz:
+            problem = f"{rgb[stem]}: no matching point cloud {folder / 'xyz' / stem}.tiff"
+        elif stem not in rgb:
+            problem = f"{xyz[stem]}: no matching RGB image {folder / 'rgb' / stem}.png"
+        parts.append(Part(f"{prefix}/{stem}", rgb.get(stem), xyz.get(stem), gt.get(stem), problem))
+    return parts
+
+
+def _folder_parts(folder: Path) -> list[Part]:
+    label = folder.resolve().name
+    if not folder.is_dir():
+        return [Part(label, None, None, problem=f"{folder}: folder not found")]
+    if _is_group(folder):
+        groups = [(folder, label)]
+    else:
+        groups = [(sub, f"{label}/{sub.name}") for sub in sorted(folder.iterdir())
+                  if sub.is_dir() and not sub.name.startswith(".") and _is_group(sub)]
+    parts = [part for group, prefix in groups for part in _group_parts(group, prefix)]
+    if not parts:
+        return [Part(label, None, None, problem=f"{folder}: no parts found (expected {folder}/rgb/*.png with "
+                                                f"{folder}/xyz/*.tiff, or <defect>/rgb + <defect>/xyz below it)")]
+    return parts
+
+
+def _unique_names(parts: list[Part]) -> list[Part]:
+    seen: dict[str, int] = {}
+    for part in parts:
+        count = seen.get(part.name, 0)
+        seen[part.name] = count + 1
+        if count:
+            part.name = f"{part.name}~{count + 1}"
+    return parts
+
+
+def discover_parts(folders: list[str], rgb_files: list[str], xyz_files: list[str]) -> list[Part]:
+    """Single pairs first, then every folder's parts in sorted order."""
+    if len(rgb_files) != len(xyz_files):
+        raise ValueError(f"--rgb and --xyz must come in pairs ({len(rgb_files)} RGB, {len(xyz_files)} xyz files)")
+    parts = [Part(Path(r).stem, Path(r), Path(x)) for r, x in zip(rgb_files, xyz_files)]
+    for folder in folders:
+        parts += _folder_parts(Path(folder))
+    return _unique_names(parts)
+
+
+@dataclass
+class LoadedPart:
+    part: Part
+    rgb: torch.Tensor  # (3, 224, 224) ImageNet-normalised
+    pc: torch.Tensor  # (3, S, S) organized cloud
+    gt: np.ndarray | None  # (224, 224) bool
+
+
+def load_part(part: Part, img_size: int = 224, preprocess: bool = False, seed: int = 0) -> LoadedPart:
+    """Read (and with ``preprocess`` clean) one part into the tensors ``AnomalyDataset`` builds."""
+    from PIL import Image
+
+    from m3dm.data.dataset import read_sample, sample_tensors
+    from m3dm.errors import DataError
+
+    if part.problem:
+        raise DataError(part.problem)
+    cloud, image, mask = read_sample(part.rgb, part.xyz, part.gt)
+    if preprocess:
+        from m3dm.preprocess.mvtec3d import preprocess_arrays
+
+        try:
+            cloud, rgb, gt, _ = preprocess_arrays(cloud, np.asarray(image), None if mask is None else np.asarray(mask),
+                                                  seed=seed)
+        except DataError as exc:
+            raise DataError(f"{part.xyz}: cannot preprocess: {exc}") from exc
+        image = Image.fromarray(rgb)
+        mask = None if gt is None else Image.fromarray(gt)
+    rgb, pc, gt = sample_tensors(cloud, image, mask, img_size, part.xyz,
+                                 note=" after preprocessing" if preprocess else "")
+    return LoadedPart(part, rgb, pc, None if gt is None else gt[0].numpy() > 0)
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+class Predictor:
+    """A saved model with its backbones rebuilt and verified: scores batches of loaded parts."""
+
+    def __init__(self, model, device: str = "cpu", rgb_checkpoint: str | None = None,
+                 xyz_checkpoint: str | None = None, fusion_module_path: str | None = None):
+        from m3dm.app.cli import build_extractor
+        from m3dm.uff.block import load_fusion_block
+        from m3dm.detection.persistence import make_setup, weight_records
+        from m3dm.app.run import seed_everything
+
+        self.model = model
+        settings, weights = model.settings, model.weights
+
+        def recorded(kind: str, override: str | None) -> str | None:
+            if override is not None:
+                return override
+            record = weights.get(kind)
+            return record["path"] if record is not None and record["source"] == "file" else None
+
+        args = argparse.Namespace(**settings)
+        args.rgb_checkpoint, args.xyz_checkpoint = recorded("rgb", rgb_checkpoint), recorded("xyz", xyz_checkpoint)
+        args.random_init = any(record["source"] == "random" for record in weights.values())
+        args.precision = settings.get("precision", "fp32")
+        seed_everything(settings["seed"])  # random-init backbones are rebuilt as main.py built them
+        self.extractor = build_extractor(args, ("rgb" in weights, "xyz" in weights), device)
+        fusion_block, fusion_path = None, None
+        if "fusion" in weights:
+            fusion_path = recorded("fusion", fusion_module_path)
+            fusion_block = load_fusion_block(fusion_path, device, rgb_dim=self.extractor.rgb_backbone.feature_dim)
+        current = weight_records(self.extractor, settings["seed"], settings["rgb_backbone_name"],
+                                 settings["xyz_backbone_name"], fusion_block, fusion_path)
+        model.check_setup(make_setup(model.method_name, model.record["config"], model.record["settings"], current))
+        self.detector = model.detector(fusion_block, device, progress=False)
+        if model.generator_state is not None:
+            self.extractor.generator.set_state(model.generator_state)
+
+    @property
+    def img_size(self) -> int:
+        return int(self.model.settings["img_size"])
+
+    def score(self, parts: list[LoadedPart]) -> list[tuple[float, np.ndarray]]:
+        """``(image score, (224, 224) float32 map)`` per part."""
+        detector = self.detector
+        rgb = torch.stack([p.rgb for p in parts]) if detector.needs_rgb else None
+        pc = torch.stack([p.pc for p in parts]) if detector.needs_xyz else None
+        with torch.no_grad():
+            features = self.extractor(rgb, pc, names=[p.part.name for p in parts])
+            scored = [detector.predict(detector.modality_patches(f)) for f in features]
+        return [(float(score), score_map.numpy().astype(np.float32)) for score, score_map in scored]
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+def part_picture(rgb: np.ndarray, score_map: np.ndarray, region: np.ndarray, colour_range: tuple[float, float],
+                 title: str, gt: np.ndarray | None = None):
+    """RGB | heatmap over the RGB with the region outlined in white [| ground truth], and a title line."""
+    from m3dm.evaluation.pictures import compose, heat_overlay, mask_panel
+
+    panels = [rgb, heat_overlay(rgb, score_map, *colour_range, region)]
+    if gt is not None:
+        panels.append(mask_panel(gt, rgb.shape))
+    return compose(panels, title)
+
+
+class ResultWriter:
+    """``predictions.csv`` / ``predictions.jsonl`` rows as parts finish, pictures and (optionally) maps."""
+
+    def __init__(self, output: Path, thresholds, pictures: bool = True, save_maps: bool = False):
+        self.output, self.thresholds = output, thresholds
+        self.pictures, self.save_maps = pictures, save_maps
+        output.mkdir(parents=True, exist_ok=True)
+        self.csv_path, self.jsonl_path = output / "predictions.csv", output / "predictions.jsonl"
+        self._csv_file = open(self.csv_path, "w", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS)
+        self._csv.writeheader()
+        self._jsonl = open(self.jsonl_path, "w")
+        self.counts = {"pass": 0, "fail": 0, "error": 0}
+
+    def _row(self, row: dict) -> None:
+        full = {field: row.get(field) for field in CSV_FIELDS}
+        self._csv.writerow({k: "" if v is None else v for k, v in full.items()})
+        self._jsonl.write(json.dumps(full) + "\n")
+        self._csv_file.flush()
+        self._jsonl.flush()
+        self.counts[full["result"]] += 1
+
+    def error(self, part: Part, message: str) -> None:
+        self._row({"name": part.name, "result": "error", "rgb": _text(part.rgb), "xyz": _text(part.xyz),
+                   "error": message})
+
+    def scored(self, loaded: LoadedPart, score: float, score_map: np.ndarray) -> str:
+        from m3dm.data.io import atomic_path
+        from m3dm.evaluation.pictures import denormalize_rgb, save_panel
+
+        thresholds, part = self.thresholds, loaded.part
+        result = "fail" if thresholds.fails(score) else "pass"
+        region = thresholds.region(score_map)
+        heatmap = map_file = None
+        if self.pictures:
+            title = f"{part.name}  score {score:.4g} (threshold {thresholds.image:.4g})  {result.upper()}"
+            picture = part_picture(denormalize_rgb(loaded.rgb.numpy()), score_map, region,
+                                   thresholds.colour_range(), title, loaded.gt)
+            heatmap = save_panel(self.output / "heatmaps" / f"{part.name}.png", picture)
+        if self.save_maps:
+            map_file = self.output / "maps" / f"{part.name}.npy"
+            map_file.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(map_file) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, score_map)
+        self._row({"name": part.name, "result": result, "image_score": repr(score),
+                   "image_threshold": repr(thresholds.image), "anomalous_pixels": int(region.sum()),
+                   "heatmap": _text(heatmap), "map": _text(map_file), "rgb": _text(part.rgb),
+                   "xyz": _text(part.xyz)})
+        return result
+
+    def close(self) -> None:
+        self._csv_file.close()
+        self._jsonl.close()
+
+
+def _text(path) -> str | None:
+    return None if path is None else str(path)
+
+
+def _describe(exc: Exception) -> str:
+    from m3dm.errors import DataError
+
+    return str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m m3dm.app.predict",
+                                description="Score new parts with a saved M3DM class model (docs/inference.md).")
+    p.add_argument("inputs", nargs="*", metavar="FOLDER",
+                   help="folders in the <defect>/{rgb,xyz} or {rgb,xyz} layout (e.g. a dataset split)")
+    p.add_argument("--model", required=True, help="model file written by main.py --save_model (<class>.pt)")
+    p.add_argument("--rgb", nargs="+", default=[], help="RGB image(s) of single parts (with --xyz, in order)")
+    p.add_argument("--xyz", nargs="+", default=[], help="organized point cloud TIFF(s) of single parts")
+    p.add_argument("--preprocess", action="store_true",
+                   help="inputs are raw scans: apply the MVTec 3D-AD preprocessing first")
+    p.add_argument("--output", default="predictions", help="folder for predictions.csv/.jsonl and heatmaps/")
+    p.add_argument("--batch_size", type=int, default=8, help="parts per backbone batch")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--far", type=float, default=None,
+                   help="reset the image threshold from the model's stored good-part scores at this false-alarm rate")
+    p.add_argument("--image_threshold", type=float, default=None, help="override the model's image threshold")
+    p.add_argument("--pixel_threshold", type=float, default=None, help="override the model's pixel threshold")
+    p.add_argument("--rgb_checkpoint", default=None, help="RGB backbone weights, if moved since fitting")
+    p.add_argument("--xyz_checkpoint", default=None, help="point backbone weights, if moved since fitting")
+    p.add_argument("--fusion_module_path", default=None, help="UFF block checkpoint, if moved since fitting")
+    p.add_argument("--save_maps", action="store_true", help="also write maps/<name>.npy (224 x 224 float32)")
+    p.add_argument("--no_pictures", action="store_true", help="do not write the heatmap PNGs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _thresholds(model, args):
+    from m3dm.detection.thresholds import false_alarm_threshold
+
+    thresholds = model.thresholds
+    if thresholds is None:
+        raise ValueError(f"{model.path} holds no thresholds: give --image_threshold and --pixel_threshold")
+    if args.far is not None:
+        thresholds = thresholds.with_overrides(image=false_alarm_threshold(thresholds.good_image_scores, args.far))
+    return thresholds.with_overrides(args.image_threshold, args.pixel_threshold)
+
+
+def _score_with_fallback(predictor: Predictor, loaded: list[LoadedPart]) -> list[tuple | str]:
+    """``(score, map)`` or an error message per part; a failing batch is scored part by part so that only the
+    bad part is lost."""
+    try:
+        return predictor.score(loaded)
+    except Exception as exc:  # noqa: BLE001 - one bad part must not stop the run
+        if len(loaded) == 1:
+            return [_describe(exc)]
+        return [outcome for part in loaded for outcome in _score_with_fallback(predictor, [part])]
+
+
+def _flush(predictor: Predictor, pending: list, writer: ResultWriter, report) -> None:
+    """Score the loaded parts of ``pending`` and write every row of it in input order (``pending`` holds loaded
+    parts and ``(part, message)`` pairs of parts that could not be read)."""
+    loaded = [item for item in pending if isinstance(item, LoadedPart)]
+    outcomes = dict(zip(map(id, loaded), _score_with_fallback(predictor, loaded) if loaded else []))
+    for item in pending:
+        if not isinstance(item, LoadedPart):
+            writer.error(*item)
+        elif isinstance(outcomes[id(item)], str):
+            report(item.part, outcomes[id(item)])
+            writer.error(item.part, outcomes[id(item)])
+        else:
+            try:
+                writer.scored(item, *outcomes[id(item)])
+            except OSError as exc:  # e.g. the picture cannot be written: that part is lost, not the run
+                report(item.part, _describe(exc))
+                writer.error(item.part, _describe(exc))
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from m3dm.app.processes import Workers, device_for
+    from m3dm.errors import CheckpointError
+    from m3dm.detection.persistence import load_class_model
+    from m3dm.errors import ModelFileError
+
+    start = time.perf_counter()
+    try:
+        model = load_class_model(args.model)
+        thresholds = _thresholds(model, args)
+        parts = discover_parts(args.inputs, args.rgb, args.xyz)
+        if not parts:
+            raise ValueError("no input parts: give folders and/or --rgb/--xyz pairs")
+        print(f"model {model.path}: {model.method_name}, class {model.class_name}; thresholds from "
+              f"{thresholds.source}: image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g}", file=sys.stderr)
+        predictor = Predictor(model, device_for(args.device, Workers()), args.rgb_checkpoint, args.xyz_checkpoint,
+                              args.fusion_module_path)
+    except (ModelFileError, CheckpointError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+
+    writer = ResultWriter(Path(args.output), thresholds, pictures=not args.no_pictures, save_maps=args.save_maps)
+    bar = tqdm(total=len(parts), desc="parts", unit="part", file=sys.stderr, disable=args.quiet)
+
+    def report(part: Part, message: str) -> None:
+        tqdm.write(f"error: {part.name}: {message}", file=sys.stderr)
+
+    pending: list = []  # loaded parts and (part, message) pairs, in input order
+    try:
+        for part in parts:
+            try:
+                pending.append(load_part(part, predictor.img_size, args.preprocess))
+            except Exception as exc:  # noqa: BLE001 - reported per part, the run goes on
+                report(part, _describe(exc))
+                pending.append((part, _describe(exc)))
+            if sum(isinstance(item, LoadedPart) for item in pending) == args.batch_size:
+                _flush(predictor, pending, writer, report)
+                bar.update(len(pending))
+                pending = []
+        _flush(predictor, pending, writer, report)
+        bar.update(len(pending))
+    finally:
+        bar.close()
+        writer.close()
+    counts, seconds = writer.counts, time.perf_counter() - start
+    print(f"{len(parts)} parts: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} errors "
+          f"in {seconds:.1f} s; results in {writer.csv_path}", file=sys.stderr)
+    return EXIT_PART_ERRORS if counts["error"] else EXIT_OK
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

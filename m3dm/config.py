@@ -1,0 +1,406 @@
+"""The methods as data and every setting of a run, typed, each with its default, choices and help in one place.
+
+The command line (m3dm.app.cli), the validation of flag combinations and the fitted-model files all derive from
+the dataclasses below: a setting is declared once, with ``setting(...)``. Library code receives these objects
+(or plain values taken from them), never an argparse namespace.
+
+A method (spec §8.2–8.8) is a set of modalities (``xyz``, ``rgb``, ``fusion``: one memory bank each, always in
+that order) and a rule that turns their per-modality scores into the final ones (``single``, ``add`` or decision
+layer fusion, ``dlf``). The reference's quirks (mixed normalisation statistics, coreset sizes, the ÷1000,
+epsilons, zero-row handling) are reproduced by default and corrected with ``fix_quirks`` (docs/quirks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from m3dm.errors import ConfigError
+
+MODALITIES = ("xyz", "rgb", "fusion")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    modalities: tuple[str, ...]
+    combine: str  # "single" | "add" | "dlf"
+    eps: float  # epsilon of the re-weighting denominator (quirk 29)
+    divisor: float = 1.0  # image-score divisor inside the re-weighting (quirk 29: DINO+Point_MAE uses 1000)
+    shared_stats: bool = False  # normalise every bank with (mean of xyz, std of rgb) (quirk 26)
+    own_stats: bool = False  # normalise with the bank's own statistics (DINO)
+
+    @property
+    def memory_bank(self) -> str:
+        """The ``--memory_bank`` value the reference runs this method with."""
+        return "multiple" if self.combine == "dlf" else "single"
+
+    @property
+    def needs_uff(self) -> bool:
+        return "fusion" in self.modalities
+
+    @property
+    def needs_rgb(self) -> bool:
+        return "rgb" in self.modalities or "fusion" in self.modalities
+
+    @property
+    def needs_xyz(self) -> bool:
+        return "xyz" in self.modalities or "fusion" in self.modalities
+
+
+METHODS: dict[str, MethodSpec] = {
+    "DINO": MethodSpec(("rgb",), "single", eps=1e-5, own_stats=True),
+    "Point_MAE": MethodSpec(("xyz",), "single", eps=1e-5),
+    "Fusion": MethodSpec(("fusion",), "single", eps=0.0),
+    "DINO+Point_MAE": MethodSpec(("xyz", "rgb"), "dlf", eps=0.0, divisor=1000.0, shared_stats=True),
+    "DINO+Point_MAE+add": MethodSpec(("xyz", "rgb"), "add", eps=0.0, shared_stats=True),
+    "DINO+Point_MAE+Fusion": MethodSpec(("xyz", "rgb", "fusion"), "dlf", eps=0.0, shared_stats=True),
+}
+# --save_feature dumps UFF pretraining input, which the two methods with exactly an xyz and an rgb bank produce
+FEATURE_DUMP_METHODS = tuple(name for name, spec in METHODS.items() if spec.modalities == ("xyz", "rgb"))
+RGB_BACKBONES = ("vit_base_patch8_224_dino", "vit_base_patch8_224", "vit_base_patch8_224_in21k",
+                 "vit_small_patch8_224_dino")
+POINT_BACKBONES = ("Point_MAE", "Point_Bert")
+
+REFERENCE = "reference flags (same names and defaults as the original main.py)"
+ADDED = "added flags"
+SAVED = "saved models and pass/fail thresholds (docs/inference.md)"
+
+
+def setting(default: Any, help: str = "", *, flag: bool = True, type: type | None = None,
+            choices: tuple | None = None, group: str = REFERENCE, recorded: bool = False,
+            **argparse_options: Any):
+    """A dataclass field that is also a command-line flag ``--<name>`` (``flag=False``: no flag).
+
+    ``recorded``: the value changes scores (or the fit a loaded model replaces), so a fitted-model file stores it
+    and a run that loads the model must have the same value. Booleans become ``store_true`` flags; other extra
+    keyword arguments go to ``argparse.add_argument``.
+    """
+    metadata = {"flag": flag, "help": help, "type": type, "choices": choices, "group": group,
+                "recorded": recorded, "argparse": argparse_options}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ScoreWeights:
+    """The lambdas that weight each modality's image score and map before decision layer fusion (spec §8.8)."""
+
+    xyz_s_lambda: float = setting(1.0)
+    xyz_smap_lambda: float = setting(1.0)
+    rgb_s_lambda: float = setting(0.1)
+    rgb_smap_lambda: float = setting(0.1)
+    fusion_s_lambda: float = setting(1.0)
+    fusion_smap_lambda: float = setting(1.0)
+
+    def of(self, modality: str) -> tuple[float, float]:
+        """``(image-score weight, map weight)`` of one modality."""
+        return getattr(self, f"{modality}_s_lambda"), getattr(self, f"{modality}_smap_lambda")
+
+    def as_record(self) -> dict[str, list[float]]:
+        """The fitted-model file's layout: ``{modality: [image weight, map weight]}``."""
+        return {m: list(self.of(m)) for m in MODALITIES}
+
+    @classmethod
+    def from_record(cls, record: dict) -> ScoreWeights:
+        values = {}
+        for modality, (image, pixel) in record.items():
+            values[f"{modality}_s_lambda"], values[f"{modality}_smap_lambda"] = float(image), float(pixel)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Every setting that changes the scores of a fitted detector (stored in a fitted-model file as ``config``)."""
+
+    method_name: str = setting("DINO+Point_MAE+Fusion", choices=tuple(METHODS))
+    memory_bank: str = setting("multiple", "multiple: decision layer fusion (second pass + one-class SVMs)",
+                               choices=("single", "multiple"))
+    f_coreset: float = setting(0.1, "coreset fraction")
+    coreset_eps: float = setting(0.9, "eps of the sparse random projection")
+    random_state: int | None = setting(None, "seed of the sparse random projection", type=int)
+    asy_memory_bank: int | None = setting(
+        None, "DINO+Point_MAE+Fusion: build the xyz and fusion banks from the first N samples only", type=int)
+    rm_zero_for_project: bool = setting(False, "Point_MAE: drop empty patches before the coreset, then add one "
+                                               "zero row")
+    ocsvm_nu: float = setting(0.5)
+    ocsvm_maxiter: int = setting(1000)
+    lambdas: ScoreWeights = field(default_factory=ScoreWeights)
+    fix_quirks: bool = setting(False, "corrected behaviour instead of the reference's (see docs/quirks.md)",
+                               group=ADDED)
+    coreset_fp16: bool = setting(True, flag=False)  # the reference's float16 coreset distances
+    coreset_shards: int = setting(
+        1, "faster coreset: S contiguous blocks of the bank, each with its own greedy selection (faster; default "
+           "1 = the reference's exact selection; it lowers the localisation metrics, see benchmarks/README.md)",
+        group=ADDED, metavar="S")
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method_name]
+
+    @property
+    def blur(self) -> str:
+        """The segmentation-map blur: the reference's 8-bit Pillow blur, or a float Gaussian with fix_quirks."""
+        return "float" if self.fix_quirks else "pil"
+
+    @property
+    def uses_dlf(self) -> bool:
+        return self.memory_bank == "multiple" and self.spec.combine == "dlf"
+
+    def to_record(self) -> dict:
+        """Plain values in the fitted-model file's layout (``lambdas`` as ``{modality: [s, smap]}``)."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        record["lambdas"] = self.lambdas.as_record()
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict) -> DetectorSettings:
+        values = dict(record)
+        values["lambdas"] = ScoreWeights.from_record(values["lambdas"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BackboneSettings:
+    """Which backbones, from which weights, and how they run."""
+
+    rgb_backbone_name: str = setting("vit_base_patch8_224_dino",
+                                     f"timm ViT name; reference choices: {', '.join(RGB_BACKBONES)}",
+                                     recorded=True)
+    xyz_backbone_name: str = setting("Point_MAE", "point (xyz) backbone", choices=POINT_BACKBONES, recorded=True)
+    group_size: int = setting(128, recorded=True)
+    num_group: int = setting(1024, recorded=True)
+    img_size: int = setting(224, recorded=True)
+    rgb_checkpoint: str | None = setting(None, "RGB backbone weights (default: under checkpoints/)", type=str,
+                                         group=ADDED)
+    xyz_checkpoint: str | None = setting(None, "point backbone weights (default: under checkpoints/)", type=str,
+                                         group=ADDED)
+    random_init: bool = setting(False, "run with random backbone weights when no checkpoint is found (demos and "
+                                       "tests only)", group=ADDED)
+    backbone_eval: bool = setting(False, "run the point backbone in eval mode (the reference runs it in train "
+                                         "mode: BatchNorm batch statistics and active DropPath)",
+                                  group=ADDED, recorded=True)
+    precision: str = setting("fp32", "bf16: bfloat16 matrix products in the backbones (faster, features within "
+                                     "~1 %% of fp32; default fp32 for parity with the reference)",
+                             choices=("fp32", "bf16"), group=ADDED, recorded=True)
+
+
+@dataclass(frozen=True)
+class UFFSettings:
+    """The Unsupervised Feature Fusion block the Fusion methods need."""
+
+    use_uff: bool = setting(False, "load the UFF block (needed by the Fusion methods)", recorded=True)
+    fusion_module_path: str = setting("checkpoints/checkpoint-0.pth", "UFF checkpoint")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What to run on, where the outputs go, and how the work is carried out."""
+
+    dataset_type: str = setting("mvtec3d", choices=("mvtec3d", "eyecandies"))
+    dataset_path: str = setting("datasets/mvtec3d")
+    max_sample: int = setting(400, "training-sample cap per pass; the reference uses max_sample + 1 samples",
+                              recorded=True)
+    save_feature: bool = setting(False, "dump per-sample features for UFF pretraining")
+    save_feature_path: str = setting("datasets/patch_lib")
+    save_preds: bool = setting(False, "save one picture per test sample")
+    classes: list[str] | None = setting(None, "run only these classes", type=str, group=ADDED, nargs="+")
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto", group=ADDED)
+    batch_size: int = setting(1, "samples per extraction batch", group=ADDED)
+    num_workers: int = setting(0, "data-loading processes", group=ADDED)
+    output_dir: str = setting("results", "tables, JSON, pictures and saved models", group=ADDED)
+    seed: int = setting(0, "seed set for every class, as the reference does", group=ADDED, recorded=True)
+    dlf_reextract: bool = setting(False, "pass 2 extracts the training samples again as the reference does "
+                                         "(default: reuse the pass-1 features; identical in eval mode, see "
+                                         "docs/quirks.md)", group=ADDED, recorded=True)
+    bank_storage: str = setting("disk", "where the training patches wait for the coreset and pass 2: a temporary "
+                                        "file (default; a 400-sample class needs ~16 GB there instead of in RAM) "
+                                        "or host memory", choices=("disk", "memory"), group=ADDED)
+    spool_dir: str | None = setting(None, "folder of the --bank_storage disk file (default: the system's "
+                                          "temporary folder)", type=str, group=ADDED)
+    save_maps: bool = setting(False, "write every test part's 224x224 float map, image score and label to "
+                                     "<output_dir>/maps/<class>.npz (compare two runs pixel by pixel)",
+                              group=ADDED)
+    demo: bool = setting(False, "generate synthetic data if absent and run DINO+Point_MAE on it", group=ADDED)
+    demo_root: str = setting("datasets", "where --demo writes its synthetic data", group=ADDED)
+
+    @property
+    def spool_folder(self) -> str | None:
+        """The folder of the banks' temporary file, or None to keep the training patches in memory."""
+        if self.bank_storage == "memory":
+            return None
+        return self.spool_dir or tempfile.gettempdir()
+
+
+@dataclass(frozen=True)
+class ModelFileSettings:
+    """Saving a fitted class model with pass/fail thresholds, or evaluating with a saved one."""
+
+    save_model: bool = setting(False, "after fitting a class, set its pass/fail thresholds on good parts "
+                                      "(validation/good) and save it to <output_dir>/models/<class>.pt",
+                               group=SAVED)
+    load_model: str | None = setting(None, "skip fitting: load <FOLDER>/<class>.pt (default FOLDER: "
+                                           "<output_dir>/models) and evaluate with it; the run's flags and weight "
+                                           "files must match the model's", type=str, group=SAVED, nargs="?",
+                                     const="", metavar="FOLDER")
+    far: float = setting(0.01, "--save_model: fraction of good parts allowed above the image threshold",
+                         group=SAVED)
+    pixel_far: float = setting(0.01, "--save_model: fraction of good parts' pixels allowed above the pixel "
+                                     "threshold", group=SAVED)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``main.py`` is told, grouped by concern."""
+
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
+    backbones: BackboneSettings = field(default_factory=BackboneSettings)
+    uff: UFFSettings = field(default_factory=UFFSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    models: ModelFileSettings = field(default_factory=ModelFileSettings)
+
+    def replace(self, **changes: dict[str, Any]) -> Settings:
+        """A copy with some leaves changed: ``settings.replace(run={"classes": [...]})``."""
+        return dataclasses.replace(self, **{group: dataclasses.replace(getattr(self, group), **values)
+                                            for group, values in changes.items()})
+
+    def recorded(self) -> dict[str, Any]:
+        """The recorded settings outside the detector's (``settings`` in a fitted-model file), and fix_quirks."""
+        values = {name: value for name, value, meta in _leaves(self) if meta["recorded"]}
+        values["fix_quirks"] = self.detector.fix_quirks
+        return values
+
+    def validate(self) -> None:
+        validate(self)
+
+
+# ---------------------------------------------------------------------------------------- the leaves
+
+def _leaves(settings) -> list[tuple[str, Any, dict]]:
+    """``(name, value, metadata)`` of every flag-bearing leaf, depth first in declaration order."""
+    out = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _leaves(value)
+        elif f.metadata.get("flag"):
+            out.append((f.name, value, f.metadata))
+    return out
+
+
+def _build(cls, values: dict[str, Any]):
+    """An instance of the settings dataclass ``cls`` with leaves taken from ``values`` (by flag name)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if nested is not None and isinstance(nested, type) and dataclasses.is_dataclass(nested):
+            kwargs[f.name] = _build(nested, values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def settings_from_flags(values: dict[str, Any] | argparse.Namespace) -> Settings:
+    """Settings from parsed flags (a namespace or a dict by flag name); missing leaves keep their defaults."""
+    return _build(Settings, vars(values) if isinstance(values, argparse.Namespace) else dict(values))
+
+
+def backbone_settings(recorded: dict[str, Any], **overrides: Any) -> BackboneSettings:
+    """Backbone settings from a fitted-model file's ``settings`` (missing keys take today's defaults)."""
+    names = {f.name for f in dataclasses.fields(BackboneSettings)}
+    return BackboneSettings(**{k: v for k, v in {**recorded, **overrides}.items() if k in names})
+
+
+def recorded_defaults() -> dict[str, Any]:
+    """The value every recorded setting has by default (a fitted-model file without a key had that value)."""
+    return Settings().recorded()
+
+
+def add_flags(parser: argparse.ArgumentParser, settings_class=Settings) -> argparse.ArgumentParser:
+    """Add one flag per leaf of ``settings_class`` to ``parser``, in groups, with its default and choices."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, default, meta in _leaves(settings_class()):
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        options = {"default": default, "help": meta["help"] or None, **meta["argparse"]}
+        if isinstance(default, bool):
+            options["action"] = "store_true"
+        else:
+            options["type"] = meta["type"] or type(default)
+            if meta["choices"] is not None:
+                options["choices"] = meta["choices"]
+        group.add_argument(f"--{name}", **options)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``main.py``'s command line: every flag of the reference with its name and default, and the added ones."""
+    return add_flags(argparse.ArgumentParser(
+        description="M3DM: fit and evaluate per class (MVTec 3D-AD / Eyecandies)."))
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+def validate(settings: Settings) -> None:
+    """Raise ConfigError with what to use instead, for every combination the reference cannot run."""
+    for rule in (_method_rules, _option_rules, _range_rules, _model_file_rules):
+        message = rule(settings)
+        if message:
+            raise ConfigError(message)
+
+
+def _method_rules(s: Settings) -> str | None:
+    d = s.detector
+    m, spec = d.method_name, d.spec
+    if spec.combine == "single" and d.memory_bank != "single":
+        return (f"--method_name {m} has a single memory bank and no decision layer fusion: use --memory_bank "
+                f"single")
+    if spec.combine == "add" and d.memory_bank != "single":
+        return (f"--method_name {m} adds the two scores and ignores decision layer fusion: use --memory_bank "
+                f"single (or DINO+Point_MAE for decision layer fusion)")
+    if spec.combine == "dlf" and d.memory_bank != "multiple":
+        return (f"--method_name {m} fuses its banks with the decision layer: use --memory_bank multiple (or "
+                f"DINO+Point_MAE+add for a plain sum with --memory_bank single)")
+    if spec.needs_uff and not s.uff.use_uff:
+        return (f"--method_name {m} needs the UFF fusion block: add --use_uff and --fusion_module_path "
+                f"<checkpoint> (train one with fusion_pretrain.py)")
+    return None
+
+
+def _option_rules(s: Settings) -> str | None:
+    d, m = s.detector, s.detector.method_name
+    if s.run.save_feature and m not in FEATURE_DUMP_METHODS:
+        return (f"--save_feature dumps UFF pretraining features, which only {' and '.join(FEATURE_DUMP_METHODS)}"
+                f" produce: use --method_name DINO+Point_MAE --memory_bank multiple --save_feature")
+    if d.asy_memory_bank is not None and m != "DINO+Point_MAE+Fusion":
+        return "--asy_memory_bank only applies to --method_name DINO+Point_MAE+Fusion"
+    if d.asy_memory_bank is not None and d.asy_memory_bank < 1:
+        return "--asy_memory_bank must be at least 1 (the xyz and fusion banks need a sample)"
+    if d.rm_zero_for_project and m != "Point_MAE":
+        return "--rm_zero_for_project only applies to --method_name Point_MAE"
+    if s.uff.use_uff and "small" in s.backbones.rgb_backbone_name:
+        return "the UFF block expects 768-d RGB features: use a ViT-B backbone with --use_uff"
+    return None
+
+
+def _range_rules(s: Settings) -> str | None:
+    if s.backbones.img_size != 224:
+        return "--img_size must be 224: the reference's RGB, mask and score-map sizes are fixed at 224"
+    if not 0 < s.detector.f_coreset <= 1:
+        return "--f_coreset must be in (0, 1]"
+    if s.detector.coreset_shards < 1:
+        return "--coreset_shards must be at least 1 (1: the reference's exact selection)"
+    if s.run.batch_size < 1 or s.run.max_sample < 0:
+        return "--batch_size must be >= 1 and --max_sample >= 0"
+    return None
+
+
+def _model_file_rules(s: Settings) -> str | None:
+    models = s.models
+    if models.save_model and models.load_model is not None:
+        return "--save_model fits and saves, --load_model skips fitting: use one of them"
+    if models.load_model is not None and s.run.save_feature:
+        return "--save_feature dumps features while fitting, which --load_model skips: drop one"
+    if not (0 <= models.far < 1 and 0 <= models.pixel_far < 1):
+        return "--far and --pixel_far are fractions of good parts / pixels: use values in [0, 1)"
+    return None

@@ -1,0 +1,1 @@
+"""Detection: the method's detector, decision layer fusion, pass/fail thresholds and fitted-model files."""

@@ -1,0 +1,298 @@
+"""The six M3DM methods (spec §8.2–8.8), composed from one memory-bank class and decision layer fusion.
+
+A method is a set of modalities (``xyz``, ``rgb``, ``fusion``: one bank each, always in that order) and a rule
+that turns their per-modality scores into the final ones (``single``, ``add`` or decision layer fusion). The
+differences between methods that the reference spreads over six classes are data here (``METHODS``); the
+reference's quirks (mixed normalisation statistics, coreset sizes, the ÷1000, epsilons, zero-row handling) are
+reproduced by default and corrected with ``fix_quirks`` (docs/quirks.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+import torch
+
+from m3dm.detection.dlf import DecisionLayerFusion
+from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures
+from m3dm.memory.bank import MemoryBank, segmentation_map
+
+MAP_SIZE = 224  # score maps and masks are 224 x 224 (spec §2.4, §8.1)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    modalities: tuple[str, ...]
+    combine: str  # "single" | "add" | "dlf"
+    eps: float  # epsilon of the re-weighting denominator (quirk 29)
+    divisor: float = 1.0  # image-score divisor inside the re-weighting (quirk 29: DINO+Point_MAE uses 1000)
+    shared_stats: bool = False  # normalise every bank with (mean of xyz, std of rgb) (quirk 26)
+    own_stats: bool = False  # normalise with the bank's own statistics (DINO)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "DINO": MethodSpec(("rgb",), "single", eps=1e-5, own_stats=True),
+    "Point_MAE": MethodSpec(("xyz",), "single", eps=1e-5),
+    "Fusion": MethodSpec(("fusion",), "single", eps=0.0),
+    "DINO+Point_MAE": MethodSpec(("xyz", "rgb"), "dlf", eps=0.0, divisor=1000.0, shared_stats=True),
+    "DINO+Point_MAE+add": MethodSpec(("xyz", "rgb"), "add", eps=0.0, shared_stats=True),
+    "DINO+Point_MAE+Fusion": MethodSpec(("xyz", "rgb", "fusion"), "dlf", eps=0.0, shared_stats=True),
+}
+
+
+@dataclass
+class DetectorConfig:
+    """Every setting that changes scores. Built from main.py's flags with ``from_args``."""
+
+    method_name: str = "DINO+Point_MAE"
+    memory_bank: str = "multiple"
+    f_coreset: float = 0.1
+    coreset_eps: float = 0.9
+    random_state: int | None = None
+    asy_memory_bank: int | None = None
+    rm_zero_for_project: bool = False
+    ocsvm_nu: float = 0.5
+    ocsvm_maxiter: int = 1000
+    lambdas: dict = field(default_factory=lambda: {"xyz": (1.0, 1.0), "rgb": (0.1, 0.1), "fusion": (1.0, 1.0)})
+    fix_quirks: bool = False
+    coreset_fp16: bool = True
+    coreset_shards: int = 1  # > 1: the faster per-block greedy selection (not the reference's; m3dm.memory.bank)
+
+    @classmethod
+    def from_args(cls, args) -> "DetectorConfig":
+        lambdas = {m: (getattr(args, f"{m}_s_lambda"), getattr(args, f"{m}_smap_lambda"))
+                   for m in ("xyz", "rgb", "fusion")}
+        return cls(method_name=args.method_name, memory_bank=args.memory_bank, f_coreset=args.f_coreset,
+                   coreset_eps=args.coreset_eps, random_state=args.random_state,
+                   asy_memory_bank=args.asy_memory_bank, rm_zero_for_project=args.rm_zero_for_project,
+                   ocsvm_nu=args.ocsvm_nu, ocsvm_maxiter=args.ocsvm_maxiter, lambdas=lambdas,
+                   fix_quirks=args.fix_quirks, coreset_shards=args.coreset_shards)
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method_name]
+
+    @property
+    def blur(self) -> str:
+        return "float" if self.fix_quirks else "pil"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ModalityScore:
+    score: float  # re-weighted image score of one modality
+    score_map: torch.Tensor  # (224, 224) blurred segmentation map
+
+
+class Detector:
+    """Memory banks of one class: pass 1 (``add``), ``finalize`` (normalise + coreset), pass 2 (``fit_fusion``,
+    decision layer fusion) and ``predict`` (image score and 224 x 224 map of a test sample)."""
+
+    def __init__(self, config: DetectorConfig, fusion_block=None, device="cpu", progress: bool = True,
+                 spool_dir=None):
+        self.config = config
+        self.progress = progress
+        self.spec = config.spec
+        if "fusion" in self.spec.modalities and fusion_block is None:
+            raise ValueError(f"{config.method_name} needs the UFF fusion block (--use_uff)")
+        self.fusion_block = fusion_block
+        self.device = torch.device(device)
+        self.banks = {m: MemoryBank(spool_dir=spool_dir) for m in self.spec.modalities}
+        self.dlf = None
+        self.rgb_grid: int | None = None
+        self._late_xyz: dict[int, torch.Tensor] = {}  # xyz patches of samples beyond --asy_memory_bank
+        self.n_train = 0
+
+    # ------------------------------------------------------------------------------------------- features
+
+    @property
+    def needs_rgb(self) -> bool:
+        return "rgb" in self.spec.modalities or "fusion" in self.spec.modalities
+
+    @property
+    def needs_xyz(self) -> bool:
+        return "xyz" in self.spec.modalities or "fusion" in self.spec.modalities
+
+    def _fuse(self, xyz: torch.Tensor, rgb_aligned: torch.Tensor) -> torch.Tensor:
+        block = self.fusion_block
+        param = next(block.parameters())
+        with torch.no_grad():
+            fused = block.feature_fusion(xyz.to(param.device, param.dtype), rgb_aligned.to(param.device, param.dtype))
+        return fused.float().cpu()
+
+    def modality_patches(self, features: SampleFeatures) -> dict[str, torch.Tensor]:
+        patches = {}
+        if "xyz" in self.spec.modalities:
+            patches["xyz"] = features.xyz
+        if "rgb" in self.spec.modalities:
+            patches["rgb"] = features.rgb
+        if "fusion" in self.spec.modalities:
+            patches["fusion"] = self._fuse(features.xyz, features.rgb_aligned())
+        return patches
+
+    # --------------------------------------------------------------------------------------------- pass 1
+
+    def add(self, features: SampleFeatures) -> None:
+        """Pass 1: append one training sample's patches to the banks."""
+        if features.rgb_map is not None:
+            self.rgb_grid = features.rgb_map.shape[-1]
+        cap = self.config.asy_memory_bank
+        capped = cap is not None and "xyz" in self.banks and self.banks["xyz"].n_samples >= cap
+        if capped:  # the reference keeps xyz and fusion banks to the first `cap` samples (spec §8.7)
+            self.banks["rgb"].add(features.rgb)
+            self._late_xyz[self.n_train] = features.xyz
+        else:
+            for modality, patches in self.modality_patches(features).items():
+                self.banks[modality].add(patches)
+        self.n_train += 1
+
+    def finalize(self) -> None:
+        """Normalise and subsample every bank (spec §8.2–8.7 'Bank' and 'Coreset' lines)."""
+        cfg, spec = self.config, self.spec
+        stats = {m: (None, None) for m in self.banks}
+        if spec.own_stats or (spec.shared_stats and cfg.fix_quirks):
+            stats = {m: self.banks[m].stats() for m in self.banks}
+        elif spec.shared_stats:  # quirk 26: mean of the xyz bank, std of the rgb bank, for every bank
+            shared = (self.banks["xyz"].stats()[0], self.banks["rgb"].stats()[1])
+            stats = {m: shared for m in self.banks}
+        reduce = cfg.f_coreset < 1
+        n_xyz = None
+        for modality in ("xyz", "rgb", "fusion"):  # the reference's order: it shares numpy's global RNG
+            if modality not in self.banks:
+                continue
+            bank = self.banks[modality]
+            drop_zero = modality == "xyz" and cfg.method_name == "Point_MAE" and cfg.rm_zero_for_project
+            fraction = None
+            if not reduce:
+                n = None
+            elif drop_zero:  # 10 % of the rows left after dropping the empty patches
+                n, fraction = None, cfg.f_coreset
+            elif modality == "xyz" or not spec.shared_stats or cfg.fix_quirks:
+                n = int(cfg.f_coreset * bank.rows)
+            else:  # quirk 27: rgb and fusion keep 10 % of the reduced xyz bank
+                n = int(cfg.f_coreset * n_xyz)
+            if modality == "xyz":
+                n_xyz = n if n is not None else bank.rows
+            triple_zero_rows = (modality == "xyz" and cfg.method_name == "DINO+Point_MAE+Fusion"
+                                and not cfg.fix_quirks)  # quirk 28
+            mean, std = stats[modality]
+            bank.finalize(mean=mean, std=std, n_coreset=n, f_coreset=fraction, eps=cfg.coreset_eps,
+                          random_state=cfg.random_state, device=self.device, fp16=cfg.coreset_fp16,
+                          drop_zero_rows_before=drop_zero, drop_zero_rows_after=drop_zero or triple_zero_rows,
+                          append_zero_row=drop_zero or triple_zero_rows, progress=self.progress,
+                          keep_samples=self.uses_dlf, shards=cfg.coreset_shards)
+
+    # ------------------------------------------------------------------------------------------- scoring
+
+    def _grid(self, modality: str) -> int:
+        return self.rgb_grid if modality == "rgb" else XYZ_PATCH_GRID
+
+    def modality_scores(self, patches: dict[str, torch.Tensor]) -> dict[str, ModalityScore]:
+        out = {}
+        for modality, rows in patches.items():
+            score, min_dist = self.banks[modality].score(rows, eps=self.spec.eps, divisor=self.spec.divisor)
+            score_map = segmentation_map(min_dist, self._grid(modality), MAP_SIZE, blur=self.config.blur)
+            out[modality] = ModalityScore(float(score), score_map.reshape(MAP_SIZE, MAP_SIZE))
+        return out
+
+    def _dlf_inputs(self, scores: dict[str, ModalityScore]) -> tuple[np.ndarray, np.ndarray]:
+        lam = self.config.lambdas
+        vector = np.array([[lam[m][0] * scores[m].score for m in self.spec.modalities]])
+        pixels = torch.stack([lam[m][1] * scores[m].score_map.reshape(-1) for m in self.spec.modalities], dim=1)
+        return vector, pixels.numpy()
+
+    # --------------------------------------------------------------------------------------------- pass 2
+
+    @property
+    def uses_dlf(self) -> bool:
+        return self.config.memory_bank == "multiple" and self.spec.combine == "dlf"
+
+    def training_patches(self, index: int) -> dict[str, torch.Tensor]:
+        """Pass-1 patches of training sample ``index``, as they were before normalisation (reused in pass 2
+        instead of extracting the sample again)."""
+        patches = {}
+        for modality in self.spec.modalities:
+            bank = self.banks[modality]
+            if modality != "rgb" and index in self._late_xyz:
+                continue
+            patches[modality] = bank.sample(index)
+        if index in self._late_xyz:
+            xyz = self._late_xyz[index]
+            if "xyz" in self.spec.modalities:
+                patches["xyz"] = xyz
+            if "fusion" in self.spec.modalities:
+                rgb = patches["rgb"]
+                grid = self.rgb_grid
+                rgb_map = rgb.T.reshape(-1, grid, grid)
+                patches["fusion"] = self._fuse(xyz, SampleFeatures(rgb_map=rgb_map).rgb_aligned())
+        return patches
+
+    def fit_fusion(self, training_scores: list[dict[str, ModalityScore]]) -> None:
+        """Pass 2: fit the two one-class SVMs on the training samples' modality scores (spec §8.8)."""
+        vectors, pixels = zip(*(self._dlf_inputs(s) for s in training_scores))
+        self.dlf = DecisionLayerFusion(nu=self.config.ocsvm_nu, max_iter=self.config.ocsvm_maxiter)
+        self.dlf.fit(np.concatenate(vectors), np.concatenate(pixels))
+
+    def release_training_samples(self) -> None:
+        for bank in self.banks.values():
+            bank.release_samples()
+        self._late_xyz.clear()
+
+    # ------------------------------------------------------------------------------------------------ test
+
+    def predict(self, patches: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
+        """Final image score and ``(224, 224)`` map of one sample."""
+        scores = self.modality_scores(patches)
+        combine = self.spec.combine
+        if combine == "single":
+            (only,) = scores.values()
+            return only.score, only.score_map
+        if combine == "add":
+            return (sum(s.score for s in scores.values()),
+                    sum(s.score_map for s in scores.values()))
+        if self.dlf is None:
+            raise RuntimeError("decision layer fusion is not fitted: run pass 2 (fit_fusion) first")
+        vector, pixels = self._dlf_inputs(scores)
+        image = float(self.dlf.score_image(vector)[0])
+        score_map = torch.from_numpy(np.asarray(self.dlf.score_pixels(pixels), dtype=np.float32))
+        return image, score_map.reshape(MAP_SIZE, MAP_SIZE)
+
+    # ---------------------------------------------------------------------------------- saving and loading
+
+    def fitted_state(self) -> dict:
+        """Everything scoring needs once fitted (banks, normalisation, DLF arrays, RGB grid), as tensors and
+        primitives (``m3dm.detection.persistence`` saves it)."""
+        unfinished = [m for m, bank in self.banks.items() if not bank.finalized]
+        if unfinished:
+            raise RuntimeError(f"the {', '.join(unfinished)} bank(s) are not finalised: fit the detector first")
+        if self.uses_dlf and self.dlf is None:
+            raise RuntimeError("decision layer fusion is not fitted: run pass 2 (fit_fusion) first")
+        return {"modalities": list(self.spec.modalities),
+                "banks": {m: bank.export_state() for m, bank in self.banks.items()},
+                "dlf": None if self.dlf is None else self.dlf.export_state(),
+                "rgb_grid": self.rgb_grid, "n_train": self.n_train}
+
+    @classmethod
+    def from_fitted_state(cls, config: DetectorConfig, state: dict, fusion_block=None, device="cpu",
+                          progress: bool = True) -> "Detector":
+        """A fitted detector from ``fitted_state``; it scores bit-identically to the one it was taken from."""
+        detector = cls(config, fusion_block=fusion_block, device=device, progress=progress)
+        if list(state["modalities"]) != list(detector.spec.modalities):
+            raise ValueError(f"saved banks {list(state['modalities'])} do not fit {config.method_name} "
+                             f"({list(detector.spec.modalities)})")
+        if detector.uses_dlf and state["dlf"] is None:
+            raise ValueError(f"{config.method_name} with --memory_bank multiple needs the saved decision layer "
+                             f"fusion, which is missing")
+        detector.banks = {m: MemoryBank.from_state(state["banks"][m]) for m in detector.spec.modalities}
+        detector.dlf = None if state["dlf"] is None else DecisionLayerFusion.from_state(state["dlf"])
+        detector.rgb_grid = state["rgb_grid"]
+        detector.n_train = state["n_train"]
+        return detector
+
+
+def sample_cap(max_sample: int, fix_quirks: bool) -> int:
+    """Training samples per pass: the reference processes ``max_sample + 1`` (quirk 35)."""
+    return max_sample if fix_quirks else max_sample + 1

@@ -1,0 +1,56 @@
+"""Result tables (the reference's three Markdown tables, with a Mean column) and the JSON record of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from m3dm.data.io import write_text
+
+METRIC_TABLES = {
+    "image_rocauc": "Image ROCAUC",
+    "pixel_rocauc": "Pixel ROCAUC",
+    "au_pro": "AU-PRO",
+}
+
+
+def class_line(class_name: str, method: str, metrics: dict) -> str:
+    """The reference's per-class console line."""
+    return (f"Class: {class_name}, {method} Image ROCAUC: {metrics['image_rocauc']:.3f}, "
+            f"{method} Pixel ROCAUC: {metrics['pixel_rocauc']:.3f}, {method} AU-PRO: {metrics['au_pro']:.3f}")
+
+
+def markdown_table(method: str, per_class: dict[str, dict], metric: str) -> str:
+    """One row per method, one column per class (titled with ``str.title()`` as the reference) and a Mean of
+    the values rounded to 3 decimals, as the reference computes it."""
+    classes = list(per_class)
+    values = [round(per_class[c][metric], 3) for c in classes]
+    mean = round(sum(values) / len(values), 3) if values else math.nan
+    header = ["Method"] + [c.title() for c in classes] + ["Mean"]
+    row = [method] + [f"{v:.3f}" for v in values] + [f"{mean:.3f}"]
+    widths = [max(len(h), len(r)) for h, r in zip(header, row)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([fmt(header), rule, fmt(row)])
+
+
+def write_results(output_dir: str | Path, method: str, per_class: dict[str, dict], config: dict,
+                  timings: dict | None = None) -> dict[str, Path]:
+    """Write the three tables (one ``.md`` each) and ``results.json``; returns the written paths.
+
+    Files are written whole and atomically: nothing is appended to earlier runs' files.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for metric, title in METRIC_TABLES.items():
+        path = output_dir / f"{metric}_results.md"
+        write_text(path, f"# {title}\n\n{markdown_table(method, per_class, metric)}\n")
+        paths[metric] = path
+    record = {"method": method, "config": config, "per_class": per_class, "timings_s": timings or {},
+              "mean": {m: (sum(round(v[m], 3) for v in per_class.values()) / len(per_class)) if per_class else None
+                       for m in sorted({k for v in per_class.values() for k in v})}}
+    paths["json"] = output_dir / "results.json"
+    write_text(paths["json"], json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return paths

@@ -1,0 +1,94 @@
+"""Per-sample features (spec §5.5, §6): both backbones on a batch, then Point Feature Alignment per sample.
+
+A batch may mix samples with different numbers of valid points: the point backbone groups each cloud on its own
+and runs the transformer on the stacked groups; alignment then runs per sample. Only the backbones a method
+needs are run (quirk 19: the reference always runs both; skipping one changes no output).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from m3dm.features.alignment import pfa_patches, rgb_to_patch_grid, valid_points
+from m3dm.errors import DataError
+
+XYZ_PATCH_GRID = 56  # PFA output grid: 56 x 56 = 3136 patches
+
+
+@dataclass
+class SampleFeatures:
+    """Features of one sample, on the CPU, float32. Patches are row-major over their grid."""
+
+    rgb: torch.Tensor | None = None  # (h*w, C) RGB patches of the ViT grid (28 x 28 for ViT-*/8 at 224)
+    rgb_map: torch.Tensor | None = None  # (C, h, w) the same, as a map
+    xyz: torch.Tensor | None = None  # (56*56, 1152) aligned point patches
+
+    def rgb_aligned(self, grid: int = XYZ_PATCH_GRID) -> torch.Tensor:
+        """RGB patches pooled to the xyz grid, spatially aligned with ``xyz`` (spec §6.3): ``(grid², C)``."""
+        return rgb_to_patch_grid(self.rgb_map[None], grid)[0]
+
+
+class FeatureExtractor:
+    """Runs the RGB backbone and/or the point backbone on batches and aligns the point features.
+
+    ``seed`` seeds the generator of the point backbone's DropPath draws (active when the backbone is in the
+    reference's training mode, spec §5.4), so a run is reproducible and a batch of N samples gives the same
+    features as N single samples in order.
+    """
+
+    def __init__(self, rgb_backbone=None, point_backbone=None, *, img_size: int = 224, device="cpu",
+                 seed: int = 0, clamp_pfa: bool = False, precision: str = "fp32"):
+        if rgb_backbone is None and point_backbone is None:
+            raise ValueError("FeatureExtractor needs at least one backbone")
+        self.device = torch.device(device)
+        self.rgb_backbone = None if rgb_backbone is None else rgb_backbone.to(self.device)
+        self.point_backbone = None if point_backbone is None else point_backbone.to(self.device)
+        self.img_size = img_size
+        self.clamp_pfa = clamp_pfa
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.precision = precision
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, rgb: torch.Tensor, pc: torch.Tensor, names: list[str] | None = None) -> list[SampleFeatures]:
+        """``rgb (B, 3, 224, 224)``, ``pc (B, 3, S, S)`` organized clouds -> one ``SampleFeatures`` per sample."""
+        batch = rgb.shape[0] if rgb is not None else pc.shape[0]
+        out = [SampleFeatures() for _ in range(batch)]
+        if self.rgb_backbone is not None:
+            with self._autocast():
+                rgb_maps = self.rgb_backbone(rgb.to(self.device)).float().cpu()
+            for sample, rgb_map in zip(out, rgb_maps):
+                sample.rgb_map = rgb_map
+                sample.rgb = rgb_map.flatten(1).T.contiguous()
+        if self.point_backbone is not None:
+            self._add_point_features(out, pc, names)
+        return out
+
+    def _autocast(self):
+        """bfloat16 matrix products in both backbones (``--precision bf16``): about 2x faster on CPUs with
+        AVX-512 BF16 and on GPUs, features within about 1 % of float32; off by default (exact parity)."""
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _add_point_features(self, out: list[SampleFeatures], pc: torch.Tensor, names) -> None:
+        pc = pc.to(self.device)
+        clouds, flat_indices = [], []
+        for i in range(pc.shape[0]):
+            points, flat_index = valid_points(pc[i])
+            if len(points) == 0:
+                name = names[i] if names else f"sample {i} of the batch"
+                raise DataError(f"{name}: the point cloud has no valid point")
+            clouds.append(points)
+            flat_indices.append(flat_index)
+        with self._autocast():
+            group_features, centres = self.point_backbone(clouds, generator=self.generator)
+        group_features, centres = group_features.float(), centres.float()
+        for i, sample in enumerate(out):
+            patches = pfa_patches(clouds[i], flat_indices[i], centres[i], group_features[i].T, self.img_size,
+                                  XYZ_PATCH_GRID, clamp=self.clamp_pfa)
+            sample.xyz = patches.float().cpu()

@@ -1,0 +1,1 @@
+"""Memory banks: patch storage, projection, coreset selection, nearest-neighbour search and score maps."""

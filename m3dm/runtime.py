@@ -1,0 +1,87 @@
+"""Where and how a run executes: device choice, seeding, and joining a torch.distributed process group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``/None: ``cuda:<local rank>`` when GPUs are present, else the CPU. A CUDA device asked for on a
+    machine without CUDA falls back to the CPU with a warning; any other device is taken as given."""
+    if requested is None or str(requested) == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("CUDA is not available: running on the CPU")
+        return torch.device("cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """As the reference does once per class (spec §12): Python, NumPy's global generator and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the processes of a launch (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_processes(default_local_rank: int = 0, openmpi: bool = False) -> Processes | None:
+    """Rank, world size and local rank set by a launcher (torchrun, ``torch.distributed.launch``; with
+    ``openmpi`` also the OpenMPI variables), or None when the process was started on its own."""
+    if openmpi:
+        for ours, theirs in (("RANK", "OMPI_COMM_WORLD_RANK"), ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
+                             ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")):
+            if theirs in os.environ:
+                os.environ.setdefault(ours, os.environ[theirs])
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return Processes(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                     int(os.environ.get("LOCAL_RANK", default_local_rank)))
+
+
+def start_processes(cuda: bool, init_method: str = "env://", default_local_rank: int = 0,
+                    openmpi: bool = False) -> Processes:
+    """Join the default process group when a launcher started several processes: NCCL with ``cuda`` (after
+    selecting the local GPU), gloo otherwise. Started on its own, or as a world of one, nothing is joined."""
+    launched = launched_processes(default_local_rank, openmpi)
+    if launched is None or launched.world <= 1:
+        return launched or Processes(local_rank=max(default_local_rank, 0))
+    import torch.distributed as dist
+
+    if cuda:
+        torch.cuda.set_device(launched.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method=init_method,
+                                rank=launched.rank, world_size=launched.world)
+    return launched
+
+
+def stop_processes() -> None:
+    """Wait for every process, then leave the process group (nothing without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

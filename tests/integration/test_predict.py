@@ -1,0 +1,246 @@
+"""``python -m m3dm.app.predict``: defects found and localised on new parts, outputs, raw inputs, bad inputs.
+
+Data: a "fixtured" part, as on a production line: one synthetic MVTec-like scene (m3dm.data.synthetic) copied with
+fresh sensor noise, plus 6 mm dents and bumps at random places on the part. With random backbone weights the
+detector cannot cope with the free poses of m3dm.data.synthetic's datasets (measured: the map maximum lands in the
+defect for under a third of the parts), but it does here: the model is Point_MAE (single bank) with the point
+backbone in eval mode, fitted with ``main.py --save_model`` in the small test configuration.
+"""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import main as main_module
+from m3dm.app import predict
+from m3dm.data.io import write_png, write_tiff
+from m3dm.features.point_transformer import PointTransformer
+from m3dm.preprocess.mvtec3d import preprocess_dataset
+from m3dm.app.run import ClassRunner
+from m3dm.data.synthetic import OBJECT, make_mvtec_scene, sample_rng
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
+         "--random_init", "--device", "cpu", "--batch_size", "4"]
+DEFECT_DEPTH = 0.006  # metres; geometric defects only (Point_MAE sees no colour)
+DEFECTS = ("bump", "dent")
+
+
+def noisy_copy(scene, rng, defect: str | None):
+    """The scene with fresh sensor noise (z: 0.2 mm, RGB: 4 levels) and optionally a smooth 6 mm dent or bump
+    of radius 4-6 px fully on the part; returns the raw cloud, RGB and GT mask (255 inside 0.8 x radius)."""
+    cloud, rgb = scene.cloud.copy(), scene.rgb.astype(np.float64)
+    valid = (cloud != 0).all(axis=2)
+    cloud[..., 2] += np.where(valid, rng.normal(0, 0.0002, valid.shape), 0).astype(np.float32)
+    rgb += rng.normal(0, 4, rgb.shape)
+    gt = np.zeros(valid.shape, np.uint8)
+    if defect is not None:
+        rows, cols = np.indices(valid.shape)
+        on_part = np.argwhere(scene.labels == OBJECT)
+        while True:
+            row, col = on_part[rng.integers(len(on_part))]
+            radius = rng.uniform(4, 6)
+            distance = np.hypot(rows - row, cols - col)
+            if (scene.labels[distance < 1.5 * radius] == OBJECT).all():
+                break
+        weight = np.where(distance < radius, 0.5 * (1 + np.cos(np.pi * distance / radius)), 0.0)
+        sign = 1 if defect == "dent" else -1  # z grows away from the camera
+        cloud[..., 2] += np.where(valid, sign * DEFECT_DEPTH * weight, 0).astype(np.float32)
+        gt = ((distance < 0.8 * radius) * 255).astype(np.uint8)
+    return cloud, np.clip(np.rint(rgb), 0, 255).astype(np.uint8), gt
+
+
+def write_fixtured_dataset(root: Path, n_train=8, n_val=6, n_good=6, n_defect=3, size=96) -> Path:
+    scene = make_mvtec_scene(sample_rng(0, "fixtured"), size, size, "gadget", "good")
+    rng = np.random.default_rng(1)
+    plan = [("train", "good", n_train), ("validation", "good", n_val), ("test", "good", n_good)]
+    plan += [("test", defect, n_defect) for defect in DEFECTS]
+    for split, defect, count in plan:
+        for i in range(count):
+            cloud, rgb, gt = noisy_copy(scene, rng, None if defect == "good" else defect)
+            folder = root / "gadget" / split / defect
+            write_png(folder / "rgb" / f"{i:03d}.png", rgb)
+            if defect != "good":
+                write_png(folder / "gt" / f"{i:03d}.png", gt)
+            write_tiff(folder / "xyz" / f"{i:03d}.tiff", cloud)
+    return root
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    return write_fixtured_dataset(tmp_path_factory.mktemp("predict") / "raw")
+
+
+@pytest.fixture(scope="module")
+def dataset(raw) -> Path:
+    return preprocess_dataset(raw, workers=1).output
+
+
+@pytest.fixture(scope="module")
+def fitted(dataset, tmp_path_factory) -> dict:
+    """Point_MAE fitted and saved; its in-process evaluation of the test split is kept for comparison."""
+    out = tmp_path_factory.mktemp("fit")
+    results = []
+    evaluate = ClassRunner.evaluate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClassRunner, "evaluate", lambda self: results.append(evaluate(self)) or results[-1])
+        argv = ["--dataset_path", str(dataset), "--output_dir", str(out), *SMALL, "--method_name", "Point_MAE",
+                "--memory_bank", "single", "--backbone_eval", "--save_model"]
+        assert main_module.main(argv) == 0
+    return {"model": out / "models" / "gadget.pt", "result": results[0]}
+
+
+def read_rows(folder: Path) -> list[dict]:
+    with open(folder / "predictions.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def gt_mask(path: Path) -> np.ndarray:
+    """The ground truth at the 224 x 224 map size (nearest neighbour, as the dataset loader)."""
+    return np.asarray(Image.open(path).convert("L").resize((224, 224), Image.NEAREST)) > 127
+
+
+@pytest.fixture(scope="module")
+def test_split_predictions(dataset, fitted, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pred")
+    argv = ["--model", str(fitted["model"]), str(dataset / "gadget" / "test"), "--output", str(out),
+            "--batch_size", "4", "--save_maps", "--quiet"]
+    assert predict.main(argv) == 0
+    return out
+
+
+def test_defects_fail_and_are_localised_good_parts_pass(dataset, test_split_predictions):
+    rows = read_rows(test_split_predictions)
+    assert len(rows) == 6 + 3 * len(DEFECTS)
+    good = [r for r in rows if r["name"].split("/")[1] == "good"]
+    defective = [r for r in rows if r["name"].split("/")[1] != "good"]
+    inside = []
+    for row in defective:
+        _, defect, stem = row["name"].split("/")
+        score_map = np.load(row["map"])
+        assert score_map.shape == (224, 224) and score_map.dtype == np.float32
+        peak = np.unravel_index(np.argmax(score_map), score_map.shape)
+        inside.append(bool(gt_mask(dataset / "gadget" / "test" / defect / "gt" / f"{stem}.png")[peak]))
+    # measured with this data: 6 / 6 maxima inside, 6 / 6 defects fail, 6 / 6 good parts pass
+    assert sum(inside) >= 4
+    assert sum(r["result"] == "fail" for r in defective) >= 4
+    assert sum(r["result"] == "pass" for r in good) >= 4
+    for row in rows:  # the verdict is the stored rule: fail iff score > image threshold
+        assert (row["result"] == "fail") == (float(row["image_score"]) > float(row["image_threshold"]))
+
+
+def test_outputs_csv_jsonl_and_pictures(test_split_predictions):
+    rows = read_rows(test_split_predictions)
+    lines = [json.loads(line) for line in (test_split_predictions / "predictions.jsonl").read_text().splitlines()]
+    assert [line["name"] for line in lines] == [row["name"] for row in rows]
+    for row in rows:
+        picture = Image.open(row["heatmap"])
+        with_gt = row["name"].split("/")[1] != "good"
+        assert picture.size == ((3 if with_gt else 2) * 224, 224 + 18)
+        # outlined region pixels are pure white on the overlay panel; there are some iff pixels pass the threshold
+        overlay = np.asarray(picture.convert("RGB"))[18:, 224:448]
+        assert (overlay == 255).all(axis=2).any() == (int(row["anomalous_pixels"]) > 0)
+
+
+def test_predictions_equal_the_in_process_evaluation(fitted, test_split_predictions):
+    rows = read_rows(test_split_predictions)
+    expected = fitted["result"]
+    assert [r["name"] for r in rows] == ["test/" + n.split("/", 2)[2] for n in expected.names]
+    assert np.array_equal(np.array([float(r["image_score"]) for r in rows]), expected.image_scores)
+    assert np.array_equal(np.stack([np.load(r["map"]) for r in rows]), expected.maps)
+
+
+def test_raw_inputs_with_preprocess_score_as_the_preprocessed_files(raw, dataset, fitted, tmp_path):
+    stems = [("dent", "000"), ("good", "001")]
+    results = {}
+    for kind, root, extra in (("raw", raw, ["--preprocess"]), ("preprocessed", dataset, [])):
+        pairs = [(root / "gadget" / "test" / d / "rgb" / f"{s}.png", root / "gadget" / "test" / d / "xyz" / f"{s}.tiff")
+                 for d, s in stems]
+        argv = ["--model", str(fitted["model"]), "--rgb", *[str(p[0]) for p in pairs], "--xyz",
+                *[str(p[1]) for p in pairs], "--output", str(tmp_path / kind), "--save_maps", "--quiet", *extra]
+        assert predict.main(argv) == 0
+        results[kind] = read_rows(tmp_path / kind)
+    assert [r["image_score"] for r in results["raw"]] == [r["image_score"] for r in results["preprocessed"]]
+    for a, b in zip(results["raw"], results["preprocessed"]):
+        assert np.array_equal(np.load(a["map"]), np.load(b["map"]))
+
+
+def test_bad_parts_are_reported_and_the_others_processed(dataset, fitted, tmp_path):
+    folder = tmp_path / "incoming"
+    source = dataset / "gadget" / "test" / "good"
+    for stem in ("a_good", "b_corrupt", "c_empty", "d_no_cloud"):
+        write_png(folder / "rgb" / f"{stem}.png", np.asarray(Image.open(source / "rgb" / "000.png")))
+    cloud = tifffile.imread(source / "xyz" / "000.tiff")
+    write_tiff(folder / "xyz" / "a_good.tiff", cloud)
+    (folder / "xyz" / "b_corrupt.tiff").write_bytes(b"this is not a TIFF file")
+    write_tiff(folder / "xyz" / "c_empty.tiff", np.zeros_like(cloud))
+    run = subprocess.run([sys.executable, "-m", "m3dm.app.predict", "--model", str(fitted["model"]), str(folder),
+                          "--output", str(tmp_path / "out"), "--quiet"], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    rows = {r["name"].split("/")[-1]: r for r in read_rows(tmp_path / "out")}
+    assert rows["a_good"]["result"] in ("pass", "fail") and Path(rows["a_good"]["heatmap"]).is_file()
+    assert rows["b_corrupt"]["result"] == "error"
+    assert "b_corrupt.tiff: not a readable TIFF" in rows["b_corrupt"]["error"]
+    assert rows["c_empty"]["result"] == "error" and "no valid point" in rows["c_empty"]["error"]
+    assert rows["d_no_cloud"]["result"] == "error" and "no matching point cloud" in rows["d_no_cloud"]["error"]
+    for stem in ("b_corrupt", "c_empty", "d_no_cloud"):
+        assert f"error: incoming/{stem}:" in run.stderr
+    assert "4 parts: " in run.stderr and "3 errors" in run.stderr
+
+
+def test_cloud_empty_after_preprocessing_is_a_part_error(raw, fitted, tmp_path):
+    """A raw scan of the bare background plane: preprocessing removes every point."""
+    good = raw / "gadget" / "test" / "good"
+    cloud = tifffile.imread(good / "xyz" / "000.tiff")
+    rows, cols = np.indices(cloud.shape[:2])
+    plane = np.stack([cols * 0.001, rows * 0.001, 0.65 + 0.02 * cols * 0.001], axis=-1).astype(np.float32)
+    write_tiff(tmp_path / "plane.tiff", plane)
+    argv = ["--model", str(fitted["model"]), "--preprocess", "--output", str(tmp_path / "out"), "--quiet",
+            "--rgb", str(good / "rgb" / "000.png"), str(good / "rgb" / "000.png"),
+            "--xyz", str(good / "xyz" / "000.tiff"), str(tmp_path / "plane.tiff")]
+    assert predict.main(argv) == 1
+    first, second = read_rows(tmp_path / "out")
+    assert first["result"] in ("pass", "fail")
+    assert second["result"] == "error" and "no valid point after preprocessing" in second["error"]
+
+
+def test_bad_model_file_is_fatal(fitted, dataset, tmp_path, capsys):
+    data = fitted["model"].read_bytes()
+    broken = tmp_path / "gadget.pt"
+    broken.write_bytes(data[:1000])
+    argv = ["--model", str(broken), str(dataset / "gadget" / "test"), "--output", str(tmp_path / "out")]
+    assert predict.main(argv) == 2
+    assert f"{broken}: not a readable m3dm model file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_weights_than_the_model_was_fitted_with_are_fatal(fitted, dataset, tmp_path, capsys):
+    torch.manual_seed(5)
+    state = PointTransformer("Point_MAE", num_group=64, group_size=32).state_dict()
+    torch.save({"base_model": {f"MAE_encoder.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
+    argv = ["--model", str(fitted["model"]), str(dataset / "gadget" / "test"), "--output", str(tmp_path / "out"),
+            "--xyz_checkpoint", str(tmp_path / "w.pth")]
+    assert predict.main(argv) == 2
+    assert "RANDOM weights (seed 0), this run uses weight file" in capsys.readouterr().err
+
+
+def test_threshold_overrides(dataset, fitted, tmp_path):
+    from m3dm.detection.persistence import load_class_model
+
+    good_scores = sorted(load_class_model(fitted["model"]).thresholds.good_image_scores)
+    split = str(dataset / "gadget" / "test")
+    common = ["--model", str(fitted["model"]), split, "--no_pictures", "--quiet"]
+    assert predict.main([*common, "--output", str(tmp_path / "far"), "--far", "0.5"]) == 0
+    # 6 good validation parts, far 0.5: the 3rd smallest of their scores
+    assert {float(r["image_threshold"]) for r in read_rows(tmp_path / "far")} == {good_scores[2]}
+    assert predict.main([*common, "--output", str(tmp_path / "high"), "--image_threshold", "1e9"]) == 0
+    assert {r["result"] for r in read_rows(tmp_path / "high")} == {"pass"}

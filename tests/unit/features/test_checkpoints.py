@@ -1,0 +1,342 @@
+"""Official checkpoint formats -> our backbones (spec §5.3, quirks 15/16): key mapping, strictness, resolution.
+
+Every file is written here in the official layout (prefixes, wrappers, extra non-backbone entries) from random
+tensors; loading must reproduce exactly those tensors, and wrong / broken / absent files must raise a
+`CheckpointError` that names the file (and, when absent, where to download it).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from m3dm.errors import CheckpointError
+from m3dm.features.point_transformer import PointTransformer
+from m3dm.features.weights import build_point_backbone, build_rgb_backbone, load_strict
+from m3dm.features.weights import (
+    DINO_VITB8_URL,
+    default_checkpoint_available,
+    POINT_BERT_URL,
+    POINT_MAE_URL,
+    find_hf_cache_file,
+    load_rgb_weights,
+    read_checkpoint,
+    resolve_rgb_checkpoint,
+)
+from m3dm.features.vit import create_vit
+
+G, K = 32, 16
+TINY_VIT = dict(depth=2, img_size=32)
+
+
+def random_like(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state.items():
+        if value.is_floating_point():
+            out[key] = torch.randn(value.shape, generator=gen)
+        else:
+            out[key] = torch.randint(0, 1000, value.shape, generator=gen, dtype=value.dtype)
+    return out
+
+
+def assert_loaded(module: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:
+    state = module.state_dict()
+    assert set(state) == set(source)
+    for key, value in source.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.fixture(scope="module")
+def point_sources() -> dict[str, dict[str, torch.Tensor]]:
+    return {variant: random_like(PointTransformer(variant, G, K).state_dict(), seed)
+            for seed, variant in enumerate(("Point_MAE", "Point_Bert"))}
+
+
+@pytest.fixture(scope="module")
+def pointmae_file(tmp_path_factory, point_sources) -> Path:
+    """Point-MAE `pretrain.pth` layout: DDP `module.` prefix, MAE_encoder + decoder entries, training state."""
+    source = point_sources["Point_MAE"]
+    base = {f"module.MAE_encoder.{k}": v for k, v in source.items()}
+    base.update({
+        "module.mask_token": torch.zeros(1, 1, 384),
+        "module.decoder_pos_embed.0.weight": torch.randn(128, 3),
+        "module.MAE_decoder.blocks.0.norm1.weight": torch.randn(384),
+        "module.MAE_decoder.norm.weight": torch.randn(384),
+        "module.increase_dim.0.weight": torch.randn(96, 384, 1),
+    })
+    path = tmp_path_factory.mktemp("pointmae") / "pretrain.pth"
+    torch.save({"base_model": base, "optimizer": {"state": {}}, "epoch": 299, "metrics": {}}, path)
+    return path
+
+
+def pointbert_checkpoint(source: dict[str, torch.Tensor], drop: tuple[str, ...] = ()) -> dict:
+    """Point-BERT layout: transformer_q (+ cls_head, lm_head, mask_token), a momentum copy, the dVAE."""
+    other = random_like(source, 99)
+    base = {f"module.transformer_q.{k}": v for k, v in source.items() if k not in drop}
+    base.update({f"module.transformer_k.{k}": v for k, v in other.items()})
+    base.update({
+        "module.transformer_q.cls_head.0.weight": torch.randn(256, 384),
+        "module.transformer_q.cls_head.2.bias": torch.randn(256),
+        "module.transformer_q.lm_head.weight": torch.randn(8192, 384),
+        "module.transformer_q.mask_token": torch.randn(1, 1, 384),
+        "module.dvae.encoder.first_conv.0.weight": torch.randn(128, 3, 1),
+        "module.dvae.codebook": torch.randn(8192, 256),
+        "module.queue": torch.randn(256, 16384),
+    })
+    return {"base_model": base, "optimizer": {}, "epoch": 300}
+
+
+@pytest.fixture(scope="module")
+def pointbert_file(tmp_path_factory, point_sources) -> Path:
+    path = tmp_path_factory.mktemp("pointbert") / "Point-BERT.pth"
+    torch.save(pointbert_checkpoint(point_sources["Point_Bert"]), path)
+    return path
+
+
+def truncated_copy(path: Path, target: Path) -> Path:
+    data = path.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+# --------------------------------------------------------------------------------------------- point
+
+
+def test_pointmae_official_layout_loads_exactly(pointmae_file, point_sources):
+    model = build_point_backbone("Point_MAE", path=pointmae_file, num_group=G, group_size=K)
+    assert_loaded(model, point_sources["Point_MAE"])
+    assert model.training and model.checkpoint_path == pointmae_file
+
+
+def test_pointmae_without_module_prefix_or_with_base_model_prefix(tmp_path, point_sources):
+    source = point_sources["Point_MAE"]
+    for prefix in ("MAE_encoder.", "base_model."):
+        path = tmp_path / f"{prefix}pth"
+        torch.save({"base_model": {prefix + k: v for k, v in source.items()}}, path)
+        assert_loaded(build_point_backbone("Point_MAE", path=path, num_group=G, group_size=K), source)
+
+
+def test_pointbert_official_layout_loads_query_encoder(pointbert_file, point_sources):
+    model = build_point_backbone("Point_Bert", path=pointbert_file, num_group=G, group_size=K)
+    assert_loaded(model, point_sources["Point_Bert"])
+
+
+def test_pointbert_without_cls_pos_is_rejected(tmp_path, point_sources):
+    path = tmp_path / "no_cls_pos.pth"
+    torch.save(pointbert_checkpoint(point_sources["Point_Bert"], drop=("cls_pos",)), path)
+    with pytest.raises(CheckpointError) as info:
+        build_point_backbone("Point_Bert", path=path, num_group=G, group_size=K)
+    assert str(path) in str(info.value) and "cls_pos" in str(info.value) and "1 missing" in str(info.value)
+
+
+@pytest.mark.parametrize("variant, wrong_file", [("Point_MAE", "pointbert_file"), ("Point_Bert", "pointmae_file")])
+def test_point_checkpoint_of_the_other_kind_is_rejected(request, variant, wrong_file):
+    path = request.getfixturevalue(wrong_file)
+    with pytest.raises(CheckpointError) as info:
+        build_point_backbone(variant, path=path, num_group=G, group_size=K)
+    message = str(info.value)
+    assert str(path) in message and "missing keys" in message
+
+
+def test_truncated_point_checkpoint_is_rejected(tmp_path, pointmae_file):
+    path = truncated_copy(pointmae_file, tmp_path / "pointmae_pretrain.pth")
+    with pytest.raises(CheckpointError, match="pointmae_pretrain.pth"):
+        build_point_backbone("Point_MAE", path=path, num_group=G, group_size=K)
+
+
+def test_point_checkpoint_without_base_model_is_rejected(tmp_path, point_sources):
+    path = tmp_path / "plain.pth"
+    torch.save(point_sources["Point_MAE"], path)
+    with pytest.raises(CheckpointError, match="base_model"):
+        build_point_backbone("Point_MAE", path=path, num_group=G, group_size=K)
+
+
+def test_point_default_path_is_used(tmp_path, pointmae_file, point_sources):
+    (tmp_path / "pointmae_pretrain.pth").write_bytes(pointmae_file.read_bytes())
+    model = build_point_backbone("Point_MAE", checkpoint_dir=tmp_path, num_group=G, group_size=K)
+    assert model.checkpoint_path == tmp_path / "pointmae_pretrain.pth"
+    assert_loaded(model, point_sources["Point_MAE"])
+
+
+@pytest.mark.parametrize("variant, file_name, url", [("Point_MAE", "pointmae_pretrain.pth", POINT_MAE_URL),
+                                                     ("Point_Bert", "Point-BERT.pth", POINT_BERT_URL)])
+def test_missing_point_checkpoint_names_download_and_target(tmp_path, variant, file_name, url):
+    with pytest.raises(CheckpointError) as info:
+        build_point_backbone(variant, checkpoint_dir=tmp_path, num_group=G, group_size=K)
+    assert url in str(info.value) and str(tmp_path / file_name) in str(info.value)
+
+
+def test_missing_explicit_point_path_is_an_error_even_with_random_init(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pth"):
+        build_point_backbone("Point_MAE", path=tmp_path / "nope.pth", random_init=True, num_group=G, group_size=K)
+
+
+def test_point_random_init_warns_loudly(tmp_path, capsys):
+    model = build_point_backbone("Point_MAE", random_init=True, checkpoint_dir=tmp_path, num_group=G, group_size=K)
+    assert isinstance(model, PointTransformer) and model.checkpoint_path is None
+    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+    build_point_backbone("Point_MAE", random_init=True, checkpoint_dir=tmp_path, num_group=G, group_size=K,
+                         quiet=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_default_checkpoint_available(tmp_path):
+    assert not default_checkpoint_available("xyz", "Point_MAE", checkpoint_dir=tmp_path)
+    assert not default_checkpoint_available("rgb", "vit_base_patch8_224_dino", hf_cache=False, checkpoint_dir=tmp_path)
+    (tmp_path / "pointmae_pretrain.pth").write_bytes(b"x")
+    (tmp_path / "dino_vitbase8_pretrain.pth").write_bytes(b"x")
+    assert default_checkpoint_available("xyz", "Point_MAE", checkpoint_dir=tmp_path)
+    assert not default_checkpoint_available("xyz", "Point_Bert", checkpoint_dir=tmp_path)
+    assert default_checkpoint_available("rgb", "vit_base_patch8_224_dino", hf_cache=False, checkpoint_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- RGB
+
+
+@pytest.fixture(scope="module")
+def vit_source() -> dict[str, torch.Tensor]:
+    return random_like(create_vit("vit_tiny_patch16_224", **TINY_VIT).state_dict(), seed=10)
+
+
+def test_dino_plain_release_loads_exactly(tmp_path, vit_source):
+    path = tmp_path / "dino_plain.pth"
+    torch.save(vit_source, path)
+    backbone = build_rgb_backbone("vit_tiny_patch16_224", path=path, hf_cache=False, **TINY_VIT)
+    assert_loaded(backbone.vit, vit_source)
+    assert backbone.checkpoint_path == path
+
+
+def test_dino_training_checkpoint_takes_teacher_backbone(tmp_path, vit_source, capsys):
+    student = random_like(vit_source, seed=11)
+    head = {"head.mlp.0.weight": torch.randn(64, 192), "head.last_layer.weight_g": torch.randn(1000, 1)}
+    checkpoint = {
+        "teacher": {**{f"backbone.{k}": v for k, v in vit_source.items()}, **head},
+        "student": {**{f"module.backbone.{k}": v for k, v in student.items()},
+                    **{f"module.{k}": v for k, v in head.items()}},
+        "optimizer": {}, "epoch": 100, "args": argparse.Namespace(arch="vit_tiny", patch_size=16),
+        "dino_loss": {"center": torch.zeros(1, 1000)},
+    }
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    backbone = build_rgb_backbone("vit_tiny_patch16_224", path=path, hf_cache=False, **TINY_VIT)
+    assert_loaded(backbone.vit, vit_source)
+    vit = create_vit("vit_tiny_patch16_224", **TINY_VIT)
+    load_rgb_weights(vit, path, dino_network="student")
+    assert_loaded(vit, student)
+
+
+def test_timm_safetensors_and_bin_ignore_classifier(tmp_path, vit_source):
+    with_head = {**vit_source, "head.weight": torch.randn(1000, 192), "head.bias": torch.randn(1000)}
+    st_path = tmp_path / "model.safetensors"
+    save_file(with_head, str(st_path))
+    bin_path = tmp_path / "pytorch_model.bin"
+    torch.save({"state_dict": with_head}, bin_path)
+    for path in (st_path, bin_path):
+        backbone = build_rgb_backbone("vit_tiny_patch16_224", path=path, hf_cache=False, **TINY_VIT)
+        assert_loaded(backbone.vit, vit_source)
+
+
+def test_vit_of_another_size_is_rejected(tmp_path, vit_source):
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(vit_source, path)
+    with pytest.raises(CheckpointError) as info:
+        build_rgb_backbone("vit_small_patch16_224", path=path, hf_cache=False, **TINY_VIT)
+    assert str(path) in str(info.value) and "wrong shape" in str(info.value)
+
+
+def test_vit_with_fewer_blocks_is_rejected(tmp_path, vit_source):
+    path = tmp_path / "vit_tiny_2blocks.pth"
+    torch.save(vit_source, path)
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.2\."):
+        build_rgb_backbone("vit_tiny_patch16_224", path=path, hf_cache=False, depth=3, img_size=32)
+
+
+def test_corrupt_rgb_files_are_rejected(tmp_path, vit_source):
+    st_path = tmp_path / "model.safetensors"
+    save_file(vit_source, str(st_path))
+    broken_st = truncated_copy(st_path, tmp_path / "broken.safetensors")
+    pth_path = tmp_path / "dino.pth"
+    torch.save(vit_source, pth_path)
+    broken_pth = truncated_copy(pth_path, tmp_path / "broken_dino.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for path in (broken_st, broken_pth, garbage):
+        with pytest.raises(CheckpointError, match=path.name):
+            read_checkpoint(path)
+
+
+def fake_hf_cache(cache_dir: Path, repo_id: str, filename: str, state: dict[str, torch.Tensor]) -> Path:
+    """Minimal Hugging Face hub cache layout: refs/main -> snapshots/<commit>/<file>."""
+    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file(state, str(snapshot / filename))
+    return snapshot / filename
+
+
+def test_hf_cache_lookup_and_use(tmp_path, vit_source):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    assert find_hf_cache_file("vit_tiny_patch16_224.augreg_in21k_ft_in1k", cache) is None
+    stored = fake_hf_cache(cache, "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "model.safetensors",
+                           {**vit_source, "head.weight": torch.randn(1000, 192), "head.bias": torch.randn(1000)})
+    assert find_hf_cache_file("vit_tiny_patch16_224.augreg_in21k_ft_in1k", cache) == stored
+    assert find_hf_cache_file("vit_tiny_patch16_224", cache) == stored  # default tag
+    assert find_hf_cache_file("vit_small_patch16_224", cache) is None
+    backbone = build_rgb_backbone("vit_tiny_patch16_224", checkpoint_dir=tmp_path / "none", hf_cache=cache,
+                                  **TINY_VIT)
+    assert backbone.checkpoint_path == stored
+    assert_loaded(backbone.vit, vit_source)
+
+
+def test_rgb_default_path_resolution(tmp_path):
+    target = tmp_path / "dino_vitbase8_pretrain.pth"
+    target.write_bytes(b"placeholder")
+    assert resolve_rgb_checkpoint("vit_base_patch8_224_dino", checkpoint_dir=tmp_path, hf_cache=False) == target
+    small = tmp_path / "dino_deitsmall8_pretrain.pth"
+    small.write_bytes(b"placeholder")
+    assert resolve_rgb_checkpoint("vit_small_patch8_224_dino", checkpoint_dir=tmp_path, hf_cache=False) == small
+
+
+def test_missing_dino_checkpoint_names_download_and_target(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        build_rgb_backbone("vit_base_patch8_224_dino", checkpoint_dir=tmp_path, hf_cache=tmp_path)
+    message = str(info.value)
+    assert DINO_VITB8_URL in message and str(tmp_path / "dino_vitbase8_pretrain.pth") in message
+
+
+def test_missing_supervised_vit_points_to_timm_weights(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        resolve_rgb_checkpoint("vit_base_patch8_224", checkpoint_dir=tmp_path, hf_cache=tmp_path)
+    message = str(info.value)
+    assert "huggingface.co/timm/vit_base_patch8_224.augreg_in21k_ft_in1k" in message
+    assert str(tmp_path / "vit_base_patch8_224.augreg_in21k_ft_in1k.safetensors") in message
+
+
+# ------------------------------------------------------------------------------------------ load_strict
+
+
+def test_load_strict_reports_counts_and_ignores_extra_keys(tmp_path):
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    good = {"0.weight": torch.ones(4, 3), "0.bias": torch.zeros(4), "1.weight": torch.ones(4),
+            "1.bias": torch.zeros(4), "extra.weight": torch.ones(1)}
+    assert load_strict(module, good, "file.pth") == ["extra.weight"]
+    assert torch.equal(module[0].weight, torch.ones(4, 3))
+    bad = {"0.weight": torch.ones(5, 3), "1.weight": torch.ones(4), "extra.weight": torch.ones(1)}
+    with pytest.raises(CheckpointError) as info:
+        load_strict(module, bad, "some/file.pth")
+    message = str(info.value)
+    assert "some/file.pth" in message
+    assert "2 missing keys: 0.bias, 1.bias" in message
+    assert "1 keys with the wrong shape" in message and "0.weight" in message
+    assert "1 unexpected keys: extra.weight" in message
+    assert load_strict(module, {"0.weight": torch.ones(4, 3), "0.bias": torch.zeros(4)}, "f",
+                       ignore_prefixes=("1.",)) == []

@@ -1,0 +1,177 @@
+"""UFF fusion block (spec §7.1), its contrastive loss (§7.2) on one process and across DDP processes, and the
+strict checkpoint loader (§7.6, quirk 24)."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from m3dm.uff.block import FeatureFusionBlock, load_fusion_block
+from m3dm.errors import CheckpointError
+
+C = 24  # a small RGB width keeps these tests fast; the block is built for any width
+
+
+def sample_batch(batch: int, patches: int, rgb_dim: int = C, seed: int = 0):
+    """Random inputs with empty xyz patches (all zero) and patches with a single zero entry (also dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    xyz = torch.randn(batch, patches, 1152, generator=g)
+    rgb = torch.randn(batch, patches, rgb_dim, generator=g)
+    for b in range(batch):
+        xyz[b, : 2 + 3 * b] = 0.0  # a different number of empty patches per sample
+        xyz[b, -1, 7] = 0.0
+    return xyz, rgb
+
+
+def loop_loss(block: FeatureFusionBlock, xyz: torch.Tensor, rgb: torch.Tensor) -> float:
+    """The reference loss written out row by row in float64: CE of each kept RGB query against all kept keys."""
+    T = block.temperature
+    with torch.no_grad():
+        xyz_part = F.linear(F.gelu(F.linear(F.layer_norm(xyz, (1152,), block.xyz_norm.weight, block.xyz_norm.bias),
+                                            block.xyz_mlp.fc1.weight, block.xyz_mlp.fc1.bias)),
+                            block.xyz_mlp.fc2.weight, block.xyz_mlp.fc2.bias)
+        rgb_part = F.linear(F.gelu(F.linear(F.layer_norm(rgb, (rgb.shape[-1],), block.rgb_norm.weight,
+                                                         block.rgb_norm.bias),
+                                            block.rgb_mlp.fc1.weight, block.rgb_mlp.fc1.bias)),
+                            block.rgb_mlp.fc2.weight, block.rgb_mlp.fc2.bias)
+        queries, keys = [], []
+        for b in range(xyz.shape[0]):
+            for p in range(xyz.shape[1]):
+                if all(float(v) != 0.0 for v in xyz[b, p]):
+                    queries.append(block.rgb_head(rgb_part[b, p]).double())
+                    keys.append(block.xyz_head(xyz_part[b, p]).double())
+    queries = [q / q.norm() for q in queries]
+    keys = [k / k.norm() for k in keys]
+    total = 0.0
+    for i, q in enumerate(queries):
+        scores = [float(q @ k) / T for k in keys]
+        total += -(scores[i] - math.log(sum(math.exp(s) for s in scores)))
+    return total / len(queries) * 2 * T
+
+
+def test_block_has_the_reference_parameters():
+    block = FeatureFusionBlock(1152, 768, mlp_ratio=4)
+    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    assert shapes == {
+        "xyz_norm.weight": (1152,), "xyz_norm.bias": (1152,),
+        "xyz_mlp.fc1.weight": (4608, 1152), "xyz_mlp.fc1.bias": (4608,),
+        "xyz_mlp.fc2.weight": (1152, 4608), "xyz_mlp.fc2.bias": (1152,),
+        "rgb_norm.weight": (768,), "rgb_norm.bias": (768,),
+        "rgb_mlp.fc1.weight": (3072, 768), "rgb_mlp.fc1.bias": (3072,),
+        "rgb_mlp.fc2.weight": (768, 3072), "rgb_mlp.fc2.bias": (768,),
+        "rgb_head.weight": (256, 768), "rgb_head.bias": (256,),
+        "xyz_head.weight": (256, 1152), "xyz_head.bias": (256,),
+    }
+    assert block.temperature == 1.0
+
+
+def test_feature_fusion_is_norm_then_mlp_per_modality_xyz_first():
+    torch.manual_seed(0)
+    block = FeatureFusionBlock(rgb_dim=C)
+    xyz, rgb = sample_batch(2, 5)
+    fused = block.feature_fusion(xyz, rgb)
+    assert fused.shape == (2, 5, 1152 + C)
+    for b in range(2):
+        for p in range(5):
+            x = F.layer_norm(xyz[b, p], (1152,), block.xyz_norm.weight, block.xyz_norm.bias)
+            x = block.xyz_mlp.fc2.weight @ F.gelu(block.xyz_mlp.fc1.weight @ x + block.xyz_mlp.fc1.bias) \
+                + block.xyz_mlp.fc2.bias
+            r = F.layer_norm(rgb[b, p], (C,), block.rgb_norm.weight, block.rgb_norm.bias)
+            r = block.rgb_mlp.fc2.weight @ F.gelu(block.rgb_mlp.fc1.weight @ r + block.rgb_mlp.fc1.bias) \
+                + block.rgb_mlp.fc2.bias
+            torch.testing.assert_close(fused[b, p], torch.cat([x, r]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_loss_equals_row_by_row_cross_entropy_times_two_t(temperature):
+    torch.manual_seed(0)
+    block = FeatureFusionBlock(rgb_dim=C, temperature=temperature)
+    xyz, rgb = sample_batch(3, 10)
+    kept = sum(1 for b in range(3) for p in range(10) if (xyz[b, p] != 0).all())
+    assert kept == 7 + 4 + 1
+    loss = block(xyz, rgb)
+    assert loss.ndim == 0 and loss.requires_grad
+    assert loss.item() == pytest.approx(loop_loss(block, xyz, rgb), rel=1e-5)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, data: dict, out_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(FeatureFusionBlock(rgb_dim=C))
+    start, stop = data["splits"][rank]
+    loss = model(data["xyz"][start:stop], data["rgb"][start:stop])
+    loss.backward()
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        torch.save({"loss": torch.stack(losses).mean(),
+                    "grads": {n: p.grad for n, p in model.module.named_parameters()}}, out_file)
+    dist.destroy_process_group()
+
+
+def test_two_ddp_processes_give_the_single_process_loss_and_gradients(tmp_path):
+    """Uneven shares (1 and 2 samples, different numbers of kept patches): the DDP-averaged gradients and the
+    mean of the per-process losses equal the loss and gradients of the whole batch on one process."""
+    xyz, rgb = sample_batch(3, 40, seed=3)
+    data = {"xyz": xyz, "rgb": rgb, "splits": [(0, 1), (1, 3)]}
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), data, str(tmp_path / "out.pt")), nprocs=2, join=True)
+    distributed = torch.load(tmp_path / "out.pt", weights_only=True)
+
+    torch.manual_seed(0)
+    block = FeatureFusionBlock(rgb_dim=C)
+    loss = block(xyz, rgb)
+    loss.backward()
+    assert float(distributed["loss"]) == pytest.approx(loss.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(loop_loss(block, xyz, rgb), rel=1e-5)
+    for name, param in block.named_parameters():
+        torch.testing.assert_close(distributed["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------- loader
+
+def save_checkpoint(path, model_state, **extra) -> None:
+    torch.save({"model": model_state, "optimizer": {}, "epoch": 0, **extra}, path)
+
+
+def test_loader_restores_the_weights_strictly(tmp_path):
+    torch.manual_seed(4)
+    trained = FeatureFusionBlock(rgb_dim=C)
+    save_checkpoint(tmp_path / "uff.pth", trained.state_dict(), args={"rgb_dim": C})
+    block = load_fusion_block(tmp_path / "uff.pth", rgb_dim=C)
+    assert not block.training
+    for name, value in trained.state_dict().items():
+        assert torch.equal(block.state_dict()[name], value)
+
+
+def test_loader_refuses_a_wrong_file_naming_the_missing_keys(tmp_path):
+    state = {k: v for k, v in FeatureFusionBlock(rgb_dim=C).state_dict().items() if not k.startswith("xyz_head")}
+    state["proj.weight"] = torch.zeros(3)
+    save_checkpoint(tmp_path / "wrong.pth", state)
+    with pytest.raises(CheckpointError, match="wrong.pth") as error:
+        load_fusion_block(tmp_path / "wrong.pth", rgb_dim=C)
+    assert "xyz_head.bias" in str(error.value) and "xyz_head.weight" in str(error.value)
+    assert "proj.weight" in str(error.value)
+
+    torch.save(FeatureFusionBlock(rgb_dim=C).state_dict(), tmp_path / "bare.pth")  # no {'model': ...}
+    with pytest.raises(CheckpointError, match="'model'"):
+        load_fusion_block(tmp_path / "bare.pth", rgb_dim=C)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        load_fusion_block(tmp_path / "junk.pth", rgb_dim=C)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_fusion_block(tmp_path / "absent.pth", rgb_dim=C)
+
+
+@pytest.mark.parametrize("with_args", [True, False])
+def test_loader_refuses_another_rgb_width(tmp_path, with_args):
+    """Width from the checkpoint's args when there (ours), else from the RGB LayerNorm (the reference's files)."""
+    extra = {"args": {"rgb_dim": 32}} if with_args else {}
+    save_checkpoint(tmp_path / "uff.pth", FeatureFusionBlock(rgb_dim=32).state_dict(), **extra)
+    with pytest.raises(CheckpointError, match="width 32.*gives 24"):
+        load_fusion_block(tmp_path / "uff.pth", rgb_dim=C)
+    assert load_fusion_block(tmp_path / "uff.pth", rgb_dim=32).rgb_dim == 32
