@@ -22,4 +22,6 @@ fi
 if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
+# the package itself, editable: `import m3dm` from anywhere, and the console scripts (m3dm, m3dm-predict, ...)
+.venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/python -c "import torch, timm, open3d; print(f'installed: torch {torch.__version__}, timm {timm.__version__}, open3d {open3d.__version__}')"
