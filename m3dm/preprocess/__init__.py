@@ -1,0 +1,1 @@
+"""Preprocessing: MVTec 3D-AD cleaning (plane removal, padding, DBSCAN) and the Eyecandies conversion."""
