@@ -7,9 +7,11 @@
 See docs/uff_pretraining.md; the work is done by ``m3dm.uff.pretrain``.
 """
 
+import logging
 import sys
 
 from m3dm.uff.pretrain import main
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # rank 0's progress messages, on stderr
     sys.exit(main())

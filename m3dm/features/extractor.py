@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from m3dm.features.alignment import pfa_patches, rgb_to_patch_grid, valid_points
+from m3dm.config import BackboneSettings
 from m3dm.errors import DataError
+from m3dm.features.alignment import pfa_patches, rgb_to_patch_grid, valid_points
+from m3dm.features.weights import build_point_backbone, build_rgb_backbone
 
 XYZ_PATCH_GRID = 56  # PFA output grid: 56 x 56 = 3136 patches
 
@@ -51,7 +53,19 @@ class FeatureExtractor:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.precision = precision
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)  # the point backbone's DropPath draws
+
+    def rng_state(self) -> torch.Tensor:
+        """The state of the DropPath generator (a fitted model stores it to draw the same features again)."""
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Continue the DropPath draws from a state returned by ``rng_state``."""
+        self.generator.set_state(state)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the DropPath draws from ``seed`` (as a fresh extractor with that seed would)."""
+        self.generator.manual_seed(seed)
 
     @torch.no_grad()
     def __call__(self, rgb: torch.Tensor, pc: torch.Tensor, names: list[str] | None = None) -> list[SampleFeatures]:
@@ -69,8 +83,9 @@ class FeatureExtractor:
         return out
 
     def _autocast(self):
-        """bfloat16 matrix products in both backbones (``--precision bf16``): about 2x faster on CPUs with
-        AVX-512 BF16 and on GPUs, features within about 1 % of float32; off by default (exact parity)."""
+        """bfloat16 matrix products in both backbones (``--precision bf16``): faster where the hardware multiplies
+        bfloat16 natively (CPUs with AVX-512 BF16 or AMX, GPUs; figures in benchmarks/README.md), features within
+        about 1 % of float32; off by default (exact parity)."""
         if self.precision == "fp32":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -92,3 +107,20 @@ class FeatureExtractor:
             patches = pfa_patches(clouds[i], flat_indices[i], centres[i], group_features[i].T, self.img_size,
                                   XYZ_PATCH_GRID, clamp=self.clamp_pfa)
             sample.xyz = patches.float().cpu()
+
+
+def build_extractor(backbones: BackboneSettings, *, needs_rgb: bool, needs_xyz: bool, device, seed: int,
+                    clamp_pfa: bool) -> FeatureExtractor:
+    """The backbones a method needs, from their weight files (or random weights with ``random_init``): the RGB
+    ViT in eval mode, the point backbone in the reference's training mode unless ``backbone_eval`` (spec §5.4)."""
+    rgb = point = None
+    if needs_rgb:
+        rgb = build_rgb_backbone(backbones.rgb_backbone_name, backbones.rgb_checkpoint,
+                                 random_init=backbones.random_init).eval()
+    if needs_xyz:
+        point = build_point_backbone(backbones.xyz_backbone_name, backbones.xyz_checkpoint,
+                                     random_init=backbones.random_init, num_group=backbones.num_group,
+                                     group_size=backbones.group_size)
+        point.train(not backbones.backbone_eval)
+    return FeatureExtractor(rgb, point, img_size=backbones.img_size, device=device, seed=seed, clamp_pfa=clamp_pfa,
+                            precision=backbones.precision)

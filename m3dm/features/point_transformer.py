@@ -31,11 +31,12 @@ that by default (a fresh `nn.Module` is in training mode) and makes it exact for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from torch import Tensor, nn
 
 from m3dm.features.pointops import group_points
@@ -55,7 +56,7 @@ def _batch_norm_relu_(bn: nn.BatchNorm1d, x: Tensor) -> Tensor:
     statistics. In place (without autograd) because these are the largest tensors of the forward (0.5 GB per
     cloud): fresh ones cost more in page faults than the arithmetic."""
     if bn.training:
-        # two passes (mean, then mean of squared deviations): 3x faster than var_mean over the strided point axis
+        # two passes (mean, then mean of squared deviations): faster than var_mean over the strided point axis
         mean = x.mean(dim=1, keepdim=True)
         var = (x - mean).square_().mean(dim=1, keepdim=True)
     else:
@@ -105,16 +106,6 @@ class MiniPointNet(nn.Module):
         return x.view(batch, groups, size, -1).amax(dim=2)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Attention(nn.Module):
     """Multi-head self-attention, qkv without bias, scale head_dim^-0.5."""
 
@@ -141,7 +132,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, dim * MLP_RATIO)
+        self.mlp = Mlp(dim, dim * MLP_RATIO)  # fc1 -> exact GELU -> fc2, dropout 0 (the official keys)
 
     def forward(self, x: Tensor, branch_scales: Tensor | None = None) -> Tensor:
         """`branch_scales`: `(B, 2)` multipliers for the attention / MLP branch, None = keep all."""
@@ -198,7 +189,7 @@ class PointTransformer(nn.Module):
         self.drop_path_rates = [rate.item() for rate in torch.linspace(0, DROP_PATH_RATE, DEPTH)]
         self.blocks = TransformerEncoder(TRANS_DIM, NUM_HEADS, DEPTH)
         self.norm = nn.LayerNorm(TRANS_DIM)
-        self.checkpoint_path: Path | None = None  # set by checkpoints.build_point_backbone
+        self.checkpoint_path: Path | None = None  # the weight file, set by weights.build_point_backbone
 
     @property
     def feature_dim(self) -> int:

@@ -14,12 +14,12 @@ from torch import Tensor
 
 try:  # optional CUDA extensions used by the reference
     from pointnet2_ops import pointnet2_utils as _pointnet2_utils
-except Exception:  # noqa: BLE001 - any import/ABI failure means "not available"
+except Exception:
     _pointnet2_utils = None
 
 try:
     from knn_cuda import KNN as _CudaKNN
-except Exception:  # noqa: BLE001
+except Exception:
     _CudaKNN = None
 
 FPS_INITIAL_DISTANCE = 1e10
@@ -51,7 +51,7 @@ def farthest_point_sample(points: Tensor, n_samples: int) -> Tensor:
     """
     if points.is_cuda and _pointnet2_utils is not None and points.dtype == torch.float32:
         return _pointnet2_utils.furthest_point_sample(points.contiguous(), n_samples).long()
-    batch, n_points, _ = points.shape
+    batch = points.shape[0]
     x, y, z = (coord.contiguous() for coord in points.unbind(-1))
     # the kernel compares a float magnitude with the double literal 1e-3, so compare in float64
     selectable = (x * x + y * y + z * z).double() > FPS_MIN_SQUARED_NORM

@@ -1,8 +1,9 @@
 """RGB backbone: a timm Vision Transformer returning its last-block patch tokens as a feature map (spec §5.1).
 
 The reference calls `timm.create_model(name, pretrained=True)` with timm-0.6 names. Here the model is always
-built with `pretrained=False` (nothing is ever downloaded) and its weights come from
-`m3dm.features.weights` (official DINO file, a timm state dict, or an offline Hugging Face cache).
+built with `pretrained=False` (nothing is ever downloaded) and its weights are loaded by
+`m3dm.features.weights.build_rgb_backbone` (official DINO file, a timm state dict, or an offline Hugging Face
+cache).
 
 Forward (same as the reference): patch embedding -> prefix tokens + positional embedding -> `norm_pre` ->
 all blocks -> final `norm` -> prefix tokens (CLS / registers) dropped -> `(B, C, H/p, W/p)`, token t at cell
@@ -48,30 +49,19 @@ def create_vit(name: str, **timm_kwargs: Any) -> nn.Module:
 
 
 class RGBBackbone(nn.Module):
-    """timm ViT feature extractor: `forward(rgb (B, 3, H, W)) -> (B, C, H/p, W/p)`.
+    """timm ViT feature extractor: `forward(rgb (B, 3, H, W)) -> (B, C, H/p, W/p)`, randomly initialised.
 
-    Weights: `checkpoint` (explicit file) -> the default file under `checkpoint_dir` -> the offline Hugging
-    Face cache (if `hf_cache`: True for the default cache, or a cache directory) -> otherwise a
-    `CheckpointError` that names the file to download, unless `random_init` (then random weights with a loud
-    warning; `quiet` silences it, for benchmarks). Extra keyword arguments go to `timm.create_model`
-    (e.g. `depth=2` or `img_size=64` in tests).
+    It reads no file: `m3dm.features.weights.build_rgb_backbone` loads its weights and records the file in
+    `checkpoint_path`. Extra keyword arguments go to `timm.create_model` (e.g. `depth=2` or `img_size=64` in
+    tests).
     """
 
-    def __init__(self, name: str = DEFAULT_RGB_BACKBONE, checkpoint: str | Path | None = None,
-                 random_init: bool = False, hf_cache: bool | str | Path = True,
-                 checkpoint_dir: str | Path = "checkpoints", quiet: bool = False, **timm_kwargs: Any) -> None:
+    def __init__(self, name: str = DEFAULT_RGB_BACKBONE, **timm_kwargs: Any) -> None:
         super().__init__()
-        # Imported here: checkpoints imports this module for build_rgb_backbone.
-        from m3dm.features.weights import load_rgb_weights, resolve_rgb_checkpoint
-
         self.name = name
         self.timm_name = timm_model_name(name)
-        source = resolve_rgb_checkpoint(name, checkpoint, random_init=random_init, hf_cache=hf_cache,
-                                        checkpoint_dir=checkpoint_dir, quiet=quiet)
         self.vit = create_vit(name, **timm_kwargs)
-        self.checkpoint_path = source
-        if source is not None:
-            load_rgb_weights(self.vit, source)
+        self.checkpoint_path: Path | None = None  # the weight file, set by weights.build_rgb_backbone
 
     @property
     def feature_dim(self) -> int:

@@ -1,6 +1,6 @@
-"""Reading the official backbone checkpoints and loading them strictly (spec §5.3, quirks 15 and 16).
+"""Every weight file of the project read by one reader and loaded by one strict loader, and the backbone builders.
 
-Formats (each reader returns a flat state dict in our module's names):
+Formats (spec §5.3, §7.6, quirks 15, 16 and 24); each is turned into a flat state dict in our module's names:
 
 * Point-MAE `pretrain.pth`: `ckpt['base_model']`; every `module.` removed; keys starting with `MAE_encoder`
   lose `MAE_encoder.`, keys starting with `base_model` lose `base_model.`, others are kept as they are (the
@@ -14,60 +14,36 @@ Formats (each reader returns a flat state dict in our module's names):
   projection `head.*` is dropped.
 * timm state dicts: `.safetensors` (Hugging Face `model.safetensors`), `.bin` / `.pth` (optionally wrapped in
   `model` / `state_dict`). The classifier `head.*` and `fc_norm.*` are ignored when our model has none.
+* `fusion_pretrain.py` checkpoints (the UFF block, and `--resume`): `{'model', 'optimizer', 'epoch', 'scaler',
+  'args'}`, of which only the `model` state dict is required; the reference's files pickle `args` as an
+  argparse namespace, ours store a plain dict with `rgb_dim`.
 
 Unlike the reference (`strict=False`, silent random weights on a wrong file), `load_strict` raises a
-`CheckpointError` naming the file and the missing / wrong-shape keys; checkpoint keys that are not part of
-the backbone are ignored. Files are loaded on the CPU (`map_location='cpu'`), with `weights_only=True` first
-and a full unpickle only if that is refused (official training checkpoints pickle argparse namespaces).
+`CheckpointError` naming the file and the missing / wrong-shape keys (and, where the checkpoint must hold
+nothing else, as for the UFF block, the unexpected ones). Files are loaded on the CPU, with `weights_only=True`
+first and a full unpickle only if that is refused (official training checkpoints pickle argparse namespaces).
+Nothing is downloaded at run time: a URL is refused.
 
-Weight resolution (`build_rgb_backbone`, `build_point_backbone`): explicit path -> default file under
-`checkpoints/` -> offline Hugging Face cache (RGB only, never downloads) -> `CheckpointError` telling which
-file to download and where to put it, or, with `random_init=True`, random weights and a loud warning.
+The architectures (`RGBBackbone`, `PointTransformer`) never read files: `build_rgb_backbone` and
+`build_point_backbone` find the file (`m3dm.features.weight_files`), create the module, load it strictly and
+record the file in the module's `checkpoint_path` (None for random weights).
 """
 
 from __future__ import annotations
 
-from m3dm.errors import CheckpointError  # noqa: F401 (re-exported)
-
 import pickle
-import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from m3dm.errors import CheckpointError
 from m3dm.features.point_transformer import VARIANT_ENCODER_DIMS, PointTransformer
-from m3dm.features.vit import DEFAULT_RGB_BACKBONE, RGBBackbone, timm_model_name
+from m3dm.features.vit import DEFAULT_RGB_BACKBONE, RGBBackbone
+from m3dm.features.weight_files import CHECKPOINT_DIR, resolve_point_checkpoint, resolve_rgb_checkpoint
 
-CHECKPOINT_DIR = Path("checkpoints")
-
-DINO_VITB8_FILE = "dino_vitbase8_pretrain.pth"
-DINO_VITS8_FILE = "dino_deitsmall8_pretrain.pth"
-POINT_MAE_FILE = "pointmae_pretrain.pth"
-POINT_BERT_FILE = "Point-BERT.pth"
-
-DINO_VITB8_PATH = CHECKPOINT_DIR / DINO_VITB8_FILE
-DINO_VITS8_PATH = CHECKPOINT_DIR / DINO_VITS8_FILE
-POINT_MAE_PATH = CHECKPOINT_DIR / POINT_MAE_FILE
-POINT_BERT_PATH = CHECKPOINT_DIR / POINT_BERT_FILE
-
-DINO_VITB8_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"
-DINO_VITS8_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth"
-POINT_MAE_URL = "https://github.com/Pang-Yatian/Point-MAE/releases/download/main/pretrain.pth"
-# "Point-BERT" row of the Pretrained Models table in the Point-BERT README (github.com/lulutang0608/Point-BERT).
-POINT_BERT_URL = "https://cloud.tsinghua.edu.cn/f/202b29805eea45d7be92/?dl=1"
-
-# timm name -> (default file name under the checkpoint directory, official download URL).
-RGB_DEFAULT_FILES = {
-    "vit_base_patch8_224.dino": (DINO_VITB8_FILE, DINO_VITB8_URL),
-    "vit_small_patch8_224.dino": (DINO_VITS8_FILE, DINO_VITS8_URL),
-}
-POINT_DEFAULT_FILES = {
-    "Point_MAE": (POINT_MAE_FILE, POINT_MAE_URL),
-    "Point_Bert": (POINT_BERT_FILE, POINT_BERT_URL),
-}
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 RGB_OPTIONAL_PREFIXES = ("head.", "fc_norm.")
 LISTED_KEYS = 10
 
@@ -75,11 +51,17 @@ LISTED_KEYS = 10
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: str | Path) -> Any:
-    """Load a `.safetensors` / torch file on the CPU; any failure -> `CheckpointError` naming the file."""
+def read_checkpoint(path: str | Path, kind: str = "checkpoint", missing_hint: str = "") -> Any:
+    """Load a `.safetensors` / torch file on the CPU; any failure -> `CheckpointError` naming the file.
+
+    `kind` names the file in the messages (e.g. "UFF checkpoint"), `missing_hint` says how to get a missing one.
+    """
+    if str(path).startswith(("http://", "https://")):  # the reference downloads; this project never does
+        raise CheckpointError(f"{kind} {path}: nothing is downloaded at run time; download the file yourself and "
+                              f"pass its local path")
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
+        raise CheckpointError(f"{kind} file {path} does not exist" + (f". {missing_hint}" if missing_hint else ""))
     if path.suffix == ".npz":
         raise CheckpointError(f"{path}: JAX .npz checkpoints are not supported; use the timm conversion "
                               "(model.safetensors of the corresponding timm/<model> Hugging Face repository)")
@@ -93,44 +75,53 @@ def read_checkpoint(path: str | Path) -> Any:
             # Refused by the weights-only unpickler (e.g. a pickled argparse.Namespace): official files.
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated zip, bad header, pickle garbage, ...
-        raise CheckpointError(f"cannot read checkpoint file {path} (corrupt or truncated?): "
+        raise CheckpointError(f"cannot read {kind} file {path} (corrupt or truncated?): "
                               f"{type(error).__name__}: {error}") from error
 
 
 def _state_dict_entry(checkpoint: Any, key: str, path: Path, kind: str) -> dict[str, Any]:
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get(key), Mapping):
         found = sorted(checkpoint)[:LISTED_KEYS] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
-        raise CheckpointError(f"{path} is not an official {kind} checkpoint: no {key!r} entry (found {found})")
+        raise CheckpointError(f"{path} is not a checkpoint of the {kind} format: no {key!r} state dict "
+                              f"(found {found})")
     return dict(checkpoint[key])
+
+
+def _renamed_base_model(path: str | Path, kind: str, rename: Callable[[str], str | None]) -> dict[str, Any]:
+    """`ckpt['base_model']` of an official point checkpoint, `module.` removed, keys renamed (None: dropped)."""
+    path = Path(path)
+    base = _state_dict_entry(read_checkpoint(path), "base_model", path, f"official {kind}")
+    mapped = {}
+    for key, value in base.items():
+        name = rename(key.replace("module.", ""))
+        if name is not None:
+            mapped[name] = value
+    return mapped
+
+
+def _point_mae_name(key: str) -> str:
+    for prefix in ("MAE_encoder.", "base_model."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _point_bert_name(key: str) -> str | None:
+    if key.startswith("transformer_q.") and not key.startswith("transformer_q.cls_head"):
+        return key[len("transformer_q."):]
+    if key.startswith("base_model."):
+        return key[len("base_model."):]
+    return None
 
 
 def point_mae_state_dict(path: str | Path) -> dict[str, Any]:
     """Official Point-MAE pretraining checkpoint -> our `PointTransformer` names (reference mapping)."""
-    path = Path(path)
-    base = _state_dict_entry(read_checkpoint(path), "base_model", path, "Point-MAE")
-    mapped = {}
-    for key, value in base.items():
-        key = key.replace("module.", "")
-        for prefix in ("MAE_encoder.", "base_model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        mapped[key] = value
-    return mapped
+    return _renamed_base_model(path, "Point-MAE", _point_mae_name)
 
 
 def point_bert_state_dict(path: str | Path) -> dict[str, Any]:
     """Official Point-BERT pretraining checkpoint -> our names: `transformer_q.*` without `cls_head*`."""
-    path = Path(path)
-    base = _state_dict_entry(read_checkpoint(path), "base_model", path, "Point-BERT")
-    mapped = {}
-    for key, value in base.items():
-        key = key.replace("module.", "")
-        if key.startswith("transformer_q.") and not key.startswith("transformer_q.cls_head"):
-            mapped[key[len("transformer_q."):]] = value
-        elif key.startswith("base_model."):
-            mapped[key[len("base_model."):]] = value
-    return mapped
+    return _renamed_base_model(path, "Point-BERT", _point_bert_name)
 
 
 def _strip_prefix_everywhere(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -158,6 +149,23 @@ def rgb_state_dict(path: str | Path, dino_network: str = "teacher") -> dict[str,
     return dict(state)
 
 
+def read_uff_checkpoint(path: str | Path, kind: str = "UFF checkpoint", missing_hint: str = "") -> dict[str, Any]:
+    """A `fusion_pretrain.py` checkpoint as a dict whose `model` entry is a state dict (the other entries as
+    stored); an unreadable file or one without `model` is a `CheckpointError` naming it."""
+    checkpoint = read_checkpoint(path, kind, missing_hint)
+    _state_dict_entry(checkpoint, "model", Path(path), f"fusion_pretrain.py ({kind})")
+    return dict(checkpoint)
+
+
+def uff_checkpoint_rgb_dim(checkpoint: Mapping[str, Any]) -> int | None:
+    """The RGB width a UFF checkpoint was trained for: `args['rgb_dim']` (ours) or the RGB LayerNorm's size."""
+    args = checkpoint.get("args")
+    width = args.get("rgb_dim") if isinstance(args, Mapping) else getattr(args, "rgb_dim", None)
+    if width is None and "rgb_norm.weight" in checkpoint["model"]:
+        width = checkpoint["model"]["rgb_norm.weight"].shape[0]
+    return None if width is None else int(width)
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
@@ -167,12 +175,14 @@ def _listed(keys: list[str]) -> str:
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, Any], path: str | Path,
-                ignore_prefixes: Iterable[str] = ()) -> list[str]:
+                ignore_prefixes: Iterable[str] = (), *, allow_unexpected: bool = True,
+                description: str | None = None) -> list[str]:
     """Copy `state_dict` into `module`; every module key must be present with the right shape.
 
     Module keys under `ignore_prefixes` may be absent, BatchNorm `num_batches_tracked` counters too.
-    Checkpoint keys the module does not have are ignored and returned. Otherwise a `CheckpointError` names
-    the file, the counts and the first keys of each kind (missing / wrong shape / unexpected).
+    Checkpoint keys the module does not have are returned, or, without `allow_unexpected`, an error.
+    Otherwise a `CheckpointError` names the file, what it should hold (`description`, default the module's
+    class), the counts and the first keys of each kind (missing / wrong shape / unexpected).
     """
     ignore = tuple(ignore_prefixes)
     expected = module.state_dict()
@@ -187,13 +197,13 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, Any], path: str | Pa
             elif value.shape != target.shape:
                 wrong_shape.append(f"{key}: file {tuple(value.shape)} vs model {tuple(target.shape)}")
     unexpected = [key for key in state_dict if key not in expected and not key.startswith(ignore)]
-    if missing or wrong_shape:
-        lines = [f"checkpoint {path} does not fit {type(module).__name__}"
+    if missing or wrong_shape or (unexpected and not allow_unexpected):
+        lines = [f"checkpoint {path} does not fit {description or type(module).__name__}"
                  f" ({len(expected)} keys expected):"]
         if missing:
             lines.append(f"  {len(missing)} missing keys: {_listed(missing)}")
             if len(missing) + len(wrong_shape) == len(expected):
-                lines.append("  no backbone key matched: wrong kind of checkpoint for this backbone?")
+                lines.append("  no key of the model matched: wrong kind of checkpoint for this model?")
         if wrong_shape:
             lines.append(f"  {len(wrong_shape)} keys with the wrong shape (another architecture?): "
                          f"{_listed(wrong_shape)}")
@@ -219,122 +229,22 @@ def load_point_weights(model: PointTransformer, path: str | Path) -> list[str]:
     return load_strict(model, reader(path), path)
 
 
-# -------------------------------------------------------------------------------------------- resolution
-
-
-def _hf_weights_location(timm_name: str) -> tuple[str, tuple[str, ...]] | None:
-    """(Hugging Face repository id, candidate weight file names) from timm's pretrained config, or None."""
-    try:
-        from timm.models import get_pretrained_cfg
-        cfg = get_pretrained_cfg(timm_model_name(timm_name))
-    except Exception:  # unknown name or tag
-        return None
-    repo_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo_id:
-        return None
-    if repo_id.endswith("/"):
-        repo_id += f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
-    filename = getattr(cfg, "hf_hub_filename", None)
-    return repo_id, (filename,) if filename else HF_WEIGHT_FILES
-
-
-def find_hf_cache_file(timm_name: str, cache_dir: str | Path | None = None) -> Path | None:
-    """Weights of a timm model already in the Hugging Face cache (offline lookup only), else None."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    location = _hf_weights_location(timm_name)
-    if location is None:
-        return None
-    repo_id, filenames = location
-    for filename in filenames:
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=None if cache_dir is None else str(cache_dir))
-        if isinstance(found, str) and Path(found).is_file():
-            return Path(found)
-    return None
-
-
-def warn_random_weights(what: str, detail: str) -> None:
-    """Loud stderr banner: a backbone runs with random weights."""
-    bar = "!" * 88
-    print(f"\n{bar}\n!!! RANDOM WEIGHTS: {what} is randomly initialised.\n!!! {detail}\n"
-          f"!!! Its features are meaningless and no result is comparable to M3DM.\n{bar}\n",
-          file=sys.stderr, flush=True)
-
-
-def default_rgb_file(name: str) -> tuple[str, str | None]:
-    """(default file name under the checkpoint directory, download URL or None) for an RGB backbone."""
-    timm_name = timm_model_name(name)
-    if timm_name in RGB_DEFAULT_FILES:
-        return RGB_DEFAULT_FILES[timm_name]
-    location = _hf_weights_location(timm_name)
-    url = None if location is None else f"https://huggingface.co/{location[0]}/resolve/main/{location[1][0]}"
-    suffix = ".bin" if url is not None and url.endswith(".bin") else ".safetensors"
-    return f"{timm_name}{suffix}", url
-
-
-def resolve_rgb_checkpoint(name: str = DEFAULT_RGB_BACKBONE, path: str | Path | None = None,
-                           random_init: bool = False, hf_cache: bool | str | Path = True,
-                           checkpoint_dir: str | Path = CHECKPOINT_DIR, quiet: bool = False) -> Path | None:
-    """Weights file for an RGB backbone, or None (random weights, announced loudly unless `quiet`) when
-    nothing is found and `random_init` is set. An explicit `path` must exist."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise CheckpointError(f"RGB checkpoint file {path} does not exist")
-        return Path(path)
-    file_name, url = default_rgb_file(name)
-    default = Path(checkpoint_dir) / file_name
-    if default.is_file():
-        return default
-    timm_name = timm_model_name(name)
-    looked = [str(default)]
-    if hf_cache is not False:
-        cached = find_hf_cache_file(timm_name, None if hf_cache is True else hf_cache)
-        if cached is not None:
-            return cached
-        looked.append(f"the Hugging Face cache (timm model {timm_name})")
-    if random_init:
-        if not quiet:
-            warn_random_weights(f"RGB backbone {name!r}", f"No weights found (looked in: {'; '.join(looked)}).")
-        return None
-    source = f"Download {url}\n  and save it as {default}" if url else \
-        f"No known download for {timm_name!r}: put a timm state dict at {default}"
-    raise CheckpointError(f"no weights found for RGB backbone {name!r} (timm {timm_name!r}); looked in: "
-                          f"{'; '.join(looked)}.\n  {source}\n  (or pass the file path explicitly, or "
-                          "random_init=True to run with RANDOM weights).")
-
-
-def resolve_point_checkpoint(name: str = "Point_MAE", path: str | Path | None = None, random_init: bool = False,
-                             checkpoint_dir: str | Path = CHECKPOINT_DIR, quiet: bool = False) -> Path | None:
-    """Weights file for a point backbone, or None (random weights, announced loudly unless `quiet`) when
-    nothing is found and `random_init` is set. An explicit `path` must exist."""
-    if name not in POINT_DEFAULT_FILES:
-        raise ValueError(f"unknown point backbone {name!r}; expected one of {sorted(POINT_DEFAULT_FILES)}")
-    if path is not None:
-        if not Path(path).is_file():
-            raise CheckpointError(f"point checkpoint file {path} does not exist")
-        return Path(path)
-    file_name, url = POINT_DEFAULT_FILES[name]
-    default = Path(checkpoint_dir) / file_name
-    if default.is_file():
-        return default
-    if random_init:
-        if not quiet:
-            warn_random_weights(f"point backbone {name!r}", f"No weights found at {default}.")
-        return None
-    raise CheckpointError(f"no weights found for point backbone {name!r}: {default} does not exist.\n"
-                          f"  Download {url}\n  and save it as {default}\n  (or pass the file path "
-                          "explicitly, or random_init=True to run with RANDOM weights).")
+# --------------------------------------------------------------------------------------------- building
 
 
 def build_rgb_backbone(name: str = DEFAULT_RGB_BACKBONE, path: str | Path | None = None,
                        random_init: bool = False, hf_cache: bool | str | Path = True,
                        checkpoint_dir: str | Path = CHECKPOINT_DIR, quiet: bool = False,
                        **timm_kwargs: Any) -> RGBBackbone:
-    """RGB backbone with weights from `path` -> default file -> HF cache (see `resolve_rgb_checkpoint`)."""
-    return RGBBackbone(name, checkpoint=path, random_init=random_init, hf_cache=hf_cache,
-                       checkpoint_dir=checkpoint_dir, quiet=quiet, **timm_kwargs)
+    """RGB backbone with weights from `path` -> default file -> HF cache (see `resolve_rgb_checkpoint`), or
+    random ones with `random_init`; extra keyword arguments go to `timm.create_model` (e.g. `depth=2`)."""
+    source = resolve_rgb_checkpoint(name, path, random_init=random_init, hf_cache=hf_cache,
+                                    checkpoint_dir=checkpoint_dir, quiet=quiet)
+    backbone = RGBBackbone(name, **timm_kwargs)
+    if source is not None:
+        load_rgb_weights(backbone.vit, source)
+    backbone.checkpoint_path = source
+    return backbone
 
 
 def build_point_backbone(name: str = "Point_MAE", path: str | Path | None = None, random_init: bool = False,

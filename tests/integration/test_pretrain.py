@@ -14,14 +14,15 @@ import pytest
 import torch
 
 import main as main_module
-from m3dm.uff.block import FeatureFusionBlock, load_fusion_block
-from m3dm.errors import CheckpointError
-from m3dm.preprocess.mvtec3d import preprocess_dataset
-from m3dm.uff.pretrain import FeatureDumpDataset, build_parser, main, train
-from m3dm.errors import FeatureDumpError
 from m3dm.data.synthetic import write_mvtec3d
+from m3dm.errors import CheckpointError, FeatureDumpError
+from m3dm.preprocess.mvtec3d import preprocess_dataset
+from m3dm.runtime import Processes
+from m3dm.uff.block import FeatureFusionBlock, load_fusion_block
+from m3dm.uff.dumps import FeatureDumpDataset
+from m3dm.uff.pretrain import TrainingRun, build_parser, main, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: fusion_pretrain.py is run from there
 C = 48  # RGB width of the synthetic dumps (768 for ViT-B; the block follows the dumps)
 COMMON = ["--device", "cpu", "--num_workers", "0", "--seed", "0"]
 
@@ -103,6 +104,10 @@ def test_torchrun_two_processes_train_and_rank_zero_writes_one_series(two_proces
     assert set(checkpoint) == {"model", "optimizer", "epoch", "scaler", "args"}
     assert checkpoint["epoch"] == 2 and checkpoint["args"]["world_size"] == 2
     assert checkpoint["args"]["rgb_dim"] == C and checkpoint["model"]["rgb_norm.weight"].shape == (C,)
+    # every flag, and what the run derived from them, its processes and the dumps
+    assert set(checkpoint["args"]) == set(vars(build_parser().parse_args([]))) | {"rgb_dim", "xyz_dim", "patches"}
+    assert (checkpoint["args"]["lr"], checkpoint["args"]["weight_decay"], checkpoint["args"]["patches"]) == \
+        (1e-3, 0.01, 64)
     block = load_fusion_block(two_processes / "checkpoint-2.pth", rgb_dim=C)
     assert torch.equal(block.xyz_head.weight, checkpoint["model"]["xyz_head.weight"])
 
@@ -127,6 +132,7 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(dumps,
     assert train([*argv, "--resume", str(one_process / "checkpoint-1.pth")]) == tmp_path / "checkpoint-2.pth"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2.pth", "log.txt"]
     assert [line["epoch"] for line in read_log(tmp_path)] == [2]
+    assert load(tmp_path / "checkpoint-2.pth")["args"]["start_epoch"] == 2
     resumed, uninterrupted = load(tmp_path / "checkpoint-2.pth"), load(one_process / "checkpoint-2.pth")
     for name, value in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][name], value), name
@@ -155,7 +161,7 @@ def test_lr_schedule_accumulation_and_optimizer_follow_the_reference(tmp_path):
     train(["--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--batch_size", "2", "--accum_iter",
            "2", "--epochs", "2", "--blr", "0.002", "--weight_decay", "0.05", *COMMON])
     peak = 0.002 * 4 / 256
-    cosine = lambda x: peak * 0.5 * (1 + math.cos(math.pi * (x - 1)))  # noqa: E731  warm-up 1 of 2 epochs
+    cosine = lambda x: peak * 0.5 * (1 + math.cos(math.pi * (x - 1)))
     expected_lrs = [[0.0, 0.0, peak * (2 / 3)], [cosine(1.0), cosine(1.0), cosine(1 + 2 / 3)]]
     for line, lrs in zip(read_log(tmp_path / "out"), expected_lrs):
         assert line["train_lr"] == pytest.approx(sum(lrs) / 3, rel=1e-9) and line["train_steps"] == 3
@@ -167,6 +173,17 @@ def test_lr_schedule_accumulation_and_optimizer_follow_the_reference(tmp_path):
         assert all(float(s["step"]) == epoch + 1 for s in checkpoint["optimizer"]["state"].values())
 
 
+def test_a_run_derives_its_values_and_leaves_the_parsed_flags_alone(dumps):
+    args = build_parser().parse_args(["--data_path", str(dumps), "--batch_size", "4", "--accum_iter", "2"])
+    flags = dict(vars(args))
+    run = TrainingRun.plan(args, Processes(rank=1, world=2), torch.device("cpu"), FeatureDumpDataset(dumps))
+    assert vars(args) == flags and args.lr is None and args.weight_decay is None
+    assert run.effective_batch == 16 and run.schedule.lr == 0.002 * 16 / 256 and run.weight_decay == 0.01
+    record = run.checkpoint_args(args, start_epoch=1)
+    assert record == {**flags, "device": "cpu", "lr": run.schedule.lr, "weight_decay": 0.01, "start_epoch": 1,
+                      "world_size": 2, "rgb_dim": C, "xyz_dim": 1152, "patches": 64}
+
+
 def test_default_weight_decay_is_the_reference_effective_one(one_process):
     (group,) = load(one_process / "checkpoint-0.pth")["optimizer"]["param_groups"]
     assert group["weight_decay"] == 0.01 and tuple(group["betas"]) == (0.9, 0.95)
@@ -175,19 +192,19 @@ def test_default_weight_decay_is_the_reference_effective_one(one_process):
 # -------------------------------------------------------------------------------------------------- errors
 
 def test_missing_empty_and_junk_folders_are_clear_errors(tmp_path):
-    with pytest.raises(FeatureDumpError, match="absent.*not found"):
+    with pytest.raises(FeatureDumpError, match=r"absent.*not found"):
         FeatureDumpDataset(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FeatureDumpError, match="empty.*no .pt feature files"):
+    with pytest.raises(FeatureDumpError, match=r"empty.*no .pt feature files"):
         FeatureDumpDataset(tmp_path / "empty")
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("hello")
     torch.save(torch.zeros(4, 1200), junk / "features.pth")
-    with pytest.raises(FeatureDumpError, match="junk.*no .pt feature files"):
+    with pytest.raises(FeatureDumpError, match=r"junk.*no .pt feature files"):
         FeatureDumpDataset(junk)
     (junk / "broken.pt").write_bytes(b"not a tensor")
-    with pytest.raises(FeatureDumpError, match="broken.pt: not a readable feature tensor"):
+    with pytest.raises(FeatureDumpError, match=r"broken.pt: not a readable feature tensor"):
         FeatureDumpDataset(junk)
 
 
@@ -213,9 +230,13 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "3 feature files are fewer than one batch" in capsys.readouterr().err
     torch.save({"model": FeatureFusionBlock(rgb_dim=C + 8).state_dict(), "optimizer": {}, "epoch": 0},
                tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match=r"other.pth.*wrong shapes \['rgb_head.weight"):
+    with pytest.raises(CheckpointError, match=r"(?s)other.pth does not fit a UFF fusion block for RGB width 48.*"
+                                              r"7 keys with the wrong shape.*rgb_head.weight: file \(256, 56\)"):
         train(["--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--batch_size", "1",
                "--resume", str(tmp_path / "other.pth"), *COMMON])
+    assert main(["--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--batch_size", "1",
+                 "--resume", "https://example.org/checkpoint-1.pth", *COMMON]) == 2
+    assert "--resume https://example.org/checkpoint-1.pth: nothing is downloaded" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -228,7 +249,7 @@ def test_dump_pretrain_with_torchrun_then_detect_with_the_checkpoint(tmp_path):
     raw = write_mvtec3d(tmp_path / "raw", classes=("gadget",), size=96, n_train=4, n_val=1, n_test_good=1,
                         n_test_defect=1, progress=False)
     dataset = preprocess_dataset(raw, tmp_path / "mvtec3d", workers=1).output
-    run_main = lambda out, *extra: main_module.main(  # noqa: E731
+    run_main = lambda out, *extra: main_module.main(
         ["--dataset_path", str(dataset), "--output_dir", str(tmp_path / out), *SMALL, *extra])
 
     # the tiny ViT's 14 x 14 tokens only allow the aligned dump: (3136, 1152 + 192) per training sample

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from m3dm.features.point_transformer import PointTransformer
-from m3dm.features.vit import RGBBackbone, timm_model_name
 from m3dm.features.pointops import group_points
+from m3dm.features.vit import RGBBackbone, timm_model_name
+from m3dm.features.weights import build_rgb_backbone
 
 SMALL_G, SMALL_K = 32, 16
 ATOL = 1e-5
@@ -203,6 +204,38 @@ def test_point_tensor_input_equals_list_input(point_model):
     torch.testing.assert_close(from_tensor[1], from_list[1], atol=0, rtol=0)
 
 
+class FormerMlp(torch.nn.Module):
+    """The point backbone's own MLP class before timm's replaced it."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(dim, hidden)
+        self.fc2 = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_point_mlp_equals_the_former_class_bit_for_bit(point_model, train):
+    """timm's Mlp in the blocks: the former keys and shapes, the former initial weights from the same seed, and
+    exactly the former outputs (exact erf GELU, dropout 0) in both modes."""
+    mlp = point_model.blocks.blocks[4].mlp
+    torch.manual_seed(5)
+    former = FormerMlp(384, 1536)
+    torch.manual_seed(5)
+    fresh = type(mlp)(384, 1536)
+    assert {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in former.state_dict().items()}
+    assert all(torch.equal(value, fresh.state_dict()[key]) for key, value in former.state_dict().items())
+    former.load_state_dict(mlp.state_dict())
+    x = torch.randn(3, 7, 384, generator=torch.Generator().manual_seed(2))
+    mlp.train(train)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), former(x))
+    point_model.train()
+
+
 def test_point_transformer_full_config_shape():
     torch.manual_seed(0)
     model = PointTransformer("Point_MAE")  # G = 1024, K = 128
@@ -236,8 +269,7 @@ def reference_vit_tokens(backbone: RGBBackbone, rgb: torch.Tensor) -> torch.Tens
 
 def tiny_vit(**kwargs) -> RGBBackbone:
     torch.manual_seed(3)
-    return RGBBackbone("vit_tiny_patch16_224", random_init=True, hf_cache=False, checkpoint_dir="/nonexistent",
-                       depth=2, img_size=64, **kwargs)
+    return RGBBackbone("vit_tiny_patch16_224", depth=2, img_size=64, **kwargs)
 
 
 def test_rgb_forward_matches_written_out_vit():
@@ -262,9 +294,12 @@ def test_rgb_drops_all_prefix_tokens():
     torch.testing.assert_close(out.flatten(2).transpose(1, 2), tokens[:, 5:], atol=ATOL, rtol=1e-4)
 
 
-def test_rgb_random_init_warns(capsys):
-    tiny_vit()
-    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+def test_rgb_random_init_warns(caplog):
+    backbone = build_rgb_backbone("vit_tiny_patch16_224", random_init=True, hf_cache=False,
+                                  checkpoint_dir="/nonexistent", depth=2, img_size=64)
+    assert backbone.checkpoint_path is None
+    assert "RANDOM WEIGHTS: RGB backbone 'vit_tiny_patch16_224' is randomly initialised" in caplog.text
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
 
 
 def test_rgb_reference_names_map_to_current_timm():
@@ -276,16 +311,16 @@ def test_rgb_reference_names_map_to_current_timm():
 
 
 def test_rgb_rejects_non_vit_and_unknown_names():
-    with pytest.raises(ValueError):
-        RGBBackbone("resnet18", random_init=True, hf_cache=False, checkpoint_dir="/nonexistent")
-    with pytest.raises(ValueError):
-        RGBBackbone("no_such_model", random_init=True, hf_cache=False, checkpoint_dir="/nonexistent")
+    for name in ("resnet18", "no_such_model"):
+        with pytest.raises(ValueError):
+            RGBBackbone(name)
+        with pytest.raises(ValueError):
+            build_rgb_backbone(name, random_init=True, hf_cache=False, checkpoint_dir="/nonexistent", quiet=True)
 
 
 def test_rgb_vit_base_patch8_full_shape():
     torch.manual_seed(0)
-    backbone = RGBBackbone("vit_base_patch8_224_dino", random_init=True, hf_cache=False,
-                           checkpoint_dir="/nonexistent")
+    backbone = RGBBackbone("vit_base_patch8_224_dino")
     with torch.no_grad():
         out = backbone(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 768, 28, 28) and backbone.feature_dim == 768

@@ -16,21 +16,26 @@ from safetensors.torch import save_file
 
 from m3dm.errors import CheckpointError
 from m3dm.features.point_transformer import PointTransformer
-from m3dm.features.weights import build_point_backbone, build_rgb_backbone, load_strict
-from m3dm.features.weights import (
+from m3dm.features.vit import RGBBackbone, create_vit
+from m3dm.features.weight_files import (
     DINO_VITB8_URL,
-    default_checkpoint_available,
     POINT_BERT_URL,
     POINT_MAE_URL,
     find_hf_cache_file,
-    load_rgb_weights,
-    read_checkpoint,
     resolve_rgb_checkpoint,
 )
-from m3dm.features.vit import create_vit
+from m3dm.features.weights import (
+    build_point_backbone,
+    build_rgb_backbone,
+    default_checkpoint_available,
+    load_rgb_weights,
+    load_strict,
+    read_checkpoint,
+    read_uff_checkpoint,
+)
 
 G, K = 32, 16
-TINY_VIT = dict(depth=2, img_size=32)
+TINY_VIT = {"depth": 2, "img_size": 32}
 
 
 def random_like(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -145,7 +150,7 @@ def test_point_checkpoint_of_the_other_kind_is_rejected(request, variant, wrong_
 
 def test_truncated_point_checkpoint_is_rejected(tmp_path, pointmae_file):
     path = truncated_copy(pointmae_file, tmp_path / "pointmae_pretrain.pth")
-    with pytest.raises(CheckpointError, match="pointmae_pretrain.pth"):
+    with pytest.raises(CheckpointError, match=r"pointmae_pretrain.pth"):
         build_point_backbone("Point_MAE", path=path, num_group=G, group_size=K)
 
 
@@ -172,17 +177,20 @@ def test_missing_point_checkpoint_names_download_and_target(tmp_path, variant, f
 
 
 def test_missing_explicit_point_path_is_an_error_even_with_random_init(tmp_path):
-    with pytest.raises(CheckpointError, match="nope.pth"):
+    with pytest.raises(CheckpointError, match=r"nope.pth"):
         build_point_backbone("Point_MAE", path=tmp_path / "nope.pth", random_init=True, num_group=G, group_size=K)
 
 
-def test_point_random_init_warns_loudly(tmp_path, capsys):
+def test_point_random_init_warns_loudly(tmp_path, caplog):
     model = build_point_backbone("Point_MAE", random_init=True, checkpoint_dir=tmp_path, num_group=G, group_size=K)
     assert isinstance(model, PointTransformer) and model.checkpoint_path is None
-    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "RANDOM WEIGHTS: point backbone 'Point_MAE'" in record.getMessage()
+    assert str(tmp_path / "pointmae_pretrain.pth") in record.getMessage()
+    caplog.clear()
     build_point_backbone("Point_MAE", random_init=True, checkpoint_dir=tmp_path, num_group=G, group_size=K,
                          quiet=True)
-    assert capsys.readouterr().err == ""
+    assert caplog.records == []
 
 
 def test_default_checkpoint_available(tmp_path):
@@ -266,8 +274,40 @@ def test_corrupt_rgb_files_are_rejected(tmp_path, vit_source):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     for path in (broken_st, broken_pth, garbage):
-        with pytest.raises(CheckpointError, match=path.name):
+        with pytest.raises(CheckpointError, match=f"cannot read checkpoint file .*{path.name}"):
             read_checkpoint(path)
+
+
+def test_reader_refuses_urls_absent_files_and_npz_naming_them(tmp_path):
+    with pytest.raises(CheckpointError, match=r"--resume https://example.org/c.pth: nothing is downloaded"):
+        read_checkpoint("https://example.org/c.pth", kind="--resume")
+    with pytest.raises(CheckpointError, match=r"UFF checkpoint file .*absent.pth does not exist\. Train one"):
+        read_checkpoint(tmp_path / "absent.pth", kind="UFF checkpoint", missing_hint="Train one.")
+    (tmp_path / "jax.npz").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"jax.npz: JAX .npz checkpoints are not supported"):
+        read_checkpoint(tmp_path / "jax.npz")
+
+
+def test_reader_unpickles_fully_only_what_weights_only_refuses(tmp_path, monkeypatch):
+    """Plain tensors load with weights_only=True alone; an official file that pickles an argparse namespace
+    needs the full unpickler, which is then used."""
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k["weights_only"]) or real_load(*a, **k))
+    torch.save({"model": {"w": torch.ones(2)}, "args": {"rgb_dim": 4}}, tmp_path / "ours.pth")
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(rgb_dim=4)}, tmp_path / "reference.pth")
+    assert read_checkpoint(tmp_path / "ours.pth")["args"] == {"rgb_dim": 4} and calls == [True]
+    calls.clear()
+    assert read_checkpoint(tmp_path / "reference.pth")["args"].rgb_dim == 4 and calls == [True, False]
+
+
+def test_uff_reader_needs_a_model_state_dict(tmp_path):
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "uff.pth")
+    assert read_uff_checkpoint(tmp_path / "uff.pth")["epoch"] == 3
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"other.pth is not a checkpoint of the fusion_pretrain.py .*no "
+                                              r"'model' state dict \(found \['state_dict'\]\)"):
+        read_uff_checkpoint(tmp_path / "other.pth")
 
 
 def fake_hf_cache(cache_dir: Path, repo_id: str, filename: str, state: dict[str, torch.Tensor]) -> Path:
@@ -340,3 +380,42 @@ def test_load_strict_reports_counts_and_ignores_extra_keys(tmp_path):
     assert "1 unexpected keys: extra.weight" in message
     assert load_strict(module, {"0.weight": torch.ones(4, 3), "0.bias": torch.zeros(4)}, "f",
                        ignore_prefixes=("1.",)) == []
+
+
+def test_load_strict_without_allow_unexpected_refuses_extra_keys(tmp_path):
+    module = torch.nn.Linear(3, 4)
+    before = module.weight.detach().clone()
+    state = {"weight": torch.ones(4, 3), "bias": torch.zeros(4), "extra.weight": torch.ones(1)}
+    with pytest.raises(CheckpointError) as info:
+        load_strict(module, state, "uff.pth", allow_unexpected=False, description="a block for width 3")
+    message = str(info.value)
+    assert "checkpoint uff.pth does not fit a block for width 3 (2 keys expected)" in message
+    assert "1 unexpected keys: extra.weight" in message and "missing" not in message
+    assert torch.equal(module.weight, before)  # nothing was loaded
+    del state["extra.weight"]
+    assert load_strict(module, state, "uff.pth", allow_unexpected=False) == []
+    assert torch.equal(module.weight, torch.ones(4, 3))
+
+
+# ------------------------------------------------------------------------------------ pure architectures
+
+
+def test_architectures_read_no_file_and_the_builders_record_the_source(tmp_path, vit_source):
+    """RGBBackbone and PointTransformer take no weight-file argument and import no weight reader; the builders
+    record the file they loaded (None for random weights)."""
+    import ast
+    import inspect
+
+    import m3dm.features.point_transformer
+    import m3dm.features.vit
+
+    for module in (m3dm.features.vit, m3dm.features.point_transformer):
+        imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(module)))
+                    if isinstance(node, ast.ImportFrom)}
+        assert not {"m3dm.features.weights", "m3dm.features.weight_files"} & imported, module.__name__
+    assert RGBBackbone("vit_tiny_patch16_224", **TINY_VIT).checkpoint_path is None
+    with pytest.raises(TypeError):
+        RGBBackbone("vit_tiny_patch16_224", checkpoint=tmp_path / "x.pth", **TINY_VIT)
+    assert PointTransformer("Point_MAE", G, K).checkpoint_path is None
+    assert build_rgb_backbone("vit_tiny_patch16_224", random_init=True, hf_cache=False, checkpoint_dir=tmp_path,
+                              quiet=True, **TINY_VIT).checkpoint_path is None

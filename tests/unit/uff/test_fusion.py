@@ -1,6 +1,7 @@
 """UFF fusion block (spec §7.1), its contrastive loss (§7.2) on one process and across DDP processes, and the
 strict checkpoint loader (§7.6, quirk 24)."""
 
+import argparse
 import math
 
 import pytest
@@ -10,8 +11,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from m3dm.uff.block import FeatureFusionBlock, load_fusion_block
 from m3dm.errors import CheckpointError
+from m3dm.uff.block import FeatureFusionBlock, load_fusion_block
+from m3dm.uff.loss import contrastive_loss, gather_rows
 
 C = 24  # a small RGB width keeps these tests fast; the block is built for any width
 
@@ -67,6 +69,31 @@ def test_block_has_the_reference_parameters():
         "xyz_head.weight": (256, 1152), "xyz_head.bias": (256,),
     }
     assert block.temperature == 1.0
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_block_mlps_are_linear_exact_gelu_linear_bit_for_bit(train):
+    """timm's Mlp in place of the former own class (fc2(GELU(fc1(x))), dropout 0): the same values exactly, and
+    the same initial weights from the same seed as two Linear layers built in that order."""
+    torch.manual_seed(6)
+    block = FeatureFusionBlock(rgb_dim=C).train(train)
+    torch.manual_seed(6)  # the block's first random layers: its xyz MLP's (a LayerNorm draws nothing)
+    fc1, fc2 = torch.nn.Linear(1152, 4608), torch.nn.Linear(4608, 1152)
+    assert torch.equal(block.xyz_mlp.fc1.weight, fc1.weight) and torch.equal(block.xyz_mlp.fc2.bias, fc2.bias)
+    xyz, rgb = sample_batch(2, 5)
+    with torch.no_grad():
+        for mlp, x in ((block.xyz_mlp, xyz), (block.rgb_mlp, rgb)):
+            assert torch.equal(mlp(x), F.linear(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight,
+                                                mlp.fc2.bias))
+
+
+def test_without_a_process_group_the_gather_is_the_identity_and_the_loss_a_mean():
+    rows = torch.randn(5, 8)
+    gathered, offset, total = gather_rows(rows)
+    assert gathered is rows and (offset, total) == (0, 5)
+    q, k = F.normalize(torch.randn(5, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
+    expected = F.cross_entropy(q @ k.T / 0.5, torch.arange(5)) * 2 * 0.5
+    torch.testing.assert_close(contrastive_loss(q, k, temperature=0.5), expected, rtol=1e-6, atol=0)
 
 
 def test_feature_fusion_is_norm_then_mlp_per_modality_xyz_first():
@@ -152,26 +179,32 @@ def test_loader_refuses_a_wrong_file_naming_the_missing_keys(tmp_path):
     state = {k: v for k, v in FeatureFusionBlock(rgb_dim=C).state_dict().items() if not k.startswith("xyz_head")}
     state["proj.weight"] = torch.zeros(3)
     save_checkpoint(tmp_path / "wrong.pth", state)
-    with pytest.raises(CheckpointError, match="wrong.pth") as error:
+    with pytest.raises(CheckpointError, match=r"wrong.pth does not fit a UFF fusion block for RGB width 24") as error:
         load_fusion_block(tmp_path / "wrong.pth", rgb_dim=C)
-    assert "xyz_head.bias" in str(error.value) and "xyz_head.weight" in str(error.value)
-    assert "proj.weight" in str(error.value)
+    assert "2 missing keys: xyz_head.weight, xyz_head.bias" in str(error.value)
+    assert "1 unexpected keys: proj.weight" in str(error.value)
+    state = {**FeatureFusionBlock(rgb_dim=C).state_dict(), "proj.weight": torch.zeros(3)}
+    save_checkpoint(tmp_path / "extra.pth", state)  # every key right, one more: refused too (strict)
+    with pytest.raises(CheckpointError, match=r"extra.pth does not fit.*\n  1 unexpected keys: proj.weight$"):
+        load_fusion_block(tmp_path / "extra.pth", rgb_dim=C)
 
     torch.save(FeatureFusionBlock(rgb_dim=C).state_dict(), tmp_path / "bare.pth")  # no {'model': ...}
-    with pytest.raises(CheckpointError, match="'model'"):
+    with pytest.raises(CheckpointError, match=r"bare.pth is not a checkpoint of the fusion_pretrain.py .* no 'model'"):
         load_fusion_block(tmp_path / "bare.pth", rgb_dim=C)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth"):
+    with pytest.raises(CheckpointError, match=r"cannot read UFF checkpoint file .*junk.pth"):
         load_fusion_block(tmp_path / "junk.pth", rgb_dim=C)
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match=r"absent.pth does not exist. Train one with fusion_pretrain.py"):
         load_fusion_block(tmp_path / "absent.pth", rgb_dim=C)
 
 
-@pytest.mark.parametrize("with_args", [True, False])
-def test_loader_refuses_another_rgb_width(tmp_path, with_args):
-    """Width from the checkpoint's args when there (ours), else from the RGB LayerNorm (the reference's files)."""
-    extra = {"args": {"rgb_dim": 32}} if with_args else {}
+@pytest.mark.parametrize("args", ["dict", "namespace", None])
+def test_loader_refuses_another_rgb_width(tmp_path, args):
+    """Width from the checkpoint's args when there (ours: a dict; the reference's: a pickled namespace, which
+    only the full unpickler reads), else from the RGB LayerNorm."""
+    extra = {"args": {"dict": {"rgb_dim": 32}, "namespace": argparse.Namespace(rgb_dim=32, lr=0.1)}[args]} if args \
+        else {}
     save_checkpoint(tmp_path / "uff.pth", FeatureFusionBlock(rgb_dim=32).state_dict(), **extra)
-    with pytest.raises(CheckpointError, match="width 32.*gives 24"):
+    with pytest.raises(CheckpointError, match=r"width 32.*gives 24"):
         load_fusion_block(tmp_path / "uff.pth", rgb_dim=C)
     assert load_fusion_block(tmp_path / "uff.pth", rgb_dim=32).rgb_dim == 32

@@ -1,0 +1,65 @@
+"""The UFF pretraining loss (spec §7.2): patch-wise contrastive cross-entropy over the global batch of every
+torch.distributed process, with the xyz keys gathered across processes."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def distributed_world_size() -> int:
+    """Processes in the default group; 1 when torch.distributed is not initialised."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllGatherWithGradient(torch.autograd.Function):
+    """All processes' equally shaped tensors stacked in rank order; the gradient of a process's input is the sum
+    over processes of the gradients of its slot (an all-reduce, then this process's slice)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+def gather_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Every process's ``rows`` concatenated in rank order, this process's offset into them and the total.
+
+    Processes may hold different numbers of rows (empty patches are dropped per sample). The gather is
+    autograd-aware: the gradient with respect to a process's rows sums the contributions of every process's
+    loss and flows back to the process that owns them.
+    """
+    world = distributed_world_size()
+    if world == 1:
+        return rows, 0, len(rows)
+    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(rows)], dtype=torch.long, device=rows.device))
+    counts = [int(c) for c in counts]
+    padded = F.pad(rows, (0, 0, 0, max(counts) - len(rows)))  # all_gather needs equal shapes
+    gathered = _AllGatherWithGradient.apply(padded)
+    rank = dist.get_rank()
+    return torch.cat([part[:n] for part, n in zip(gathered, counts)]), sum(counts[:rank]), sum(counts)
+
+
+def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of each RGB query against the xyz keys of the whole global batch (its own key is the
+    target), times ``2T`` as the reference (quirk 21: the reference offsets the targets by rank without
+    gathering the keys, which only works with one process).
+
+    Each process returns ``world · (its queries' summed cross-entropy) / (queries of all processes)``: the mean
+    over processes, which DDP's gradient averaging and the logged loss take, is then the global-batch mean,
+    whatever the number of processes and however the kept patches are spread over them.
+    """
+    all_keys, offset, total = gather_rows(keys)
+    logits = queries @ all_keys.T / temperature
+    targets = torch.arange(len(queries), device=queries.device) + offset
+    summed = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return summed * (distributed_world_size() / max(total, 1) * 2 * temperature)
