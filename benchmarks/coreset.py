@@ -13,11 +13,9 @@ differences, not the values, are the result.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 METRICS = ("image_rocauc", "pixel_rocauc", "au_pro")
 
@@ -46,13 +44,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="side of the generated images")
     args = parser.parse_args()
 
-    from m3dm.app.cli import build_parser
+    from m3dm.app.run import ClassRun, StageTimer
+    from m3dm.config import DetectorSettings, RunSettings, Settings
+    from m3dm.data.synthetic import write_mvtec3d
     from m3dm.features.extractor import FeatureExtractor
-    from m3dm.detection.detector import DetectorConfig
     from m3dm.features.weights import build_point_backbone, build_rgb_backbone
     from m3dm.preprocess.mvtec3d import preprocess_dataset
-    from m3dm.app.run import ClassRunner, StageTimer, seed_everything
-    from m3dm.data.synthetic import write_mvtec3d
+    from m3dm.runtime import seed_everything
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,15 +63,15 @@ def main() -> None:
             build_point_backbone("Point_MAE", random_init=True, quiet=True), device="cpu", seed=0))
         bank = "multiple" if args.method in ("DINO+Point_MAE", "DINO+Point_MAE+Fusion") else "single"
         for shards in [1, *args.shards]:
-            cli = build_parser().parse_args(["--method_name", args.method, "--memory_bank", bank,
-                                             "--coreset_shards", str(shards)])
+            settings = Settings(detector=DetectorSettings(method_name=args.method, memory_bank=bank,
+                                                          coreset_shards=shards),
+                                run=RunSettings(dataset_path=str(data), batch_size=2))
             seed_everything(0)
             timer = StageTimer()
-            runner = ClassRunner(DetectorConfig.from_args(cli), extractor, data, "gadget", batch_size=2,
-                                 timer=timer, progress=False)
-            runner.fit()
-            rows = {m: b.rows for m, b in runner.detector.banks.items()}
-            metrics = runner.evaluate().metrics
+            run = ClassRun(settings, "gadget", extractor, timer=timer, progress=False)
+            run.fit()
+            rows = {m: b.rows for m, b in run.detector.banks.items()}
+            metrics = run.evaluate().metrics
             results[shards] = (timer.seconds["coreset"], metrics, rows)
             print(f"S = {shards}: coreset {timer.seconds['coreset']:.1f} s, banks {rows}, "
                   + ", ".join(f"{k} {metrics[k]:.4f}" for k in METRICS), flush=True)

@@ -21,14 +21,9 @@ comparison.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-import time
-from pathlib import Path
-
 
 import torch
-
 from extract import dense_cloud
 from pipeline import MemoryTimer, rss_gb
 
@@ -54,10 +49,11 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.05, help="noise std relative to the features' std")
     args = parser.parse_args()
 
+    from m3dm.config import DetectorSettings
+    from m3dm.detection.detector import Detector
     from m3dm.features.extractor import FeatureExtractor
-    from m3dm.uff.block import FeatureFusionBlock
-    from m3dm.detection.detector import Detector, DetectorConfig
     from m3dm.features.weights import build_point_backbone, build_rgb_backbone
+    from m3dm.uff.block import FeatureFusionBlock
 
     timer = MemoryTimer()
     baseline = rss_gb()
@@ -72,8 +68,8 @@ def main() -> None:
         for i in range(args.real):
             rgb = torch.rand((1, 3, 224, 224), generator=torch.Generator().manual_seed(i))
             real += extractor(rgb, dense_cloud(224, seed=i)[None])
-    config = DetectorConfig(method_name="DINO+Point_MAE+Fusion", memory_bank="multiple", random_state=0,
-                            coreset_shards=args.coreset_shards)
+    config = DetectorSettings(method_name="DINO+Point_MAE+Fusion", memory_bank="multiple", random_state=0,
+                              coreset_shards=args.coreset_shards)
     with tempfile.TemporaryDirectory() as spool:
         detector = Detector(config, fusion_block=fusion_block, progress=True,
                             spool_dir=spool if args.bank_storage == "disk" else None)

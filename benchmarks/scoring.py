@@ -34,16 +34,14 @@ once per bank: about 80 % of an xyz sample.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
 
 import numpy as np
 import torch
 
-from m3dm.memory.bank import MemoryBank, nearest_neighbours, reweighted_score
+from m3dm.memory.bank import MemoryBank
 from m3dm.memory.screened import ScreenedBank, bf16_matmul_is_fast
+from m3dm.memory.search import nearest_neighbours, reweighted_score
 
 TRAIN_SAMPLES = 400
 XYZ_ROWS = TRAIN_SAMPLES * 3136 // 10  # 125,440
@@ -86,11 +84,11 @@ def extract_scene_features(scenes: int, seed: int) -> list[dict[str, torch.Tenso
     from PIL import Image
 
     from m3dm.data.dataset import sample_tensors
+    from m3dm.data.synthetic import make_mvtec_scene
     from m3dm.features.extractor import FeatureExtractor
-    from m3dm.uff.block import FeatureFusionBlock
     from m3dm.features.weights import build_point_backbone, build_rgb_backbone
     from m3dm.preprocess.mvtec3d import preprocess_arrays
-    from m3dm.data.synthetic import make_mvtec_scene
+    from m3dm.uff.block import FeatureFusionBlock
 
     torch.manual_seed(seed)
     rgb_backbone = build_rgb_backbone("vit_base_patch8_224_dino", random_init=True, quiet=True).eval()
@@ -173,8 +171,8 @@ def measure_bank(bank: torch.Tensor, query_sets: list[torch.Tensor], raw: tuple 
     identical, candidates, screened_queries, unions, max_candidates = True, 0, 0, [], 0
     blocks = plain_blocks = 0
     for queries in query_sets:
-        (plain_dist, plain_idx), t_plain = timed(lambda: nearest_neighbours(queries, bank))
-        (dist, idx, stats), t_screened = timed(lambda: screened.search_with_stats(queries))
+        (plain_dist, plain_idx), t_plain = timed(lambda q=queries: nearest_neighbours(q, bank))
+        (dist, idx, stats), t_screened = timed(lambda q=queries: screened.search_with_stats(q))
         plain_s += t_plain
         screened_s += t_screened
         identical &= torch.equal(idx, plain_idx) and torch.equal(dist, plain_dist)
@@ -188,11 +186,11 @@ def measure_bank(bank: torch.Tensor, query_sets: list[torch.Tensor], raw: tuple 
     scored_s, empty_share = None, None
     if raw is not None:
         raw_sets, mean, std = raw
-        memory_bank = MemoryBank.from_state({"bank": bank, "mean": mean, "std": std})
+        memory_bank = MemoryBank.from_state({"bank": bank, "mean": mean, "std": std})  # the default strategies
         memory_bank.score(raw_sets[0])  # warm-up, and the once-per-bank preparation of the screened search
         scored_s = 0.0
         for queries, raw_queries in zip(query_sets, raw_sets):
-            (image_score, dist), t_scored = timed(lambda: memory_bank.score(raw_queries))
+            (image_score, dist), t_scored = timed(lambda q=raw_queries: memory_bank.score(q))
             scored_s += t_scored / n
             plain_dist, plain_idx = nearest_neighbours(queries, bank)
             identical &= torch.equal(dist, plain_dist)

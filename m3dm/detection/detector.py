@@ -16,7 +16,9 @@ import torch
 
 from m3dm.detection.dlf import DecisionLayerFusion
 from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures
-from m3dm.memory.bank import MemoryBank, segmentation_map
+from m3dm.memory.bank import BankRecipe, MemoryBank
+from m3dm.memory.defaults import default_coreset
+from m3dm.memory.maps import segmentation_map
 
 MAP_SIZE = 224  # score maps and masks are 224 x 224 (spec §2.4, §8.1)
 
@@ -100,7 +102,8 @@ class Detector:
             raise ValueError(f"{config.method_name} needs the UFF fusion block (--use_uff)")
         self.fusion_block = fusion_block
         self.device = torch.device(device)
-        self.banks = {m: MemoryBank(spool_dir=spool_dir) for m in self.spec.modalities}
+        coreset = default_coreset(self.device, self.config.coreset_fp16, self.config.coreset_shards)
+        self.banks = {m: MemoryBank(spool_dir=spool_dir, coreset=coreset) for m in self.spec.modalities}
         self.dlf = None
         self.rgb_grid: int | None = None
         self._late_xyz: dict[int, torch.Tensor] = {}  # xyz patches of samples beyond --asy_memory_bank
@@ -152,12 +155,12 @@ class Detector:
     def finalize(self) -> None:
         """Normalise and subsample every bank (spec §8.2–8.7 'Bank' and 'Coreset' lines)."""
         cfg, spec = self.config, self.spec
-        stats = {m: (None, None) for m in self.banks}
+        stats = dict.fromkeys(self.banks, (None, None))
         if spec.own_stats or (spec.shared_stats and cfg.fix_quirks):
             stats = {m: self.banks[m].stats() for m in self.banks}
         elif spec.shared_stats:  # quirk 26: mean of the xyz bank, std of the rgb bank, for every bank
             shared = (self.banks["xyz"].stats()[0], self.banks["rgb"].stats()[1])
-            stats = {m: shared for m in self.banks}
+            stats = dict.fromkeys(self.banks, shared)
         reduce = cfg.f_coreset < 1
         n_xyz = None
         for modality in ("xyz", "rgb", "fusion"):  # the reference's order: it shares numpy's global RNG
@@ -179,11 +182,11 @@ class Detector:
             triple_zero_rows = (modality == "xyz" and cfg.method_name == "DINO+Point_MAE+Fusion"
                                 and not cfg.fix_quirks)  # quirk 28
             mean, std = stats[modality]
-            bank.finalize(mean=mean, std=std, n_coreset=n, f_coreset=fraction, eps=cfg.coreset_eps,
-                          random_state=cfg.random_state, device=self.device, fp16=cfg.coreset_fp16,
-                          drop_zero_rows_before=drop_zero, drop_zero_rows_after=drop_zero or triple_zero_rows,
-                          append_zero_row=drop_zero or triple_zero_rows, progress=self.progress,
-                          keep_samples=self.uses_dlf, shards=cfg.coreset_shards)
+            recipe = BankRecipe(mean=mean, std=std, n_coreset=n, f_coreset=fraction, drop_zero_rows_before=drop_zero,
+                                drop_zero_rows_after=drop_zero or triple_zero_rows,
+                                append_zero_row=drop_zero or triple_zero_rows, keep_samples=self.uses_dlf,
+                                projection_eps=cfg.coreset_eps, random_state=cfg.random_state)
+            bank.finalize(recipe, progress=self.progress)
 
     # ------------------------------------------------------------------------------------------- scoring
 

@@ -1,7 +1,7 @@
 """Exact nearest-neighbour search that screens the memory bank with a bfloat16 GEMM (CPU speed-up of scoring).
 
 Scoring a sample asks, for each of its P query rows, for the nearest bank row and its Euclidean distance. The
-plain path (:func:`m3dm.memory.bank.nearest_neighbours`) is a float32 ``torch.cdist`` over the whole bank and is
+plain path (:func:`m3dm.memory.search.nearest_neighbours`) is a float32 ``torch.cdist`` over the whole bank and is
 GEMM-bound. CPUs with native bfloat16 dot products (AVX512-BF16, AMX) run a bfloat16 GEMM about twice as fast, so
 :class:`ScreenedBank` runs one bfloat16 GEMM that gives, for every (query, bank row) pair, a rigorous lower bound
 on the plain path's squared distance; every row whose lower bound does not exceed an upper bound on the query's
@@ -39,17 +39,21 @@ within ``2^-22`` can round to the same float32 ``sqrt`` and so tie in the plain 
 
 Which path to use is the caller's choice: :func:`bf16_matmul_is_fast` says whether this machine has native
 bfloat16 GEMM; elsewhere (and on CUDA, where TF32 or bfloat16 reductions would need their own bounds) the plain
-path is the one to use.
+path is the one to use. :class:`ScreenedSearch` is the search strategy (:mod:`m3dm.memory.search`) built on it.
+
+One module past 400 lines on purpose: the error bound above and the code that relies on it (the bank's and the
+queries' padded rows, the thresholds) must be read and changed together.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
-from m3dm.memory.bank import NN_BLOCK_ELEMENTS, _cdist_mode, nearest_neighbours, query_block_rows
+from m3dm.memory.search import MIN_GEMM_SIDE, NN_BLOCK_ELEMENTS, cdist_mode, nearest_neighbours, query_block_rows
 
 U_FP32 = 2.0 ** -24  # unit roundoff of float32 (round to nearest)
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
@@ -63,8 +67,8 @@ SMALLEST_NORMAL = 2.0 ** -126  # float32 and bfloat16: below this, vdpbf16ps flu
 ABSOLUTE_SLACK = 1e-30  # covers underflow in the bound's own arithmetic
 # A block is re-ranked only if that costs at most MAX_RERANK_SHARE of scoring it by the plain path (else the plain
 # path scores it, and the rest of the search). Cost of scoring M queries against R rows: (M + PASS_ROWS) R, where
-# PASS_ROWS stands for the memory passes over each row (gather, cdist's norms and concatenation): on this 2-core
-# machine they cost as much as 175-400 query rows of float32 GEMM work.
+# PASS_ROWS stands for the memory passes over each row (gather, cdist's norms and concatenation), which cost as
+# much as a few hundred query rows of float32 GEMM work (measured: benchmarks/README.md).
 MAX_RERANK_SHARE = 0.25
 PASS_ROWS = 256
 MAX_SKIPPED_SEARCHES = 16  # after fallbacks, searches skip the screening for 1, 2, 4, ... up to this many
@@ -73,9 +77,8 @@ MAX_SKIPPED_SEARCHES = 16  # after fallbacks, searches skip the screening for 1,
 GROUP_UNION_ROWS = 2048
 GROUP_UNION_BANK_SHARE = 32
 MIN_GROUP_ROWS = 32
-# The float32 BLAS (MKL 2024.2, AVX-512) computes an entry bit for bit the same way in every GEMM with at least 8
-# rows and 12 columns (smaller ones take another kernel); re-ranking GEMMs keep both sides >= 16.
-MIN_GEMM_SIDE = 16
+# Re-ranking GEMMs keep both sides >= MIN_GEMM_SIDE (m3dm.memory.search), so that the BLAS computes each of their
+# entries as in the plain path's GEMM.
 PREPARE_ROWS = 8192  # rows converted at a time when preparing a bank or a query block (bounds the temporaries)
 
 
@@ -84,7 +87,7 @@ def _gamma(terms: int) -> float:
     return terms * U_FP32 / (1 - terms * U_FP32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_has_native_bf16() -> bool:
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
@@ -95,8 +98,8 @@ def bf16_matmul_is_fast(device: str | torch.device | None = None) -> bool:
     """Whether the screened search pays off on ``device`` (default: the CPU).
 
     True on a CPU with native bfloat16 dot products (AVX512-BF16 or AMX, through oneDNN), where a bfloat16 GEMM
-    runs about 2.3x faster than float32 (measured on an AVX512-BF16 EPYC). Without them torch emulates bfloat16,
-    which is no faster than float32. Always False on CUDA: the float32 path stays the default there. A capability
+    runs about twice as fast as float32 (benchmarks/README.md). Without them torch emulates bfloat16, which is no
+    faster than float32. Always False on CUDA: the float32 path stays the default there. A capability
     check (cached), not a timing probe, so the answer is free and deterministic.
     """
     device = torch.device(device if device is not None else "cpu")
@@ -123,10 +126,10 @@ def _screening_is_rigorous(device: torch.device) -> bool:
 class ScreeningStats:
     """What one :meth:`ScreenedBank.search` did.
 
-    ``candidates``: (query, bank row) pairs kept by the screening of ``screened_queries`` queries; ``union_rows``: rows re-ranked per group of
-    queries; ``fallback_blocks``: blocks screened but then scored by the plain path (re-ranking too costly);
-    ``plain_blocks``: blocks scored by the plain path (those, too small or non-finite blocks, the blocks after a
-    fallback, or a whole search that could not be screened).
+    ``candidates``: (query, bank row) pairs kept by the screening of ``screened_queries`` queries;
+    ``union_rows``: rows re-ranked per group of queries; ``fallback_blocks``: blocks screened but then scored by
+    the plain path (re-ranking too costly); ``plain_blocks``: blocks scored by the plain path (those, too small or
+    non-finite blocks, the blocks after a fallback, or a whole search that could not be screened).
     """
 
     queries: int = 0
@@ -246,9 +249,9 @@ class ScreenedBank:
 
         The candidates' distances are recomputed with ``torch.cdist`` in the plain path's compute mode on the
         sorted union of their rows. That reproduces the plain path's float32 values as long as the BLAS computes
-        an entry the same way whatever the matrix shape, which MKL does above a minimum shape (``MIN_GEMM_SIDE``,
-        kept by padding; checked by a test). Were it not so, a distance could move by an ulp and an exact float32
-        tie between two different rows could resolve differently.
+        an entry the same way whatever the matrix shape, which the CPU BLAS does above a minimum shape
+        (``MIN_GEMM_SIDE``, kept by padding; checked by a test). Were it not so, a distance could move by an ulp
+        and an exact float32 tie between two different rows could resolve differently.
         """
         return self.search_with_stats(patches, chunk_size)[:2]
 
@@ -263,7 +266,7 @@ class ScreenedBank:
         """
         n_patches, n_bank = patches.shape[0], self.bank.shape[0]
         stats = ScreeningStats(queries=n_patches, bank_rows=n_bank)
-        mode = _cdist_mode(n_patches, n_bank)
+        mode = cdist_mode(n_patches, n_bank)
         if not self._can_screen(patches, mode):
             min_dist, nn_idx = nearest_neighbours(patches, self.bank, chunk_size=chunk_size)
             stats.plain_blocks = stats.blocks = 1
@@ -374,6 +377,31 @@ class ScreenedBank:
         return torch.cdist(block, self.bank, compute_mode=mode).min(dim=1)
 
 
+class ScreenedSearch:
+    """The search strategy (:class:`m3dm.memory.search.NeighbourSearch`) of the bfloat16-screened search: the
+    plain search's results, faster where the screening prunes (CPUs with native bfloat16, see
+    :func:`bf16_matmul_is_fast`). The bank is prepared (:class:`ScreenedBank`) at the first search after ``fit``;
+    ``block_rows`` queries per block (None: as the plain search), ``max_rerank_share`` as in ScreenedBank."""
+
+    def __init__(self, block_rows: int | None = None, max_rerank_share: float = MAX_RERANK_SHARE) -> None:
+        self.block_rows = block_rows
+        self.max_rerank_share = max_rerank_share
+        self.bank: torch.Tensor | None = None
+        self._prepared: ScreenedBank | None = None
+
+    def fit(self, bank: torch.Tensor) -> ScreenedSearch:
+        self.bank, self._prepared = bank, None
+        return self
+
+    def search(self, queries: torch.Tensor, empty: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bank is None:
+            raise RuntimeError("ScreenedSearch.search before fit")
+        if self._prepared is None:
+            self._prepared = ScreenedBank(self.bank, max_rerank_share=self.max_rerank_share)
+        return self._prepared.search(queries, chunk_size=self.block_rows)
+
+
 def screened_nearest_neighbours(patches: torch.Tensor, bank: torch.Tensor | ScreenedBank,
                                 chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`nearest_neighbours` with bfloat16 screening; pass a :class:`ScreenedBank` to prepare it once."""
@@ -397,7 +425,7 @@ def _groups(queries: int, size: int) -> list[tuple[int, int]]:
     bounds = list(range(0, queries, size)) + [queries]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_GEMM_SIDE:
         del bounds[-2]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _bf16_pieces(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

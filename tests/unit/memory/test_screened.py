@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m3dm.memory import screened as nn_search
-from m3dm.memory.bank import nearest_neighbours
-from m3dm.memory.screened import ScreenedBank, bf16_matmul_is_fast, screened_nearest_neighbours
+from m3dm.memory.screened import (
+    BOUND_FACTORS,
+    NORM_PIECES,
+    OUTPUT_ROUNDING,
+    ScreenedBank,
+    ScreenedSearch,
+    ScreeningStats,
+    bf16_matmul_is_fast,
+    screened_nearest_neighbours,
+)
+from m3dm.memory.search import nearest_neighbours
 
 
 def gaussian(rows: int, dim: int, seed: int) -> torch.Tensor:
@@ -31,7 +39,7 @@ def near_rows(bank: torch.Tensor, queries: int, noise: float, seed: int) -> torc
 
 
 def assert_same_as_plain(queries: torch.Tensor, bank: torch.Tensor, screened: ScreenedBank | None = None,
-                         **search_args) -> nn_search.ScreeningStats:
+                         **search_args) -> ScreeningStats:
     screened = screened or ScreenedBank(bank)
     distances, indices, stats = screened.search_with_stats(queries, **search_args)
     plain_distances, plain_indices = nearest_neighbours(queries, bank, chunk_size=search_args.get("chunk_size"))
@@ -157,6 +165,19 @@ def test_screened_nearest_neighbours_accepts_a_tensor_or_a_prepared_bank():
         assert torch.equal(got[1], plain[1]) and torch.equal(got[0], plain[0])
 
 
+def test_screened_search_strategy_gives_the_plain_result():
+    bank = clustered(1500, 768, clusters=12, spread=0.2, seed=20)
+    queries = near_rows(bank, 120, noise=0.05, seed=21)
+    for block_rows in (None, 32):
+        search = ScreenedSearch(block_rows).fit(bank)
+        for _ in range(2):  # prepared once, at the first search
+            distances, indices = search.search(queries, empty=torch.zeros(120, dtype=torch.bool))
+            plain = nearest_neighbours(queries, bank, chunk_size=block_rows)
+            assert torch.equal(indices, plain[1]) and torch.equal(distances, plain[0])
+    with pytest.raises(RuntimeError, match="before fit"):
+        ScreenedSearch().search(queries)
+
+
 def test_tiny_problems_use_the_plain_path():
     bank = gaussian(20, 64, seed=11)  # <= 25 rows on both sides: cdist's direct mode, not the GEMM one
     queries = gaussian(10, 64, seed=12)
@@ -203,12 +224,12 @@ def check_bounds(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     query_rows, finite = screened._prepare(queries, for_queries=True)
     assert finite
     lower = (query_rows @ screened.padded.T).double()
-    split = screened.dim + 2 * nn_search.NORM_PIECES
-    factors = slice(split, split + nn_search.BOUND_FACTORS)
+    split = screened.dim + 2 * NORM_PIECES
+    factors = slice(split, split + BOUND_FACTORS)
     approx = query_rows[:, :split].double() @ screened.padded[:, :split].double().T
     bound = -query_rows[:, factors].double() @ screened.padded[:, factors].double().T
     plain = plain_squared_distances(queries, bank).double()
-    assert (lower - nn_search.OUTPUT_ROUNDING * lower.abs() <= plain).all()
+    assert (lower - OUTPUT_ROUNDING * lower.abs() <= plain).all()
     assert (plain <= approx + bound).all()
     return (approx - plain).abs() / bound
 

@@ -1,0 +1,314 @@
+"""The reference's greedy k-center coreset (spec §8.1, quirk 33) and the selection strategies that compute it.
+
+:class:`GreedyCoreset` projects the bank (:mod:`m3dm.memory.projection`), then hands the projected rows to a
+selection strategy: every strategy but :class:`ShardedGreedy` returns the reference's indices exactly.
+
+- :class:`PlainGreedy`: the reference's loop, one distance per row and step (any device and precision).
+- :class:`PrunedGreedy`: the same indices on the CPU in float16, skipping rows that provably cannot get closer.
+- :class:`DropCopies` (wraps another): leaves exact copies of earlier rows out first; the same indices.
+- :class:`ShardedGreedy` (wraps another): one selection per contiguous block of rows; faster, not the reference.
+
+:func:`m3dm.memory.defaults.default_coreset` makes the automatic choice. Numerics, chosen to match the reference:
+with ``fp16=True`` the projected bank, the current row and the running minima are float16, as in the reference;
+conversions to float16 go through float32 exactly like torch's ``.half()`` on a float64 tensor. On CUDA the
+distance is the reference's own expression (``linalg.norm`` of the float16 difference, float32 accumulation). On
+the CPU the float16 difference is accumulated in float64 and rounded to float16 (faster there than torch's native
+CPU float16 norm, and platform independent); the two can differ by one float16 ulp in about one row in 10^5,
+which is below the reproducibility of the reference itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from sklearn.random_projection import SparseRandomProjection
+from tqdm import tqdm
+
+from m3dm.memory.projection import fit_sparse_random_projection, project_rows, projection_chunks
+from m3dm.memory.storage import ArrayLike, as_tensor
+
+CPU_DISTANCE_CHUNK_ROWS = 8192  # rows per coreset distance block on the CPU (cache friendly)
+PRUNE_SLACK = 0.01  # relative safety margin of the triangle-inequality test (float16 rounding is ~5e-4)
+SCREEN_DIMS = 32  # leading principal directions in the cheap lower bound on distances between centres
+SCREEN_MIN_CENTRES = 512  # smaller selections compute every distance between centres
+SCREEN_ALLOWANCE = 1e-3  # float32 rounding allowance of that bound, relative to a centre's offset (worst case ~1e-4)
+MIN_COPY_SHARE = 0.05  # drop exact copies of earlier rows before the selection when at least this share are copies
+
+
+class Selection(Protocol):
+    """A greedy k-center selection over projected rows."""
+
+    def run(self, reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
+        """Indices (CPU LongTensor of ``max(n, 1)``) of the greedy selection from row 0, given every row's
+        distance to row 0 (``min_dist``, in the rows' dtype; may be updated in place)."""
+        ...
+
+
+def row_distances(rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Distances of ``rows`` to ``last`` as the CPU selections compute them (float16: accumulated in float64)."""
+    if rows.dtype == torch.float16:
+        return torch.linalg.vector_norm(rows - last, dim=1, dtype=torch.float64).to(torch.float16)
+    return torch.linalg.norm(rows - last, dim=1)
+
+
+@dataclass(frozen=True)
+class PlainGreedy:
+    """The reference's loop: each step lowers every row's running minimum by its distance to the newest centre.
+
+    ``block_rows`` bounds the rows per distance step; None: the whole bank in one step on CUDA (the reference's
+    expression), ``CPU_DISTANCE_CHUNK_ROWS`` rows on the CPU. The block size does not change the indices.
+    """
+
+    block_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_rows is not None and self.block_rows < 1:
+            raise ValueError(f"block_rows must be at least 1, got {self.block_rows}")
+
+    def run(self, reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
+        selected = torch.zeros(max(n, 1), dtype=torch.long, device=reduced.device)
+        last = reduced[:1]
+        # The reference's first iteration recomputes the distances to row 0 in float16 and takes the minimum with
+        # the rounded precise ones; it can change the selection, so it is kept. Indices stay on the device (no sync).
+        for step in tqdm(range(1, n), desc="coreset", disable=not progress, leave=False):
+            self._lower_min_distances(reduced, last, min_dist)
+            index = torch.argmax(min_dist).view(1)
+            last = reduced.index_select(0, index)
+            min_dist.index_fill_(0, index, 0)
+            selected[step] = index[0]
+        return selected.cpu()
+
+    def _lower_min_distances(self, reduced: torch.Tensor, last: torch.Tensor, min_dist: torch.Tensor) -> None:
+        """``min_dist = minimum(min_dist, ‖reduced − last‖)`` in place (see the module docstring for the numerics)."""
+        if reduced.device.type == "cuda" and self.block_rows is None:
+            torch.minimum(min_dist, torch.linalg.norm(reduced - last, dim=1), out=min_dist)
+            return
+        step = self.block_rows or CPU_DISTANCE_CHUNK_ROWS
+        exact_half = reduced.dtype == torch.float16 and reduced.device.type != "cuda"
+        for start in range(0, reduced.shape[0], step):
+            diff = reduced[start:start + step] - last
+            if exact_half:
+                dist = torch.linalg.vector_norm(diff, dim=1, dtype=torch.float64).to(torch.float16)
+            else:
+                dist = torch.linalg.norm(diff, dim=1)
+            part = min_dist[start:start + step]
+            torch.minimum(part, dist, out=part)
+
+
+class CentreScreen:
+    """Lower bounds on the distances from the newest centre to the earlier ones, at a tenth of the cost.
+
+    The bound is the distance between the centres' coordinates along the bank's leading principal directions
+    (an orthogonal projection never lengthens a vector) less an allowance for float32 rounding, so a centre it
+    rules out is truly that far; only the centres it cannot rule out get their exact distance computed.
+    """
+
+    def __init__(self, reduced: torch.Tensor, capacity: int) -> None:
+        self.active = capacity >= SCREEN_MIN_CENTRES  # fewer centres: every distance is cheaper than the set-up
+        if not self.active:
+            return
+        sample = reduced[::max(1, reduced.shape[0] // 20000)].float()
+        self.mean = sample.mean(dim=0)
+        dims = min(SCREEN_DIMS, reduced.shape[1])
+        self.basis = torch.linalg.svd(sample - self.mean, full_matrices=False).Vh[:dims].T.contiguous()
+        self.coords = torch.empty((capacity, self.basis.shape[1]), dtype=torch.float32)
+        self.allowance = torch.empty(capacity, dtype=torch.float32)
+
+    def add(self, index: int, centre: torch.Tensor) -> None:
+        if not self.active:
+            return
+        offset = centre - self.mean
+        self.coords[index] = offset @ self.basis
+        self.allowance[index] = SCREEN_ALLOWANCE * torch.linalg.vector_norm(offset)
+
+    def possibly_within(self, k: int, thresholds: torch.Tensor) -> torch.Tensor:
+        """Indices ``i < len(thresholds)`` of the centres that may lie closer than ``thresholds[i]`` to centre k."""
+        count = thresholds.shape[0]
+        if not self.active:
+            return torch.arange(count)
+        lower = torch.linalg.vector_norm(self.coords[:count] - self.coords[k], dim=1)
+        lower -= self.allowance[:count] + self.allowance[k]
+        return (lower < thresholds).nonzero().squeeze(1)
+
+
+@dataclass(frozen=True)
+class PrunedGreedy:
+    """The same selection as :class:`PlainGreedy`, skipping rows that provably cannot get closer (CPU, float16).
+
+    Every row remembers the selected centre it is nearest to. By the triangle inequality a row whose centre lies
+    at least twice its running minimum away from the new centre cannot get closer to the new one, and a whole
+    cluster can be skipped when the new centre is at least twice the cluster's largest running minimum away
+    (the distances between centres are bounded from below first by :class:`CentreScreen`, and computed only
+    where the bound cannot decide). The test carries a 1 % margin, far above float16 rounding, so the skipped
+    rows are exactly those whose minimum the plain loop would leave unchanged; the rows that are computed use
+    the plain loop's CPU arithmetic. Hence the indices are identical, at a cost that falls as clusters shrink.
+    """
+
+    def run(self, reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
+        if reduced.device.type != "cpu" or reduced.dtype != torch.float16:
+            raise ValueError(f"PrunedGreedy reproduces the CPU float16 selection only, got {reduced.dtype} rows on "
+                             f"{reduced.device}; use PlainGreedy there")
+        count = max(n, 1)
+        centres = torch.empty((count, reduced.shape[1]), dtype=torch.float32)
+        radius = torch.zeros(count, dtype=torch.float32)
+        assign = torch.zeros(reduced.shape[0], dtype=torch.long)
+        selected = torch.zeros(count, dtype=torch.long)
+        running = min_dist.float()  # the float16 minima, exactly: float32 compares and argmaxes several times faster
+        screen = CentreScreen(reduced, count)
+        centres[0] = reduced[0].float()
+        screen.add(0, centres[0])
+        radius[0] = float("inf")  # the first update (against row 0 again, as the reference) checks every row
+        factor = 2.0 * (1.0 + PRUNE_SLACK)
+        for step in tqdm(range(1, n), desc="coreset", disable=not progress, leave=False):
+            k = step - 1  # the most recently selected centre; its distances are taken now, as in the reference
+            last_row = reduced[selected[k]].unsqueeze(0)
+            thresholds = factor * radius[:step]
+            near = screen.possibly_within(k, thresholds)
+            near_dist = torch.linalg.vector_norm(centres[near] - centres[k], dim=1)
+            is_open = near_dist < thresholds[near]
+            centre_dist = torch.full((step,), float("inf"))
+            centre_dist[near[is_open]] = near_dist[is_open]
+            centre_dist[k] = 0
+            open_clusters = centre_dist < float("inf")
+            members = open_clusters[assign].nonzero().squeeze(1)
+            candidates = centre_dist[assign[members]] < factor * running[members]
+            rows = members[candidates]
+            new = row_distances(reduced[rows], last_row).float()
+            closer = new < running[rows]
+            moved = rows[closer]
+            running[moved] = new[closer]
+            assign[moved] = k
+            # the largest running minimum of every open cluster (all their rows are in `members`)
+            radius[:step][open_clusters] = 0
+            radius.scatter_reduce_(0, assign[members], running[members], reduce="amax")
+            index = int(torch.argmax(running))
+            running[index] = 0
+            selected[step] = index
+            centres[step] = reduced[index].float()
+            screen.add(step, centres[step])
+        return selected
+
+
+def first_occurrences(reduced: torch.Tensor, min_share: float = MIN_COPY_SHARE) -> torch.Tensor | None:
+    """Ascending indices of the rows that are not an exact copy of an earlier row (None when fewer than
+    ``min_share`` of the rows are copies).
+
+    Copies are common: every empty patch of an xyz bank is the same row (about 80 % of the rows on MVTec 3D-AD).
+    Rows are grouped by a random linear key, then each row is compared with the first row of its group, so a
+    copy is dropped only when it is equal element for element (a copy the key misses is merely kept).
+    """
+    rows = reduced.shape[0]
+    generator = torch.Generator().manual_seed(0)  # a private generator: the global random streams are untouched
+    probe = torch.randn(reduced.shape[1], generator=generator).to(reduced.device)
+    keys = torch.cat([chunk.float() @ probe for chunk in reduced.split(CPU_DISTANCE_CHUNK_ROWS)])
+    _, group = torch.unique(keys, return_inverse=True)
+    order = torch.arange(rows, device=reduced.device)
+    first = torch.full((rows,), rows, dtype=torch.long, device=reduced.device)
+    first = first.scatter_reduce_(0, group, order, reduce="amin")[group]
+    suspects = (first != order).nonzero().squeeze(1)
+    if suspects.numel() < min_share * rows:
+        return None
+    equal = torch.cat([(reduced[part] == reduced[first[part]]).all(dim=1)
+                       for part in suspects.split(CPU_DISTANCE_CHUNK_ROWS)])
+    if int(equal.sum()) < min_share * rows:
+        return None
+    keep = torch.ones(rows, dtype=torch.bool, device=reduced.device)
+    keep[suspects[equal]] = False
+    return keep.nonzero().squeeze(1)
+
+
+@dataclass(frozen=True)
+class DropCopies:
+    """Runs ``inner`` on the rows that are not exact copies of earlier rows (when at least ``min_share`` are).
+
+    A copy always has its original's running minimum, so it can only be the farthest row when its original
+    (earlier, hence first on ties) is too; once the original is selected, both minima are 0. The indices are
+    therefore those of ``inner`` over every row.
+    """
+
+    inner: Selection
+    min_share: float = MIN_COPY_SHARE
+
+    def run(self, reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
+        kept = first_occurrences(reduced, self.min_share)
+        if kept is None:
+            return self.inner.run(reduced, min_dist, n, progress)
+        chosen = self.inner.run(reduced[kept], min_dist[kept], n, progress)
+        return kept.cpu()[chosen]
+
+
+@dataclass(frozen=True)
+class ShardedGreedy:
+    """A faster option, not the reference: the rows are cut into ``shards`` contiguous blocks (groups of training
+    samples) and each block gets its own ``inner`` selection of its share of the ``n`` rows, started at its first
+    row. Every row is then within its block's covering radius; the cost falls about ``shards``-fold. Its effect on
+    the metrics is measured in benchmarks/coreset.py.
+    """
+
+    inner: Selection
+    shards: int
+
+    def run(self, reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
+        shards = max(1, min(self.shards, reduced.shape[0], max(n, 1)))
+        bounds = [round(i * reduced.shape[0] / shards) for i in range(shards + 1)]
+        quotas = [round(i * max(n, 1) / shards) for i in range(shards + 1)]
+        picked = []
+        for block in range(shards):
+            start, stop = bounds[block], bounds[block + 1]
+            rows = reduced[start:stop]
+            block_dist = row_distances(rows, rows[:1]) if rows.device.type == "cpu" else \
+                torch.linalg.norm(rows - rows[:1], dim=1)
+            count = quotas[block + 1] - quotas[block]
+            picked.append(self.inner.run(rows, block_dist, count, progress) + start)
+        return torch.cat(picked)
+
+
+@dataclass(frozen=True)
+class GreedyCoreset:
+    """The reference's ``get_coreset_idx_randomp``: project, start at row 0 and add ``n − 1`` rows, each the
+    farthest (first on ties) from the rows already chosen, found by ``selection``.
+
+    ``device`` holds the projected bank (the reference: CUDA when available). ``fp16=True`` (COMPAT) keeps the
+    projected bank and the running minima in float16 as the reference; ``fp16=False`` keeps the projection's
+    precision (float64).
+    """
+
+    selection: Selection
+    device: torch.device | str
+    fp16: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))
+
+    def select(self, features: ArrayLike, n: int, eps: float = 0.9, random_state=None,
+               progress: bool = True) -> torch.Tensor:
+        """Indices (CPU LongTensor of ``max(n, 1)``; ``n < 1`` gives ``[0]``, like the reference) of the rows of
+        ``features`` (a tensor, an array or anything sliced like one) projected with ``eps`` and ``random_state``
+        (None: NumPy's global generator, as the reference)."""
+        features = as_tensor(features)
+        if features.ndim != 2 or features.shape[0] == 0:
+            raise ValueError(f"the coreset needs a non-empty (rows, dim) bank, got {tuple(features.shape)}")
+        projector = fit_sparse_random_projection(features.shape[0], features.shape[1], eps, random_state)
+        reduced, min_dist = _project_for_coreset(features, projector, torch.float16 if self.fp16 else None,
+                                                 self.device)
+        return self.selection.run(reduced, min_dist, n, progress)
+
+
+def _project_for_coreset(features: torch.Tensor, projector: SparseRandomProjection | None,
+                         store_dtype: torch.dtype | None, device: torch.device):
+    """Projected bank and the distances of every row to row 0, both in ``store_dtype`` on ``device``.
+
+    The distances to row 0 are taken in the projection's precision before the cast, as in the reference.
+    """
+    first = project_rows(features[:1], projector)
+    dtype = store_dtype or first.dtype
+    reduced = torch.empty((features.shape[0], first.shape[1]), dtype=dtype, device=device)
+    min_dist = torch.empty(features.shape[0], dtype=dtype, device=device)
+    for start, chunk in projection_chunks(features, projector):
+        stop = start + chunk.shape[0]
+        # computed and cast where the projection lives (the CPU), then moved, as the reference
+        min_dist[start:stop] = torch.linalg.vector_norm(chunk - first, dim=1).to(dtype).to(device)
+        reduced[start:stop] = chunk.to(dtype).to(device)
+    return reduced, min_dist

@@ -1,0 +1,36 @@
+"""The one place that chooses a memory bank's coreset and search strategies: the reference's numbers, fastest.
+
+Every choice made here leaves the results unchanged (same coreset indices, same distances) except ``shards > 1``,
+which the caller asks for explicitly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from m3dm.memory.coreset import DropCopies, GreedyCoreset, PlainGreedy, PrunedGreedy, Selection, ShardedGreedy
+from m3dm.memory.screened import ScreenedSearch, bf16_matmul_is_fast
+from m3dm.memory.search import ExactSearch, NeighbourSearch, SharedEmptyRows
+from m3dm.runtime import resolve_device
+
+
+def default_coreset(device: str | torch.device | None = None, fp16: bool = True, shards: int = 1) -> GreedyCoreset:
+    """The reference's greedy coreset on ``device`` (None: CUDA when available, as the reference).
+
+    The pruned selection on the CPU in float16 (:class:`PrunedGreedy`; the plain loop elsewhere), exact copies of
+    earlier rows left out first (:class:`DropCopies`); ``shards > 1``: one selection per block of rows
+    (:class:`ShardedGreedy`, not the reference's selection). ``fp16``: see :class:`GreedyCoreset`.
+    """
+    device = resolve_device(device)
+    exact: Selection = PrunedGreedy() if device.type == "cpu" and fp16 else PlainGreedy()
+    selection: Selection = DropCopies(exact)
+    if shards > 1:
+        selection = ShardedGreedy(selection, shards)
+    return GreedyCoreset(selection, device, fp16)
+
+
+def default_search(device: str | torch.device = "cpu") -> NeighbourSearch:
+    """Exact search of a bank stored on ``device``: bfloat16-screened where the CPU has native bfloat16 matrix
+    products (:func:`bf16_matmul_is_fast`), plain elsewhere; the row of empty patches searched once."""
+    inner: NeighbourSearch = ScreenedSearch() if bf16_matmul_is_fast(device) else ExactSearch()
+    return SharedEmptyRows(inner)

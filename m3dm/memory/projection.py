@@ -1,0 +1,69 @@
+"""The reference's sparse random projection of a memory bank (spec §8.1 step 1), applied in row chunks.
+
+The projection is computed in float64, as scikit-learn < 1.2 did for the reference's float32 input (newer
+versions keep float32). It is applied in row chunks with a matrix fitted on the bank's shape alone, so only the
+projected bank (≈300 columns) is ever held.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from scipy import sparse
+from sklearn.random_projection import SparseRandomProjection
+
+from m3dm.memory.storage import ArrayLike, as_tensor
+
+log = logging.getLogger(__name__)
+
+PROJECTION_CHUNK_BYTES = 64 * 2**20  # float64 input per projection chunk
+
+
+def fit_sparse_random_projection(n_rows: int, n_features: int, eps: float,
+                                 random_state=None) -> SparseRandomProjection | None:
+    """Fit ``SparseRandomProjection(eps, random_state)`` for a ``(n_rows, n_features)`` bank, or None.
+
+    scikit-learn uses only the shape to fit, so an empty sparse matrix of that shape stands in for the bank (the
+    random matrix, its float64 dtype and the global-RNG draws are those of ``fit_transform`` on the bank itself).
+    None when the Johnson–Lindenstrauss dimension exceeds ``n_features`` (the reference then keeps the bank).
+    """
+    projector = SparseRandomProjection(eps=eps, random_state=random_state)
+    try:
+        projector.fit(sparse.csr_matrix((n_rows, n_features), dtype=np.float64))
+    except ValueError as error:
+        log.warning("could not project vectors (%s); the coreset uses the unprojected bank. Please increase "
+                    "`eps`.", error)
+        return None
+    return projector
+
+
+def project_rows(rows: torch.Tensor, projector: SparseRandomProjection | None) -> torch.Tensor:
+    """Project a chunk in float64; without a projector the chunk is returned as is (the reference's fallback)."""
+    if projector is None:
+        return rows
+    chunk = rows.detach().to("cpu", torch.float64).numpy()
+    return torch.from_numpy(np.ascontiguousarray(projector.transform(chunk)))
+
+
+def projection_chunks(features: torch.Tensor, projector: SparseRandomProjection | None
+                      ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(start, projected rows)`` over the bank, holding one float64 input chunk at a time."""
+    rows = max(1, PROJECTION_CHUNK_BYTES // (8 * max(1, features.shape[1])))
+    for start in range(0, features.shape[0], rows):
+        yield start, project_rows(features[start:start + rows], projector)
+
+
+def sparse_random_projection(features: ArrayLike, eps: float, random_state=None) -> torch.Tensor:
+    """Project a bank with ``SparseRandomProjection(eps, random_state, n_components='auto')``.
+
+    ``random_state=None`` draws from NumPy's global generator, as the reference (the caller seeds it). Returns
+    float64 projected rows, or the unprojected features when the target dimension would exceed the input one.
+    """
+    features = as_tensor(features)
+    projector = fit_sparse_random_projection(features.shape[0], features.shape[1], eps, random_state)
+    if projector is None:
+        return features
+    return torch.cat([chunk for _, chunk in projection_chunks(features, projector)])

@@ -1,0 +1,41 @@
+"""The chunked sparse random projection against scikit-learn's own fit_transform."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from memory_oracles import clustered
+from sklearn.random_projection import SparseRandomProjection
+
+from m3dm.memory import projection
+from m3dm.memory.projection import sparse_random_projection
+
+
+def test_projection_equals_sklearn_fit_transform(monkeypatch):
+    x = clustered(1, rows=500, dim=200)
+    expected = SparseRandomProjection(eps=0.9, random_state=5).fit_transform(x.astype(np.float64))
+    monkeypatch.setattr(projection, "PROJECTION_CHUNK_BYTES", 8 * 200 * 37)  # 37-row chunks
+    got = sparse_random_projection(torch.from_numpy(x), 0.9, 5)
+    assert got.dtype == torch.float64 and got.shape == expected.shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_projection_uses_the_global_numpy_generator():
+    x = clustered(2, rows=400, dim=200)
+    np.random.seed(7)
+    expected = SparseRandomProjection(eps=0.9).fit_transform(x.astype(np.float64))
+    state_after_sklearn = np.random.get_state()[1].copy()
+    np.random.seed(7)
+    got = sparse_random_projection(x, 0.9, None)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(np.random.get_state()[1], state_after_sklearn)
+
+
+def test_projection_falls_back_to_the_input(caplog, capsys):
+    x = torch.from_numpy(clustered(3, rows=300, dim=32))  # JL dimension 140 > 32
+    with caplog.at_level(logging.WARNING, logger="m3dm.memory.projection"):
+        assert sparse_random_projection(x, 0.9, 0) is x
+    assert "could not project" in caplog.text
+    assert capsys.readouterr().out == ""  # logged, not printed
