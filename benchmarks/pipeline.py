@@ -12,15 +12,17 @@ fit (decision layer fusion), test scoring, metrics. Peak memory is the process's
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-
 from m3dm.app.run import StageTimer
+
+METHODS_WITHOUT_UFF = ("DINO", "Point_MAE", "DINO+Point_MAE", "DINO+Point_MAE+add")
+# The reference's seconds per sample pass through both backbones, measured in issue 7 (benchmarks/README.md)
+REFERENCE_SECONDS_PER_PASS = 8.9
 
 
 def rss_gb() -> float:
@@ -59,7 +61,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=100)
     parser.add_argument("--test", type=int, default=20, help="test samples (half good, half defective)")
     parser.add_argument("--size", type=int, default=256, help="side of the generated images")
-    parser.add_argument("--method", default="DINO+Point_MAE")
+    parser.add_argument("--method", default="DINO+Point_MAE", choices=METHODS_WITHOUT_UFF)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--coreset_shards", type=int, default=1)
@@ -67,13 +69,13 @@ def main() -> None:
 
     import torch
 
-    from m3dm.app.cli import build_parser
+    from m3dm.app.run import ClassRun
+    from m3dm.config import METHODS, Settings
+    from m3dm.data.synthetic import write_mvtec3d
     from m3dm.features.extractor import FeatureExtractor
-    from m3dm.detection.detector import DetectorConfig
     from m3dm.features.weights import build_point_backbone, build_rgb_backbone
     from m3dm.preprocess.mvtec3d import preprocess_dataset
-    from m3dm.app.run import ClassRunner, seed_everything
-    from m3dm.data.synthetic import write_mvtec3d
+    from m3dm.runtime import seed_everything
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -83,19 +85,21 @@ def main() -> None:
         data = preprocess_dataset(raw, workers=2).output
         print(f"data: {args.train} training and {args.test} test samples at {args.size} px, prepared in "
               f"{time.perf_counter() - start:.0f} s")
-        cli = build_parser().parse_args(["--method_name", args.method, "--memory_bank",
-                                         "multiple" if args.method in ("DINO+Point_MAE",) else "single",
-                                         "--coreset_shards", str(args.coreset_shards)])
+        settings = Settings().replace(
+            detector={"method_name": args.method, "memory_bank": METHODS[args.method].memory_bank,
+                      "coreset_shards": args.coreset_shards},
+            backbones={"random_init": True, "precision": args.precision},
+            run={"dataset_path": str(data), "batch_size": args.batch_size, "spool_dir": tmp})
+        settings.validate()
         seed_everything(0)
-        extractor = FeatureExtractor(build_rgb_backbone("vit_base_patch8_224_dino", random_init=True, quiet=True).eval(),
-                                     build_point_backbone("Point_MAE", random_init=True, quiet=True),
-                                     device="cpu", seed=0, precision=args.precision)
+        rgb = build_rgb_backbone("vit_base_patch8_224_dino", random_init=True, quiet=True).eval()
+        point = build_point_backbone("Point_MAE", random_init=True, quiet=True)
+        extractor = FeatureExtractor(rgb, point, device="cpu", seed=0, precision=args.precision)
         timer = MemoryTimer()
         baseline = rss_gb()
-        runner = ClassRunner(DetectorConfig.from_args(cli), extractor, data, "gadget", batch_size=args.batch_size,
-                             timer=timer, progress=True, spool_dir=tmp)
-        runner.fit()
-        result = runner.evaluate()
+        run = ClassRun(settings, "gadget", extractor, timer=timer)
+        run.fit()
+        result = run.evaluate()
         timer._stop = True
     print(f"\nmethod {args.method}, --precision {args.precision}, --coreset_shards {args.coreset_shards}, "
           f"{torch.get_num_threads()} threads, resident memory before fitting {baseline:.2f} GB")
@@ -105,13 +109,14 @@ def main() -> None:
     total = sum(timer.seconds.values())
     print(f"{'total':<18}{total:>10.1f}")
     # The reference passes every training sample through the extractor twice (pass 1, and pass 2 for decision
-    # layer fusion) and every test sample once, at ~8.9 s per sample pass on this machine (issue 7); its
-    # coreset (hours on a CPU for these banks) is left out, which favours the reference.
-    dlf = runner.detector.uses_dlf
+    # layer fusion) and every test sample once; its coreset (hours on a CPU for these banks) is left out, which
+    # favours the reference.
+    dlf = settings.detector.uses_dlf
     reference_passes = (2 if dlf else 1) * args.train + args.test
-    reference = 8.9 * reference_passes
-    print(f"reference, at least: {reference_passes} sample passes x 8.9 s = {reference:.0f} s (its coreset not "
-          f"counted) -> this run is {reference / total:.2f}x faster; per sample: {total / (args.train + args.test):.2f} s")
+    reference = REFERENCE_SECONDS_PER_PASS * reference_passes
+    print(f"reference, at least: {reference_passes} sample passes x {REFERENCE_SECONDS_PER_PASS} s = "
+          f"{reference:.0f} s (its coreset not counted) -> this run is {reference / total:.2f}x faster; per "
+          f"sample: {total / (args.train + args.test):.2f} s")
     print("metrics (random weights, for completeness):", {k: round(v, 3) for k, v in result.metrics.items()})
 
 

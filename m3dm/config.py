@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,7 +206,7 @@ class RunSettings:
     save_feature: bool = setting(False, "dump per-sample features for UFF pretraining")
     save_feature_path: str = setting("datasets/patch_lib")
     save_preds: bool = setting(False, "save one picture per test sample")
-    classes: list[str] | None = setting(None, "run only these classes", type=str, group=ADDED, nargs="+")
+    classes: Sequence[str] | None = setting(None, "run only these classes", type=str, group=ADDED, nargs="+")
     device: str = setting("auto", "cpu, cuda, cuda:N or auto", group=ADDED)
     batch_size: int = setting(1, "samples per extraction batch", group=ADDED)
     num_workers: int = setting(0, "data-loading processes", group=ADDED)
@@ -264,6 +265,10 @@ class Settings:
         """A copy with some leaves changed: ``settings.replace(run={"classes": [...]})``."""
         return dataclasses.replace(self, **{group: dataclasses.replace(getattr(self, group), **values)
                                             for group, values in changes.items()})
+
+    def flags(self) -> dict[str, Any]:
+        """Every setting by its flag name (a run's record in ``results.json``)."""
+        return {name: value for name, value, _ in _leaves(self)}
 
     def recorded(self) -> dict[str, Any]:
         """The recorded settings outside the detector's (``settings`` in a fitted-model file), and fix_quirks."""
@@ -378,6 +383,9 @@ def _option_rules(s: Settings) -> str | None:
         return "--asy_memory_bank must be at least 1 (the xyz and fusion banks need a sample)"
     if d.rm_zero_for_project and m != "Point_MAE":
         return "--rm_zero_for_project only applies to --method_name Point_MAE"
+    if s.uff.use_uff and not d.spec.needs_rgb:
+        return (f"--use_uff loads the UFF block, which needs RGB features: --method_name {m} has none, drop "
+                f"--use_uff")
     if s.uff.use_uff and "small" in s.backbones.rgb_backbone_name:
         return "the UFF block expects 768-d RGB features: use a ViT-B backbone with --use_uff"
     return None

@@ -1,6 +1,7 @@
 """Inference on new parts with a saved class model (an addition; the reference has no inference path).
 
-    python -m m3dm.app.predict --model results/models/bagel.pt INPUTS... [--rgb a.png --xyz a.tiff] [--preprocess]
+    m3dm-predict --model results/models/bagel.pt INPUTS... [--rgb a.png --xyz a.tiff] [--preprocess]
+    python -m m3dm.predict ...  (the same)
 
 Inputs: folders in the ``<defect>/{rgb,xyz}`` layout (a dataset split such as ``datasets/mvtec3d/bagel/test``) or
 the ``{rgb,xyz}`` layout, paired by file stem (``rgb/*.png`` with ``xyz/*.tiff``; ``gt/*.png`` is shown when
@@ -8,10 +9,10 @@ present), and single pairs given with ``--rgb``/``--xyz``. ``--preprocess`` appl
 preprocessing (spec §3, seed 0 as ``m3dm.preprocess``) to raw inputs; without it inputs must be preprocessed.
 
 The model's backbones are rebuilt from the recorded weight files (or random weights and seed) and every checksum
-is verified (``m3dm.detection.persistence``). Parts are read one by one and scored in batches of ``--batch_size``. Outputs under
-``--output``: ``predictions.csv`` and ``predictions.jsonl`` (one row per part, written as parts finish: name,
-pass/fail/error, image score, threshold, anomalous pixels, heatmap path, input paths, error message) and
-``heatmaps/<name>.png`` (RGB | heatmap overlay with the thresholded region outlined in white [| ground truth]).
+is verified (``m3dm.detection.persistence``). Parts are read one by one and scored in batches of ``--batch_size``.
+Outputs under ``--output``: ``predictions.csv`` and ``predictions.jsonl`` (one row per part, written as parts
+finish: name, pass/fail/error, image score, threshold, anomalous pixels, heatmap path, input paths, error message)
+and ``heatmaps/<name>.png`` (RGB | heatmap overlay with the thresholded region outlined in white [| ground truth]).
 
 Bad inputs (unreadable or unpaired files, a cloud empty after preprocessing, ...) are reported per part and the
 run goes on. Exit status: 0 when every part was scored, 1 when some could not be, 2 when nothing could run (bad
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -37,8 +39,7 @@ import numpy as np
 import torch
 
 EXIT_OK, EXIT_PART_ERRORS, EXIT_FATAL = 0, 1, 2
-RGB_SUFFIXES = (".png",)
-XYZ_SUFFIXES = (".tiff", ".tif")
+log = logging.getLogger(__name__)
 CSV_FIELDS = ("name", "result", "image_score", "image_threshold", "anomalous_pixels", "heatmap", "map", "rgb",
               "xyz", "error")
 
@@ -54,30 +55,24 @@ class Part:
     problem: str | None = None  # known before reading (unpaired file, missing folder)
 
 
-def _files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.iterdir())
-            if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")}
-
-
 def _is_group(folder: Path) -> bool:
     return (folder / "rgb").is_dir() or (folder / "xyz").is_dir()
 
 
 def _group_parts(folder: Path, prefix: str) -> list[Part]:
     """The parts of one ``{rgb,xyz[,gt]}`` folder, paired by stem, sorted; an unpaired file is a bad part."""
-    rgb = _files(folder / "rgb", RGB_SUFFIXES)
-    xyz = _files(folder / "xyz", XYZ_SUFFIXES)
-    gt = _files(folder / "gt", (".png",))
+    from m3dm.data.layout import group_by_stem
+
     parts = []
-    for stem in sorted(set(rgb) | set(xyz)):
+    for stem, files in group_by_stem(folder).items():
+        if "rgb" not in files and "xyz" not in files:
+            continue  # a ground truth alone is no part
         problem = None
-        if stem not in xyz:
-            problem = f"{rgb[stem]}: no matching point cloud {folder / 'xyz' / stem}.tiff"
-        elif stem not in rgb:
-            problem = f"{xyz[stem]}: no matching RGB image {folder / 'rgb' / stem}.png"
-        parts.append(Part(f"{prefix}/{stem}", rgb.get(stem), xyz.get(stem), gt.get(stem), problem))
+        if "xyz" not in files:
+            problem = f"{files['rgb']}: no matching point cloud {folder / 'xyz' / stem}.tiff"
+        elif "rgb" not in files:
+            problem = f"{files['xyz']}: no matching RGB image {folder / 'rgb' / stem}.png"
+        parts.append(Part(f"{prefix}/{stem}", files.get("rgb"), files.get("xyz"), files.get("gt"), problem))
     return parts
 
 
@@ -155,12 +150,15 @@ def load_part(part: Part, img_size: int = 224, preprocess: bool = False, seed: i
 class Predictor:
     """A saved model with its backbones rebuilt and verified: scores batches of loaded parts."""
 
-    def __init__(self, model, device: str = "cpu", rgb_checkpoint: str | None = None,
+    def __init__(self, model, device="cpu", rgb_checkpoint: str | None = None,
                  xyz_checkpoint: str | None = None, fusion_module_path: str | None = None):
-        from m3dm.app.cli import build_extractor
+        from m3dm.app.run import weight_records
+        from m3dm.config import backbone_settings
+        from m3dm.detection.detector import Detector
+        from m3dm.detection.persistence import make_setup
+        from m3dm.features.extractor import build_extractor
+        from m3dm.runtime import seed_everything
         from m3dm.uff.block import load_fusion_block
-        from m3dm.detection.persistence import make_setup, weight_records
-        from m3dm.app.run import seed_everything
 
         self.model = model
         settings, weights = model.settings, model.weights
@@ -171,22 +169,21 @@ class Predictor:
             record = weights.get(kind)
             return record["path"] if record is not None and record["source"] == "file" else None
 
-        args = argparse.Namespace(**settings)
-        args.rgb_checkpoint, args.xyz_checkpoint = recorded("rgb", rgb_checkpoint), recorded("xyz", xyz_checkpoint)
-        args.random_init = any(record["source"] == "random" for record in weights.values())
-        args.precision = settings.get("precision", "fp32")
+        backbones = backbone_settings(settings, rgb_checkpoint=recorded("rgb", rgb_checkpoint),
+                                      xyz_checkpoint=recorded("xyz", xyz_checkpoint),
+                                      random_init=any(record["source"] == "random" for record in weights.values()))
         seed_everything(settings["seed"])  # random-init backbones are rebuilt as main.py built them
-        self.extractor = build_extractor(args, ("rgb" in weights, "xyz" in weights), device)
+        self.extractor = build_extractor(backbones, needs_rgb="rgb" in weights, needs_xyz="xyz" in weights,
+                                         device=device, seed=settings["seed"], clamp_pfa=settings["fix_quirks"])
         fusion_block, fusion_path = None, None
         if "fusion" in weights:
             fusion_path = recorded("fusion", fusion_module_path)
             fusion_block = load_fusion_block(fusion_path, device, rgb_dim=self.extractor.rgb_backbone.feature_dim)
-        current = weight_records(self.extractor, settings["seed"], settings["rgb_backbone_name"],
-                                 settings["xyz_backbone_name"], fusion_block, fusion_path)
-        model.check_setup(make_setup(model.method_name, model.record["config"], model.record["settings"], current))
-        self.detector = model.detector(fusion_block, device, progress=False)
+        current = weight_records(self.extractor, backbones, settings["seed"], fusion_block, fusion_path)
+        model.check_setup(make_setup(model.method_name, model.config, settings, current))
+        self.detector = Detector.from_model(model, fusion_block, device, progress=False)
         if model.generator_state is not None:
-            self.extractor.generator.set_state(model.generator_state)
+            self.extractor.set_rng_state(model.generator_state)
 
     @property
     def img_size(self) -> int:
@@ -224,10 +221,11 @@ class ResultWriter:
         self.pictures, self.save_maps = pictures, save_maps
         output.mkdir(parents=True, exist_ok=True)
         self.csv_path, self.jsonl_path = output / "predictions.csv", output / "predictions.jsonl"
-        self._csv_file = open(self.csv_path, "w", newline="")
+        # both files stay open while parts are scored (rows are flushed one by one); close() closes them
+        self._csv_file = open(self.csv_path, "w", newline="")  # noqa: SIM115
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS)
         self._csv.writeheader()
-        self._jsonl = open(self.jsonl_path, "w")
+        self._jsonl = open(self.jsonl_path, "w")  # noqa: SIM115
         self.counts = {"pass": 0, "fail": 0, "error": 0}
 
     def _row(self, row: dict) -> None:
@@ -284,7 +282,9 @@ def _describe(exc: Exception) -> str:
 # ------------------------------------------------------------------------------------------------ running
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m m3dm.app.predict",
+    from m3dm.app.console import add_logging_flags
+
+    p = argparse.ArgumentParser(prog="m3dm-predict",
                                 description="Score new parts with a saved M3DM class model (docs/inference.md).")
     p.add_argument("inputs", nargs="*", metavar="FOLDER",
                    help="folders in the <defect>/{rgb,xyz} or {rgb,xyz} layout (e.g. a dataset split)")
@@ -305,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion_module_path", default=None, help="UFF block checkpoint, if moved since fitting")
     p.add_argument("--save_maps", action="store_true", help="also write maps/<name>.npy (224 x 224 float32)")
     p.add_argument("--no_pictures", action="store_true", help="do not write the heatmap PNGs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+    return add_logging_flags(p, quiet_help="no progress bar, no messages but warnings, errors and the summary")
 
 
 def _thresholds(model, args):
@@ -325,7 +324,7 @@ def _score_with_fallback(predictor: Predictor, loaded: list[LoadedPart]) -> list
     bad part is lost."""
     try:
         return predictor.score(loaded)
-    except Exception as exc:  # noqa: BLE001 - one bad part must not stop the run
+    except Exception as exc:
         if len(loaded) == 1:
             return [_describe(exc)]
         return [outcome for part in loaded for outcome in _score_with_fallback(predictor, [part])]
@@ -353,10 +352,9 @@ def _flush(predictor: Predictor, pending: list, writer: ResultWriter, report) ->
 def run(args) -> int:
     from tqdm import tqdm
 
-    from m3dm.app.processes import Workers, device_for
-    from m3dm.errors import CheckpointError
     from m3dm.detection.persistence import load_class_model
-    from m3dm.errors import ModelFileError
+    from m3dm.errors import CheckpointError, ModelFileError
+    from m3dm.runtime import resolve_device
 
     start = time.perf_counter()
     try:
@@ -365,9 +363,9 @@ def run(args) -> int:
         parts = discover_parts(args.inputs, args.rgb, args.xyz)
         if not parts:
             raise ValueError("no input parts: give folders and/or --rgb/--xyz pairs")
-        print(f"model {model.path}: {model.method_name}, class {model.class_name}; thresholds from "
-              f"{thresholds.source}: image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g}", file=sys.stderr)
-        predictor = Predictor(model, device_for(args.device, Workers()), args.rgb_checkpoint, args.xyz_checkpoint,
+        log.info("model %s: %s, class %s; thresholds from %s: image %.6g, pixel %.6g", model.path,
+                 model.method_name, model.class_name, thresholds.source, thresholds.image, thresholds.pixel)
+        predictor = Predictor(model, resolve_device(args.device), args.rgb_checkpoint, args.xyz_checkpoint,
                               args.fusion_module_path)
     except (ModelFileError, CheckpointError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -384,7 +382,7 @@ def run(args) -> int:
         for part in parts:
             try:
                 pending.append(load_part(part, predictor.img_size, args.preprocess))
-            except Exception as exc:  # noqa: BLE001 - reported per part, the run goes on
+            except Exception as exc:
                 report(part, _describe(exc))
                 pending.append((part, _describe(exc)))
             if sum(isinstance(item, LoadedPart) for item in pending) == args.batch_size:
@@ -403,8 +401,11 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from m3dm.app.console import configure_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     return run(args)

@@ -1,13 +1,15 @@
-"""Fit and evaluate one class after another (spec §1): pass 1, banks, pass 2, test, metrics, pictures."""
+"""The run of ``main.py`` (spec §1): every class in turn, shared among processes under torchrun, and one class
+from fitting (pass 1, banks, pass 2) or loading a saved model to the test metrics, pictures and saved models."""
 
 from __future__ import annotations
 
-import random
+import logging
 import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +17,23 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from m3dm.app import processes
+from m3dm.config import BackboneSettings, RunSettings, Settings
+from m3dm.constants import CLASSES_BY_DATASET
+from m3dm.data import available_classes
 from m3dm.data.dataset import AnomalyDataset, make_loader
-from m3dm.features.extractor import FeatureExtractor
-from m3dm.detection.detector import Detector, DetectorConfig, ModalityScore, sample_cap
+from m3dm.detection.detector import Detector, ModalityScore, sample_cap
+from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup, model_path, weight_record
+from m3dm.detection.thresholds import Thresholds, ThresholdSamples, choose_threshold_samples, threshold_dataset
 from m3dm.evaluation.metrics import compute_metrics
+from m3dm.evaluation.results import ClassResult, save_prediction_pictures, save_score_maps
+from m3dm.evaluation.tables import METRIC_TABLES, class_line, markdown_table, write_results
+from m3dm.features.extractor import FeatureExtractor, build_extractor
+from m3dm.runtime import resolve_device, seed_everything, start_processes, stop_processes
+from m3dm.uff.block import load_fusion_block
+from m3dm.uff.dumps import pretraining_features, save_pretraining_features
 
-
-def seed_everything(seed: int) -> None:
-    """As the reference does once per class (spec §12): Python, NumPy's global generator and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,78 +54,178 @@ class StageTimer:
         return f"time: {parts} (total {total:.1f}s)"
 
 
-@dataclass
-class ClassResult:
-    metrics: dict
-    labels: np.ndarray
-    image_scores: np.ndarray
-    maps: np.ndarray  # (N, 224, 224) float32
-    masks: np.ndarray  # (N, 224, 224) uint8
-    names: list[str]
-    rgb_paths: list[str]
+# ------------------------------------------------------------------------------------------ every class
+
+def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
+    """Fit (or load) and evaluate every class; print the tables, write them and the JSON record. Returns the
+    metrics by class (on the main process; ``{}`` on the others).
+
+    Under ``torchrun --nproc_per_node=N`` each process takes every N-th class and process 0 gathers the results
+    into the same tables (m3dm.app.processes).
+    """
+    workers = start_processes(cuda=False)  # gloo: only the small per-class results travel between processes
+    device = resolve_device(settings.run.device, workers.local_rank)
+    classes = dataset_classes(settings.run)
+    seed_everything(settings.run.seed)  # random backbone weights are drawn from it
+    extractor, fusion_block = build_models(settings, device)
+    models = settings.models
+    setup = None
+    if models.save_model or models.load_model is not None:
+        setup = run_setup(settings, extractor, fusion_block)
+    output_dir = Path(settings.run.output_dir)
+    models_dir = Path(models.load_model) if models.load_model else output_dir / MODELS_DIR
+    timer = StageTimer()
+    mine = {}
+    for class_name in processes.share(classes, workers):
+        class_run = ClassRun(settings, class_name, extractor, fusion_block, device=device, timer=timer,
+                             progress=progress)
+        mine[class_name] = class_run.run(models_dir, setup, output_dir)
+    gathered = processes.gather((mine, dict(timer.seconds)), workers)
+    stop_processes()
+    if not workers.is_main:
+        return {}
+    per_class = {c: results[c] for c in classes for results, _ in gathered if c in results}
+    total = StageTimer()
+    for _, timings in gathered:
+        for stage, value in timings.items():
+            total.seconds[stage] += value
+    method = settings.detector.method_name
+    for metric, title in METRIC_TABLES.items():
+        print(f"\n{title}\n{markdown_table(method, per_class, metric)}")
+    record = dict(settings.flags(), device_used=str(device), processes=workers.world)
+    paths = write_results(output_dir, method, per_class, record, dict(total.seconds))
+    log.info("\n%s%s", total.report(), f" summed over {workers.world} processes" if workers.world > 1 else "")
+    log.info("results written to %s (%s)", output_dir.resolve(), ", ".join(p.name for p in paths.values()))
+    return per_class
 
 
-class ClassRunner:
-    """Everything for one class: the loaders, the detector, and the loops over samples."""
+def dataset_classes(run: RunSettings) -> list[str]:
+    """``--classes``, else the dataset's classes in the reference's order (then any others, sorted)."""
+    if run.classes:
+        return list(run.classes)
+    present = set(available_classes(run.dataset_path))
+    reference = [c for c in CLASSES_BY_DATASET[run.dataset_type] if c in present]
+    return reference or sorted(present)
 
-    def __init__(self, config: DetectorConfig, extractor: FeatureExtractor, dataset_root, class_name: str, *,
-                 img_size: int = 224, batch_size: int = 1, num_workers: int = 0, max_sample: int = 400,
-                 fusion_block=None, device="cpu", timer: StageTimer | None = None, progress: bool = True,
-                 reextract_pass2: bool = False, save_feature_path: str | Path | None = None,
-                 train_limit: int | None = None, spool_dir=None):
-        self.config, self.extractor = config, extractor
-        self.class_name = class_name
-        self.root = Path(dataset_root)
-        self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
-        self.max_sample = max_sample
-        self.detector = Detector(config, fusion_block=fusion_block, device=device, progress=progress,
-                                 spool_dir=spool_dir)
+
+def build_models(settings: Settings, device) -> tuple[FeatureExtractor, torch.nn.Module | None]:
+    """The backbones the method needs (local checkpoint files, or random weights with --random_init) in a
+    feature extractor, and the UFF block with --use_uff."""
+    spec = settings.detector.spec
+    extractor = build_extractor(settings.backbones, needs_rgb=spec.needs_rgb, needs_xyz=spec.needs_xyz,
+                                device=device, seed=settings.run.seed, clamp_pfa=settings.detector.fix_quirks)
+    fusion_block = None
+    if settings.uff.use_uff:
+        fusion_block = load_fusion_block(settings.uff.fusion_module_path, device,
+                                         rgb_dim=extractor.rgb_backbone.feature_dim)
+    return extractor, fusion_block
+
+
+def weight_records(extractor: FeatureExtractor, backbones: BackboneSettings, seed: int, fusion_block=None,
+                   fusion_path: str | Path | None = None) -> dict:
+    """Where the weights of the extractor's backbones (and the UFF block) came from, by kind (rgb, xyz, fusion):
+    what a saved model records and a loaded one must match (``persistence.weight_record``)."""
+    records = {}
+    if extractor.rgb_backbone is not None:
+        records["rgb"] = weight_record(extractor.rgb_backbone, backbones.rgb_backbone_name, seed,
+                                       extractor.rgb_backbone.checkpoint_path)
+    if extractor.point_backbone is not None:
+        records["xyz"] = weight_record(extractor.point_backbone, backbones.xyz_backbone_name, seed,
+                                       extractor.point_backbone.checkpoint_path)
+    if fusion_block is not None:
+        records["fusion"] = weight_record(fusion_block, "UFF", seed, fusion_path)
+    return records
+
+
+def run_setup(settings: Settings, extractor: FeatureExtractor, fusion_block=None) -> dict:
+    """The setup of this run: what a model fitted by it records, and what a loaded model must match."""
+    weights = weight_records(extractor, settings.backbones, settings.run.seed, fusion_block,
+                             settings.uff.fusion_module_path if fusion_block is not None else None)
+    return make_setup(settings.detector.method_name, settings.detector.to_record(), settings.recorded(), weights)
+
+
+# -------------------------------------------------------------------------------------------- one class
+
+class ClassRun:
+    """One class: fit its detector (or load a saved one), save it with pass/fail thresholds, evaluate the test
+    split. Built from the run's settings, the feature extractor and the UFF block (None without --use_uff)."""
+
+    def __init__(self, settings: Settings, class_name: str, extractor: FeatureExtractor, fusion_block=None, *,
+                 device="cpu", timer: StageTimer | None = None, progress: bool = True):
+        self.settings, self.class_name = settings, class_name
+        self.extractor, self.fusion_block = extractor, fusion_block
+        self.device = device
         self.timer = timer or StageTimer()
         self.progress = progress
-        self.reextract_pass2 = reextract_pass2
-        self.save_feature_path = save_feature_path
-        self.train_limit = train_limit  # at most this many training samples for the banks (threshold hold-out)
+        self.root = Path(settings.run.dataset_path)
+        self.detector: Detector | None = None  # made by fit or load
 
-    def _loader(self, split: str, cap: int | None = None):
-        dataset = AnomalyDataset(self.root, self.class_name, split, self.img_size)
-        if cap is not None and cap < len(dataset):
-            dataset = Subset(dataset, range(cap))
-        return make_loader(dataset, self.batch_size, self.num_workers)
+    def run(self, models_dir: Path, setup: dict | None, output_dir: Path) -> dict:
+        """The class as main.py runs it: seed, fit or load, save, evaluate, write outputs; returns the metrics."""
+        settings = self.settings
+        seed_everything(settings.run.seed)  # once per class, as the reference
+        self.extractor.reseed(settings.run.seed)
+        path = model_path(models_dir, self.class_name)
+        if settings.models.load_model is not None:
+            with self.timer("load model"):
+                self.load(path, setup)
+        else:
+            self.fit()
+        if settings.models.save_model:
+            with self.timer("thresholds and saving"):
+                thresholds = self.save(path, setup)
+            log.info("  model saved: %s (thresholds from %s: image %.6g, pixel %.6g)", path, thresholds.source,
+                     thresholds.image, thresholds.pixel)
+        result = self.evaluate()
+        print(class_line(self.class_name, settings.detector.method_name, result.metrics), flush=True)
+        if settings.run.save_maps:
+            log.info("  maps: %s", save_score_maps(result, output_dir / "maps" / f"{self.class_name}.npz"))
+        if settings.run.save_preds:
+            with self.timer("pictures"):
+                folder = save_prediction_pictures(result, output_dir / "pred_maps" / self.class_name)
+            log.info("  prediction pictures: %s", folder)
+        return result.metrics
 
-    def _batches(self, loader, desc: str):
-        yield from tqdm(loader, desc=f"{self.class_name}: {desc}", unit="batch", disable=not self.progress,
-                        file=sys.stderr, leave=False)
+    # ------------------------------------------------------------------------------------------- fitting
 
-    def _extract(self, batch):
-        return self.extractor(batch["rgb"] if self.detector.needs_rgb else None,
-                              batch["pc"] if self.detector.needs_xyz else None, names=batch["name"])
+    @cached_property
+    def good_parts(self) -> ThresholdSamples:
+        """The good parts that set a saved model's pass/fail thresholds (``thresholds.choose_threshold_samples``)."""
+        return choose_threshold_samples(self.root, self.class_name, self._train_cap())
+
+    def _train_cap(self) -> int:
+        return sample_cap(self.settings.run.max_sample, self.settings.detector.fix_quirks)
 
     def fit(self) -> None:
-        detector = self.detector
-        cap = sample_cap(self.max_sample, self.config.fix_quirks)
-        loader = self._loader("train", cap if self.train_limit is None else min(cap, self.train_limit))
+        """Pass 1 into the banks, their coreset, and with decision layer fusion pass 2 and the SVMs."""
+        self.detector = detector = Detector(self.settings.detector, self.fusion_block, device=self.device,
+                                            progress=self.progress, spool_dir=self.settings.run.spool_folder)
+        cap = self._train_cap()
+        if self.settings.models.save_model and self.good_parts.train_limit is not None:
+            cap = min(cap, self.good_parts.train_limit)  # the threshold parts stay out of the banks
+        loader = self._loader("train", cap)
+        dump = self.settings.run.save_feature
         for batch in self._batches(loader, "pass 1 (memory)"):
             with self.timer("extract"):
                 features = self._extract(batch)
             with self.timer("memory"):
                 for sample in features:
-                    if self.save_feature_path is not None:
+                    if dump:
                         self._dump(sample, detector.n_train)
                     detector.add(sample)
         with self.timer("coreset"):
             detector.finalize()
         if detector.uses_dlf:
-            scores = self._pass2_reextracted(loader) if self.reextract_pass2 else self._pass2_reused()
+            scores = self._pass2_reextracted(loader) if self.settings.run.dlf_reextract else self._pass2_reused()
             with self.timer("dlf fit"):
                 detector.fit_fusion(scores)
         detector.release_training_samples()
 
     def _dump(self, sample, index: int) -> None:
         """``--save_feature``: the UFF pretraining input of one training sample (spec §7.3)."""
-        from m3dm.uff.block import pretraining_features, save_pretraining_features
-
-        rows = pretraining_features(sample.xyz, sample.rgb, sample.rgb_aligned(), aligned=self.config.fix_quirks)
-        save_pretraining_features(self.save_feature_path, self.class_name, index, rows)
+        rows = pretraining_features(sample.xyz, sample.rgb, sample.rgb_aligned(),
+                                    aligned=self.settings.detector.fix_quirks)
+        save_pretraining_features(self.settings.run.save_feature_path, self.class_name, index, rows)
 
     def _pass2_reused(self) -> list[dict[str, ModalityScore]]:
         """Pass 2 on the pass-1 features kept with the banks (no second extraction)."""
@@ -138,6 +246,50 @@ class ClassRunner:
                 scores += [self.detector.modality_scores(self.detector.modality_patches(f)) for f in features]
         return scores
 
+    # ----------------------------------------------------------------------------------- saved models
+
+    def save(self, path: Path, setup: dict) -> Thresholds:
+        """After fitting: set the pass/fail thresholds on the good parts and save the detector to ``path``.
+
+        The extractor's random state is restored after scoring the good parts, so the evaluation that follows
+        gives the same scores as a run without ``--save_model``; the saved state is the one right after fitting.
+        """
+        models, good_parts = self.settings.models, self.good_parts
+        fitted_state = self.extractor.rng_state()
+        dataset = threshold_dataset(good_parts, self.root, self.class_name, self.settings.backbones.img_size)
+        scores, maps = self.score_dataset(dataset, "good parts (thresholds)")
+        self.extractor.set_rng_state(fitted_state)
+        thresholds = Thresholds.from_good_parts(scores, maps, models.far, models.pixel_far, good_parts.description)
+        provenance = {"dataset_path": str(self.root.resolve()), "device": str(self.device),
+                      "n_train": self.detector.n_train, "batch_size": self.settings.run.batch_size}
+        self.detector.save(path, class_name=self.class_name, setup=setup, rng_state=fitted_state,
+                           thresholds=thresholds, provenance=provenance)
+        return thresholds
+
+    def load(self, path: Path, setup: dict) -> None:
+        """``--load_model``: the saved detector, verified against this run's method, class and setup, and the
+        extractor's random state as it was right after fitting."""
+        model = load_class_model(path, self.settings.detector.method_name, class_name=self.class_name, setup=setup)
+        self.detector = Detector.from_model(model, self.fusion_block, self.device, self.progress)
+        if model.generator_state is not None:
+            self.extractor.set_rng_state(model.generator_state)
+
+    # ----------------------------------------------------------------------------------------- scoring
+
+    def _loader(self, split: str, cap: int | None = None):
+        dataset = AnomalyDataset(self.root, self.class_name, split, self.settings.backbones.img_size)
+        if cap is not None and cap < len(dataset):
+            dataset = Subset(dataset, range(cap))
+        return make_loader(dataset, self.settings.run.batch_size, self.settings.run.num_workers)
+
+    def _batches(self, loader, desc: str):
+        yield from tqdm(loader, desc=f"{self.class_name}: {desc}", unit="batch", disable=not self.progress,
+                        file=sys.stderr, leave=False)
+
+    def _extract(self, batch):
+        return self.extractor(batch["rgb"] if self.detector.needs_rgb else None,
+                              batch["pc"] if self.detector.needs_xyz else None, names=batch["name"])
+
     def _scored_batches(self, loader, desc: str, stage: str):
         """Yield ``(batch, image scores, (224, 224) float32 maps)`` for every batch of ``loader``."""
         for batch in self._batches(loader, desc):
@@ -149,6 +301,7 @@ class ClassRunner:
 
     @torch.no_grad()
     def evaluate(self) -> ClassResult:
+        """Scores, maps and metrics of the test split with the fitted (or loaded) detector."""
         labels, image_scores, maps, masks, names, paths = [], [], [], [], [], []
         for batch, scores, score_maps in self._scored_batches(self._loader("test"), "test", "test scoring"):
             image_scores += scores
@@ -168,7 +321,7 @@ class ClassRunner:
         """Image scores ``(N,)`` and ``(N, 224, 224)`` float32 maps of every sample of ``dataset``, in order, with
         the fitted detector (the good parts that set a saved model's pass/fail thresholds)."""
         scores, maps = [], []
-        loader = make_loader(dataset, self.batch_size, self.num_workers)
+        loader = make_loader(dataset, self.settings.run.batch_size, self.settings.run.num_workers)
         for _, batch_scores, batch_maps in self._scored_batches(loader, desc, "threshold scoring"):
             scores += batch_scores
             maps += batch_maps

@@ -2,7 +2,8 @@
 
 Layout: ``<root>/<class>/<split>/<defect>/{rgb/*.png, xyz/*.tiff, gt/*.png}`` with split one of
 ``train``, ``validation``, ``test`` and defect ``good`` or a defect name. Unlike the reference, defect folders
-are sorted and files are paired by stem; a missing or extra file is an error naming it.
+are sorted and files are paired by stem; a missing or extra file is an error naming it. ``group_by_stem`` is
+the one discovery of a ``{rgb,xyz,gt}`` folder's files, shared with inference on new parts (m3dm.app.predict).
 """
 
 from __future__ import annotations
@@ -35,18 +36,27 @@ class Sample:
         return f"{self.class_name}/{self.split}/{self.defect}/{self.stem}"
 
 
-def _files_by_stem(folder: Path, suffix: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in folder.iterdir()
-            if p.is_file() and p.suffix == suffix and not p.name.startswith(".")}
+SUFFIXES = {"rgb": (".png",), "xyz": (".tiff", ".tif"), "gt": (".png",)}  # by kind (sub-folder), any case
 
 
-def _mismatch_message(where: str, kinds: dict[str, dict[str, Path]]) -> str:
-    all_stems = set().union(*(set(files) for files in kinds.values()))
+def group_by_stem(folder: str | Path, kinds: tuple[str, ...] = ("rgb", "xyz", "gt")) -> dict[str, dict[str, Path]]:
+    """The files of ``folder/<kind>/`` for each kind, grouped by file stem: ``{stem: {kind: path}}`` in stem
+    order, with the kinds a stem has files of (a missing sub-folder has none; hidden files are skipped)."""
+    groups: dict[str, dict[str, Path]] = {}
+    for kind in kinds:
+        directory = Path(folder) / kind
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.iterdir()):  # sorted: of a.tif and a.tiff, the latter is kept
+            if path.is_file() and path.suffix.lower() in SUFFIXES[kind] and not path.name.startswith("."):
+                groups.setdefault(path.stem, {})[kind] = path
+    return {stem: groups[stem] for stem in sorted(groups)}
+
+
+def _mismatch_message(where: str, kinds: tuple[str, ...], groups: dict[str, dict[str, Path]]) -> str:
     lines = [f"{where}: rgb/xyz{'/gt' if 'gt' in kinds else ''} files do not pair up by name:"]
-    for kind, files in kinds.items():
-        missing = sorted(all_stems - set(files))
+    for kind in kinds:
+        missing = [stem for stem, files in groups.items() if kind not in files]
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
             lines.append(f"  {kind}/ lacks {len(missing)} file(s) present elsewhere: {shown}")
@@ -55,16 +65,12 @@ def _mismatch_message(where: str, kinds: dict[str, dict[str, Path]]) -> str:
 
 def _defect_samples(defect_dir: Path, class_name: str, split: str) -> list[Sample]:
     defect = defect_dir.name
-    kinds = {"rgb": _files_by_stem(defect_dir / "rgb", ".png"),
-             "xyz": _files_by_stem(defect_dir / "xyz", ".tiff")}
-    if defect != GOOD:
-        kinds["gt"] = _files_by_stem(defect_dir / "gt", ".png")
-    stem_sets = [set(files) for files in kinds.values()]
-    if any(s != stem_sets[0] for s in stem_sets):
-        raise DataError(_mismatch_message(str(defect_dir), kinds))
-    return [Sample(class_name, split, defect, stem, kinds["rgb"][stem], kinds["xyz"][stem],
-                   kinds["gt"][stem] if "gt" in kinds else None)
-            for stem in sorted(stem_sets[0])]
+    kinds = ("rgb", "xyz") if defect == GOOD else ("rgb", "xyz", "gt")
+    groups = group_by_stem(defect_dir, kinds)
+    if any(len(files) != len(kinds) for files in groups.values()):
+        raise DataError(_mismatch_message(str(defect_dir), kinds, groups))
+    return [Sample(class_name, split, defect, stem, files["rgb"], files["xyz"], files.get("gt"))
+            for stem, files in groups.items()]
 
 
 def discover_samples(root: str | Path, class_name: str, split: str) -> list[Sample]:

@@ -1,20 +1,24 @@
-"""The six M3DM methods (spec §8.2–8.8), composed from one memory-bank class and decision layer fusion.
+"""The detector of one class (spec §8.2–8.8): memory banks, decision layer fusion, scoring, saving and loading.
 
-A method is a set of modalities (``xyz``, ``rgb``, ``fusion``: one bank each, always in that order) and a rule
-that turns their per-modality scores into the final ones (``single``, ``add`` or decision layer fusion). The
-differences between methods that the reference spreads over six classes are data here (``METHODS``); the
-reference's quirks (mixed normalisation statistics, coreset sizes, the ÷1000, epsilons, zero-row handling) are
-reproduced by default and corrected with ``fix_quirks`` (docs/quirks.md).
+Every method is this one class: the differences the reference spreads over six classes are data
+(``m3dm.config.METHODS``), its settings a ``m3dm.config.DetectorSettings``. A fitted detector saves itself to a
+class-model file and loads from one (``save`` / ``from_model``; the file format is ``m3dm.detection.persistence``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from m3dm.config import DetectorSettings
 from m3dm.detection.dlf import DecisionLayerFusion
+from m3dm.detection.persistence import ClassModel, save_class_model
+from m3dm.detection.thresholds import Thresholds
+from m3dm.errors import ModelFileError
 from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures
 from m3dm.memory.bank import BankRecipe, MemoryBank
 from m3dm.memory.defaults import default_coreset
@@ -22,65 +26,7 @@ from m3dm.memory.maps import segmentation_map
 
 MAP_SIZE = 224  # score maps and masks are 224 x 224 (spec §2.4, §8.1)
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    modalities: tuple[str, ...]
-    combine: str  # "single" | "add" | "dlf"
-    eps: float  # epsilon of the re-weighting denominator (quirk 29)
-    divisor: float = 1.0  # image-score divisor inside the re-weighting (quirk 29: DINO+Point_MAE uses 1000)
-    shared_stats: bool = False  # normalise every bank with (mean of xyz, std of rgb) (quirk 26)
-    own_stats: bool = False  # normalise with the bank's own statistics (DINO)
-
-
-METHODS: dict[str, MethodSpec] = {
-    "DINO": MethodSpec(("rgb",), "single", eps=1e-5, own_stats=True),
-    "Point_MAE": MethodSpec(("xyz",), "single", eps=1e-5),
-    "Fusion": MethodSpec(("fusion",), "single", eps=0.0),
-    "DINO+Point_MAE": MethodSpec(("xyz", "rgb"), "dlf", eps=0.0, divisor=1000.0, shared_stats=True),
-    "DINO+Point_MAE+add": MethodSpec(("xyz", "rgb"), "add", eps=0.0, shared_stats=True),
-    "DINO+Point_MAE+Fusion": MethodSpec(("xyz", "rgb", "fusion"), "dlf", eps=0.0, shared_stats=True),
-}
-
-
-@dataclass
-class DetectorConfig:
-    """Every setting that changes scores. Built from main.py's flags with ``from_args``."""
-
-    method_name: str = "DINO+Point_MAE"
-    memory_bank: str = "multiple"
-    f_coreset: float = 0.1
-    coreset_eps: float = 0.9
-    random_state: int | None = None
-    asy_memory_bank: int | None = None
-    rm_zero_for_project: bool = False
-    ocsvm_nu: float = 0.5
-    ocsvm_maxiter: int = 1000
-    lambdas: dict = field(default_factory=lambda: {"xyz": (1.0, 1.0), "rgb": (0.1, 0.1), "fusion": (1.0, 1.0)})
-    fix_quirks: bool = False
-    coreset_fp16: bool = True
-    coreset_shards: int = 1  # > 1: the faster per-block greedy selection (not the reference's; m3dm.memory.bank)
-
-    @classmethod
-    def from_args(cls, args) -> "DetectorConfig":
-        lambdas = {m: (getattr(args, f"{m}_s_lambda"), getattr(args, f"{m}_smap_lambda"))
-                   for m in ("xyz", "rgb", "fusion")}
-        return cls(method_name=args.method_name, memory_bank=args.memory_bank, f_coreset=args.f_coreset,
-                   coreset_eps=args.coreset_eps, random_state=args.random_state,
-                   asy_memory_bank=args.asy_memory_bank, rm_zero_for_project=args.rm_zero_for_project,
-                   ocsvm_nu=args.ocsvm_nu, ocsvm_maxiter=args.ocsvm_maxiter, lambdas=lambdas,
-                   fix_quirks=args.fix_quirks, coreset_shards=args.coreset_shards)
-
-    @property
-    def spec(self) -> MethodSpec:
-        return METHODS[self.method_name]
-
-    @property
-    def blur(self) -> str:
-        return "float" if self.fix_quirks else "pil"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,12 +39,12 @@ class Detector:
     """Memory banks of one class: pass 1 (``add``), ``finalize`` (normalise + coreset), pass 2 (``fit_fusion``,
     decision layer fusion) and ``predict`` (image score and 224 x 224 map of a test sample)."""
 
-    def __init__(self, config: DetectorConfig, fusion_block=None, device="cpu", progress: bool = True,
+    def __init__(self, config: DetectorSettings, fusion_block=None, device="cpu", progress: bool = True,
                  spool_dir=None):
         self.config = config
         self.progress = progress
         self.spec = config.spec
-        if "fusion" in self.spec.modalities and fusion_block is None:
+        if self.spec.needs_uff and fusion_block is None:
             raise ValueError(f"{config.method_name} needs the UFF fusion block (--use_uff)")
         self.fusion_block = fusion_block
         self.device = torch.device(device)
@@ -113,11 +59,11 @@ class Detector:
 
     @property
     def needs_rgb(self) -> bool:
-        return "rgb" in self.spec.modalities or "fusion" in self.spec.modalities
+        return self.spec.needs_rgb
 
     @property
     def needs_xyz(self) -> bool:
-        return "xyz" in self.spec.modalities or "fusion" in self.spec.modalities
+        return self.spec.needs_xyz
 
     def _fuse(self, xyz: torch.Tensor, rgb_aligned: torch.Tensor) -> torch.Tensor:
         block = self.fusion_block
@@ -202,16 +148,17 @@ class Detector:
         return out
 
     def _dlf_inputs(self, scores: dict[str, ModalityScore]) -> tuple[np.ndarray, np.ndarray]:
-        lam = self.config.lambdas
-        vector = np.array([[lam[m][0] * scores[m].score for m in self.spec.modalities]])
-        pixels = torch.stack([lam[m][1] * scores[m].score_map.reshape(-1) for m in self.spec.modalities], dim=1)
+        weights = {m: self.config.lambdas.of(m) for m in self.spec.modalities}
+        vector = np.array([[weights[m][0] * scores[m].score for m in self.spec.modalities]])
+        pixels = torch.stack([weights[m][1] * scores[m].score_map.reshape(-1) for m in self.spec.modalities],
+                             dim=1)
         return vector, pixels.numpy()
 
     # --------------------------------------------------------------------------------------------- pass 2
 
     @property
     def uses_dlf(self) -> bool:
-        return self.config.memory_bank == "multiple" and self.spec.combine == "dlf"
+        return self.config.uses_dlf
 
     def training_patches(self, index: int) -> dict[str, torch.Tensor]:
         """Pass-1 patches of training sample ``index``, as they were before normalisation (reused in pass 2
@@ -265,9 +212,9 @@ class Detector:
 
     # ---------------------------------------------------------------------------------- saving and loading
 
-    def fitted_state(self) -> dict:
+    def to_state(self) -> dict:
         """Everything scoring needs once fitted (banks, normalisation, DLF arrays, RGB grid), as tensors and
-        primitives (``m3dm.detection.persistence`` saves it)."""
+        primitives."""
         unfinished = [m for m, bank in self.banks.items() if not bank.finalized]
         if unfinished:
             raise RuntimeError(f"the {', '.join(unfinished)} bank(s) are not finalised: fit the detector first")
@@ -279,9 +226,9 @@ class Detector:
                 "rgb_grid": self.rgb_grid, "n_train": self.n_train}
 
     @classmethod
-    def from_fitted_state(cls, config: DetectorConfig, state: dict, fusion_block=None, device="cpu",
-                          progress: bool = True) -> "Detector":
-        """A fitted detector from ``fitted_state``; it scores bit-identically to the one it was taken from."""
+    def from_state(cls, config: DetectorSettings, state: dict, fusion_block=None, device="cpu",
+                   progress: bool = True) -> Detector:
+        """A fitted detector from ``to_state``; it scores bit-identically to the one it was taken from."""
         detector = cls(config, fusion_block=fusion_block, device=device, progress=progress)
         if list(state["modalities"]) != list(detector.spec.modalities):
             raise ValueError(f"saved banks {list(state['modalities'])} do not fit {config.method_name} "
@@ -294,6 +241,25 @@ class Detector:
         detector.rgb_grid = state["rgb_grid"]
         detector.n_train = state["n_train"]
         return detector
+
+    def save(self, path: str | Path, *, class_name: str, setup: dict, rng_state: torch.Tensor | None = None,
+             thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
+        """Write this fitted detector to a class-model file with the run's setup (``persistence.make_setup``),
+        the feature extractor's random state after fitting and the pass/fail thresholds."""
+        path = save_class_model(path, class_name=class_name, setup=setup, detector_state=self.to_state(),
+                                generator_state=rng_state, thresholds=thresholds, provenance=provenance)
+        log.debug("%s: %s detector saved", path, class_name)
+        return path
+
+    @classmethod
+    def from_model(cls, model: ClassModel, fusion_block=None, device="cpu", progress: bool = True) -> Detector:
+        """The fitted detector of a loaded and verified class-model file (``persistence.load_class_model``)."""
+        try:
+            return cls.from_state(model.detector_settings, model.detector_state, fusion_block=fusion_block,
+                                  device=device, progress=progress)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{model.path}: the saved detector is incomplete or inconsistent "
+                                 f"({type(exc).__name__}: {exc})") from exc
 
 
 def sample_cap(max_sample: int, fix_quirks: bool) -> int:

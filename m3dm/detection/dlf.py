@@ -80,7 +80,7 @@ class DecisionLayerFusion:
             raise RuntimeError("DecisionLayerFusion is not fitted")
         return self.detect_fuser.coef_.ravel().copy(), self.seg_fuser.coef_.ravel().copy()
 
-    # -- saving and loading (m3dm.detection.persistence) ----------------------------------------------------------------------
+    # -- saving and loading (Detector.to_state / from_state) ------------------------------------------------
     _FUSERS = ("detect_fuser", "seg_fuser")
 
     def export_state(self) -> dict:

@@ -1,13 +1,17 @@
-"""Saving and loading fitted class models (an addition: the reference fits and evaluates in one process only).
+"""The fitted class-model file (an addition: the reference fits and evaluates in one process only): its format,
+checksums, versions, verification on loading and the comparison of a model's setup with a run's.
 
-One file per class, ``<output_dir>/models/<class>.pt``: a ``torch.save`` of a dict holding only tensors and
-primitives (it loads with ``torch.load(..., weights_only=True)``), written atomically. It holds
+The detector writes and reads its own state (``Detector.save`` / ``Detector.from_model``); this module knows
+nothing of the detector beyond that state's being tensors and primitives. One file per class,
+``<output_dir>/models/<class>.pt``: a ``torch.save`` of a dict holding only tensors and primitives (it loads with
+``torch.load(..., weights_only=True)``), written atomically. It holds
 
 - ``detector``: the final (coreset) banks with their normalisation scalars (spec §8.1–8.7) and, for decision
   layer fusion, the fitted arrays of both one-class SVMs (``coef_``, ``offset_``, ..., spec §8.8; scikit-learn's
   own ``score_samples`` runs on them after loading, so scores are bit-identical), and the RGB patch grid;
-- ``method_name``, ``config`` (every field of ``DetectorConfig``) and ``settings`` (image size, point grouping,
-  backbone names and mode, ``--fix_quirks``, seed, precision, ...);
+- ``method_name``, ``config`` (``DetectorSettings.to_record()``) and ``settings`` (``Settings.recorded()``: image
+  size, point grouping, backbone names and mode, ``--fix_quirks``, seed, precision, ...); a key missing from an
+  older file had its default value (``m3dm.config.recorded_defaults``);
 - ``weights``: per backbone (and UFF block) the weight file's path and SHA-256, or ``random`` with the seed, and a
   SHA-256 of the parameters actually built (so random weights are checked to be rebuilt identically);
 - ``generator_state``: the DropPath generator after fitting (the reference's training-mode point backbone draws
@@ -23,6 +27,7 @@ and the run's (settings, weight files, rebuilt parameters).
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
 import time
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from typing import Any
 import torch
 
 from m3dm import __version__
+from m3dm.config import DetectorSettings, recorded_defaults
 from m3dm.data.io import atomic_path
 from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
@@ -39,16 +45,10 @@ from m3dm.errors import ModelFileError
 FORMAT = "m3dm-class-model"
 FORMAT_VERSION = 1
 MODELS_DIR = "models"
-
-# main.py flags besides DetectorConfig's that change scores (or the fit that a --load_model run replaces)
-SETTING_DEFAULTS = {"img_size": 224, "num_group": 1024, "group_size": 128,
-                    "rgb_backbone_name": "vit_base_patch8_224_dino", "xyz_backbone_name": "Point_MAE",
-                    "backbone_eval": False, "fix_quirks": False, "seed": 0, "precision": "fp32", "use_uff": False,
-                    "max_sample": 400, "dlf_reextract": False}
 WEIGHT_KINDS = {"rgb": "RGB backbone", "xyz": "point backbone", "fusion": "UFF fusion block"}
 REQUIRED_KEYS = ("class_name", "method_name", "config", "settings", "weights", "detector", "thresholds")
 
-
+log = logging.getLogger(__name__)
 
 
 def model_path(folder: str | Path, class_name: str) -> Path:
@@ -133,32 +133,11 @@ def weight_record(module: torch.nn.Module, name: str, seed: int, path: str | Pat
             "parameters_sha256": parameters_sha256(module)}
 
 
-def weight_records(extractor, seed: int, rgb_name: str, xyz_name: str, fusion_block=None,
-                   fusion_path: str | Path | None = None) -> dict:
-    """Weight records of the backbones an extractor holds (they carry ``.checkpoint_path``) and the UFF block."""
-    records = {}
-    if extractor.rgb_backbone is not None:
-        records["rgb"] = weight_record(extractor.rgb_backbone, rgb_name, seed, extractor.rgb_backbone.checkpoint_path)
-    if extractor.point_backbone is not None:
-        records["xyz"] = weight_record(extractor.point_backbone, xyz_name, seed,
-                                       extractor.point_backbone.checkpoint_path)
-    if fusion_block is not None:
-        records["fusion"] = weight_record(fusion_block, "UFF", seed, fusion_path)
-    return records
-
-
 def make_setup(method_name: str, config: dict, settings: dict, weights: dict) -> dict:
+    """What a fitted model records and a run loading it must match: the detector's settings (``config``:
+    ``DetectorSettings.to_record()``), the other recorded settings (``Settings.recorded()``) and the weight
+    records (``weight_record`` by kind: ``rgb``, ``xyz``, ``fusion``)."""
     return _plain({"method_name": method_name, "config": config, "settings": settings, "weights": weights})
-
-
-def describe_run(args, extractor, fusion_block=None) -> dict:
-    """The setup of a ``main.py`` run: what a model fitted by it records, and what a loaded model must match."""
-    from m3dm.detection.detector import DetectorConfig
-
-    settings = {name: getattr(args, name, default) for name, default in SETTING_DEFAULTS.items()}
-    weights = weight_records(extractor, args.seed, args.rgb_backbone_name, args.xyz_backbone_name, fusion_block,
-                             args.fusion_module_path if fusion_block is not None else None)
-    return make_setup(args.method_name, DetectorConfig.from_args(args).to_dict(), settings, weights)
 
 
 def _short(sha: str | None) -> str:
@@ -231,11 +210,12 @@ def _environment() -> dict:
             "scikit-learn": sklearn.__version__, "numpy": numpy.__version__}
 
 
-def save_class_model(path: str | Path, *, class_name: str, setup: dict, detector, generator_state=None,
-                     thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
-    """Write a fitted detector and its setup (``describe_run``) to ``path``, atomically."""
+def save_class_model(path: str | Path, *, class_name: str, setup: dict, detector_state: dict,
+                     generator_state=None, thresholds: Thresholds | None = None,
+                     provenance: dict | None = None) -> Path:
+    """Write a fitted detector's state and its setup (``make_setup``) to ``path``, atomically."""
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "m3dm_version": __version__,
-              "class_name": class_name, **setup, "detector": detector.fitted_state(),
+              "class_name": class_name, **setup, "detector": detector_state,
               "generator_state": generator_state,
               "thresholds": None if thresholds is None else thresholds.to_dict(),
               "environment": _environment(),
@@ -245,6 +225,7 @@ def save_class_model(path: str | Path, *, class_name: str, setup: dict, detector
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(record, tmp)
+    log.debug("%s: written (content SHA-256 %s)", path, _short(record["content_sha256"]))
     return path
 
 
@@ -264,24 +245,34 @@ class ClassModel:
         return self.record["method_name"]
 
     @property
+    def config(self) -> dict:
+        """The detector's recorded settings, with today's default for any key an older file lacks."""
+        return {**_plain(DetectorSettings().to_record()), **self.record["config"]}
+
+    @property
     def settings(self) -> dict:
-        return dict(self.record["settings"])
+        """The other recorded settings, with today's default for any key an older file lacks."""
+        return {**_plain(recorded_defaults()), **self.record["settings"]}
 
     @property
     def weights(self) -> dict:
         return self.record["weights"]
 
     @property
-    def config(self):
-        from m3dm.detection.detector import DetectorConfig
+    def detector_settings(self) -> DetectorSettings:
+        try:
+            return DetectorSettings.from_record(self.config)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{self.path}: unexpected detector settings ({type(exc).__name__}: {exc})") from exc
 
-        values = dict(self.record["config"])
-        values["lambdas"] = {m: tuple(v) for m, v in values["lambdas"].items()}
-        return DetectorConfig(**values)
+    @property
+    def detector_state(self) -> dict:
+        """What ``Detector.to_state`` gave when the model was saved."""
+        return self.record["detector"]
 
     @property
     def setup(self) -> dict:
-        return make_setup(self.method_name, self.record["config"], self.record["settings"], self.weights)
+        return make_setup(self.method_name, self.config, self.settings, self.weights)
 
     @property
     def thresholds(self) -> Thresholds | None:
@@ -290,31 +281,28 @@ class ClassModel:
 
     @property
     def generator_state(self) -> torch.Tensor | None:
+        """The feature extractor's random state right after fitting (``FeatureExtractor.rng_state``)."""
         return self.record.get("generator_state")
 
     def check_method(self, method_name: str) -> None:
         if method_name != self.method_name:
             raise ModelFileError(f"{self.path}: holds a {self.method_name} model, but {method_name} was asked for")
 
+    def check_class(self, class_name: str) -> None:
+        if class_name != self.class_name:
+            raise ModelFileError(f"{self.path}: holds a model of class {self.class_name!r}, not {class_name!r}")
+
     def check_setup(self, current: dict) -> None:
-        """Refuse when the run's setup (``describe_run`` / ``make_setup``) differs from the model's."""
+        """Refuse when the run's setup (``make_setup``) differs from the model's."""
         differences = setup_differences(self.setup, current)
         if differences:
             raise ModelFileError(f"{self.path}: the model does not match this run:\n  - " + "\n  - ".join(differences))
 
-    def detector(self, fusion_block=None, device="cpu", progress: bool = True):
-        from m3dm.detection.detector import Detector
 
-        try:
-            return Detector.from_fitted_state(self.config, self.record["detector"], fusion_block=fusion_block,
-                                              device=device, progress=progress)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{self.path}: the saved detector is incomplete or inconsistent "
-                                 f"({type(exc).__name__}: {exc})") from exc
-
-
-def load_class_model(path: str | Path, method_name: str | None = None) -> ClassModel:
-    """Read and verify a model file (format, version, content checksum, and the method when given)."""
+def load_class_model(path: str | Path, method_name: str | None = None, *, class_name: str | None = None,
+                     setup: dict | None = None) -> ClassModel:
+    """Read and verify a model file: format, version, content checksum and, when given, the method, the class
+    and the run's setup (``make_setup``)."""
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"{path} is a folder: give the model file <folder>/<class>.pt")
@@ -345,41 +333,8 @@ def load_class_model(path: str | Path, method_name: str | None = None) -> ClassM
     model = ClassModel(path, record)
     if method_name is not None:
         model.check_method(method_name)
-    return model
-
-
-# ------------------------------------------------------------------------------------- main.py's wiring
-
-def save_runner_model(runner, path: str | Path, setup: dict, good_parts, far: float, pixel_far: float,
-                      device: str = "cpu") -> tuple[Path, Thresholds]:
-    """After ``runner.fit()``: set the thresholds on the good parts (``threshold.ThresholdSamples``) and save.
-
-    The DropPath generator is restored after scoring the good parts, so the evaluation that follows gives the same
-    scores as a run without ``--save_model``; the saved state is the one right after fitting.
-    """
-    from m3dm.detection.thresholds import threshold_dataset
-
-    generator = runner.extractor.generator
-    fitted_state = generator.get_state()
-    dataset = threshold_dataset(good_parts, runner.root, runner.class_name, runner.img_size)
-    scores, maps = runner.score_dataset(dataset, "good parts (thresholds)")
-    generator.set_state(fitted_state)
-    thresholds = Thresholds.from_good_parts(scores, maps, far, pixel_far, good_parts.description)
-    provenance = {"dataset_path": str(runner.root.resolve()), "device": str(device),
-                  "n_train": runner.detector.n_train, "batch_size": runner.batch_size}
-    path = save_class_model(path, class_name=runner.class_name, setup=setup, detector=runner.detector,
-                            generator_state=fitted_state, thresholds=thresholds, provenance=provenance)
-    return path, thresholds
-
-
-def load_into_runner(runner, path: str | Path, setup: dict, fusion_block=None, device="cpu") -> ClassModel:
-    """``--load_model``: verify the file against the run's setup and give the runner the fitted detector and the
-    DropPath generator state it had after fitting."""
-    model = load_class_model(path, setup["method_name"])
-    if model.class_name != runner.class_name:
-        raise ModelFileError(f"{model.path}: holds a model of class {model.class_name!r}, not {runner.class_name!r}")
-    model.check_setup(setup)
-    runner.detector = model.detector(fusion_block, device, runner.progress)
-    if model.generator_state is not None:
-        runner.extractor.generator.set_state(model.generator_state)
+    if class_name is not None:
+        model.check_class(class_name)
+    if setup is not None:
+        model.check_setup(setup)
     return model

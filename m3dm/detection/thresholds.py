@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m3dm.errors import DataError
 from m3dm.data.layout import GOOD, discover_samples
+from m3dm.errors import DataError
 
 DEFAULT_FAR = 0.01
 HOLDOUT_FRACTION = 0.1

@@ -30,7 +30,7 @@ def markdown_table(method: str, per_class: dict[str, dict], metric: str) -> str:
     header = ["Method"] + [c.title() for c in classes] + ["Mean"]
     row = [method] + [f"{v:.3f}" for v in values] + [f"{mean:.3f}"]
     widths = [max(len(h), len(r)) for h, r in zip(header, row)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
     return "\n".join([fmt(header), rule, fmt(row)])
 

@@ -1,8 +1,9 @@
 """Saved class models: bit-identical scores after loading, and refusal of damaged or mismatched files.
 
-Small configuration of tests/test_pipeline.py (tiny timm ViT, 64 groups of 32 points) on synthetic data. Two
-models are fitted once per module with ``main.py --save_model``: DINO+Point_MAE (decision layer fusion, random
-weights, the reference's training-mode point backbone) and Point_MAE (single bank, point weights from a file).
+Small configuration of test_pipeline.py (tiny timm ViT, 64 groups of 32 points) on synthetic data. Two models
+are fitted once per module with ``main.py --save_model`` (the tests using them are ``slow``): DINO+Point_MAE
+(decision layer fusion, random weights, the reference's training-mode point backbone) and Point_MAE (single
+bank, point weights from a file).
 """
 
 import math
@@ -13,14 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from m3dm.app.cli import build_parser, run, validate
+from m3dm.app.cli import build_parser
+from m3dm.app.run import ClassRun, run_classes
+from m3dm.config import settings_from_flags
+from m3dm.data.synthetic import write_mvtec3d
+from m3dm.detection.detector import Detector
 from m3dm.detection.persistence import content_sha256, load_class_model
+from m3dm.detection.thresholds import choose_threshold_samples, false_alarm_threshold
 from m3dm.errors import ModelFileError
 from m3dm.features.point_transformer import PointTransformer
 from m3dm.preprocess.mvtec3d import preprocess_dataset
-from m3dm.app.run import ClassRunner
-from m3dm.data.synthetic import write_mvtec3d
-from m3dm.detection.thresholds import choose_threshold_samples, false_alarm_threshold
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
          "--random_init", "--device", "cpu", "--batch_size", "2"]
@@ -37,9 +40,9 @@ def point_mae_file(path: Path, seed: int) -> Path:
 
 
 def run_main(dataset: Path, out: Path, *extra: str, forbid_fit: bool = False):
-    """main.py in-process; returns the ClassResult of each evaluated class (captured from ClassRunner)."""
+    """main.py in-process; returns the ClassResult of each evaluated class (captured from ClassRun)."""
     results = []
-    evaluate = ClassRunner.evaluate
+    evaluate = ClassRun.evaluate
 
     def capture(self):
         results.append(evaluate(self))
@@ -49,13 +52,13 @@ def run_main(dataset: Path, out: Path, *extra: str, forbid_fit: bool = False):
         raise AssertionError("--load_model must not fit")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ClassRunner, "evaluate", capture)
+        patch.setattr(ClassRun, "evaluate", capture)
         if forbid_fit:
-            patch.setattr(ClassRunner, "fit", no_fit)
+            patch.setattr(ClassRun, "fit", no_fit)
         argv = ["--dataset_path", str(dataset), "--output_dir", str(out), *SMALL, *extra]
-        args = build_parser().parse_args(argv)
-        validate(args)
-        run(args)  # main.py's own flow, with errors raised rather than reported (main.py exits 2 on them)
+        settings = settings_from_flags(build_parser().parse_args(argv))
+        settings.validate()
+        run_classes(settings, progress=False)  # main.py's own flow, with errors raised (main.py exits 2 on them)
     return results
 
 
@@ -83,6 +86,7 @@ def fitted(dataset, weights, tmp_path_factory) -> dict:
     return fitted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["dlf", "point"])
 def test_loaded_model_scores_are_bit_identical(dataset, fitted, tmp_path, case):
     saved = fitted[case]
@@ -95,6 +99,7 @@ def test_loaded_model_scores_are_bit_identical(dataset, fitted, tmp_path, case):
     assert loaded.metrics == expected.metrics
 
 
+@pytest.mark.slow
 def test_model_file_holds_plain_tensors_and_the_fitted_arrays(fitted):
     record = torch.load(fitted["dlf"]["model"], map_location="cpu", weights_only=True)
     assert record["format"] == "m3dm-class-model" and record["method_name"] == "DINO+Point_MAE"
@@ -106,7 +111,7 @@ def test_model_file_holds_plain_tensors_and_the_fitted_arrays(fitted):
                                                                                   banks["rgb"]["std"])
     # the loaded DLF scores are the plain x . coef_ (score_samples of the rebuilt SVM)
     model = load_class_model(fitted["dlf"]["model"])
-    detector = model.detector()
+    detector = Detector.from_model(model)
     coef = record["detector"]["dlf"]["fusers"]["detect_fuser"]["coef"].numpy().ravel()
     vectors = np.abs(np.random.default_rng(0).normal(size=(7, 2)))
     assert np.allclose(detector.dlf.score_image(vectors), vectors @ coef, rtol=1e-12, atol=0)
@@ -125,6 +130,7 @@ def records_equal(a, b) -> bool:
     return type(a) is type(b) and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
 
 
+@pytest.mark.slow
 def test_changed_bytes_are_refused(fitted, tmp_path):
     source = fitted["point"]["model"]
     data = bytearray(source.read_bytes())
@@ -151,6 +157,7 @@ def test_changed_bytes_are_refused(fitted, tmp_path):
         assert records_equal({**loaded.record, "content_sha256": original["content_sha256"]}, original), position
 
 
+@pytest.mark.slow
 def test_truncated_or_foreign_files_are_refused(fitted, tmp_path):
     data = fitted["point"]["model"].read_bytes()
     truncated = tmp_path / "truncated.pt"
@@ -165,6 +172,7 @@ def test_truncated_or_foreign_files_are_refused(fitted, tmp_path):
         load_class_model(tmp_path / "absent.pt")
 
 
+@pytest.mark.slow
 def test_other_format_version_is_refused(fitted, tmp_path):
     record = torch.load(fitted["point"]["model"], map_location="cpu", weights_only=True)
     record.pop("content_sha256")
@@ -176,6 +184,7 @@ def test_other_format_version_is_refused(fitted, tmp_path):
         load_class_model(path)
 
 
+@pytest.mark.slow
 def test_model_of_another_method_is_refused(dataset, fitted, tmp_path):
     folder = str(fitted["dlf"]["out"] / "models")
     with pytest.raises(ModelFileError, match=r"holds a DINO\+Point_MAE model, but Point_MAE was asked for"):
@@ -184,6 +193,7 @@ def test_model_of_another_method_is_refused(dataset, fitted, tmp_path):
         load_class_model(fitted["dlf"]["model"], "DINO")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--rgb_backbone_name", "vit_small_patch16_224"], "rgb_backbone_name: the model has 'vit_tiny_patch16_224'"),
     (["--group_size", "16"], "group_size"),
@@ -196,6 +206,7 @@ def test_model_fitted_with_other_settings_is_refused(dataset, fitted, tmp_path, 
                  forbid_fit=True)
 
 
+@pytest.mark.slow
 def test_other_weight_file_is_refused(dataset, fitted, tmp_path):
     folder = str(fitted["point"]["out"] / "models")
     other = point_mae_file(tmp_path / "other.pth", seed=12)
@@ -206,6 +217,7 @@ def test_other_weight_file_is_refused(dataset, fitted, tmp_path):
         run_main(dataset, tmp_path, *POINT, "--load_model", folder, forbid_fit=True)
 
 
+@pytest.mark.slow
 def test_same_weights_under_another_path_are_accepted(dataset, fitted, weights, tmp_path):
     moved = shutil.copy(weights, tmp_path / "moved.pth")
     (loaded,) = run_main(dataset, tmp_path, *POINT, "--xyz_checkpoint", str(moved), "--load_model",
@@ -232,6 +244,7 @@ def test_without_validation_split_the_last_training_samples_are_held_out(tmp_pat
     assert beyond_cap.indices == (10, 11) and beyond_cap.train_limit is None
 
 
+@pytest.mark.slow
 def test_save_model_without_validation_split_fits_on_the_rest(tmp_path):
     raw = write_mvtec3d(tmp_path / "raw", classes=("gadget",), size=96, n_train=4, n_val=0, n_test_good=1,
                         n_test_defect=1, progress=False)

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PROJECT_ROOT
 
 import main as main_module
-from m3dm.preprocess.mvtec3d import preprocess_dataset
 from m3dm.data.synthetic import write_mvtec3d
+from m3dm.preprocess.mvtec3d import preprocess_dataset
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "32", "--group_size", "16",
          "--random_init", "--device", "cpu", "--method_name", "DINO+Point_MAE"]
 
@@ -31,6 +31,7 @@ def two_classes(tmp_path_factory) -> Path:
     return preprocess_dataset(raw, workers=1).output
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_tables(two_classes, tmp_path):
     single = tmp_path / "single"
     assert main_module.main(["--dataset_path", str(two_classes), "--output_dir", str(single), *SMALL]) == 0

@@ -4,7 +4,8 @@ Data: a "fixtured" part, as on a production line: one synthetic MVTec-like scene
 fresh sensor noise, plus 6 mm dents and bumps at random places on the part. With random backbone weights the
 detector cannot cope with the free poses of m3dm.data.synthetic's datasets (measured: the map maximum lands in the
 defect for under a third of the parts), but it does here: the model is Point_MAE (single bank) with the point
-backbone in eval mode, fitted with ``main.py --save_model`` in the small test configuration.
+backbone in eval mode, fitted with ``main.py --save_model`` in the small test configuration (the tests that use it
+are ``slow``).
 """
 
 import csv
@@ -17,17 +18,17 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import PROJECT_ROOT
 from PIL import Image
 
 import main as main_module
 from m3dm.app import predict
+from m3dm.app.run import ClassRun
 from m3dm.data.io import write_png, write_tiff
+from m3dm.data.synthetic import OBJECT, make_mvtec_scene, sample_rng
 from m3dm.features.point_transformer import PointTransformer
 from m3dm.preprocess.mvtec3d import preprocess_dataset
-from m3dm.app.run import ClassRunner
-from m3dm.data.synthetic import OBJECT, make_mvtec_scene, sample_rng
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
          "--random_init", "--device", "cpu", "--batch_size", "4"]
 DEFECT_DEPTH = 0.006  # metres; geometric defects only (Point_MAE sees no colour)
@@ -89,9 +90,9 @@ def fitted(dataset, tmp_path_factory) -> dict:
     """Point_MAE fitted and saved; its in-process evaluation of the test split is kept for comparison."""
     out = tmp_path_factory.mktemp("fit")
     results = []
-    evaluate = ClassRunner.evaluate
+    evaluate = ClassRun.evaluate
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ClassRunner, "evaluate", lambda self: results.append(evaluate(self)) or results[-1])
+        patch.setattr(ClassRun, "evaluate", lambda self: results.append(evaluate(self)) or results[-1])
         argv = ["--dataset_path", str(dataset), "--output_dir", str(out), *SMALL, "--method_name", "Point_MAE",
                 "--memory_bank", "single", "--backbone_eval", "--save_model"]
         assert main_module.main(argv) == 0
@@ -117,6 +118,7 @@ def test_split_predictions(dataset, fitted, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_defects_fail_and_are_localised_good_parts_pass(dataset, test_split_predictions):
     rows = read_rows(test_split_predictions)
     assert len(rows) == 6 + 3 * len(DEFECTS)
@@ -137,6 +139,7 @@ def test_defects_fail_and_are_localised_good_parts_pass(dataset, test_split_pred
         assert (row["result"] == "fail") == (float(row["image_score"]) > float(row["image_threshold"]))
 
 
+@pytest.mark.slow
 def test_outputs_csv_jsonl_and_pictures(test_split_predictions):
     rows = read_rows(test_split_predictions)
     lines = [json.loads(line) for line in (test_split_predictions / "predictions.jsonl").read_text().splitlines()]
@@ -150,6 +153,7 @@ def test_outputs_csv_jsonl_and_pictures(test_split_predictions):
         assert (overlay == 255).all(axis=2).any() == (int(row["anomalous_pixels"]) > 0)
 
 
+@pytest.mark.slow
 def test_predictions_equal_the_in_process_evaluation(fitted, test_split_predictions):
     rows = read_rows(test_split_predictions)
     expected = fitted["result"]
@@ -158,6 +162,7 @@ def test_predictions_equal_the_in_process_evaluation(fitted, test_split_predicti
     assert np.array_equal(np.stack([np.load(r["map"]) for r in rows]), expected.maps)
 
 
+@pytest.mark.slow
 def test_raw_inputs_with_preprocess_score_as_the_preprocessed_files(raw, dataset, fitted, tmp_path):
     stems = [("dent", "000"), ("good", "001")]
     results = {}
@@ -173,6 +178,7 @@ def test_raw_inputs_with_preprocess_score_as_the_preprocessed_files(raw, dataset
         assert np.array_equal(np.load(a["map"]), np.load(b["map"]))
 
 
+@pytest.mark.slow
 def test_bad_parts_are_reported_and_the_others_processed(dataset, fitted, tmp_path):
     folder = tmp_path / "incoming"
     source = dataset / "gadget" / "test" / "good"
@@ -197,6 +203,7 @@ def test_bad_parts_are_reported_and_the_others_processed(dataset, fitted, tmp_pa
     assert "4 parts: " in run.stderr and "3 errors" in run.stderr
 
 
+@pytest.mark.slow
 def test_cloud_empty_after_preprocessing_is_a_part_error(raw, fitted, tmp_path):
     """A raw scan of the bare background plane: preprocessing removes every point."""
     good = raw / "gadget" / "test" / "good"
@@ -213,6 +220,7 @@ def test_cloud_empty_after_preprocessing_is_a_part_error(raw, fitted, tmp_path):
     assert second["result"] == "error" and "no valid point after preprocessing" in second["error"]
 
 
+@pytest.mark.slow
 def test_bad_model_file_is_fatal(fitted, dataset, tmp_path, capsys):
     data = fitted["model"].read_bytes()
     broken = tmp_path / "gadget.pt"
@@ -223,6 +231,7 @@ def test_bad_model_file_is_fatal(fitted, dataset, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_other_weights_than_the_model_was_fitted_with_are_fatal(fitted, dataset, tmp_path, capsys):
     torch.manual_seed(5)
     state = PointTransformer("Point_MAE", num_group=64, group_size=32).state_dict()
@@ -233,6 +242,7 @@ def test_other_weights_than_the_model_was_fitted_with_are_fatal(fitted, dataset,
     assert "RANDOM weights (seed 0), this run uses weight file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_threshold_overrides(dataset, fitted, tmp_path):
     from m3dm.detection.persistence import load_class_model
 
@@ -244,3 +254,10 @@ def test_threshold_overrides(dataset, fitted, tmp_path):
     assert {float(r["image_threshold"]) for r in read_rows(tmp_path / "far")} == {good_scores[2]}
     assert predict.main([*common, "--output", str(tmp_path / "high"), "--image_threshold", "1e9"]) == 0
     assert {r["result"] for r in read_rows(tmp_path / "high")} == {"pass"}
+
+
+@pytest.mark.parametrize("module", ["m3dm.predict", "m3dm.app.predict"])
+def test_the_command_starts(module):
+    run = subprocess.run([sys.executable, "-m", module, "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "--model" in run.stdout and "--quiet" in run.stdout

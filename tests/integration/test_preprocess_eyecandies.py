@@ -1,15 +1,12 @@
-import hashlib
 import shutil
 
 import numpy as np
 import pytest
-import tifffile
-from PIL import Image
 
 from m3dm.data.dataset import AnomalyDataset
 from m3dm.data.layout import discover_samples
-from m3dm.preprocess.eyecandies import back_project, convert_cloud, convert_dataset, read_depth
 from m3dm.data.synthetic import OBJECT, make_eyecandies_scene, sample_rng, write_eyecandies_sample
+from m3dm.preprocess.eyecandies import back_project, convert_cloud, convert_dataset, read_depth
 
 
 @pytest.mark.parametrize("seed, defect", [(0, "good"), (1, "dent"), (2, "bump"), (3, "color")])

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import PROJECT_ROOT
 from PIL import Image
 
+from m3dm.data.synthetic import MISSING, NOISE, OBJECT, PLANE, make_mvtec_scene, sample_rng, write_mvtec3d
 from m3dm.errors import DataError
 from m3dm.preprocess.mvtec3d import pad_to_square, preprocess_arrays, preprocess_dataset
-from m3dm.data.synthetic import MISSING, NOISE, OBJECT, PLANE, make_mvtec_scene, sample_rng, write_mvtec3d
-
-from conftest import PROJECT_ROOT
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -128,7 +127,7 @@ def test_empty_cloud_reported(raw_mvtec, tmp_path):
     shutil.copytree(raw_mvtec, source)
     path = source / "gadget/train/good/xyz/002.tiff"
     cloud = tifffile.imread(path)
-    rows, cols = np.mgrid[0:96, 0:96]
+    rows = np.mgrid[0:96, 0:96][0]
     cloud[..., 2] = 0.65 + 0.001 * rows / 96  # only background plane left
     tifffile.imwrite(path, cloud, photometric="rgb")
     summary = preprocess_dataset(source, tmp_path / "out", workers=1)

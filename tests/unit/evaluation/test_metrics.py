@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -10,8 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from m3dm.evaluation.metrics import (au_pro, compute_metrics, image_auroc, pixel_auroc, pro_curve,
-                          trapezoid_area)
+from m3dm.evaluation.metrics import au_pro, compute_metrics, image_auroc, pixel_auroc, pro_curve, trapezoid_area
 
 # ---------------------------------------------------------------------------------------------------------------
 # Brute-force references
@@ -69,7 +69,7 @@ def brute_force_pro_points(masks: np.ndarray, maps: np.ndarray,
 def brute_force_area(points: list[tuple[float, float]], limit: float) -> float:
     """Integral of the piecewise-linear curve from its first x up to ``limit``, segment by segment."""
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 >= limit:
             break
         if x1 <= limit:

@@ -1,0 +1,85 @@
+"""The two preprocessing commands: ``m3dm-preprocess`` (raw MVTec 3D-AD: plane removal, padding, DBSCAN
+cleaning) and ``m3dm-preprocess-eyecandies`` (raw Eyecandies into the MVTec 3D-AD layout); ``utils/*.py`` run
+them under the reference's script names.
+
+Imports of the preprocessing code wait until the flags are parsed, so that ``--help`` is immediate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from m3dm.app.console import add_logging_flags, configure_logging
+
+MVTEC_DESCRIPTION = """Preprocess raw MVTec 3D-AD (plane removal, padding, DBSCAN cleaning) into a new dataset root.
+
+    m3dm-preprocess datasets/mvtec3d            # writes datasets/mvtec3d_preprocessed
+    m3dm-preprocess SRC --output_root DST --workers 2
+    (python utils/preprocessing.py ... is the same)
+The source is never modified unless --inplace is given. Re-running resumes an interrupted run.
+"""
+
+EYECANDIES_DESCRIPTION = """Convert raw Eyecandies (depth + pose + lighting images) into the MVTec 3D-AD layout.
+
+    m3dm-preprocess-eyecandies --dataset_path datasets/eyecandies --target_dir datasets/eyecandies_preprocessed
+    (python utils/preprocess_eyecandies.py ... is the same)
+Writes <target>/<Class>/{train/good, test/good, test/bad}/{rgb,xyz,gt}/NNN.*; re-running resumes.
+"""
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _workers_flag(parser: argparse.ArgumentParser) -> None:
+    from m3dm.preprocess.common import default_workers
+
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="parallel processes (default: all cores)")
+
+
+def _finish(convert) -> int:
+    """Run ``convert()`` and print its summary: 0 when every sample was written, 1 when some failed, 2 when the
+    input cannot be processed at all (reported in one line)."""
+    from m3dm.errors import DataError
+
+    try:
+        summary = convert()
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.report())
+    return 1 if summary.errors else 0
+
+
+def mvtec_main(argv=None) -> int:
+    parser = _parser(MVTEC_DESCRIPTION)
+    parser.add_argument("dataset_path", help="raw MVTec 3D-AD root (holding bagel/, cable_gland/, ...)")
+    parser.add_argument("--output_root", default=None, help="where to write (default: <dataset_path>_preprocessed)")
+    parser.add_argument("--inplace", action="store_true",
+                        help="overwrite the source files like the reference script (keep a pristine copy!)")
+    _workers_flag(parser)
+    parser.add_argument("--seed", type=int, default=0, help="RANSAC seed (the reference is unseeded)")
+    args = add_logging_flags(parser, quiet_help="only warnings and errors").parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    from m3dm.preprocess.mvtec3d import preprocess_dataset
+
+    return _finish(lambda: preprocess_dataset(args.dataset_path, args.output_root, args.inplace, args.workers,
+                                              args.seed))
+
+
+def eyecandies_main(argv=None) -> int:
+    parser = _parser(EYECANDIES_DESCRIPTION)
+    parser.add_argument("--dataset_path", default="datasets/eyecandies", help="raw Eyecandies root")
+    parser.add_argument("--target_dir", default="datasets/eyecandies_preprocessed", help="output root")
+    _workers_flag(parser)
+    parser.add_argument("--exact_zero_background", action="store_true",
+                        help="write background points as (0,0,0) instead of the reference's non-zero y/z "
+                             "(no effect on any score)")
+    args = add_logging_flags(parser, quiet_help="only warnings and errors").parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    from m3dm.preprocess.eyecandies import convert_dataset
+
+    return _finish(lambda: convert_dataset(args.dataset_path, args.target_dir, args.workers,
+                                           args.exact_zero_background))
