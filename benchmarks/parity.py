@@ -12,7 +12,7 @@ written once under ``--work`` and reused by every later recording, so two record
 Each run writes ``--save_maps`` files; ``--compare`` reports, per run, whether scores and maps are bit-identical
 and otherwise the largest differences. Exit status 1 when a comparison finds a difference.
 
-Outputs live under ``results/`` (git-ignored). ``--preset medium`` uses a larger configuration (ViT-S/8 at 224 px,
+Outputs live under ``results/`` (git-ignored). ``--preset medium`` uses a larger configuration (ViT-B/16 at 224 px,
 256 groups of 64 points, 128 px scenes).
 """
 
@@ -33,7 +33,7 @@ CLASSES = ("gadget", "widget")
 PRESETS = {
     "small": {"rgb": "vit_tiny_patch16_224", "rgb_dim": 192, "num_group": 64, "group_size": 32, "size": 96,
               "n_train": 6},
-    "medium": {"rgb": "vit_small_patch8_224_dino", "rgb_dim": 384, "num_group": 256, "group_size": 64,
+    "medium": {"rgb": "vit_base_patch16_224", "rgb_dim": 768, "num_group": 256, "group_size": 64,
                "size": 128, "n_train": 8},
 }
 UFF = ["--use_uff"]
