@@ -17,15 +17,27 @@ def add_logging_flags(parser: argparse.ArgumentParser, quiet_help: str = "only w
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment a message comes (a test or a progress bar may replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     """Messages of the ``m3dm`` loggers (and Python warnings) on stderr: information by default, warnings and
-    errors only with ``quiet``, debug messages with ``verbose``."""
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    errors only with ``quiet``, debug messages with ``verbose``. Calling it again replaces the earlier set-up."""
+    shown = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = _StderrHandler()
+    handler.setLevel(shown)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
-    for name in ("m3dm", "py.warnings"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level)
-        logger.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StderrHandler)] + [handler]
+    # records of the package pass on to the root's handlers (and to anything else listening there)
+    logging.getLogger("m3dm").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)

@@ -234,7 +234,6 @@ def test_sharded_coreset_option_runs(dataset, tmp_path):
     assert list((tmp_path / "spool").iterdir()) == []  # the spool file is anonymous and gone
 
 
-@pytest.mark.slow
 def test_demo_prepares_its_data_and_settings(tmp_path):
     from m3dm.app.demo import DEMO_CLASSES, prepare_demo
     from m3dm.data.layout import discover_samples
