@@ -1,1 +1,1 @@
-"""Applications: the command lines, the per-class run, prediction on new parts, the demo and processes."""
+"""Applications: the command lines, the run of the classes, prediction on new parts, the demo and processes."""

@@ -1,5 +1,8 @@
-"""The ``m3dm`` command (``main.py``): its flags (``m3dm.config``, plus -v/-q) parsed once into ``Settings``,
-validated up front, then the run (``m3dm.app.run``); a wrong input file is reported in one line, exit status 2."""
+"""The ``m3dm`` command (``main.py``): flags parsed once into ``Settings`` and validated, then the run.
+
+The flags are ``m3dm.config``'s plus -v/-q; the run is ``m3dm.app.run``'s. A wrong input file (data, weights, a
+fitted model) is reported in one line with exit status 2.
+"""
 
 from __future__ import annotations
 

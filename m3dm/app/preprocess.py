@@ -1,6 +1,7 @@
-"""The two preprocessing commands: ``m3dm-preprocess`` (raw MVTec 3D-AD: plane removal, padding, DBSCAN
-cleaning) and ``m3dm-preprocess-eyecandies`` (raw Eyecandies into the MVTec 3D-AD layout); ``utils/*.py`` run
-them under the reference's script names.
+"""The two preprocessing commands: ``m3dm-preprocess`` (MVTec 3D-AD) and ``m3dm-preprocess-eyecandies``.
+
+``m3dm-preprocess`` cleans raw MVTec 3D-AD (plane removal, padding, DBSCAN); ``m3dm-preprocess-eyecandies``
+converts raw Eyecandies into the MVTec 3D-AD layout. ``utils/*.py`` run them under the reference's script names.
 
 Imports of the preprocessing code wait until the flags are parsed, so that ``--help`` is immediate.
 """

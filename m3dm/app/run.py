@@ -1,5 +1,8 @@
-"""The run of ``main.py`` (spec §1): every class in turn, shared among processes under torchrun, and one class
-from fitting (pass 1, banks, pass 2) or loading a saved model to the test metrics, pictures and saved models."""
+"""The run of ``main.py`` (spec §1): every class in turn (``run_classes``) and one class (``ClassRun``).
+
+The classes are shared among processes under torchrun (m3dm.app.processes). One class goes from fitting (pass 1,
+banks, pass 2) or loading a saved model to the test metrics, pictures and saved models.
+"""
 
 from __future__ import annotations
 

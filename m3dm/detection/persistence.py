@@ -1,5 +1,6 @@
-"""The fitted class-model file (an addition: the reference fits and evaluates in one process only): its format,
-checksums, versions, verification on loading and the comparison of a model's setup with a run's.
+"""The fitted class-model file: format, checksums, versions, verification, and a model's setup against a run's.
+
+An addition: the reference fits and evaluates in one process only.
 
 The detector writes and reads its own state (``Detector.save`` / ``Detector.from_model``); this module knows
 nothing of the detector beyond that state's being tensors and primitives. One file per class,

@@ -1,1 +1,1 @@
-"""Evaluation: metrics, result tables and pictures."""
+"""Evaluation: metrics, result tables, pictures, and one class's results with the files written from them."""

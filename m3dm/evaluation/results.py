@@ -1,5 +1,7 @@
-"""The evaluation of one class (labels, image scores, maps, masks and metrics per test sample) and the files
-written from it: the ``--save_maps`` archive and the ``--save_preds`` pictures."""
+"""One class's evaluation (per test sample: label, image score, map, mask; metrics) and the files written from it.
+
+The files: the ``--save_maps`` archive and the ``--save_preds`` pictures.
+"""
 
 from __future__ import annotations
 
