@@ -8,18 +8,16 @@ ratio measured in the same run.
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-
 import numpy as np
 
 from m3dm.data.io import read_organized_pc
+from m3dm.data.synthetic import write_mvtec3d
 from m3dm.preprocess import mvtec3d as prep
 from m3dm.preprocess.common import default_workers
-from m3dm.data.synthetic import write_mvtec3d
 
 MVTEC3D_CLOUDS = 4150
 

@@ -10,6 +10,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_MVTEC_SUBSET = PROJECT_ROOT.parent / "shared" / "data" / "mvtec3d_cable_gland_subset"
 
 
+def preprocessed_mvtec(folder: Path, **counts) -> Path:
+    """Synthetic MVTec 3D-AD class ``gadget`` at 96 px (``counts``: n_train, n_val, n_test_good, n_test_defect),
+    preprocessed as utils/preprocessing.py does; returns the preprocessed root."""
+    from m3dm.preprocess.mvtec3d import preprocess_dataset
+
+    raw = write_mvtec3d(folder / "raw", classes=("gadget",), size=96, progress=False, **counts)
+    return preprocess_dataset(raw, workers=1).output
+
+
 @pytest.fixture(scope="session")
 def raw_mvtec(tmp_path_factory) -> Path:
     """Raw synthetic MVTec 3D-AD: one class, 96 px, 3 train / 1 validation / 1 good + 1 per defect test."""

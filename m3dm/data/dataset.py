@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from m3dm.constants import RGB_SIZE
 from m3dm.data.io import check_same_size, read_mask, read_organized_pc, read_rgb
-from m3dm.errors import DataError
 from m3dm.data.layout import Sample, discover_samples
 from m3dm.data.transforms import mask_to_tensor, organized_pc_to_tensor, rgb_to_tensor, valid_point_mask
+from m3dm.errors import DataError
 
 
 class AnomalyDataset(Dataset):

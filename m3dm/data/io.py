@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
+
 from m3dm.errors import DataError
-
-
 
 
 def read_organized_pc(path: str | os.PathLike) -> np.ndarray:

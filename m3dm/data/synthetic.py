@@ -185,7 +185,7 @@ def write_mvtec3d(out: str | Path, classes=DEFAULT_CLASSES, size: int = 128, n_t
         write_tiff(folder / "xyz" / f"{stem}.tiff", scene.cloud)  # last: its presence marks the sample done
     for class_name in classes:
         write_text(out / class_name / "calibration" / "camera_parameters.json",
-                   '{"camera_type": "synthetic", "image_width": %d, "image_height": %d}\n' % (size, size))
+                   f'{{"camera_type": "synthetic", "image_width": {size}, "image_height": {size}}}\n')
     return out
 
 

@@ -53,19 +53,19 @@ class FeatureExtractor:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.precision = precision
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)  # the point backbone's DropPath draws
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)  # the point backbone's DropPath draws
 
     def rng_state(self) -> torch.Tensor:
         """The state of the DropPath generator (a fitted model stores it to draw the same features again)."""
-        return self.generator.get_state()
+        return self._generator.get_state()
 
     def set_rng_state(self, state: torch.Tensor) -> None:
         """Continue the DropPath draws from a state returned by ``rng_state``."""
-        self.generator.set_state(state)
+        self._generator.set_state(state)
 
     def reseed(self, seed: int) -> None:
         """Restart the DropPath draws from ``seed`` (as a fresh extractor with that seed would)."""
-        self.generator.manual_seed(seed)
+        self._generator.manual_seed(seed)
 
     @torch.no_grad()
     def __call__(self, rgb: torch.Tensor, pc: torch.Tensor, names: list[str] | None = None) -> list[SampleFeatures]:
@@ -101,7 +101,7 @@ class FeatureExtractor:
             clouds.append(points)
             flat_indices.append(flat_index)
         with self._autocast():
-            group_features, centres = self.point_backbone(clouds, generator=self.generator)
+            group_features, centres = self.point_backbone(clouds, generator=self._generator)
         group_features, centres = group_features.float(), centres.float()
         for i, sample in enumerate(out):
             patches = pfa_patches(clouds[i], flat_indices[i], centres[i], group_features[i].T, self.img_size,

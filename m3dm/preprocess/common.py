@@ -6,9 +6,9 @@ import multiprocessing
 import os
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from tqdm import tqdm
 

@@ -112,7 +112,7 @@ class EyecandiesJob:
 
 
 def convert_sample(job: EyecandiesJob) -> JobResult:
-    src = lambda suffix: job.data_dir / f"{job.prefix}_{suffix}"  # noqa: E731
+    src = lambda suffix: job.data_dir / f"{job.prefix}_{suffix}"
     cloud = convert_cloud(src("depth.png"), src("info_depth.yaml"), src("pose.txt"), job.exact_zero)
     rgb = src(f"image_{RGB_LIGHTING}.png")
     if not rgb.is_file():

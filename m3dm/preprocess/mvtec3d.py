@@ -2,9 +2,9 @@
 
 The algorithm is the reference's, step for step (thresholds, RANSAC parameters, padding rule, the DBSCAN
 "largest label wins, noise label included" rule; DBSCAN labels are exactly Open3D's, computed by a
-cell-based algorithm that is two orders of magnitude faster on dense scans). What differs is how it is run: the source is never
-modified (a complete copy of the tree is written to an output root), each file is written atomically, a run
-resumes where an interrupted one stopped, samples run in parallel, and RANSAC is seeded.
+cell-based algorithm that is two orders of magnitude faster on dense scans). What differs is how it is run:
+the source is never modified (a complete copy of the tree is written to an output root), each file is written
+atomically, a run resumes where an interrupted one stopped, samples run in parallel, and RANSAC is seeded.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from m3dm.data.io import (check_same_size, copy_file, read_organized_pc, remove_stale_temporaries, write_png, write_tiff)
+from m3dm.data.io import check_same_size, copy_file, read_organized_pc, remove_stale_temporaries, write_png, write_tiff
+from m3dm.data.layout import SPLITS, available_classes, discover_samples
 from m3dm.errors import DataError
-from m3dm.data.layout import available_classes, discover_samples, SPLITS
-from m3dm.preprocess.dbscan import dbscan_labels
 from m3dm.preprocess.common import JobResult, Summary, resolve_roots, run_jobs, timed
+from m3dm.preprocess.dbscan import dbscan_labels
 
 EDGE_BAND = 10
 RANSAC_DISTANCE = 0.004
@@ -184,7 +184,7 @@ def preprocess_dataset(source, output=None, inplace: bool = False, workers: int 
     jobs, already = [], []
     for s in samples:
         gt = s.gt_path or _good_gt(s)
-        rel = lambda p: output / p.relative_to(source)  # noqa: E731
+        rel = lambda p: output / p.relative_to(source)
         job = SampleJob(s.name, s.xyz_path, s.rgb_path, gt, rel(s.xyz_path), rel(s.rgb_path),
                         rel(gt) if gt else None, seed, done_log)
         is_done = s.name in done if inplace else job.out_xyz.exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import preprocessed_mvtec
 
 from m3dm.app.cli import build_parser
 from m3dm.app.run import ClassRun, run_classes
@@ -23,7 +24,6 @@ from m3dm.detection.persistence import content_sha256, load_class_model
 from m3dm.detection.thresholds import choose_threshold_samples, false_alarm_threshold
 from m3dm.errors import ModelFileError
 from m3dm.features.point_transformer import PointTransformer
-from m3dm.preprocess.mvtec3d import preprocess_dataset
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
          "--random_init", "--device", "cpu", "--batch_size", "2"]
@@ -64,9 +64,7 @@ def run_main(dataset: Path, out: Path, *extra: str, forbid_fit: bool = False):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    raw = write_mvtec3d(tmp_path_factory.mktemp("model_io") / "raw", classes=("gadget",), size=96, n_train=5,
-                        n_val=2, n_test_good=2, n_test_defect=1, progress=False)
-    return preprocess_dataset(raw, workers=1).output
+    return preprocessed_mvtec(tmp_path_factory.mktemp("model_io"), n_train=5, n_val=2, n_test_good=2, n_test_defect=1)
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +244,7 @@ def test_without_validation_split_the_last_training_samples_are_held_out(tmp_pat
 
 @pytest.mark.slow
 def test_save_model_without_validation_split_fits_on_the_rest(tmp_path):
-    raw = write_mvtec3d(tmp_path / "raw", classes=("gadget",), size=96, n_train=4, n_val=0, n_test_good=1,
-                        n_test_defect=1, progress=False)
-    dataset = preprocess_dataset(raw, workers=1).output
+    dataset = preprocessed_mvtec(tmp_path, n_train=4, n_val=0, n_test_good=1, n_test_defect=1)
     run_main(dataset, tmp_path / "out", "--method_name", "DINO", "--memory_bank", "single", "--save_model")
     model = load_class_model(tmp_path / "out" / "models" / "gadget.pt", "DINO")
     assert model.record["detector"]["n_train"] == 3  # the 4th training sample set the thresholds

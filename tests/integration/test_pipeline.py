@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import preprocessed_mvtec
 
 import main as main_module
 from m3dm.app.cli import build_parser
 from m3dm.config import settings_from_flags
 from m3dm.data.dataset import AnomalyDataset
-from m3dm.data.synthetic import write_mvtec3d
 from m3dm.evaluation.metrics import pixel_auroc
-from m3dm.preprocess.mvtec3d import preprocess_dataset
 from m3dm.uff.block import FeatureFusionBlock
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
@@ -37,9 +36,7 @@ LOCALISATION = {"DINO": (COLOUR, 0.85), "Point_MAE": (GEOMETRIC, 0.85), "DINO+Po
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    raw = write_mvtec3d(tmp_path_factory.mktemp("pipeline") / "raw", classes=("gadget",), size=96, n_train=5,
-                        n_val=1, n_test_good=3, n_test_defect=2, progress=False)
-    return preprocess_dataset(raw, workers=1).output
+    return preprocessed_mvtec(tmp_path_factory.mktemp("pipeline"), n_train=5, n_val=1, n_test_good=3, n_test_defect=2)
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,7 @@ def one_process(dumps, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_rank_zero_writes_one_series(two_processes):
     assert sorted(p.name for p in two_processes.iterdir()) == \
         ["checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-2.pth", "log.txt"]
@@ -112,6 +113,7 @@ def test_torchrun_two_processes_train_and_rank_zero_writes_one_series(two_proces
     assert torch.equal(block.xyz_head.weight, checkpoint["model"]["xyz_head.weight"])
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_losses_and_weights(two_processes, one_process):
     """Same global batches (the sampler's order does not depend on the number of processes), same initial
     weights: the step-1 loss, every epoch's loss and the trained weights agree."""
@@ -127,6 +129,7 @@ def test_two_processes_give_the_single_process_losses_and_weights(two_processes,
         torch.testing.assert_close(two_state["model"][name], value, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(dumps, one_process, tmp_path):
     argv = ["--data_path", str(dumps), "--output_dir", str(tmp_path), "--batch_size", "4", *TRAIN, *COMMON]
     assert train([*argv, "--resume", str(one_process / "checkpoint-1.pth")]) == tmp_path / "checkpoint-2.pth"
@@ -145,6 +148,7 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(dumps,
     assert resumed["optimizer"]["param_groups"] == uninterrupted["optimizer"]["param_groups"]
 
 
+@pytest.mark.slow
 def test_torch_distributed_launch_passes_local_rank_and_trains(dumps, two_processes, tmp_path):
     launch(["torch.distributed.launch"], ["--data_path", str(dumps), "--output_dir", str(tmp_path),
                                           "--batch_size", "2", "--epochs", "1", "--lr", "1e-3", *COMMON])
@@ -245,6 +249,7 @@ SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--
          "--random_init", "--device", "cpu", "--batch_size", "2"]  # as tests/test_pipeline.py
 
 
+@pytest.mark.slow
 def test_dump_pretrain_with_torchrun_then_detect_with_the_checkpoint(tmp_path):
     raw = write_mvtec3d(tmp_path / "raw", classes=("gadget",), size=96, n_train=4, n_val=1, n_test_good=1,
                         n_test_defect=1, progress=False)

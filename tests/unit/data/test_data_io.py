@@ -6,8 +6,8 @@ from PIL import Image
 
 from m3dm.data.dataset import AnomalyDataset, make_loader
 from m3dm.data.io import read_organized_pc, write_tiff
-from m3dm.errors import DataError
 from m3dm.data.transforms import mask_to_tensor, organized_pc_to_tensor, rgb_to_tensor
+from m3dm.errors import DataError
 
 
 @pytest.mark.parametrize("content, message", [
@@ -31,8 +31,8 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "cloud.tiff"
     good = np.ones((4, 4, 3), np.float32)
     write_tiff(path, good)
-    with pytest.raises(Exception):
-        write_tiff(path, object())  # tifffile cannot write this
+    with pytest.raises(Exception):  # noqa: B017 - whatever tifffile raises for an object it cannot write
+        write_tiff(path, object())
     np.testing.assert_array_equal(tifffile.imread(path), good)
     assert [p.name for p in tmp_path.iterdir()] == ["cloud.tiff"]  # no temporary left behind
 

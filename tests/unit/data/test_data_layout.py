@@ -1,11 +1,10 @@
 import shutil
 
-import numpy as np
 import pytest
 
-from m3dm.errors import DataError
 from m3dm.data.layout import available_classes, discover_samples
 from m3dm.data.synthetic import MVTEC_DEFECTS
+from m3dm.errors import DataError
 
 
 def test_discovery_sorted_and_paired(raw_mvtec):

@@ -236,6 +236,7 @@ def test_point_mlp_equals_the_former_class_bit_for_bit(point_model, train):
     point_model.train()
 
 
+@pytest.mark.slow
 def test_point_transformer_full_config_shape():
     torch.manual_seed(0)
     model = PointTransformer("Point_MAE")  # G = 1024, K = 128
@@ -318,6 +319,7 @@ def test_rgb_rejects_non_vit_and_unknown_names():
             build_rgb_backbone(name, random_init=True, hf_cache=False, checkpoint_dir="/nonexistent", quiet=True)
 
 
+@pytest.mark.slow
 def test_rgb_vit_base_patch8_full_shape():
     torch.manual_seed(0)
     backbone = RGBBackbone("vit_base_patch8_224_dino")

@@ -71,6 +71,7 @@ def test_bf16_precision_stays_close_to_fp32(small_backbones):
         assert not torch.equal(a, b)  # bf16 really ran
 
 
+@pytest.mark.slow
 def test_full_configuration_shapes():
     """ViT-B/8 at 224 px and Point-MAE 1024 x 128: RGB (B, 768, 28, 28), PFA (B * 3136, 1152)."""
     torch.manual_seed(0)

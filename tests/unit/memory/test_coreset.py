@@ -144,7 +144,7 @@ def test_coreset_needs_a_non_empty_bank():
 
 # -- the fast exact selections: the same indices as the plain loop ---------------------------------------------
 
-@pytest.mark.parametrize("seed,offset", [(0, 0.0), (1, 0.0), (2, 300.0)])
+@pytest.mark.parametrize("seed,offset", [pytest.param(0, 0.0, marks=pytest.mark.slow), (1, 0.0), (2, 300.0)])
 def test_pruned_cpu_coreset_selects_exactly_what_the_plain_loop_selects(seed, offset):
     """The triangle-inequality pruning (CPU default) must not change a single index, also where the rows lie
     far from the origin compared with their spread (float32 rounding of the centre screen is largest there)."""
@@ -183,7 +183,8 @@ def test_first_occurrences_are_exactly_the_rows_without_an_earlier_copy():
 
 
 @pytest.mark.parametrize("fp16", [True, False])
-@pytest.mark.parametrize("seed,n", [(1, 200), (2, 800)])  # 800 > the ~600 distinct rows: row 0 repeats at the end
+# 800 > the ~600 distinct rows: row 0 repeats at the end
+@pytest.mark.parametrize("seed,n", [(1, 200), pytest.param(2, 800, marks=pytest.mark.slow)])
 def test_dropping_exact_copies_keeps_the_selection(fp16, seed, n):
     bank = banks_with_copies(seed)
     fast = default_indices(bank, n, random_state=seed, fp16=fp16)

@@ -11,7 +11,8 @@ from m3dm.memory import search
 from m3dm.memory.search import ExactSearch, SharedEmptyRows, nearest_neighbours, reweighted_score
 
 
-@pytest.mark.parametrize("patches,bank,dim", [(300, 1000, 48), (20, 12, 5), (784, 2000, 128)])
+@pytest.mark.parametrize("patches,bank,dim", [(300, 1000, 48), (20, 12, 5),
+                                                 pytest.param(784, 2000, 128, marks=pytest.mark.slow)])
 def test_nearest_neighbours_equal_cdist_min(patches, bank, dim):
     g = torch.Generator().manual_seed(patches)
     x, m = torch.randn(patches, dim, generator=g), torch.randn(bank, dim, generator=g)

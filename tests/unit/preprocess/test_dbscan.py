@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from m3dm.data.synthetic import make_mvtec_scene, sample_rng
 from m3dm.preprocess import mvtec3d as prep
 from m3dm.preprocess.dbscan import dbscan_labels
-from m3dm.data.synthetic import make_mvtec_scene, sample_rng
 
 
 def open3d_labels(points, eps, min_points):

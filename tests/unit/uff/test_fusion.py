@@ -141,6 +141,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, data: dict, out_file: str
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_give_the_single_process_loss_and_gradients(tmp_path):
     """Uneven shares (1 and 2 samples, different numbers of kept patches): the DDP-averaged gradients and the
     mean of the per-process losses equal the loss and gradients of the whole batch on one process."""
