@@ -4,14 +4,12 @@
     torchrun --nproc_per_node=N fusion_pretrain.py ...
     python -m torch.distributed.launch --nproc_per_node=N fusion_pretrain.py ...
 
-See docs/uff_pretraining.md; the work is done by ``m3dm.uff.pretrain``.
+See docs/uff_pretraining.md; installed as the ``m3dm-pretrain`` command; the work is done by ``m3dm.app.pretrain``.
 """
 
-import logging
 import sys
 
-from m3dm.uff.pretrain import main
+from m3dm.app.pretrain import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # rank 0's progress messages, on stderr
     sys.exit(main())

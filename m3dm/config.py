@@ -74,15 +74,16 @@ SAVED = "saved models and pass/fail thresholds (docs/inference.md)"
 
 def setting(default: Any, help: str = "", *, flag: bool = True, type: type | None = None,
             choices: tuple | None = None, group: str = REFERENCE, recorded: bool = False,
-            **argparse_options: Any):
-    """A dataclass field that is also a command-line flag ``--<name>`` (``flag=False``: no flag).
+            aliases: tuple[str, ...] = (), **argparse_options: Any):
+    """A dataclass field that is also a command-line flag ``--<name>`` (``flag=False``: no flag; ``aliases``:
+    more option strings for it).
 
     ``recorded``: the value changes scores (or the fit a loaded model replaces), so a fitted-model file stores it
     and a run that loads the model must have the same value. Booleans become ``store_true`` flags; other extra
     keyword arguments go to ``argparse.add_argument``.
     """
     metadata = {"flag": flag, "help": help, "type": type, "choices": choices, "group": group,
-                "recorded": recorded, "argparse": argparse_options}
+                "recorded": recorded, "aliases": aliases, "argparse": argparse_options}
     return field(default=default, metadata=metadata)
 
 
@@ -336,7 +337,7 @@ def add_flags(parser: argparse.ArgumentParser, settings_class=Settings) -> argpa
             options["type"] = meta["type"] or type(default)
             if meta["choices"] is not None:
                 options["choices"] = meta["choices"]
-        group.add_argument(f"--{name}", **options)
+        group.add_argument(f"--{name}", *meta["aliases"], **options)
     return parser
 
 

@@ -13,12 +13,11 @@ lr 0 and a trailing partial accumulation discarded (quirk 23), the ×2T loss fac
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +29,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from m3dm.config import setting
 from m3dm.constants import XYZ_FEATURE_DIM
 from m3dm.data.io import atomic_path
-from m3dm.errors import CheckpointError, FeatureDumpError
+from m3dm.errors import FeatureDumpError
 from m3dm.features.weights import read_uff_checkpoint
 from m3dm.runtime import Processes, resolve_device, start_processes, stop_processes
 from m3dm.uff.block import FeatureFusionBlock, load_block_state
@@ -44,39 +44,43 @@ REFERENCE_WEIGHT_DECAY = 0.01  # AdamW's default, which the reference uses becau
 ADAMW_BETAS = (0.9, 0.95)
 
 
-# ---------------------------------------------------------------------------------------------- parser
+# -------------------------------------------------------------------------------------------- settings
 
-def build_parser() -> argparse.ArgumentParser:
-    """The reference's flags and defaults (spec §10.2)."""
-    p = argparse.ArgumentParser(description="UFF contrastive fusion pretraining on main.py --save_feature dumps "
-                                            "(single process, torchrun or torch.distributed.launch).")
-    p.add_argument("--batch_size", type=int, default=64, help="per-process batch (the README uses 16)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps (the README uses 16)")
-    p.add_argument("--input_size", type=int, default=224, help="unused (kept for the reference's CLI)")
-    p.add_argument("--weight_decay", type=float, default=None,
-                   help=f"AdamW weight decay on every parameter; default: the reference's effective "
-                        f"{REFERENCE_WEIGHT_DECAY} (its own default 1.5e-6 is parsed but never used)")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
-    p.add_argument("--blr", type=float, default=0.002, help="base lr: lr = blr * effective batch / 256")
-    p.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule")
-    p.add_argument("--warmup_epochs", type=float, default=1, help="linear warm-up length in (fractional) epochs")
-    p.add_argument("--data_path", default="", help="folder of .pt features written by main.py --save_feature")
-    p.add_argument("--output_dir", default="./output_dir", help="checkpoint-<epoch>.pth and log.txt")
-    p.add_argument("--log_dir", default="./output_dir", help="unused (the reference's TensorBoard folder)")
-    p.add_argument("--device", default="cuda", help="cuda, cpu or auto (cpu when CUDA is not available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", default="", help="checkpoint to continue from (at its epoch + 1)")
-    p.add_argument("--start_epoch", type=int, default=0, help="first epoch (replaced by --resume)")
-    p.add_argument("--num_workers", type=int, default=10)
-    p.add_argument("--pin_mem", action="store_true", default=True, help="pinned host memory (CUDA only)")
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    p.add_argument("--world_size", type=int, default=1, help="taken from the launcher's environment")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1,
-                   help="passed by torch.distributed.launch (LOCAL_RANK from the environment wins)")
-    p.add_argument("--dist_on_itp", action="store_true", help="take rank and world size from OpenMPI variables")
-    p.add_argument("--dist_url", default="env://", help="process-group init method")
-    return p
+PRETRAIN_FLAGS = "reference flags (same names and defaults as the original fusion_pretrain.py)"
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Every flag of the reference's ``fusion_pretrain.py`` (spec §10.2) with its default; the command line
+    (m3dm.app.pretrain) is derived from these fields."""
+
+    batch_size: int = setting(64, "per-process batch (the README uses 16)", group=PRETRAIN_FLAGS)
+    epochs: int = setting(3, group=PRETRAIN_FLAGS)
+    accum_iter: int = setting(1, "gradient accumulation steps (the README uses 16)", group=PRETRAIN_FLAGS)
+    input_size: int = setting(224, "unused (kept for the reference's CLI)", group=PRETRAIN_FLAGS)
+    weight_decay: float | None = setting(
+        None, f"AdamW weight decay on every parameter; default: the reference's effective "
+              f"{REFERENCE_WEIGHT_DECAY} (its own default 1.5e-6 is parsed but never used)", type=float,
+        group=PRETRAIN_FLAGS)
+    lr: float | None = setting(None, "absolute lr (default: blr * effective batch / 256)", type=float,
+                               group=PRETRAIN_FLAGS)
+    blr: float = setting(0.002, "base lr: lr = blr * effective batch / 256", group=PRETRAIN_FLAGS)
+    min_lr: float = setting(0.0, "floor of the cosine schedule", group=PRETRAIN_FLAGS)
+    warmup_epochs: float = setting(1.0, "linear warm-up length in (fractional) epochs", group=PRETRAIN_FLAGS)
+    data_path: str = setting("", "folder of .pt features written by main.py --save_feature", group=PRETRAIN_FLAGS)
+    output_dir: str = setting("./output_dir", "checkpoint-<epoch>.pth and log.txt", group=PRETRAIN_FLAGS)
+    log_dir: str = setting("./output_dir", "unused (the reference's TensorBoard folder)", group=PRETRAIN_FLAGS)
+    device: str = setting("cuda", "cuda, cpu or auto (cpu when CUDA is not available)", group=PRETRAIN_FLAGS)
+    seed: int = setting(0, group=PRETRAIN_FLAGS)
+    resume: str = setting("", "checkpoint to continue from (at its epoch + 1)", group=PRETRAIN_FLAGS)
+    start_epoch: int = setting(0, "first epoch (replaced by --resume)", group=PRETRAIN_FLAGS)
+    num_workers: int = setting(10, group=PRETRAIN_FLAGS)
+    pin_mem: bool = setting(True, "pinned host memory (CUDA only; --no_pin_mem turns it off)", group=PRETRAIN_FLAGS)
+    world_size: int = setting(1, "taken from the launcher's environment", group=PRETRAIN_FLAGS)
+    local_rank: int = setting(-1, "passed by torch.distributed.launch (LOCAL_RANK from the environment wins)",
+                              aliases=("--local-rank",), group=PRETRAIN_FLAGS)
+    dist_on_itp: bool = setting(False, "take rank and world size from OpenMPI variables", group=PRETRAIN_FLAGS)
+    dist_url: str = setting("env://", "process-group init method", group=PRETRAIN_FLAGS)
 
 
 # ------------------------------------------------------------------------------------- derived settings
@@ -112,7 +116,7 @@ class TrainingRun:
     patches: int
 
     @classmethod
-    def plan(cls, args: argparse.Namespace, processes: Processes, device: torch.device,
+    def plan(cls, args: PretrainSettings, processes: Processes, device: torch.device,
              dataset: FeatureDumpDataset) -> TrainingRun:
         effective_batch = args.batch_size * args.accum_iter * processes.world
         lr = args.blr * effective_batch / 256 if args.lr is None else args.lr
@@ -120,10 +124,10 @@ class TrainingRun:
         return cls(Schedule(lr, args.min_lr, args.warmup_epochs, args.epochs, args.accum_iter), weight_decay,
                    effective_batch, processes, device, dataset.rgb_dim, dataset.shape[0])
 
-    def checkpoint_args(self, args: argparse.Namespace, start_epoch: int) -> dict:
+    def checkpoint_args(self, args: PretrainSettings, start_epoch: int) -> dict:
         """A checkpoint's ``args``: every flag, with the values this run derived in place of the defaults, and
         the dumps' RGB width (read by ``load_fusion_block``), as a plain dict for ``weights_only`` loading."""
-        return {**vars(args), "device": args.device if self.device.type == "cuda" else "cpu",
+        return {**dataclasses.asdict(args), "device": args.device if self.device.type == "cuda" else "cpu",
                 "lr": self.schedule.lr, "weight_decay": self.weight_decay, "start_epoch": start_epoch,
                 "world_size": self.processes.world, "rgb_dim": self.rgb_dim, "xyz_dim": XYZ_FEATURE_DIM,
                 "patches": self.patches}
@@ -163,9 +167,8 @@ def mean_over_processes(value: float, device: torch.device) -> float:
     return float(tensor) / dist.get_world_size()
 
 
-def train(argv: list[str] | None = None) -> Path | None:
-    """Parse ``argv`` and train; returns the last checkpoint written (rank 0) or ``None``."""
-    args = build_parser().parse_args(argv)
+def train(args: PretrainSettings) -> Path | None:
+    """Train on ``args.data_path``; returns the last checkpoint written (rank 0) or ``None``."""
     requested = resolve_device(args.device)  # a CUDA device without CUDA: the CPU, with a warning
     cuda = requested.type == "cuda"
     processes = start_processes(cuda, init_method=args.dist_url, default_local_rank=max(args.local_rank, 0),
@@ -182,7 +185,7 @@ def train(argv: list[str] | None = None) -> Path | None:
     return last
 
 
-def _train(args: argparse.Namespace, processes: Processes, device: torch.device) -> Path | None:
+def _train(args: PretrainSettings, processes: Processes, device: torch.device) -> Path | None:
     info = log.info if processes.is_main else (lambda *_: None)
     torch.manual_seed(args.seed + processes.rank)
     np.random.seed(args.seed + processes.rank)
@@ -268,16 +271,3 @@ def train_one_epoch(model, loader, sampler, optimizer, scaler, epoch: int, sched
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[-1]:.2e}")
     return {"loss": float(np.mean(losses)), "lr": float(np.mean(lrs)), "first_step_loss": losses[0],
             "steps": steps}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: clear one-line errors for bad inputs instead of tracebacks."""
-    try:
-        train(argv)
-    except (FeatureDumpError, CheckpointError) as exc:
-        print(f"fusion_pretrain.py: error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # the reference aborts on a non-finite loss as well
-        print(f"fusion_pretrain.py: {exc}", file=sys.stderr)
-        return 1
-    return 0

@@ -8,19 +8,21 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 import torch
 
 import main as main_module
+from m3dm.app.pretrain import build_parser, main, settings_from_argv, train
 from m3dm.data.synthetic import write_mvtec3d
 from m3dm.errors import CheckpointError, FeatureDumpError
 from m3dm.preprocess.mvtec3d import preprocess_dataset
 from m3dm.runtime import Processes
 from m3dm.uff.block import FeatureFusionBlock, load_fusion_block
 from m3dm.uff.dumps import FeatureDumpDataset
-from m3dm.uff.pretrain import TrainingRun, build_parser, main, train
+from m3dm.uff.pretrain import PretrainSettings, TrainingRun
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: fusion_pretrain.py is run from there
 C = 48  # RGB width of the synthetic dumps (768 for ViT-B; the block follows the dumps)
@@ -106,7 +108,7 @@ def test_torchrun_two_processes_train_and_rank_zero_writes_one_series(two_proces
     assert checkpoint["epoch"] == 2 and checkpoint["args"]["world_size"] == 2
     assert checkpoint["args"]["rgb_dim"] == C and checkpoint["model"]["rgb_norm.weight"].shape == (C,)
     # every flag, and what the run derived from them, its processes and the dumps
-    assert set(checkpoint["args"]) == set(vars(build_parser().parse_args([]))) | {"rgb_dim", "xyz_dim", "patches"}
+    assert set(checkpoint["args"]) == {f.name for f in fields(PretrainSettings)} | {"rgb_dim", "xyz_dim", "patches"}
     assert (checkpoint["args"]["lr"], checkpoint["args"]["weight_decay"], checkpoint["args"]["patches"]) == \
         (1e-3, 0.01, 64)
     block = load_fusion_block(two_processes / "checkpoint-2.pth", rgb_dim=C)
@@ -177,11 +179,11 @@ def test_lr_schedule_accumulation_and_optimizer_follow_the_reference(tmp_path):
         assert all(float(s["step"]) == epoch + 1 for s in checkpoint["optimizer"]["state"].values())
 
 
-def test_a_run_derives_its_values_and_leaves_the_parsed_flags_alone(dumps):
-    args = build_parser().parse_args(["--data_path", str(dumps), "--batch_size", "4", "--accum_iter", "2"])
-    flags = dict(vars(args))
+def test_a_run_derives_its_values_and_leaves_its_settings_alone(dumps):
+    args = settings_from_argv(["--data_path", str(dumps), "--batch_size", "4", "--accum_iter", "2"])
+    flags = asdict(args)
     run = TrainingRun.plan(args, Processes(rank=1, world=2), torch.device("cpu"), FeatureDumpDataset(dumps))
-    assert vars(args) == flags and args.lr is None and args.weight_decay is None
+    assert asdict(args) == flags and args.lr is None and args.weight_decay is None
     assert run.effective_batch == 16 and run.schedule.lr == 0.002 * 16 / 256 and run.weight_decay == 0.01
     record = run.checkpoint_args(args, start_epoch=1)
     assert record == {**flags, "device": "cpu", "lr": run.schedule.lr, "weight_decay": 0.01, "start_epoch": 1,

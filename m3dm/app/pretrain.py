@@ -1,0 +1,55 @@
+"""The ``m3dm-pretrain`` command (``fusion_pretrain.py``): UFF pretraining flags parsed once into settings.
+
+The flags are the reference's (``m3dm.uff.pretrain.PretrainSettings``) plus -v/-q; a bad input (feature dumps,
+a checkpoint to resume) is reported in one line with exit status 2, a non-finite loss with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from m3dm.app.console import add_logging_flags, configure_logging
+from m3dm.config import add_flags
+from m3dm.errors import CheckpointError, FeatureDumpError
+from m3dm.uff import pretrain
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="UFF contrastive fusion pretraining on main.py --save_feature "
+                                                 "dumps (single process, torchrun or torch.distributed.launch).")
+    add_flags(parser, pretrain.PretrainSettings)
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="no pinned host memory")
+    return add_logging_flags(parser, quiet_help="only warnings and errors")
+
+
+def settings_from_argv(argv: list[str] | None = None) -> pretrain.PretrainSettings:
+    """The settings of a command line (logging configured as its -v/-q ask)."""
+    flags = build_parser().parse_args(argv)
+    configure_logging(flags.verbose, flags.quiet)
+    names = {f.name for f in dataclasses.fields(pretrain.PretrainSettings)}
+    return pretrain.PretrainSettings(**{k: v for k, v in vars(flags).items() if k in names})
+
+
+def train(argv: list[str] | None = None) -> Path | None:
+    """Parse ``argv`` and train; returns the last checkpoint written (rank 0) or ``None``."""
+    return pretrain.train(settings_from_argv(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: clear one-line errors for bad inputs instead of tracebacks."""
+    try:
+        train(argv)
+    except (FeatureDumpError, CheckpointError) as exc:
+        print(f"fusion_pretrain.py: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # the reference aborts on a non-finite loss as well
+        print(f"fusion_pretrain.py: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
