@@ -29,8 +29,8 @@ from m3dm.detection.detector import Detector, ModalityScore, sample_cap
 from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup, model_path, weight_record
 from m3dm.detection.thresholds import Thresholds, ThresholdSamples, choose_threshold_samples, threshold_dataset
 from m3dm.evaluation.metrics import compute_metrics
-from m3dm.evaluation.results import ClassResult, save_prediction_pictures, save_score_maps
-from m3dm.evaluation.tables import METRIC_TABLES, class_line, markdown_table, write_results
+from m3dm.evaluation.results import ClassResult, per_sample_rows, save_prediction_pictures, save_score_maps
+from m3dm.evaluation.tables import METRIC_TABLES, class_line, markdown_table, write_per_sample, write_results
 from m3dm.features.extractor import FeatureExtractor, build_extractor
 from m3dm.runtime import resolve_device, seed_everything, start_processes, stop_processes
 from m3dm.uff.block import load_fusion_block
@@ -59,9 +59,18 @@ class StageTimer:
 
 # ------------------------------------------------------------------------------------------ every class
 
+@dataclass
+class ClassOutput:
+    """What one class's run gives the run of every class (plain Python values: it travels between processes)."""
+
+    metrics: dict
+    samples: list[dict]  # per test sample, in order (m3dm.evaluation.results.per_sample_rows)
+
+
 def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
-    """Fit (or load) and evaluate every class; print the tables, write them and the JSON record. Returns the
-    metrics by class (on the main process; ``{}`` on the others).
+    """Fit (or load) and evaluate every class; print the tables, write them, the JSON record and the per-sample
+    results (``per_sample.csv``/``.json``). Returns the metrics by class (on the main process; ``{}`` on the
+    others).
 
     Under ``torchrun --nproc_per_node=N`` each process takes every N-th class and process 0 gathers the results
     into the same tables (m3dm.app.processes).
@@ -87,7 +96,8 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     stop_processes()
     if not workers.is_main:
         return {}
-    per_class = {c: results[c] for c in classes for results, _ in gathered if c in results}
+    outputs = {c: results[c] for c in classes for results, _ in gathered if c in results}
+    per_class = {c: output.metrics for c, output in outputs.items()}
     total = StageTimer()
     for _, timings in gathered:
         for stage, value in timings.items():
@@ -97,6 +107,7 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
         print(f"\n{title}\n{markdown_table(method, per_class, metric)}")
     record = dict(settings.flags(), device_used=str(device), processes=workers.world)
     paths = write_results(output_dir, method, per_class, record, dict(total.seconds))
+    paths.update(write_per_sample(output_dir, [row for output in outputs.values() for row in output.samples]))
     log.info("\n%s%s", total.report(), f" summed over {workers.world} processes" if workers.world > 1 else "")
     log.info("results written to %s (%s)", output_dir.resolve(), ", ".join(p.name for p in paths.values()))
     return per_class
@@ -162,9 +173,11 @@ class ClassRun:
         self.progress = progress
         self.root = Path(settings.run.dataset_path)
         self.detector: Detector | None = None  # made by fit or load
+        self.thresholds: Thresholds | None = None  # set by save or load (a model file's pass/fail thresholds)
 
-    def run(self, models_dir: Path, setup: dict | None, output_dir: Path) -> dict:
-        """The class as main.py runs it: seed, fit or load, save, evaluate, write outputs; returns the metrics."""
+    def run(self, models_dir: Path, setup: dict | None, output_dir: Path) -> ClassOutput:
+        """The class as main.py runs it: seed, fit or load, save, evaluate, write outputs; returns the metrics
+        and the per-sample rows (pass/fail with a saved or loaded model's thresholds)."""
         settings = self.settings
         seed_everything(settings.run.seed)  # once per class, as the reference
         self.extractor.reseed(settings.run.seed)
@@ -187,7 +200,10 @@ class ClassRun:
             with self.timer("pictures"):
                 folder = save_prediction_pictures(result, output_dir / "pred_maps" / self.class_name)
             log.info("  prediction pictures: %s", folder)
-        return result.metrics
+        thresholds = self.thresholds
+        samples = per_sample_rows(result, thresholds.fails if thresholds is not None else None,
+                                  thresholds.image if thresholds is not None else None)
+        return ClassOutput(result.metrics, samples)
 
     # ------------------------------------------------------------------------------------------- fitting
 
@@ -267,6 +283,7 @@ class ClassRun:
                       "n_train": self.detector.n_train, "batch_size": self.settings.run.batch_size}
         self.detector.save(path, class_name=self.class_name, setup=setup, rng_state=fitted_state,
                            thresholds=thresholds, provenance=provenance)
+        self.thresholds = thresholds
         return thresholds
 
     def load(self, path: Path, setup: dict) -> None:
@@ -274,6 +291,7 @@ class ClassRun:
         extractor's random state as it was right after fitting."""
         model = load_class_model(path, self.settings.detector.method_name, class_name=self.class_name, setup=setup)
         self.detector = Detector.from_model(model, self.fusion_block, self.device, self.progress)
+        self.thresholds = model.thresholds
         if model.generator_state is not None:
             self.extractor.set_rng_state(model.generator_state)
 
@@ -305,7 +323,7 @@ class ClassRun:
     @torch.no_grad()
     def evaluate(self) -> ClassResult:
         """Scores, maps and metrics of the test split with the fitted (or loaded) detector."""
-        labels, image_scores, maps, masks, names, paths = [], [], [], [], [], []
+        labels, image_scores, maps, masks, names, paths, xyz_paths = [], [], [], [], [], [], []
         for batch, scores, score_maps in self._scored_batches(self._loader("test"), "test", "test scoring"):
             image_scores += scores
             maps += score_maps
@@ -313,8 +331,9 @@ class ClassRun:
             labels.extend(int(x) for x in batch["label"])
             names.extend(batch["name"])
             paths.extend(batch["rgb_path"])
+            xyz_paths.extend(batch["xyz_path"])
         result = ClassResult({}, np.array(labels), np.array(image_scores), np.stack(maps), np.stack(masks),
-                             names, paths)
+                             names, paths, xyz_paths)
         with self.timer("metrics"):
             result.metrics = compute_metrics(result.labels, result.image_scores, result.masks, result.maps)
         return result

@@ -18,7 +18,7 @@ class AnomalyDataset(Dataset):
     """One class and split of a dataset in the MVTec 3D-AD layout.
 
     Each item is a dict: ``rgb (3, 224, 224)``, ``pc (3, S, S)``, ``gt (1, 224, 224)`` (zeros for good
-    samples), ``label`` (0 good, 1 anomalous), ``index``, ``name`` and ``rgb_path``.
+    samples), ``label`` (0 good, 1 anomalous), ``index``, ``name``, ``rgb_path`` and ``xyz_path``.
     """
 
     def __init__(self, root: str | Path, class_name: str, split: str, img_size: int = 224):
@@ -38,7 +38,7 @@ class AnomalyDataset(Dataset):
         if gt is None:
             gt = torch.zeros(1, RGB_SIZE, RGB_SIZE)
         return {"rgb": rgb, "pc": pc, "gt": gt, "label": sample.label, "index": index,
-                "name": sample.name, "rgb_path": str(sample.rgb_path)}
+                "name": sample.name, "rgb_path": str(sample.rgb_path), "xyz_path": str(sample.xyz_path)}
 
 
 def read_sample(rgb_path, xyz_path, gt_path=None):

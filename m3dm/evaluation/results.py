@@ -1,13 +1,15 @@
 """One class's evaluation (per test sample: label, image score, map, mask; metrics) and the files written from it.
 
-The files: the ``--save_maps`` archive and the ``--save_preds`` pictures.
+The files: the ``--save_maps`` archive and the ``--save_preds`` pictures; the per-sample rows of
+``per_sample.csv`` (written by ``tables.write_per_sample``).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,30 @@ class ClassResult:
     masks: np.ndarray  # (N, 224, 224) uint8
     names: list[str]  # <class>/<split>/<defect>/<stem>
     rgb_paths: list[str]
+    xyz_paths: list[str] = field(default_factory=list)
+
+
+PER_SAMPLE_FIELDS = ("class", "split", "defect_type", "stem", "rgb_path", "xyz_path", "label", "image_score",
+                     "map_max", "map_mean", "result", "image_threshold")
+
+
+def per_sample_rows(result: ClassResult, fails: Callable[[float], bool] | None = None,
+                    image_threshold: float | None = None) -> list[dict]:
+    """One row per test sample, in the evaluation's order, of plain Python values (``PER_SAMPLE_FIELDS``):
+    the name's parts, the paths, the label, the image score, the max and mean of the 224 x 224 map, and with a
+    model's thresholds (``fails``: image score -> failed) ``result`` "pass"/"fail" and the image threshold (None
+    without)."""
+    xyz_paths = result.xyz_paths or [None] * len(result.names)
+    rows = []
+    for name, rgb, xyz, label, score, score_map in zip(result.names, result.rgb_paths, xyz_paths, result.labels,
+                                                       result.image_scores, result.maps, strict=True):
+        class_name, split, defect, stem = name.split("/")
+        verdict = None if fails is None else ("fail" if fails(float(score)) else "pass")
+        rows.append({"class": class_name, "split": split, "defect_type": defect, "stem": stem, "rgb_path": rgb,
+                     "xyz_path": xyz, "label": int(label), "image_score": float(score),
+                     "map_max": float(np.max(score_map)), "map_mean": float(np.mean(score_map, dtype=np.float64)),
+                     "result": verdict, "image_threshold": None if fails is None else image_threshold})
+    return rows
 
 
 def save_score_maps(result: ClassResult, path: str | Path) -> Path:

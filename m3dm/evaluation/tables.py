@@ -1,12 +1,16 @@
-"""Result tables (the reference's three Markdown tables, with a Mean column) and the JSON record of a run."""
+"""Result tables (the reference's three Markdown tables, with a Mean column), the JSON record of a run and the
+per-sample results (``per_sample.csv`` and ``per_sample.json``)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
 
 from m3dm.data.io import write_text
+from m3dm.evaluation.results import PER_SAMPLE_FIELDS
 
 METRIC_TABLES = {
     "image_rocauc": "Image ROCAUC",
@@ -53,4 +57,24 @@ def write_results(output_dir: str | Path, method: str, per_class: dict[str, dict
                        for m in sorted({k for v in per_class.values() for k in v})}}
     paths["json"] = output_dir / "results.json"
     write_text(paths["json"], json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return paths
+
+
+def write_per_sample(output_dir: str | Path, rows: list[dict]) -> dict[str, Path]:
+    """Write the per-sample rows (``results.per_sample_rows``, every class in order) to ``per_sample.csv`` and
+    the same rows to ``per_sample.json``, atomically; returns the two paths.
+
+    In the CSV a missing value (no thresholds) is an empty cell and floats are written exactly (``repr``).
+    """
+    output_dir = Path(output_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PER_SAMPLE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else repr(row[k]) if isinstance(row[k], float) else row[k]
+                         for k in PER_SAMPLE_FIELDS})
+    paths = {"per_sample_csv": output_dir / "per_sample.csv", "per_sample_json": output_dir / "per_sample.json"}
+    write_text(paths["per_sample_csv"], buffer.getvalue())
+    write_text(paths["per_sample_json"], json.dumps([{k: row[k] for k in PER_SAMPLE_FIELDS} for row in rows],
+                                                    indent=1) + "\n")
     return paths

@@ -1,10 +1,21 @@
-"""The files written from a class's evaluation: the --save_maps archive and the --save_preds pictures."""
+"""The files written from a class's evaluation: the --save_maps archive, the --save_preds pictures and the
+per-sample rows."""
+
+import csv
+import json
 
 import numpy as np
 from PIL import Image
 
 from m3dm.data.io import write_png
-from m3dm.evaluation.results import ClassResult, save_prediction_pictures, save_score_maps
+from m3dm.evaluation.results import (
+    PER_SAMPLE_FIELDS,
+    ClassResult,
+    per_sample_rows,
+    save_prediction_pictures,
+    save_score_maps,
+)
+from m3dm.evaluation.tables import write_per_sample
 
 
 def result(tmp_path) -> ClassResult:
@@ -38,3 +49,23 @@ def test_one_picture_per_sample_under_its_defect(tmp_path):
     pictures = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
     assert pictures == ["dent/000.png", "dent/001.png", "good/000.png"]
     assert Image.open(folder / "dent" / "000.png").size == (3 * 224, 224 + 18)  # RGB | GT | heatmap, title
+
+
+def test_per_sample_rows_and_their_files(tmp_path):
+    evaluation = result(tmp_path)
+    evaluation.xyz_paths = [p.replace(".png", ".tiff") for p in evaluation.rgb_paths]
+    rows = per_sample_rows(evaluation, lambda score: score > 1.0, 1.0)
+    assert [r["result"] for r in rows] == ["pass", "fail", "fail"]
+    assert [(r["class"], r["split"], r["defect_type"], r["stem"]) for r in rows][1] == ("gadget", "test", "dent", "000")
+    assert [r["map_max"] for r in rows] == [float(m.max()) for m in evaluation.maps]
+    assert [r["xyz_path"] for r in rows] == evaluation.xyz_paths
+    plain = per_sample_rows(evaluation)
+    assert {r["result"] for r in plain} == {r["image_threshold"] for r in plain} == {None}
+    paths = write_per_sample(tmp_path / "out", rows + plain)
+    with open(paths["per_sample_csv"], newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [float(r["map_mean"]) for r in table] == [r["map_mean"] for r in rows + plain]  # floats written exactly
+    assert [r["result"] for r in table] == ["pass", "fail", "fail", "", "", ""]
+    assert json.loads(paths["per_sample_json"].read_text()) == [{k: r[k] for k in PER_SAMPLE_FIELDS}
+                                                                for r in rows + plain]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["per_sample.csv", "per_sample.json"]
