@@ -1,4 +1,4 @@
-"""Classes evaluated by two processes under torchrun give the single-process tables."""
+"""Classes evaluated by two processes under torchrun give the single-process tables and per-sample results."""
 
 import json
 import os
@@ -47,3 +47,9 @@ def test_two_processes_give_the_single_process_tables(two_classes, tmp_path):
     assert got["config"]["processes"] == 2
     for table in ("image_rocauc_results.md", "pixel_rocauc_results.md", "au_pro_results.md"):
         assert (parallel / table).read_text() == (single / table).read_text()
+    # the per-sample rows travel with the gathered results: written once, in class order, as one process writes
+    for name in ("per_sample.csv", "per_sample.json"):
+        assert (parallel / name).read_text() == (single / name).read_text()
+    classes = [row["class"] for row in json.loads((parallel / "per_sample.json").read_text())]
+    assert classes == ["gadget"] * classes.count("gadget") + ["widget"] * classes.count("widget")
+    assert classes.count("gadget") == classes.count("widget") == 2 + 4  # 2 good + 1 per defect type
