@@ -74,7 +74,11 @@ def check_same_size(cloud: np.ndarray, image: Image.Image, cloud_path, image_pat
 
 @contextmanager
 def atomic_path(destination: str | os.PathLike):
-    """Yield a temporary path next to ``destination``; on success rename it over the destination."""
+    """Yield a temporary path next to ``destination``; on success rename it over the destination.
+
+    The file gets the permissions a plain ``open(..., "w")`` would give it (``0o666`` less the umask), not the
+    private ``0o600`` of a temporary file, so other users of a shared dataset or results folder can read it.
+    """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp" + destination.suffix,
@@ -82,10 +86,17 @@ def atomic_path(destination: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, destination)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(root: str | os.PathLike) -> int:

@@ -1,3 +1,6 @@
+import os
+import stat
+
 import numpy as np
 import pytest
 import tifffile
@@ -5,7 +8,7 @@ import torch
 from PIL import Image
 
 from m3dm.data.dataset import AnomalyDataset, make_loader
-from m3dm.data.io import read_organized_pc, write_tiff
+from m3dm.data.io import read_organized_pc, write_text, write_tiff
 from m3dm.data.transforms import mask_to_tensor, organized_pc_to_tensor, rgb_to_tensor
 from m3dm.errors import DataError
 
@@ -102,3 +105,19 @@ def test_real_samples_load(real_mvtec_subset):
         assert 0.3 < valid.float().mean() < 0.9  # raw real clouds: about 55 % valid
         assert item["pc"][:, valid][2].min() > 0.5  # metres from the sensor
         assert (item["gt"].sum() > 0) == bool(item["label"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        write_text(tmp_path / "atomic.txt", "x")
+        write_tiff(tmp_path / "atomic.tiff", np.ones((2, 2, 3), np.float32))
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for name in ("atomic.txt", "atomic.tiff"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
