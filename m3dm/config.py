@@ -34,6 +34,7 @@ class MethodSpec:
     divisor: float = 1.0  # image-score divisor inside the re-weighting (quirk 29: DINO+Point_MAE uses 1000)
     shared_stats: bool = False  # normalise every bank with (mean of xyz, std of rgb) (quirk 26)
     own_stats: bool = False  # normalise with the bank's own statistics (DINO)
+    family: str = "m3dm"  # which detector fits and scores it (m3dm.detection.factory)
 
     @property
     def memory_bank(self) -> str:

@@ -54,7 +54,7 @@ class Predictor:
                  xyz_checkpoint: str | None = None, fusion_module_path: str | None = None):
         from m3dm.app.run import weight_records
         from m3dm.config import backbone_settings
-        from m3dm.detection.detector import Detector
+        from m3dm.detection.factory import detector_from_model
         from m3dm.detection.persistence import make_setup
         from m3dm.features.extractor import build_extractor
         from m3dm.runtime import seed_everything
@@ -81,7 +81,7 @@ class Predictor:
             fusion_block = load_fusion_block(fusion_path, device, rgb_dim=self.extractor.rgb_backbone.feature_dim)
         current = weight_records(self.extractor, backbones, settings["seed"], fusion_block, fusion_path)
         model.check_setup(make_setup(model.method_name, model.config, settings, current))
-        self.detector = Detector.from_model(model, fusion_block, device, progress=False)
+        self.detector = detector_from_model(model, fusion_block, device, progress=False)
         if model.generator_state is not None:
             self.extractor.set_rng_state(model.generator_state)
 

@@ -26,6 +26,7 @@ from m3dm.constants import CLASSES_BY_DATASET
 from m3dm.data import available_classes
 from m3dm.data.dataset import AnomalyDataset, make_loader
 from m3dm.detection.detector import Detector, ModalityScore, sample_cap
+from m3dm.detection.factory import build_detector, detector_from_model
 from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup, model_path, weight_record
 from m3dm.detection.thresholds import Thresholds, ThresholdSamples, choose_threshold_samples, threshold_dataset
 from m3dm.evaluation.metrics import compute_metrics
@@ -217,7 +218,7 @@ class ClassRun:
 
     def fit(self) -> None:
         """Pass 1 into the banks, their coreset, and with decision layer fusion pass 2 and the SVMs."""
-        self.detector = detector = Detector(self.settings.detector, self.fusion_block, device=self.device,
+        self.detector = detector = build_detector(self.settings.detector, self.fusion_block, device=self.device,
                                             progress=self.progress, spool_dir=self.settings.run.spool_folder)
         cap = self._train_cap()
         if self.settings.models.save_model and self.good_parts.train_limit is not None:
@@ -290,7 +291,7 @@ class ClassRun:
         """``--load_model``: the saved detector, verified against this run's method, class and setup, and the
         extractor's random state as it was right after fitting."""
         model = load_class_model(path, self.settings.detector.method_name, class_name=self.class_name, setup=setup)
-        self.detector = Detector.from_model(model, self.fusion_block, self.device, self.progress)
+        self.detector = detector_from_model(model, self.fusion_block, self.device, self.progress)
         self.thresholds = model.thresholds
         if model.generator_state is not None:
             self.extractor.set_rng_state(model.generator_state)
