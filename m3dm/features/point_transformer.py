@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from m3dm.features.pointops import group_points
+from m3dm.features.pointops import group_points, pad_clouds
 
 VARIANT_ENCODER_DIMS = {"Point_MAE": 384, "Point_Bert": 256}
 TRANS_DIM = 384
@@ -204,12 +204,13 @@ class PointTransformer(nn.Module):
             return group_points(clouds.to(device, dtype), self.num_group, self.group_size)
         if len(clouds) == 0:
             raise ValueError("expected at least one point cloud")
-        groups = []
         for cloud in clouds:
             if cloud.dim() != 2 or cloud.shape[-1] != 3:
                 raise ValueError(f"expected a cloud of shape (N, 3), got {tuple(cloud.shape)}")
-            groups.append(group_points(cloud.to(device, dtype)[None], self.num_group, self.group_size))
-        return torch.cat([g[0] for g in groups]), torch.cat([g[1] for g in groups])
+        # one padded batch: the FPS loop runs once for all clouds (on a GPU its ~1,000 steps of tiny kernels
+        # dominate a sample's time), with the groups each cloud gets on its own
+        points, lengths = pad_clouds([cloud.to(device, dtype) for cloud in clouds])
+        return group_points(points, self.num_group, self.group_size, lengths)
 
     def drop_path_scales(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor | None:
         """Per-sample residual-branch multipliers `(B, depth, 2)` (training mode) or None (eval mode)."""

@@ -93,21 +93,28 @@ def _sort_ties_by_index(dist: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     return dist.gather(-1, by_distance), idx.gather(-1, by_distance)
 
 
-def knn(query: Tensor, points: Tensor, k: int, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+def knn(query: Tensor, points: Tensor, k: int, chunk_size: int | None = None,
+        lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``k`` nearest ``points`` of each query: ``(B, M, 3)``, ``(B, N, 3)`` -> squared distances and indices.
 
     Both outputs are ``(B, M, k)``, sorted by ascending distance (equal distances by ascending index). Work is
-    chunked over the queries so that one chunk's distance matrix stays around 64 MB.
+    chunked over the queries so that one chunk's distance matrix stays around 64 MB. ``lengths (B,)``: only the
+    first ``lengths[b]`` points of cloud ``b`` are candidates (padded batches, ``pad_clouds``).
     """
-    if query.is_cuda and _CudaKNN is not None and query.dtype == torch.float32:
+    padded = lengths is not None and bool((lengths < points.shape[1]).any())
+    if query.is_cuda and _CudaKNN is not None and query.dtype == torch.float32 and not padded:
         dist, idx = _CudaKNN(k=k, transpose_mode=True)(points.contiguous(), query.contiguous())
         return dist.square(), idx.long()  # KNN_CUDA returns Euclidean distances
     batch, n_queries, _ = query.shape
     if chunk_size is None:
         chunk_size = _default_knn_chunk(batch, points.shape[1], points.element_size())
     dists, indices = [], []
+    if padded:
+        padding = torch.arange(points.shape[1], device=points.device)[None, :] >= lengths.to(points.device)[:, None]
     for start in range(0, n_queries, chunk_size):
         dist = _squared_distances(query[:, start : start + chunk_size], points)
+        if padded:  # padding is never a neighbour: the top-k of the real points, in the same order
+            dist.masked_fill_(padding[:, None, :], float("inf"))
         top_dist, top_idx = dist.topk(k, dim=-1, largest=False, sorted=True)
         del dist
         top_dist, top_idx = _sort_ties_by_index(top_dist, top_idx)
@@ -123,12 +130,31 @@ def gather_points(points: Tensor, idx: Tensor) -> Tensor:
     return points.gather(1, flat).reshape(*idx.shape, channels)
 
 
-def group_points(points: Tensor, num_group: int, group_size: int) -> tuple[Tensor, Tensor]:
+def pad_clouds(clouds: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Clouds of different sizes ``(N_b, 3)`` as one batch ``(B, max N_b, 3)`` and their lengths ``(B,)``.
+
+    Each cloud is padded with copies of its own point 0, the first FPS centre: a copy is at distance 0 from it,
+    so FPS picks no copy while a real point is farther (and when none is, picks the real point of lowest
+    index first), giving the indices of the cloud on its own; ``knn`` leaves the padding out via ``lengths``.
+    """
+    lengths = torch.tensor([len(c) for c in clouds], dtype=torch.long)
+    longest = int(lengths.max())
+    padded = torch.stack([torch.cat([c, c[:1].expand(longest - len(c), -1)]) if len(c) < longest else c
+                          for c in clouds])
+    return padded, lengths
+
+
+def group_points(points: Tensor, num_group: int, group_size: int,
+                 lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Point-MAE grouping: FPS centres and their ``group_size`` nearest points, relative to the centre.
 
     ``(B, N, 3)`` -> neighbourhoods ``(B, num_group, group_size, 3)``, centres ``(B, num_group, 3)``.
+    ``lengths``: a batch from ``pad_clouds`` (same groups as each cloud grouped alone).
     """
+    smallest = int(lengths.min()) if lengths is not None else points.shape[1]
+    if smallest < group_size:
+        raise ValueError(f"a cloud of {smallest} points cannot form groups of {group_size} points")
     centres = gather_points(points, farthest_point_sample(points, num_group))
-    _, neighbour_idx = knn(centres, points, group_size)
+    _, neighbour_idx = knn(centres, points, group_size, lengths=lengths)
     neighbourhoods = gather_points(points, neighbour_idx) - centres.unsqueeze(2)
     return neighbourhoods, centres

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from m3dm.features.pointops import farthest_point_sample, gather_points, group_points, knn
@@ -132,3 +133,33 @@ def test_fps_float64_computes_in_float64():
     points = torch.randn(1, 64, 3, dtype=torch.float64)
     got = farthest_point_sample(points, 8)[0].tolist()
     assert got == kernel_fps(points[0].numpy(), 8, dtype=np.float64)
+
+
+def test_padded_batch_groups_each_cloud_as_alone():
+    """Clouds of different sizes grouped as one padded batch give, bit for bit, the groups each gets alone:
+    duplicates of point 0, points too close to the origin (never FPS centres) and equal kNN distances included."""
+    from m3dm.features.pointops import pad_clouds
+
+    rng = np.random.default_rng(3)
+    clouds = []
+    for n in (97, 140, 61):
+        cloud = rng.normal(size=(n, 3)).astype(np.float32)
+        cloud[5] = cloud[0]  # a real duplicate of the first centre
+        cloud[7] = 0.0  # unselectable by FPS
+        cloud[10:14] = np.round(cloud[10:14])  # lattice points: ties in kNN distances
+        clouds.append(torch.from_numpy(cloud))
+    points, lengths = pad_clouds(clouds)
+    assert points.shape == (3, 140, 3) and lengths.tolist() == [97, 140, 61]
+    neighbourhoods, centres = group_points(points, num_group=24, group_size=9, lengths=lengths)
+    for b, cloud in enumerate(clouds):
+        alone_n, alone_c = group_points(cloud[None], num_group=24, group_size=9)
+        assert torch.equal(centres[b], alone_c[0])
+        assert torch.equal(neighbourhoods[b], alone_n[0])
+
+
+def test_group_points_names_a_cloud_smaller_than_a_group():
+    from m3dm.features.pointops import pad_clouds
+
+    points, lengths = pad_clouds([torch.rand(50, 3), torch.rand(6, 3)])
+    with pytest.raises(ValueError, match="a cloud of 6 points cannot form groups of 8 points"):
+        group_points(points, num_group=4, group_size=8, lengths=lengths)
