@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import random
@@ -13,18 +14,36 @@ import torch
 log = logging.getLogger(__name__)
 
 
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)
+
+
 def resolve_device(requested: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``/None: ``cuda:<local rank>`` when GPUs are present, else the CPU. A CUDA device asked for on a
-    machine without CUDA falls back to the CPU with a warning; any other device is taken as given."""
+    """``auto``/None: ``cuda:<local rank>`` when GPUs are present, else the CPU. ``cuda`` without an index is the
+    local rank's GPU too (under torchrun every process would otherwise share GPU 0). A CUDA device asked for on a
+    machine without CUDA falls back to the CPU with a warning; any other device is taken as given.
+
+    A CUDA device is also made the current one, so that pinned memory and the optional CUDA extensions
+    (pointnet2_ops, KNN_CUDA launch on the current device) use it rather than GPU 0."""
     if requested is None or str(requested) == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
-        return torch.device("cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         log.warning("CUDA is not available: running on the CPU")
         return torch.device("cpu")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        exact_float32_on_cuda()
     return device
+
+
+def exact_float32_on_cuda() -> None:
+    """float32 products in float32 on the GPU: cuDNN convolutions default to TF32 (the ViT's patch embedding would
+    drift ~1e-3 from the CPU, and PFA's expansion-form distances break). The faster paths ask for reduced
+    precision explicitly (``--precision bf16``, the bfloat16-screened search with its float32 re-check)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def seed_everything(seed: int) -> None:
@@ -73,8 +92,9 @@ def start_processes(cuda: bool, init_method: str = "env://", default_local_rank:
     if cuda:
         torch.cuda.set_device(launched.local_rank)
     if not dist.is_initialized():
+        # a long timeout: a process that finished its classes waits in the gather for the others' last class
         dist.init_process_group(backend="nccl" if cuda else "gloo", init_method=init_method,
-                                rank=launched.rank, world_size=launched.world)
+                                rank=launched.rank, world_size=launched.world, timeout=PROCESS_GROUP_TIMEOUT)
     return launched
 
 

@@ -302,7 +302,8 @@ class ClassRun:
         dataset = AnomalyDataset(self.root, self.class_name, split, self.settings.backbones.img_size)
         if cap is not None and cap < len(dataset):
             dataset = Subset(dataset, range(cap))
-        return make_loader(dataset, self.settings.run.batch_size, self.settings.run.num_workers)
+        return make_loader(dataset, self.settings.run.batch_size, self.settings.run.num_workers,
+                           pin_memory=torch.device(self.device).type == "cuda")
 
     def _batches(self, loader, desc: str):
         yield from tqdm(loader, desc=f"{self.class_name}: {desc}", unit="batch", disable=not self.progress,
@@ -344,7 +345,8 @@ class ClassRun:
         """Image scores ``(N,)`` and ``(N, 224, 224)`` float32 maps of every sample of ``dataset``, in order, with
         the fitted detector (the good parts that set a saved model's pass/fail thresholds)."""
         scores, maps = [], []
-        loader = make_loader(dataset, self.settings.run.batch_size, self.settings.run.num_workers)
+        loader = make_loader(dataset, self.settings.run.batch_size, self.settings.run.num_workers,
+                           pin_memory=torch.device(self.device).type == "cuda")
         for _, batch_scores, batch_maps in self._scored_batches(loader, desc, "threshold scoring"):
             scores += batch_scores
             maps += batch_maps

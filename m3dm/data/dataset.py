@@ -63,7 +63,8 @@ def sample_tensors(cloud, image, mask, img_size: int, xyz_path, note: str = ""):
     return rgb_to_tensor(image), pc, None if mask is None else mask_to_tensor(mask)
 
 
-def make_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
-    """Ordered (no shuffle, no drop-last) loader; the reference uses batch size 1."""
+def make_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Ordered (no shuffle, no drop-last) loader; the reference uses batch size 1. ``pin_memory`` for a CUDA
+    device (page-locked batches copy to the GPU asynchronously; on the CPU they would only cost time)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False)
+                      pin_memory=pin_memory, drop_last=False)

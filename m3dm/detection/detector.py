@@ -49,7 +49,8 @@ class Detector:
         self.fusion_block = fusion_block
         self.device = torch.device(device)
         coreset = default_coreset(self.device, self.config.coreset_fp16, self.config.coreset_shards)
-        self.banks = {m: MemoryBank(spool_dir=spool_dir, coreset=coreset) for m in self.spec.modalities}
+        # banks live on the run's device: every nearest-neighbour search runs where the features are
+        self.banks = {m: MemoryBank(self.device, spool_dir=spool_dir, coreset=coreset) for m in self.spec.modalities}
         self.dlf = None
         self.rgb_grid: int | None = None
         self._late_xyz: dict[int, torch.Tensor] = {}  # xyz patches of samples beyond --asy_memory_bank
@@ -144,7 +145,7 @@ class Detector:
         for modality, rows in patches.items():
             score, min_dist = self.banks[modality].score(rows, eps=self.spec.eps, divisor=self.spec.divisor)
             score_map = segmentation_map(min_dist, self._grid(modality), MAP_SIZE, blur=self.config.blur)
-            out[modality] = ModalityScore(float(score), score_map.reshape(MAP_SIZE, MAP_SIZE))
+            out[modality] = ModalityScore(float(score), score_map.reshape(MAP_SIZE, MAP_SIZE).cpu())
         return out
 
     def _dlf_inputs(self, scores: dict[str, ModalityScore]) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +237,8 @@ class Detector:
         if detector.uses_dlf and state["dlf"] is None:
             raise ValueError(f"{config.method_name} with --memory_bank multiple needs the saved decision layer "
                              f"fusion, which is missing")
-        detector.banks = {m: MemoryBank.from_state(state["banks"][m]) for m in detector.spec.modalities}
+        detector.banks = {m: MemoryBank.from_state(state["banks"][m], detector.device)
+                          for m in detector.spec.modalities}
         detector.dlf = None if state["dlf"] is None else DecisionLayerFusion.from_state(state["dlf"])
         detector.rgb_grid = state["rgb_grid"]
         detector.n_train = state["n_train"]

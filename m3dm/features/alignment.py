@@ -9,6 +9,8 @@ grid or the per-point features. All functions work on one sample (samples differ
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -103,6 +105,7 @@ def pooling_matrix(img_size: int, out_size: int) -> Tensor:
     return adaptive @ box
 
 
+@functools.lru_cache(maxsize=16)  # the same few tables for every sample of a run
 def _pooling_table(img_size: int, out_size: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """For every input row/column: the output cells it feeds and their weights, ``(img_size, T)`` each.
 
@@ -132,7 +135,14 @@ def patch_matrix(points: Tensor, flat_index: Tensor, centres: Tensor, img_size: 
     target = out_cell[..., None] * n_centres + centre_idx[:, None, None, :]  # (Nv, T, T, k)
     value = (cell_w[rows][:, :, None] * cell_w[cols][:, None, :])[..., None] * centre_w[:, None, None, :]
     matrix = centre_w.new_zeros(out_size * out_size * n_centres)
-    matrix.index_add_(0, target.reshape(-1), value.reshape(-1))
+    target, value = target.reshape(-1), value.reshape(-1)
+    if matrix.is_cuda:
+        # index_add_ sums with float atomics on a GPU, in a different order each run; the accumulating
+        # index_put_ sorts the targets (stably) and sums each one's values in that order, as the CPU's
+        # sequential index_add_ does
+        matrix.index_put_((target,), value, accumulate=True)
+    else:
+        matrix.index_add_(0, target, value)
     return matrix.view(out_size * out_size, n_centres)
 
 

@@ -74,7 +74,7 @@ class FeatureExtractor:
         out = [SampleFeatures() for _ in range(batch)]
         if self.rgb_backbone is not None:
             with self._autocast():
-                rgb_maps = self.rgb_backbone(rgb.to(self.device)).float().cpu()
+                rgb_maps = self.rgb_backbone(rgb.to(self.device, non_blocking=True)).float().cpu()
             for sample, rgb_map in zip(out, rgb_maps):
                 sample.rgb_map = rgb_map
                 sample.rgb = rgb_map.flatten(1).T.contiguous()
@@ -91,7 +91,7 @@ class FeatureExtractor:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _add_point_features(self, out: list[SampleFeatures], pc: torch.Tensor, names) -> None:
-        pc = pc.to(self.device)
+        pc = pc.to(self.device, non_blocking=True)
         clouds, flat_indices = [], []
         for i in range(pc.shape[0]):
             points, flat_index = valid_points(pc[i])

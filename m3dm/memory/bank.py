@@ -158,7 +158,10 @@ class MemoryBank:
         if recipe.mean is not None:
             self.mean = torch.tensor(recipe.mean, dtype=torch.float32, device=self.storage_device)
             self.std = torch.tensor(recipe.std, dtype=torch.float32, device=self.storage_device)
-        rows = NormalisedRows(self._store, self.mean, self.std)
+        # the stored rows are on the host, so they are normalised there (IEEE float32 subtract and divide give the
+        # same bits on any device); the coreset moves its chunks to its own device
+        host = (lambda t: None if t is None else t.cpu())
+        rows = NormalisedRows(self._store, host(self.mean), host(self.std))
         if recipe.drop_zero_rows_before:
             rows = rows_without_zeros(rows[0:rows.shape[0]])
         n_coreset = recipe.coreset_size(rows.shape[0])

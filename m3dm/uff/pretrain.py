@@ -169,11 +169,14 @@ def mean_over_processes(value: float, device: torch.device) -> float:
 
 def train(args: PretrainSettings) -> Path | None:
     """Train on ``args.data_path``; returns the last checkpoint written (rank 0) or ``None``."""
-    requested = resolve_device(args.device)  # a CUDA device without CUDA: the CPU, with a warning
+    # a CUDA device without CUDA: the CPU, with a warning; "cuda" alone: the launcher's local GPU
+    local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
+    requested = resolve_device(args.device, local_rank)
     cuda = requested.type == "cuda"
     processes = start_processes(cuda, init_method=args.dist_url, default_local_rank=max(args.local_rank, 0),
                                 openmpi=args.dist_on_itp)
-    device = torch.device("cuda", processes.local_rank) if cuda else requested
+    # several processes: each its local GPU; one process: the device asked for (--device cuda:1 stays cuda:1)
+    device = torch.device("cuda", processes.local_rank) if cuda and processes.world > 1 else requested
     try:
         last = _train(args, processes, device)
     except BaseException:
