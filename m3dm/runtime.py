@@ -44,6 +44,8 @@ def exact_float32_on_cuda() -> None:
     precision explicitly (``--precision bf16``, the bfloat16-screened search with its float32 re-check)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    # bfloat16 products summed in float32: what the screened search's error bound assumes
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
 def seed_everything(seed: int) -> None:

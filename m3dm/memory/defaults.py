@@ -30,7 +30,8 @@ def default_coreset(device: str | torch.device | None = None, fp16: bool = True,
 
 
 def default_search(device: str | torch.device = "cpu") -> NeighbourSearch:
-    """Exact search of a bank stored on ``device``: bfloat16-screened where the CPU has native bfloat16 matrix
-    products (:func:`bf16_matmul_is_fast`), plain elsewhere; the row of empty patches searched once."""
+    """Exact search of a bank stored on ``device``: bfloat16-screened where the device has native bfloat16 matrix
+    products (:func:`bf16_matmul_is_fast`: CPUs with AVX512-BF16/AMX, CUDA GPUs from Ampere on), plain elsewhere;
+    the row of empty patches searched once."""
     inner: NeighbourSearch = ScreenedSearch() if bf16_matmul_is_fast(device) else ExactSearch()
     return SharedEmptyRows(inner)

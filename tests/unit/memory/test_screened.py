@@ -257,4 +257,5 @@ def test_bf16_matmul_is_fast_is_a_capability_check():
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert bf16_matmul_is_fast() == (native and torch.backends.mkldnn.is_available())
     assert bf16_matmul_is_fast("cpu") == bf16_matmul_is_fast()
-    assert not bf16_matmul_is_fast("cuda")
+    ampere = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    assert bf16_matmul_is_fast("cuda") == ampere
