@@ -13,6 +13,7 @@ lr 0 and a trailing partial accumulation discarded (quirk 23), the ×2T loss fac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -255,14 +256,18 @@ def train_one_epoch(model, loader, sampler, optimizer, scaler, epoch: int, sched
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(epoch + step / steps) * group.get("lr_scale", 1.0)
         batch = batch.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-            loss = model(batch[..., :XYZ_FEATURE_DIM], batch[..., XYZ_FEATURE_DIM:])
-        loss_value = mean_over_processes(loss.item(), device)  # every process sees the same value
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}: stopping training")
-        scaled = loss / schedule.accum_iter
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if (step + 1) % schedule.accum_iter == 0:
+        boundary = (step + 1) % schedule.accum_iter == 0
+        # between accumulation boundaries DDP keeps the gradients local: one all-reduce per optimiser step
+        local = model.no_sync() if not boundary and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with local:
+            with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+                loss = model(batch[..., :XYZ_FEATURE_DIM], batch[..., XYZ_FEATURE_DIM:])
+            loss_value = mean_over_processes(loss.item(), device)  # every process sees the same value
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}: stopping training")
+            scaled = loss / schedule.accum_iter
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if boundary:
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
