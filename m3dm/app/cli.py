@@ -39,6 +39,11 @@ def parse_settings(argv=None, parser: argparse.ArgumentParser | None = None) -> 
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:  # ``m3dm check ROOT``: the dataset check (python -m m3dm.data check)
+        from m3dm.data.__main__ import main as data_main
+
+        return data_main(argv)
     parser = build_parser()
     settings, flags = parse_settings(argv, parser)
     from m3dm.app.run import run_classes
