@@ -67,7 +67,8 @@ def pairing_problems(groups: dict[str, dict[str, Path]], kinds: tuple[str, ...])
     if "gt" in kinds:
         extra = [stem for stem, files in groups.items() if set(files) == {"gt"}]
         if extra:
-            lines.append(f"gt/ has {len(extra)} extra file(s) with no rgb/ or xyz/ file: {_shown(extra)}")
+            others = " or ".join(f"{kind}/" for kind in kinds if kind != "gt")
+            lines.append(f"gt/ has {len(extra)} extra file(s) with no {others} file: {_shown(extra)}")
     return lines
 
 
