@@ -3,8 +3,9 @@
 Every problem is collected, none stops the walk: pairing of the rgb/xyz/gt files, missing splits, image sizes,
 cloud dtypes, NaN/inf coordinates, empty or nearly empty clouds, classes without defective test parts or without
 masks. An *error* makes the tree unusable for a run (the loader would stop on it); a *warning* is a run that
-works but gives less than expected (e.g. no pixel metrics). ``contents=False`` reads file headers only (sizes,
-dtypes, pairing): what main.py checks up front in a second; the full check reads each cloud once.
+works but gives less than expected (e.g. no pixel metrics); a *note* is worth knowing (no validation split).
+``contents=False`` reads file headers only (sizes, dtypes, pairing): what main.py checks up front in a second;
+the full check reads each cloud once.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from m3dm.errors import DataError
 
 log = logging.getLogger(__name__)
 
-ERROR, WARNING = "error", "warning"
+ERROR, WARNING, NOTE = "error", "warning", "note"
 SPARSE_FRACTION = 0.01  # a cloud with fewer valid points than this share of its pixels is "nearly empty"
 REQUIRED_SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
 class Problem:
-    severity: str  # ERROR or WARNING
+    severity: str  # ERROR, WARNING or NOTE (worth knowing, nothing lost: main.py logs it at debug level)
     kind: str  # short name of the check, e.g. "pairing", "size", "nonfinite" (counted in the summary)
     where: str  # the file or folder
     message: str
@@ -87,7 +88,7 @@ class DatasetReport:
                 defects = ", ".join(f"{d} {n}" for d, n in sorted(counts.by_defect.items()))
                 masks = f"; masks {counts.masks}/{counts.defective}" if split == "test" and counts.defective else ""
                 lines.append(f"  {class_name}/{split}: {counts.samples} sample(s) ({defects or 'none'}){masks}")
-        for severity in (ERROR, WARNING):
+        for severity in (ERROR, WARNING, NOTE):
             found = [p for p in self.problems if p.severity == severity]
             if not found:
                 continue
@@ -103,9 +104,12 @@ class DatasetReport:
         return "\n".join(lines)
 
     def raise_for_errors(self) -> None:
-        """Log the warnings; raise one DataError listing every error (each naming its file or folder)."""
-        for problem in self.warnings:
-            log.warning("dataset check: %s", problem)
+        """Log the warnings (and notes, at debug level); raise one DataError listing every error (each naming its
+        file or folder)."""
+        for problem in self.problems:
+            if problem.severity != ERROR:
+                log.log(logging.WARNING if problem.severity == WARNING else logging.DEBUG, "dataset check: %s",
+                        problem)
         if self.errors:
             raise DataError(f"{self.root}: {len(self.errors)} problem(s) in the dataset "
                             f"(python -m m3dm.data check {self.root} lists them all):\n  "
@@ -156,13 +160,13 @@ def _check_class(report: DatasetReport, root: Path, class_name: str, fitting: bo
             if required:
                 report.add(ERROR, "split", split_dir, f"{split} split not found (expected {split}/good/...)")
             elif split == "validation":
-                report.add(WARNING, "split", split_dir, "no validation split: --save_model takes its pass/fail "
+                report.add(NOTE, "split", split_dir, "no validation split: --save_model takes its pass/fail "
                                                         "threshold parts from the last 10 % of train")
             continue
         counts[split] = split_counts = SplitCounts()
         for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if split != "test" and defect_dir.name != GOOD:
-                report.add(WARNING, "ignored", defect_dir, f"only good/ is read in the {split} split")
+                report.add(NOTE, "ignored", defect_dir, f"only good/ is read in the {split} split")
                 continue
             samples += _check_defect_folder(report, defect_dir, class_name, split, split_counts)
         if not split_counts.samples and (required or split == "validation"):

@@ -239,3 +239,23 @@ def test_tree_errors_are_reported_at_once_and_intrinsics_are_required(tmp_path, 
     with pytest.raises(SystemExit):
         depth_main([str(source), "--fx", "300"])
     assert "give all four of --fx --fy --cx --cy" in capsys.readouterr().err
+
+
+def test_eyecandies_back_projection_is_the_general_one_bit_for_bit():
+    """Eyecandies' conversion goes through depth_to_points; it equals the reference's own formula exactly."""
+    from m3dm.preprocess.eyecandies import FOCAL_LENGTH, back_project
+
+    depth, _ = scene_depth()
+    depth[5, 5] = 0
+    pose = np.array([[1, 0, 0, 0.1], [0, 0.8, -0.6, 0.2], [0, 0.6, 0.8, 1.5], [0, 0, 0, 1]])
+    height, width = depth.shape
+    intrinsics = np.array([[FOCAL_LENGTH, 0, width / 2, 0], [0, FOCAL_LENGTH, height / 2, 0], [0, 0, 1, 0],
+                           [0, 0, 0, 1]])
+    inverse = np.linalg.inv(intrinsics @ pose)
+    rows, cols = np.mgrid[0:height, 0:width]
+    d = depth.reshape(-1)
+    safe = np.where(d != 0, d, 1.0)
+    v = np.stack([cols.reshape(-1), rows.reshape(-1), np.ones_like(d), 1.0 / safe], axis=1)
+    expected = (v @ inverse.T)[:, :3] * safe[:, None]
+    expected[d == 0] = 0
+    assert np.array_equal(back_project(depth, pose), expected)
