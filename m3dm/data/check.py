@@ -165,6 +165,10 @@ def _check_class(report: DatasetReport, root: Path, class_name: str, fitting: bo
             continue
         counts[split] = split_counts = SplitCounts()
         for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if any(defect_dir.glob("*_depth.png")):
+                report.add(ERROR, "not converted", defect_dir, "raw Eyecandies layout (*_depth.png): convert it first "
+                                                               "with utils/preprocess_eyecandies.py")
+                continue
             if split != "test" and defect_dir.name != GOOD:
                 report.add(NOTE, "ignored", defect_dir, f"only good/ is read in the {split} split")
                 continue
@@ -180,6 +184,10 @@ def _check_class(report: DatasetReport, root: Path, class_name: str, fitting: bo
 
 def _check_defect_folder(report: DatasetReport, defect_dir: Path, class_name: str, split: str,
                          counts: SplitCounts) -> list[Sample]:
+    if (defect_dir / "depth").is_dir() and not (defect_dir / "xyz").is_dir():
+        report.add(ERROR, "not converted", defect_dir, "depth/ images but no xyz/ clouds: convert the tree first "
+                                                       "with utils/preprocess_depth.py (docs/own_data.md)")
+        return []
     kinds = sample_kinds(defect_dir)
     groups = group_by_stem(defect_dir, kinds)
     problems = pairing_problems(groups, kinds)

@@ -157,3 +157,16 @@ def test_real_subset_is_clean(real_mvtec_subset):
     report = check_dataset(real_mvtec_subset)
     assert report.usable and report.problems == []
     assert report.counts["cable_gland"]["test"].masks == 4
+
+
+def test_unconverted_trees_say_which_converter_to_run(raw_eyecandies, tree):
+    report = check_dataset(raw_eyecandies, contents=False)
+    assert f"{raw_eyecandies}/CandyCane/train/data: raw Eyecandies layout (*_depth.png): convert it first with " \
+           f"utils/preprocess_eyecandies.py" in messages(report, "error")
+    good = tree / "gadget/train/good"
+    (good / "xyz").rename(good / "depth")  # a depth-sensor tree before its conversion
+    report = check_dataset(tree, contents=False)
+    assert messages(report, "error") == [f"{good}: depth/ images but no xyz/ clouds: convert the tree first with "
+                                         f"utils/preprocess_depth.py (docs/own_data.md)",
+                                         f"{tree}/gadget/train: no samples (expected <defect>/rgb/*.png with "
+                                         f"matching xyz/*.tiff)"]
