@@ -1,8 +1,8 @@
 """The ``m3dm`` command (``main.py``): flags parsed once into ``Settings`` and validated, then the run.
 
-The flags are ``m3dm.config``'s plus -v/-q; the run is ``m3dm.app.run``'s. ``m3dm check ROOT ...`` is the dataset
-check (``python -m m3dm.data check``). A wrong input file (data, weights, a
-fitted model) is reported in one line with exit status 2.
+The flags are ``m3dm.config``'s plus -v/-q; the run is ``m3dm.app.run``'s. A wrong input file (data, weights, a
+fitted model) is reported in one line with exit status 2. ``m3dm check ROOT ...`` is the dataset check
+(``python -m m3dm.data check``).
 """
 
 from __future__ import annotations
