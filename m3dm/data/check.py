@@ -111,8 +111,8 @@ class DatasetReport:
                 log.log(logging.WARNING if problem.severity == WARNING else logging.DEBUG, "dataset check: %s",
                         problem)
         if self.errors:
-            raise DataError(f"{self.root}: {len(self.errors)} problem(s) in the dataset "
-                            f"(python -m m3dm.data check {self.root} lists them all):\n  "
+            raise DataError(f"{self.root}: {len(self.errors)} problem(s) in the dataset (python -m m3dm.data check "
+                            f"{self.root} also reads every value):\n  "
                             + "\n  ".join(str(p) for p in self.errors))
 
 
