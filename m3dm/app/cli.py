@@ -1,7 +1,8 @@
 """The ``m3dm`` command (``main.py``): flags parsed once into ``Settings`` and validated, then the run.
 
 The flags are ``m3dm.config``'s plus -v/-q; the run is ``m3dm.app.run``'s. A wrong input file (data, weights, a
-fitted model) is reported in one line with exit status 2.
+fitted model) is reported in one line with exit status 2. ``m3dm check ROOT ...`` is the dataset check
+(``python -m m3dm.data check``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def parse_settings(argv=None, parser: argparse.ArgumentParser | None = None) -> 
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:  # ``m3dm check ROOT``: the dataset check (python -m m3dm.data check)
+        from m3dm.data.__main__ import main as data_main
+
+        return data_main(argv)
     parser = build_parser()
     settings, flags = parse_settings(argv, parser)
     from m3dm.app.run import run_classes

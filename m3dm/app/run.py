@@ -24,7 +24,9 @@ from m3dm.app import processes
 from m3dm.config import BackboneSettings, RunSettings, Settings
 from m3dm.constants import CLASSES_BY_DATASET
 from m3dm.data import available_classes
+from m3dm.data.check import require_usable_dataset
 from m3dm.data.dataset import AnomalyDataset, make_loader
+from m3dm.data.layout import masks_available
 from m3dm.detection.detector import Detector, ModalityScore, sample_cap
 from m3dm.detection.factory import build_detector, detector_from_model
 from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup, model_path, weight_record
@@ -79,6 +81,7 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     workers = start_processes(cuda=False)  # gloo: only the small per-class results travel between processes
     device = resolve_device(settings.run.device, workers.local_rank)
     classes = dataset_classes(settings.run)
+    require_usable_dataset(settings.run.dataset_path, classes, fitting=settings.models.load_model is None)
     seed_everything(settings.run.seed)  # random backbone weights are drawn from it
     extractor, fusion_block = build_models(settings, device)
     models = settings.models
@@ -326,7 +329,8 @@ class ClassRun:
     def evaluate(self) -> ClassResult:
         """Scores, maps and metrics of the test split with the fitted (or loaded) detector."""
         labels, image_scores, maps, masks, names, paths, xyz_paths = [], [], [], [], [], [], []
-        for batch, scores, score_maps in self._scored_batches(self._loader("test"), "test", "test scoring"):
+        loader = self._loader("test")
+        for batch, scores, score_maps in self._scored_batches(loader, "test", "test scoring"):
             image_scores += scores
             maps += score_maps
             masks.extend(batch["gt"][:, 0].numpy().astype(np.uint8))
@@ -337,7 +341,8 @@ class ClassRun:
         result = ClassResult({}, np.array(labels), np.array(image_scores), np.stack(maps), np.stack(masks),
                              names, paths, xyz_paths)
         with self.timer("metrics"):
-            result.metrics = compute_metrics(result.labels, result.image_scores, result.masks, result.maps)
+            result.metrics = compute_metrics(result.labels, result.image_scores, result.masks, result.maps,
+                                             masks_available(loader.dataset.samples), name=self.class_name)
         return result
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ Inputs may be numpy arrays or torch tensors (anything with ``.detach()``); torch
 from __future__ import annotations
 
 import bisect
+import logging
 import warnings
 from typing import Any
 
@@ -21,8 +22,11 @@ import numpy as np
 from scipy.ndimage import label as label_components
 from sklearn.metrics import roc_auc_score
 
+log = logging.getLogger(__name__)
+
 DEFAULT_INTEGRATION_LIMIT = 0.3
 DEFAULT_NUM_THRESHOLDS = 100
+METRIC_NAMES = ("image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.01")  # of compute_metrics, in order
 
 # 3-D structure whose middle plane is the 3×3 8-connectivity element: labels each image of an (N, H, W)
 # stack separately in one call, numbering components image by image in raster order like the reference.
@@ -176,8 +180,25 @@ def au_pro(masks: Any, maps: Any, integration_limit: float = DEFAULT_INTEGRATION
     return au_pro_from_curve(fprs, pros, integration_limit)
 
 
-def compute_metrics(labels: Any, image_scores: Any, masks: Any, maps: Any) -> dict[str, float]:
-    """All metrics of one class, unrounded: image/pixel ROC AUC and AU-PRO up to FPR 0.3 and 0.01."""
+def compute_metrics(labels: Any, image_scores: Any, masks: Any, maps: Any, masks_available: bool = True,
+                    name: str = "") -> dict[str, float | None]:
+    """All metrics of one class, unrounded: image/pixel ROC AUC and AU-PRO up to FPR 0.3 and 0.01.
+
+    A metric the test split cannot give is None ("not available"), with a log line saying why (``name`` is the
+    class): the pixel metrics without ``masks_available`` (defect folders without ``gt/``), and every metric
+    when the test parts are all good or all defective (no AUROC without both).
+    """
+    labels_flat = to_numpy(labels).reshape(-1)
+    if np.unique(labels_flat).size < 2:
+        kind = "good" if labels_flat.size == 0 or labels_flat[0] == 0 else "defective"
+        log.warning("%s: every test part is %s (%d parts): no image or pixel metric is available; add %s test "
+                    "parts to evaluate", name or "class", kind, labels_flat.size,
+                    "defective" if kind == "good" else "good")
+        return dict.fromkeys(METRIC_NAMES)
+    if not masks_available:
+        log.info("%s: defective test parts without ground-truth masks (no gt/ folder): image metrics only, the "
+                 "pixel metrics are not available", name or "class")
+        return {**dict.fromkeys(METRIC_NAMES), "image_rocauc": image_auroc(labels, image_scores)}
     fprs, pros = pro_curve(masks, maps)
     return {
         "image_rocauc": image_auroc(labels, image_scores),

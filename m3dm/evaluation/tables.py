@@ -19,20 +19,39 @@ METRIC_TABLES = {
 }
 
 
+NOT_AVAILABLE = "n/a"  # a metric the test split cannot give (None in results.json)
+
+
+def _cell(value: float | None) -> str:
+    return NOT_AVAILABLE if value is None else f"{value:.3f}"
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def class_line(class_name: str, method: str, metrics: dict) -> str:
-    """The reference's per-class console line."""
-    return (f"Class: {class_name}, {method} Image ROCAUC: {metrics['image_rocauc']:.3f}, "
-            f"{method} Pixel ROCAUC: {metrics['pixel_rocauc']:.3f}, {method} AU-PRO: {metrics['au_pro']:.3f}")
+    """The reference's per-class console line ("n/a" for a metric that is not available)."""
+    return (f"Class: {class_name}, {method} Image ROCAUC: {_cell(metrics['image_rocauc'])}, "
+            f"{method} Pixel ROCAUC: {_cell(metrics['pixel_rocauc'])}, {method} AU-PRO: {_cell(metrics['au_pro'])}")
+
+
+def mean_of_rounded(values: list[float | None]) -> float | None:
+    """Mean of the values rounded to 3 decimals, as the reference computes it, over the available ones (None
+    when none is)."""
+    available = [round(v, 3) for v in values if v is not None]
+    return sum(available) / len(available) if available else None
 
 
 def markdown_table(method: str, per_class: dict[str, dict], metric: str) -> str:
     """One row per method, one column per class (titled with ``str.title()`` as the reference) and a Mean of
-    the values rounded to 3 decimals, as the reference computes it."""
+    the values rounded to 3 decimals, as the reference computes it; a metric that is not available is "n/a"
+    and left out of the Mean."""
     classes = list(per_class)
-    values = [round(per_class[c][metric], 3) for c in classes]
-    mean = round(sum(values) / len(values), 3) if values else math.nan
+    values = [per_class[c][metric] for c in classes]
+    mean = mean_of_rounded(values) if values else math.nan
     header = ["Method"] + [c.title() for c in classes] + ["Mean"]
-    row = [method] + [f"{v:.3f}" for v in values] + [f"{mean:.3f}"]
+    row = [method] + [_cell(_rounded(v)) for v in values] + [_cell(_rounded(mean))]
     widths = [max(len(h), len(r)) for h, r in zip(header, row)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
@@ -53,7 +72,7 @@ def write_results(output_dir: str | Path, method: str, per_class: dict[str, dict
         write_text(path, f"# {title}\n\n{markdown_table(method, per_class, metric)}\n")
         paths[metric] = path
     record = {"method": method, "config": config, "per_class": per_class, "timings_s": timings or {},
-              "mean": {m: (sum(round(v[m], 3) for v in per_class.values()) / len(per_class)) if per_class else None
+              "mean": {m: mean_of_rounded([v[m] for v in per_class.values()])
                        for m in sorted({k for v in per_class.values() for k in v})}}
     paths["json"] = output_dir / "results.json"
     write_text(paths["json"], json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")

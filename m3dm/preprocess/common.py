@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from m3dm.data.io import copy_file
+
 
 @dataclass
 class JobResult:
@@ -125,6 +127,19 @@ def run_jobs(jobs: Sequence, fn: Callable, workers: int, desc: str) -> list[JobR
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def copy_other_files(source: Path, output: Path, sample_files: set[Path]) -> int:
+    """Copy every file that is not a sample file (calibration, licence, readme...) so the copy is complete;
+    returns how many were copied (files already there are kept)."""
+    copied = 0
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and path not in sample_files and not path.name.startswith("."):
+            target = output / path.relative_to(source)
+            if not target.exists():
+                copy_file(path, target)
+                copied += 1
+    return copied
 
 
 def timed(summary: Summary, start: float) -> Summary:

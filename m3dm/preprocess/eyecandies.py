@@ -21,6 +21,7 @@ from PIL import Image
 from m3dm.data.io import copy_file, remove_stale_temporaries, write_png, write_tiff
 from m3dm.errors import DataError
 from m3dm.preprocess.common import JobResult, Summary, resolve_roots, run_jobs, timed
+from m3dm.preprocess.depth import Intrinsics, depth_to_points
 
 FOCAL_LENGTH = 711.11
 RGB_LIGHTING = 4  # which of the six lighting images becomes the RGB input
@@ -60,19 +61,11 @@ def read_pose(path: Path) -> np.ndarray:
 
 
 def back_project(depth: np.ndarray, pose: np.ndarray, focal: float = FOCAL_LENGTH) -> np.ndarray:
-    """Every pixel (row j, column i) -> ``depth · P⁻¹ (i, j, 1, 1/depth)``, first three components.
-    Returns ``(H·W, 3)`` float64 in row-major pixel order; pixels with zero depth become (0, 0, 0)."""
+    """Every pixel (row j, column i) -> ``depth · P⁻¹ (i, j, 1, 1/depth)``, first three components: the general
+    depth back-projection (m3dm.preprocess.depth) with Eyecandies' camera (``focal``, principal point at the image
+    centre) and ``pose``. Returns ``(H·W, 3)`` float64 in row-major pixel order; zero depth gives (0, 0, 0)."""
     height, width = depth.shape
-    intrinsics = np.array([[focal, 0, width / 2, 0], [0, focal, height / 2, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
-    inverse = np.linalg.inv(intrinsics @ pose)
-    rows, cols = np.mgrid[0:height, 0:width]
-    d = depth.reshape(-1).astype(np.float64)
-    valid = d != 0
-    safe = np.where(valid, d, 1.0)
-    v = np.stack([cols.reshape(-1), rows.reshape(-1), np.ones_like(d), 1.0 / safe], axis=1)
-    points = (v @ inverse.T)[:, :3] * safe[:, None]
-    points[~valid] = 0
-    return points
+    return depth_to_points(depth, Intrinsics(focal, focal, width / 2, height / 2), pose)
 
 
 def remove_background(points: np.ndarray, width: int, exact_zero: bool = False) -> np.ndarray:

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from m3dm.data.io import check_same_size, copy_file, read_organized_pc, remove_stale_temporaries, write_png, write_tiff
+from m3dm.data.io import check_same_size, read_organized_pc, remove_stale_temporaries, write_png, write_tiff
 from m3dm.data.layout import SPLITS, available_classes, discover_samples
 from m3dm.errors import DataError
-from m3dm.preprocess.common import JobResult, Summary, resolve_roots, run_jobs, timed
+from m3dm.preprocess.common import JobResult, Summary, copy_other_files, resolve_roots, run_jobs, timed
 from m3dm.preprocess.dbscan import dbscan_labels
 
 EDGE_BAND = 10
@@ -195,20 +195,8 @@ def preprocess_dataset(source, output=None, inplace: bool = False, workers: int 
         summary.add(JobResult(job.name, skipped=True))
 
     if not inplace:
-        summary.copied = _copy_other_files(source, output, sample_files)
+        summary.copied = copy_other_files(source, output, sample_files)
     for result in run_jobs(jobs, process_sample, workers, desc="preprocess mvtec3d"):
         summary.add(result)
     return timed(summary, start)
-
-
-def _copy_other_files(source: Path, output: Path, sample_files: set[Path]) -> int:
-    """Copy every file that is not a sample file (calibration, licence, readme...) so the copy is complete."""
-    copied = 0
-    for path in sorted(source.rglob("*")):
-        if path.is_file() and path not in sample_files and not path.name.startswith("."):
-            target = output / path.relative_to(source)
-            if not target.exists():
-                copy_file(path, target)
-                copied += 1
-    return copied
 

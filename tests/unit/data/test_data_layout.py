@@ -64,3 +64,23 @@ def test_real_subset_layout(real_mvtec_subset):
     assert [s.defect for s in test] == ["bent", "cut", "good", "hole", "thread"]
     assert len(discover_samples(real_mvtec_subset, "cable_gland", "train")) == 3
     assert len(discover_samples(real_mvtec_subset, "cable_gland", "validation")) == 1
+
+
+def test_every_pairing_problem_of_a_split_at_once_and_extra_gt_named_as_such(copy_of):
+    test = copy_of / "gadget/test"
+    shutil.copy(test / "dent/gt/000.png", test / "dent/gt/007.png")  # a mask of no sample
+    (test / "bump/xyz/000.tiff").unlink()
+    with pytest.raises(DataError) as info:
+        discover_samples(copy_of, "gadget", "test")
+    message = str(info.value)
+    assert f"{test}/bump: xyz/ lacks 1 file(s) present elsewhere: 000" in message
+    assert f"{test}/dent: gt/ has 1 extra file(s) with no rgb/ or xyz/ file: 007" in message
+    assert "rgb/ lacks" not in message and "xyz/ lacks 1 file(s) present elsewhere: 007" not in message
+
+
+def test_defect_folders_without_gt_give_samples_without_masks(copy_of):
+    shutil.rmtree(copy_of / "gadget/test/dent/gt")
+    test = discover_samples(copy_of, "gadget", "test")
+    dent = [s for s in test if s.defect == "dent"]
+    assert len(dent) == 1 and dent[0].gt_path is None and dent[0].label == 1
+    assert all(s.gt_path is not None for s in test if s.label and s.defect != "dent")
