@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
@@ -12,6 +13,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from m3dm.errors import M3DMError
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class JobResult:
@@ -19,7 +24,8 @@ class JobResult:
     skipped: bool = False  # already done by an earlier run
     valid_points: int | None = None  # valid points in the written cloud
     clusters: int | None = None
-    error: str | None = None
+    error: str | None = None  # one line
+    traceback: str | None = None  # of the error, for the debug log (-v)
 
 
 @dataclass
@@ -37,6 +43,8 @@ class Summary:
     def add(self, result: JobResult) -> None:
         if result.error is not None:
             self.errors.append(f"{result.name}: {result.error}")
+            if result.traceback:
+                log.debug("%s failed:\n%s", result.name, result.traceback)
         elif result.skipped:
             self.skipped += 1
         else:
@@ -93,8 +101,18 @@ def _call(job_and_fn):
     try:
         return fn(job)
     except Exception as exc:  # one bad sample must not stop the others
-        detail = str(exc) if isinstance(exc, (ValueError, OSError)) else traceback.format_exc(limit=3)
-        return JobResult(name=getattr(job, "name", str(job)), error=f"{type(exc).__name__}: {detail}")
+        return JobResult(name=getattr(job, "name", str(job)), error=one_line_error(exc),
+                         traceback=traceback.format_exc())
+
+
+def one_line_error(exc: BaseException) -> str:
+    """The one line a summary shows for a sample's error: our own errors already name the file and say what is
+    wrong; anything else is its type and the first line of its message (the traceback goes to the debug log)."""
+    message = str(exc).strip()
+    if isinstance(exc, M3DMError):
+        return " ".join(line.strip() for line in message.splitlines())
+    first = message.splitlines()[0] if message else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _init_worker(threads: int) -> None:
