@@ -235,6 +235,9 @@ class RunSettings:
     save_maps: bool = setting(False, "write every test part's 224x224 float map, image score and label to "
                                      "<output_dir>/maps/<class>.npz (compare two runs pixel by pixel)",
                               group=ADDED)
+    resume: bool = setting(False, "skip the classes an earlier run with the same settings finished in "
+                                  "<output_dir>/classes/<class>.json (each class's results are written there as "
+                                  "it ends)", group=ADDED)
     demo: bool = setting(False, "generate synthetic data if absent and run DINO+Point_MAE on it", group=ADDED)
     demo_root: str = setting("datasets", "where --demo writes its synthetic data", group=ADDED)
 
