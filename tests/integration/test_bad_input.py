@@ -86,6 +86,17 @@ def test_load_model_without_a_model_for_every_class_is_refused_up_front(two_clas
                     f"{models / 'widget.pt'}; fit with main.py --save_model)")
 
 
+def test_load_model_with_a_text_file_as_model_is_one_clear_line(two_classes, tmp_path, capsys):
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("gadget", "widget"):
+        (models / f"{name}.pt").write_text("not a model\n")
+    line = main_error(capsys, "--dataset_path", str(two_classes), "--output_dir", str(tmp_path / "out"), *SMALL,
+                      "--load_model", str(models))
+    assert line == (f"{models / 'gadget.pt'} is not an M3DM model file: it is not a torch archive (main.py "
+                    f"--save_model writes <output_dir>/models/<class>.pt)")
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_keeps_its_finished_classes_and_resume_completes_it(two_classes, tmp_path, capsys,
                                                                               caplog):
