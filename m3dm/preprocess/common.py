@@ -8,6 +8,8 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +117,15 @@ def one_line_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def _outcome(future, job) -> JobResult:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        return JobResult(name=getattr(job, "name", str(job)),
+                         error="a worker process died (killed, or out of memory?) before this sample was written; "
+                               "run again to resume")
+
+
 def _init_worker(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
@@ -131,11 +142,14 @@ def run_jobs(jobs: Sequence, fn: Callable, workers: int, desc: str) -> list[JobR
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        # spawn, not fork: Open3D's OpenMP thread pool does not survive a fork reliably
+        # spawn, not fork: Open3D's OpenMP thread pool does not survive a fork reliably. An executor, not a Pool:
+        # when a worker dies (killed, out of memory) its pending jobs fail instead of being waited for forever
         context = multiprocessing.get_context("spawn")
-        with context.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
-            for result in pool.imap_unordered(_call, [(fn, job) for job in jobs], chunksize=1):
-                results.append(result)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(_call, (fn, job)): job for job in jobs}
+            for future in as_completed(futures):
+                results.append(_outcome(future, futures[future]))
                 bar.update()
     bar.close()
     return results

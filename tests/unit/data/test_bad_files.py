@@ -1,7 +1,9 @@
 """Bad input files a user may have: a truncated PNG and a float64 cloud (read as the float32 cloud of the same
 values); the preprocessing reports each bad sample in one line, also from its worker processes."""
 
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import tifffile
 from m3dm.data.dataset import AnomalyDataset
 from m3dm.data.io import read_organized_pc, read_rgb
 from m3dm.errors import DataError
-from m3dm.preprocess.common import one_line_error
+from m3dm.preprocess.common import JobResult, one_line_error, run_jobs
 from m3dm.preprocess.mvtec3d import preprocess_dataset
 
 
@@ -94,3 +96,27 @@ def test_a_foreign_error_is_one_line():
         assert one_line_error(exc) == "RuntimeError: first line"
     assert one_line_error(MemoryError()) == "MemoryError"
     assert one_line_error(DataError("a.tiff: bad\n  detail")) == "a.tiff: bad detail"
+
+
+def _dies_on_b(job: str) -> JobResult:
+    if job == "b":
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    return JobResult(job, valid_points=1)
+
+
+@pytest.mark.slow
+def test_a_preprocessing_worker_that_dies_fails_its_samples_instead_of_hanging():
+    results = {r.name: r for r in run_jobs(["a", "b", "c", "d"], _dies_on_b, workers=2, desc="test")}
+    assert set(results) == {"a", "b", "c", "d"}
+    assert results["b"].error == ("a worker process died (killed, or out of memory?) before this sample was written; "
+                                  "run again to resume")
+    assert all(r.error is None or r.error == results["b"].error for r in results.values())
+
+
+def test_an_output_root_that_cannot_be_written_is_one_line(raw_mvtec, tmp_path, capsys):
+    from m3dm.app.preprocess import mvtec_main
+
+    (tmp_path / "file").write_text("x")
+    assert mvtec_main([str(raw_mvtec), "--output_root", str(tmp_path / "file" / "out"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: [Errno 20] Not a directory: '{tmp_path / 'file' / 'out'}")
