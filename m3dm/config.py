@@ -1,6 +1,7 @@
 """The methods as data and every setting of a run, typed, each with its default, choices and help in one place.
 
-One module on purpose (a little over 400 lines): every setting, its flag and its validation rules side by side.
+One module on purpose (under 500 lines): every setting, its flag and its validation rules (with the bounds of
+the numeric flags) side by side.
 
 The command line (m3dm.app.cli), the validation of flag combinations and the fitted-model files all derive from
 the dataclasses below: a setting is declared once, with ``setting(...)``. Library code receives these objects

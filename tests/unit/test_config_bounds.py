@@ -75,3 +75,21 @@ def test_main_refuses_a_huge_num_group_before_allocating_anything(capsys, tmp_pa
     assert err[-1].endswith(": error: --num_group 100000 is out of range: use an integer from 1 to 8192 (the "
                        "point transformer's memory grows with num_group squared)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cloud_with_fewer_valid_points_than_a_group_is_named():
+    """The data-dependent half of the --group_size bound: a group is that many nearest points of one cloud."""
+    import torch
+
+    from m3dm.config import BackboneSettings
+    from m3dm.errors import DataError
+    from m3dm.features.extractor import build_extractor
+
+    extractor = build_extractor(BackboneSettings(num_group=4, group_size=64, random_init=True), needs_rgb=False,
+                                needs_xyz=True, device="cpu", seed=0, clamp_pfa=False)
+    pc = torch.zeros(1, 3, 224, 224)
+    pc[0, :, :5, :10] = torch.rand(3, 5, 10) + 0.1  # 50 valid points
+    with pytest.raises(DataError) as error:
+        extractor(None, pc, names=["gadget/test/good/000"])
+    assert str(error.value) == ("gadget/test/good/000: the point cloud has 50 valid points, fewer than the 64 of one "
+                                "group (lower --group_size)")
