@@ -1,6 +1,7 @@
 """The methods as data and every setting of a run, typed, each with its default, choices and help in one place.
 
-One module on purpose (a little over 400 lines): every setting, its flag and its validation rules side by side.
+One module on purpose (under 500 lines): every setting, its flag and its validation rules (with the bounds of
+the numeric flags) side by side.
 
 The command line (m3dm.app.cli), the validation of flag combinations and the fitted-model files all derive from
 the dataclasses below: a setting is declared once, with ``setting(...)``. Library code receives these objects
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -174,8 +176,15 @@ class BackboneSettings:
                                      f"timm ViT name; reference choices: {', '.join(RGB_BACKBONES)}",
                                      recorded=True)
     xyz_backbone_name: str = setting("Point_MAE", "point (xyz) backbone", choices=POINT_BACKBONES, recorded=True)
-    group_size: int = setting(128, recorded=True)
-    num_group: int = setting(1024, recorded=True)
+    group_size: int = setting(
+        128, "points per group of the point backbone: 2 to min(S*S, 1048576 / num_group), where S*S is the "
+             "--img_size grid the cloud is resampled to (a group cannot hold more points than the cloud, each "
+             "grouped point carries 512 float32 channels through the encoder; one point is its centre alone)",
+        recorded=True)
+    num_group: int = setting(
+        1024, "groups (tokens) of the point backbone: 1 to 8192 (the transformer attends over all groups, so its "
+              "memory grows with num_group squared: 8192 groups need about 1.6 GB per sample and layer)",
+        recorded=True)
     img_size: int = setting(224, recorded=True)
     rgb_checkpoint: str | None = setting(None, "RGB backbone weights (default: under checkpoints/)", type=str,
                                          group=ADDED)
@@ -227,6 +236,9 @@ class RunSettings:
     save_maps: bool = setting(False, "write every test part's 224x224 float map, image score and label to "
                                      "<output_dir>/maps/<class>.npz (compare two runs pixel by pixel)",
                               group=ADDED)
+    resume: bool = setting(False, "skip the classes an earlier run with the same settings finished in "
+                                  "<output_dir>/classes/<class>.json (each class's results are written there as "
+                                  "it ends)", group=ADDED)
     demo: bool = setting(False, "generate synthetic data if absent and run DINO+Point_MAE on it", group=ADDED)
     demo_root: str = setting("datasets", "where --demo writes its synthetic data", group=ADDED)
 
@@ -352,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(settings: Settings) -> None:
     """Raise ConfigError with what to use instead, for every combination the reference cannot run."""
-    for rule in (_method_rules, _option_rules, _range_rules, _model_file_rules):
+    for rule in (_range_rules, _method_rules, _option_rules, _model_file_rules):
         message = rule(settings)
         if message:
             raise ConfigError(message)
@@ -395,15 +407,73 @@ def _option_rules(s: Settings) -> str | None:
     return None
 
 
+# Bounds of the numeric flags (``_range_rules``); the help of --num_group and --group_size explains theirs.
+MAX_NUM_GROUP = 8192  # attention over the groups: num_group² x 6 heads x 4 bytes per layer and sample
+MAX_GROUPED_POINTS = 1 << 20  # num_group x group_size: 8x the reference's 1024 x 128, ~2 GiB of encoder activations
+MAX_SEED = 2**32 - 1  # NumPy's seeds (the run seeds Python, NumPy and torch with the same value)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The valid values ``low..high`` of a numeric flag (``open_low``/``open_high``: the end itself excluded)."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    why: str = ""
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high or self.high == math.inf else value <= self.high
+        return bool(above and below)  # NaN fails both
+
+    def describe(self, integer: bool) -> str:
+        low, high = (f"{x:g}" if x == math.inf or not integer else str(int(x)) for x in (self.low, self.high))
+        if integer:
+            return f"an integer of at least {low}" if self.high == math.inf else f"an integer from {low} to {high}"
+        if self.high == math.inf:
+            return f"a finite value {'>' if self.open_low else '>='} {low}"
+        return f"a value in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+
+
+def _bounds(s: Settings) -> dict[str, Bound]:
+    """Every numeric flag's bound, by flag name (some depend on other settings)."""
+    b = s.backbones
+    points = b.img_size * b.img_size
+    bounds = {
+        "num_group": Bound(1, MAX_NUM_GROUP, why="the point transformer's memory grows with num_group squared"),
+        "group_size": Bound(2, min(points, MAX_GROUPED_POINTS // max(1, b.num_group)),
+                            why=f"a group holds at most the {b.img_size}x{b.img_size} points of a cloud, and "
+                                f"num_group x group_size is at most {MAX_GROUPED_POINTS}"),
+        "f_coreset": Bound(0, 1, open_low=True, why="the fraction of the bank kept in the coreset"),
+        "coreset_eps": Bound(0, 1, open_low=True, open_high=True,
+                             why="the Johnson-Lindenstrauss eps of the sparse random projection"),
+        "coreset_shards": Bound(1, why="1: the reference's exact selection"),
+        "random_state": Bound(0, MAX_SEED, why="a NumPy seed"),
+        "ocsvm_nu": Bound(0, 1, open_low=True, why="the one-class SVMs' outlier fraction"),
+        "ocsvm_maxiter": Bound(1, why="passes of the one-class SVMs' SGD"),
+        "max_sample": Bound(0, why="training samples per pass"),
+        "batch_size": Bound(1, why="samples per extraction batch"),
+        "num_workers": Bound(0, why="0 loads the data in the main process"),
+        "seed": Bound(0, MAX_SEED, why="a NumPy seed"),
+        "far": Bound(0, 1, open_high=True, why="a fraction of good parts"),
+        "pixel_far": Bound(0, 1, open_high=True, why="a fraction of good parts' pixels"),
+    }
+    for field_ in dataclasses.fields(ScoreWeights):
+        bounds[field_.name] = Bound(0, why="a weight of one modality's score")
+    return bounds
+
+
 def _range_rules(s: Settings) -> str | None:
     if s.backbones.img_size != 224:
         return "--img_size must be 224: the reference's RGB, mask and score-map sizes are fixed at 224"
-    if not 0 < s.detector.f_coreset <= 1:
-        return "--f_coreset must be in (0, 1]"
-    if s.detector.coreset_shards < 1:
-        return "--coreset_shards must be at least 1 (1: the reference's exact selection)"
-    if s.run.batch_size < 1 or s.run.max_sample < 0:
-        return "--batch_size must be >= 1 and --max_sample >= 0"
+    values = s.flags()
+    for name, bound in _bounds(s).items():
+        value = values[name]
+        if value is not None and not bound.holds(value):
+            return (f"--{name} {value} is out of range: use {bound.describe(isinstance(value, int))} "
+                    f"({bound.why})")
     return None
 
 
@@ -413,6 +483,4 @@ def _model_file_rules(s: Settings) -> str | None:
         return "--save_model fits and saves, --load_model skips fitting: use one of them"
     if models.load_model is not None and s.run.save_feature:
         return "--save_feature dumps features while fitting, which --load_model skips: drop one"
-    if not (0 <= models.far < 1 and 0 <= models.pixel_far < 1):
-        return "--far and --pixel_far are fractions of good parts / pixels: use values in [0, 1)"
     return None

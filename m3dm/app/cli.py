@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     try:
         run_classes(settings, progress=not flags.quiet)
-    except (DataError, CheckpointError, ModelFileError) as exc:  # a wrong input file: say which, no traceback
+    except (DataError, CheckpointError, ModelFileError, ConfigError) as exc:  # a wrong input: say which
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0

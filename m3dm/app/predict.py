@@ -30,6 +30,7 @@ import argparse
 import csv
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion_module_path", default=None, help="UFF block checkpoint, if moved since fitting")
     p.add_argument("--save_maps", action="store_true", help="also write maps/<name>.npy (224 x 224 float32)")
     p.add_argument("--no_pictures", action="store_true", help="do not write the heatmap PNGs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--output already holds predictions: delete them (tables, heatmaps/, maps/) and write the "
+                        "new ones (without it such a folder is refused)")
     return add_logging_flags(p, quiet_help="no progress bar, no messages but warnings, errors and the summary")
 
 
@@ -249,15 +253,30 @@ def _flush(predictor: Predictor, pending: list, writer: ResultWriter, report) ->
                 writer.error(item.part, _describe(exc))
 
 
+PREDICTION_OUTPUTS = ("predictions.csv", "predictions.jsonl", "heatmaps", "maps")  # what a run writes in --output
+
+
+def earlier_predictions(output: Path, overwrite: bool) -> list[Path]:
+    """What an earlier run wrote in ``output``, to be deleted with ``overwrite``; without it they are refused, so
+    that no table is replaced and no old heatmap kept among the new ones unasked."""
+    earlier = [output / name for name in PREDICTION_OUTPUTS if (output / name).exists()]
+    if earlier and not overwrite:
+        raise ValueError(f"--output {output} already holds predictions ({', '.join(p.name for p in earlier)}): "
+                         f"give --overwrite to replace them, or another --output")
+    return earlier
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
+    from m3dm.app.outputs import check_writable_folder
     from m3dm.detection.persistence import load_class_model
     from m3dm.errors import CheckpointError, ModelFileError
     from m3dm.runtime import resolve_device
 
     start = time.perf_counter()
     try:
+        earlier = earlier_predictions(Path(args.output), args.overwrite)
         model = load_class_model(args.model)
         thresholds = _thresholds(model, args)
         parts = discover_parts(args.inputs, args.rgb, args.xyz)
@@ -267,10 +286,16 @@ def run(args) -> int:
                  model.method_name, model.class_name, thresholds.source, thresholds.image, thresholds.pixel)
         predictor = Predictor(model, resolve_device(args.device), args.rgb_checkpoint, args.xyz_checkpoint,
                               args.fusion_module_path)
+        check_writable_folder(Path(args.output), "--output")
     except (ModelFileError, CheckpointError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FATAL
 
+    for path in earlier:  # --overwrite: no table row or heatmap of the earlier run stays among the new ones
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     writer = ResultWriter(Path(args.output), thresholds, pictures=not args.no_pictures, save_maps=args.save_maps)
     bar = tqdm(total=len(parts), desc="parts", unit="part", file=sys.stderr, disable=args.quiet)
 

@@ -61,7 +61,7 @@ def _finish(convert) -> int:
 
     try:
         summary = convert()
-    except (DataError, ValueError, FileNotFoundError) as exc:
+    except (DataError, ValueError, OSError) as exc:  # OSError: e.g. an output root that cannot be written
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.report())

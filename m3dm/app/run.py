@@ -21,6 +21,8 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from m3dm.app import processes
+from m3dm.app.class_results import ClassOutput, finished_classes, save_class_output
+from m3dm.app.outputs import check_before_fitting
 from m3dm.config import BackboneSettings, RunSettings, Settings
 from m3dm.constants import CLASSES_BY_DATASET
 from m3dm.data import available_classes
@@ -62,18 +64,11 @@ class StageTimer:
 
 # ------------------------------------------------------------------------------------------ every class
 
-@dataclass
-class ClassOutput:
-    """What one class's run gives the run of every class (plain Python values: it travels between processes)."""
-
-    metrics: dict
-    samples: list[dict]  # per test sample, in order (m3dm.evaluation.results.per_sample_rows)
-
-
 def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     """Fit (or load) and evaluate every class; print the tables, write them, the JSON record and the per-sample
     results (``per_sample.csv``/``.json``). Returns the metrics by class (on the main process; ``{}`` on the
-    others).
+    others). Each class's results are written as it ends (``classes/<class>.json``, m3dm.app.class_results);
+    ``--resume`` skips the classes found there.
 
     Under ``torchrun --nproc_per_node=N`` each process takes every N-th class and process 0 gathers the results
     into the same tables (m3dm.app.processes).
@@ -81,26 +76,34 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     workers = start_processes(cuda=False)  # gloo: only the small per-class results travel between processes
     device = resolve_device(settings.run.device, workers.local_rank)
     classes = dataset_classes(settings.run)
+    output_dir = Path(settings.run.output_dir)
+    check_before_fitting(settings, classes)  # a missing class or an unwritable folder, found before any fitting
     require_usable_dataset(settings.run.dataset_path, classes, fitting=settings.models.load_model is None)
+    done = finished_classes(output_dir, classes, settings) if settings.run.resume else {}
+    skipped = processes.gather(sorted(done), workers)[0]  # process 0's list: read before any class is written
+    if settings.run.resume and workers.is_main:
+        log.info("--resume: %d finished class(es) in %s skipped: %s", len(skipped), output_dir / "classes",
+                 ", ".join(skipped) or "none")
     seed_everything(settings.run.seed)  # random backbone weights are drawn from it
     extractor, fusion_block = build_models(settings, device)
     models = settings.models
     setup = None
     if models.save_model or models.load_model is not None:
         setup = run_setup(settings, extractor, fusion_block)
-    output_dir = Path(settings.run.output_dir)
     models_dir = Path(models.load_model) if models.load_model else output_dir / MODELS_DIR
     timer = StageTimer()
     mine = {}
-    for class_name in processes.share(classes, workers):
+    for class_name in processes.share([c for c in classes if c not in skipped], workers):
         class_run = ClassRun(settings, class_name, extractor, fusion_block, device=device, timer=timer,
                              progress=progress)
         mine[class_name] = class_run.run(models_dir, setup, output_dir)
+        save_class_output(output_dir, class_name, mine[class_name], settings)  # kept if a later class fails
     gathered = processes.gather((mine, dict(timer.seconds)), workers)
     stop_processes()
     if not workers.is_main:
         return {}
-    outputs = {c: results[c] for c in classes for results, _ in gathered if c in results}
+    ran = {c: output for results, _ in gathered for c, output in results.items()}
+    outputs = {c: done[c] if c in done else ran[c] for c in classes}
     per_class = {c: output.metrics for c, output in outputs.items()}
     total = StageTimer()
     for _, timings in gathered:

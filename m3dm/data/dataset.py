@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from m3dm.constants import RGB_SIZE
 from m3dm.data.io import check_same_size, read_mask, read_organized_pc, read_rgb
 from m3dm.data.layout import Sample, discover_samples
 from m3dm.data.transforms import mask_to_tensor, organized_pc_to_tensor, rgb_to_tensor, valid_point_mask
-from m3dm.errors import DataError
+from m3dm.errors import DataError, M3DMError
 
 
 class AnomalyDataset(Dataset):
@@ -64,7 +65,56 @@ def sample_tensors(cloud, image, mask, img_size: int, xyz_path, note: str = ""):
 
 
 def make_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Ordered (no shuffle, no drop-last) loader; the reference uses batch size 1. ``pin_memory`` for a CUDA
-    device (page-locked batches copy to the GPU asynchronously; on the CPU they would only cost time)."""
+    """Ordered (no shuffle, no drop-last) loader; the reference uses batch size 1. With worker processes, a bad
+    sample is raised in the main process with its own one-line message (``SampleLoader``). ``pin_memory`` for a
+    CUDA device (page-locked batches copy to the GPU asynchronously; on the CPU they would only cost time)."""
+    if num_workers > 0:
+        return SampleLoader(_ErrorsAsData(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=pin_memory, drop_last=False, collate_fn=_collate)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=False)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An error of ours (DataError, ...) raised while a worker process read a sample: it travels to the main
+    process as data, to be raised there with its own message. (Raised in the worker, torch would re-raise it with
+    the worker's whole traceback inside the message.)"""
+
+    error_type: type
+    message: str
+
+
+class _ErrorsAsData(Dataset):
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except M3DMError as exc:
+            return _Failure(type(exc), str(exc))
+
+
+def _collate(items: list):
+    failure = next((item for item in items if isinstance(item, _Failure)), None)
+    return failure if failure is not None else default_collate(items)
+
+
+class SampleLoader(DataLoader):
+    """A loader whose worker processes hand a bad sample's error back as data (``_ErrorsAsData``); iterating
+    raises it with its message, after the workers are shut down (each exits cleanly and removes its temporary
+    folder, which a worker killed at the main process's exit would leave behind)."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        try:
+            for batch in batches:
+                if isinstance(batch, _Failure):
+                    raise batch.error_type(batch.message)
+                yield batch
+        finally:
+            del batches  # the last reference: its workers are joined now, not when the traceback is dropped

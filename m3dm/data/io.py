@@ -20,10 +20,13 @@ from m3dm.errors import DataError
 
 
 def read_organized_pc(path: str | os.PathLike) -> np.ndarray:
-    """Read an organized point cloud TIFF as an ``(H, W, 3)`` float array (float32 or float64 as stored).
+    """Read an organized point cloud TIFF as an ``(H, W, 3)`` float32 array.
 
-    Zero rows mean "no measurement". Raises DataError for unreadable files, wrong shape or dtype, and
-    non-finite coordinates.
+    Zero rows mean "no measurement". A float64 (or float16) file is converted to float32, the dtype of MVTec
+    3D-AD's clouds, so that a point is valid exactly when it would be in a float32 file of the same values (a
+    coordinate too small for float32 becomes 0 there too) and every later step computes as for that file.
+    Raises DataError for unreadable files, wrong shape or dtype, and non-finite coordinates (also after the
+    conversion: values beyond float32's range).
     """
     path = Path(path)
     if not path.is_file():
@@ -36,13 +39,24 @@ def read_organized_pc(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: expected an organized point cloud of shape (H, W, 3), got {cloud.shape}")
     if not np.issubdtype(cloud.dtype, np.floating):
         raise DataError(f"{path}: expected float coordinates, got dtype {cloud.dtype}")
-    if not np.isfinite(cloud).all():
-        bad = int((~np.isfinite(cloud)).any(axis=2).sum())
-        raise DataError(f"{path}: {bad} pixels hold NaN or infinite coordinates")
+    _check_finite(cloud, path, "hold NaN or infinite coordinates")
+    if cloud.dtype != np.float32:
+        with np.errstate(over="ignore"):
+            cloud = cloud.astype(np.float32)
+        _check_finite(cloud, path, "hold coordinates beyond the float32 range (about 3.4e38)")
     return cloud
 
 
-def _open_image(path: Path, kind: str) -> Image.Image:
+def _check_finite(cloud: np.ndarray, path: Path, what: str) -> None:
+    if not np.isfinite(cloud).all():
+        bad = int((~np.isfinite(cloud)).any(axis=2).sum())
+        raise DataError(f"{path}: {bad} pixels {what}")
+
+
+def open_image(path: str | os.PathLike, kind: str = "image") -> Image.Image:
+    """Open and fully decode an image file (its own mode kept); a missing, truncated or otherwise unreadable file
+    is a DataError naming it (``kind`` says what the file is for)."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {kind} file not found")
     try:
@@ -55,12 +69,12 @@ def _open_image(path: Path, kind: str) -> Image.Image:
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
     """Open an RGB image (any mode PIL understands) and convert it to 3-channel RGB."""
-    return _open_image(Path(path), "RGB image").convert("RGB")
+    return open_image(path, "RGB image").convert("RGB")
 
 
 def read_mask(path: str | os.PathLike) -> Image.Image:
     """Open a ground-truth mask and convert it to 8-bit grey ('L'), as the reference does."""
-    return _open_image(Path(path), "ground-truth mask").convert("L")
+    return open_image(path, "ground-truth mask").convert("L")
 
 
 def check_same_size(cloud: np.ndarray, image: Image.Image, cloud_path, image_path) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import platform
 import time
 from dataclasses import dataclass
@@ -300,6 +301,28 @@ class ClassModel:
             raise ModelFileError(f"{self.path}: the model does not match this run:\n  - " + "\n  - ".join(differences))
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def _read_archive(path: Path):
+    """The object in a torch.save archive, loaded with ``weights_only``; any other file is a one-line
+    ModelFileError (torch's own messages run over many lines and advise unsafe loading)."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if head != ZIP_MAGIC:
+        raise ModelFileError(f"{path} is not an M3DM model file: it is not a torch archive (main.py --save_model "
+                             f"writes <output_dir>/models/<class>.pt)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a whole archive holding objects a model file never holds
+        raise ModelFileError(f"{path} is not an M3DM model file: it holds Python objects other than tensors and "
+                             f"plain values (a checkpoint of another program?)") from exc
+    except Exception as exc:  # truncated zip, damaged records, ...
+        first_line = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]  # torch adds advice after it
+        raise ModelFileError(f"{path}: not a readable m3dm model file (corrupt or truncated?): "
+                             f"{type(exc).__name__}: {first_line}") from exc
+
+
 def load_class_model(path: str | Path, method_name: str | None = None, *, class_name: str | None = None,
                      setup: dict | None = None) -> ClassModel:
     """Read and verify a model file: format, version, content checksum and, when given, the method, the class
@@ -309,11 +332,7 @@ def load_class_model(path: str | Path, method_name: str | None = None, *, class_
         raise ModelFileError(f"{path} is a folder: give the model file <folder>/<class>.pt")
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found (fit with main.py --save_model)")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, damaged pickle, foreign object types, ...
-        raise ModelFileError(f"{path}: not a readable m3dm model file (corrupt or truncated?): "
-                             f"{type(exc).__name__}: {exc}") from exc
+    record = _read_archive(path)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an m3dm class model file (fit one with main.py --save_model)")
     version = record.get("format_version")

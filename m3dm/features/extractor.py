@@ -98,6 +98,10 @@ class FeatureExtractor:
             if len(points) == 0:
                 name = names[i] if names else f"sample {i} of the batch"
                 raise DataError(f"{name}: the point cloud has no valid point")
+            if len(points) < self.point_backbone.group_size:  # a group is that many nearest points
+                name = names[i] if names else f"sample {i} of the batch"
+                raise DataError(f"{name}: the point cloud has {len(points)} valid points, fewer than the "
+                                f"{self.point_backbone.group_size} of one group (lower --group_size)")
             clouds.append(points)
             flat_indices.append(flat_index)
         with self._autocast():

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from m3dm.data.io import copy_file
+from m3dm.errors import M3DMError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,7 +27,8 @@ class JobResult:
     skipped: bool = False  # already done by an earlier run
     valid_points: int | None = None  # valid points in the written cloud
     clusters: int | None = None
-    error: str | None = None
+    error: str | None = None  # one line
+    traceback: str | None = None  # of the error, for the debug log (-v)
 
 
 @dataclass
@@ -39,6 +46,8 @@ class Summary:
     def add(self, result: JobResult) -> None:
         if result.error is not None:
             self.errors.append(f"{result.name}: {result.error}")
+            if result.traceback:
+                log.debug("%s failed:\n%s", result.name, result.traceback)
         elif result.skipped:
             self.skipped += 1
         else:
@@ -95,8 +104,27 @@ def _call(job_and_fn):
     try:
         return fn(job)
     except Exception as exc:  # one bad sample must not stop the others
-        detail = str(exc) if isinstance(exc, (ValueError, OSError)) else traceback.format_exc(limit=3)
-        return JobResult(name=getattr(job, "name", str(job)), error=f"{type(exc).__name__}: {detail}")
+        return JobResult(name=getattr(job, "name", str(job)), error=one_line_error(exc),
+                         traceback=traceback.format_exc())
+
+
+def one_line_error(exc: BaseException) -> str:
+    """The one line a summary shows for a sample's error: our own errors already name the file and say what is
+    wrong; anything else is its type and the first line of its message (the traceback goes to the debug log)."""
+    message = str(exc).strip()
+    if isinstance(exc, M3DMError):
+        return " ".join(line.strip() for line in message.splitlines())
+    first = message.splitlines()[0] if message else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _outcome(future, job) -> JobResult:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        return JobResult(name=getattr(job, "name", str(job)),
+                         error="a worker process died (killed, or out of memory?) before this sample was written; "
+                               "run again to resume")
 
 
 def _init_worker(threads: int) -> None:
@@ -115,11 +143,14 @@ def run_jobs(jobs: Sequence, fn: Callable, workers: int, desc: str) -> list[JobR
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        # spawn, not fork: Open3D's OpenMP thread pool does not survive a fork reliably
+        # spawn, not fork: Open3D's OpenMP thread pool does not survive a fork reliably. An executor, not a Pool:
+        # when a worker dies (killed, out of memory) its pending jobs fail instead of being waited for forever
         context = multiprocessing.get_context("spawn")
-        with context.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
-            for result in pool.imap_unordered(_call, [(fn, job) for job in jobs], chunksize=1):
-                results.append(result)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(_call, (fn, job)): job for job in jobs}
+            for future in as_completed(futures):
+                results.append(_outcome(future, futures[future]))
                 bar.update()
     bar.close()
     return results

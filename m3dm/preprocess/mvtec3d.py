@@ -14,9 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from m3dm.data.io import check_same_size, read_organized_pc, remove_stale_temporaries, write_png, write_tiff
+from m3dm.data.io import (
+    check_same_size,
+    open_image,
+    read_organized_pc,
+    remove_stale_temporaries,
+    write_png,
+    write_tiff,
+)
 from m3dm.data.layout import SPLITS, available_classes, discover_samples
 from m3dm.errors import DataError
 from m3dm.preprocess.common import JobResult, Summary, copy_other_files, resolve_roots, run_jobs, timed
@@ -124,13 +130,13 @@ class SampleJob:
 
 
 def process_sample(job: SampleJob) -> JobResult:
-    cloud = read_organized_pc(job.xyz)
-    with Image.open(job.rgb) as image:
+    cloud = read_organized_pc(job.xyz)  # float32, whatever the file's float type
+    with open_image(job.rgb, "RGB image") as image:
         check_same_size(cloud, image, job.xyz, job.rgb)
         rgb = np.array(image.convert("RGB"))
     gt = None
     if job.gt is not None:
-        with Image.open(job.gt) as mask:
+        with open_image(job.gt, "ground-truth mask") as mask:
             check_same_size(cloud, mask, job.xyz, job.gt)
             gt = np.array(mask)
     cloud, rgb, gt, n_labels = preprocess_arrays(cloud, rgb, gt, job.seed)

@@ -261,3 +261,41 @@ def test_the_command_starts(module):
     run = subprocess.run([sys.executable, "-m", module, "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0 and "--model" in run.stdout and "--quiet" in run.stdout
+
+
+@pytest.mark.slow
+def test_an_output_with_earlier_predictions_is_refused_unless_overwrite(dataset, fitted, tmp_path, capsys):
+    split = dataset / "gadget" / "test"
+    out = tmp_path / "out"
+    common = ["--model", str(fitted["model"]), "--output", str(out), "--save_maps", "--quiet"]
+    assert predict.main([*common, str(split / "dent")]) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert predict.main([*common, str(split / "good")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --output {out} already holds predictions (predictions.csv, "
+                                               f"predictions.jsonl, heatmaps, maps): give --overwrite to replace "
+                                               f"them, or another --output")
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # nothing touched
+    assert predict.main([*common, str(split / "good"), "--overwrite"]) == 0
+    rows = read_rows(out)
+    assert [r["name"] for r in rows] == [f"good/{p.stem}" for p in sorted((split / "good" / "rgb").iterdir())]
+    # only the new parts' pictures and maps: none of the dent parts' stays behind
+    assert sorted(p.relative_to(out / "heatmaps") for p in (out / "heatmaps").rglob("*.png")) == \
+        sorted(Path(r["heatmap"]).relative_to(out / "heatmaps") for r in rows)
+    assert sorted(p.parent.name for p in (out / "maps").rglob("*.npy")) == ["good"] * len(rows)
+
+
+def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, capsys):
+    text = tmp_path / "gadget.pt"
+    text.write_text("not a model\n")
+    out = tmp_path / "out"
+    assert predict.main(["--model", str(text), str(tmp_path), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {text} is not an M3DM model file: it is not a torch archive "
+                                               f"(main.py --save_model writes <output_dir>/models/<class>.pt)")
+    module = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), module)  # a torch file, but with pickled objects: no weights_only advice
+    assert predict.main(["--model", str(module), str(tmp_path), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {module} is not an M3DM model file: it holds Python objects "
+                                               f"other than tensors and plain values (a checkpoint of another "
+                                               f"program?)")
+    assert not out.exists()

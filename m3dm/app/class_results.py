@@ -1,0 +1,73 @@
+"""Each class's results, written as the class ends (``<output_dir>/classes/<class>.json``), and ``--resume``.
+
+An interrupted multi-class run keeps the classes it finished; ``--resume`` reads them back instead of running
+them again, provided they were written with the same settings (those that change no number are not compared).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from m3dm.config import Settings
+from m3dm.data.io import write_text
+from m3dm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CLASSES_DIR = "classes"
+# settings that change no result: a run may resume with other values of them
+NOT_COMPARED = ("classes", "resume", "num_workers", "output_dir", "spool_dir", "bank_storage")
+
+
+@dataclass
+class ClassOutput:
+    """What one class's run gives the run of every class (plain Python values: it travels between processes)."""
+
+    metrics: dict
+    samples: list[dict]  # per test sample, in order (m3dm.evaluation.results.per_sample_rows)
+
+
+def class_file(output_dir: str | Path, class_name: str) -> Path:
+    return Path(output_dir) / CLASSES_DIR / f"{class_name}.json"
+
+
+def compared_settings(settings: Settings) -> dict:
+    """The settings a resumed class must have been run with, as JSON gives them back."""
+    flags = {name: value for name, value in settings.flags().items() if name not in NOT_COMPARED}
+    return json.loads(json.dumps(flags, default=str))
+
+
+def save_class_output(output_dir: str | Path, class_name: str, output: ClassOutput, settings: Settings) -> Path:
+    """Write one finished class's metrics and per-sample rows with the settings it ran with, atomically."""
+    path = class_file(output_dir, class_name)
+    record = {"class": class_name, "settings": compared_settings(settings), "metrics": output.metrics,
+              "samples": output.samples}
+    write_text(path, json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def finished_classes(output_dir: str | Path, classes: list[str], settings: Settings) -> dict[str, ClassOutput]:
+    """``--resume``: the outputs of the classes an earlier run finished in ``output_dir``. A class file written
+    with other settings is refused (ConfigError naming it and the differences); a damaged one is a DataError."""
+    current = compared_settings(settings)
+    done = {}
+    for class_name in classes:
+        path = class_file(output_dir, class_name)
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+            recorded, output = record["settings"], ClassOutput(record["metrics"], record["samples"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}: not a readable per-class result ({type(exc).__name__}: {exc}); delete it to "
+                            f"run {class_name} again") from exc
+        differences = [f"--{name} {recorded.get(name)!r} there, {value!r} now" for name, value in current.items()
+                       if recorded.get(name) != value]
+        if differences:
+            raise ConfigError(f"--resume: {path} was written with other settings ({'; '.join(differences)}): "
+                              f"resume with the same flags, or give another --output_dir")
+        done[class_name] = output
+    return done
