@@ -128,7 +128,8 @@ def build_models(settings: Settings, device) -> tuple[FeatureExtractor, torch.nn
     feature extractor, and the UFF block with --use_uff."""
     spec = settings.detector.spec
     extractor = build_extractor(settings.backbones, needs_rgb=spec.needs_rgb, needs_xyz=spec.needs_xyz,
-                                device=device, seed=settings.run.seed, clamp_pfa=settings.detector.fix_quirks)
+                                device=device, seed=settings.run.seed, clamp_pfa=settings.detector.fix_quirks,
+                                method=spec)
     fusion_block = None
     if settings.uff.use_uff:
         fusion_block = load_fusion_block(settings.uff.fusion_module_path, device,
@@ -142,8 +143,8 @@ def weight_records(extractor: FeatureExtractor, backbones: BackboneSettings, see
     what a saved model records and a loaded one must match (``persistence.weight_record``)."""
     records = {}
     if extractor.rgb_backbone is not None:
-        records["rgb"] = weight_record(extractor.rgb_backbone, backbones.rgb_backbone_name, seed,
-                                       extractor.rgb_backbone.checkpoint_path)
+        name = getattr(extractor.rgb_backbone, "backbone_name", backbones.rgb_backbone_name)  # BTF: its own
+        records["rgb"] = weight_record(extractor.rgb_backbone, name, seed, extractor.rgb_backbone.checkpoint_path)
     if extractor.point_backbone is not None:
         records["xyz"] = weight_record(extractor.point_backbone, backbones.xyz_backbone_name, seed,
                                        extractor.point_backbone.checkpoint_path)
