@@ -313,10 +313,10 @@ class ClassRun:
         return self.extractor(batch["rgb"] if self.detector.needs_rgb else None,
                               batch["pc"] if self.detector.needs_xyz else None, names=batch["name"])
 
-    def _scored_batches(self, loader, desc: str, stage: str):
+    def _scored_batches(self, loader, desc: str, stage: str, extract_stage: str = "extract"):
         """Yield ``(batch, image scores, (224, 224) float32 maps)`` for every batch of ``loader``."""
         for batch in self._batches(loader, desc):
-            with self.timer("extract"):
+            with self.timer(extract_stage):
                 features = self._extract(batch)
             with self.timer(stage):
                 predictions = [self.detector.predict(self.detector.modality_patches(f)) for f in features]
@@ -326,7 +326,8 @@ class ClassRun:
     def evaluate(self) -> ClassResult:
         """Scores, maps and metrics of the test split with the fitted (or loaded) detector."""
         labels, image_scores, maps, masks, names, paths, xyz_paths = [], [], [], [], [], [], []
-        for batch, scores, score_maps in self._scored_batches(self._loader("test"), "test", "test scoring"):
+        for batch, scores, score_maps in self._scored_batches(self._loader("test"), "test", "test scoring",
+                                                               extract_stage="test extract"):
             image_scores += scores
             maps += score_maps
             masks.extend(batch["gt"][:, 0].numpy().astype(np.uint8))
