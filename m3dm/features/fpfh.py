@@ -45,7 +45,7 @@ def fpfh_of_points(points: np.ndarray, params: FPFHParams = FPFHParams()) -> np.
                                                                 max_nn=params.normal_max_nn))
     feature = o3d.pipelines.registration.compute_fpfh_feature(
         cloud, o3d.geometry.KDTreeSearchParamHybrid(radius=params.feature_radius, max_nn=params.feature_max_nn))
-    return np.asarray(feature.data).T
+    return np.array(feature.data).T  # a copy: Open3D's buffer is read-only
 
 
 def fpfh_map(organized_pc: torch.Tensor, params: FPFHParams = FPFHParams()) -> torch.Tensor:
