@@ -37,15 +37,32 @@ def method_folder(output_dir: Path, method: str) -> Path:
     return output_dir / method
 
 
-def method_argv(method: str, main_flags: list[str], output_dir: Path, classes: list[str]) -> list[str]:
-    """main.py's flags for one method: the shared ones, then the method, its memory bank, folder and classes
-    (given last, they are the ones argparse keeps)."""
-    return [*main_flags, "--method_name", method, "--memory_bank", METHODS[method].memory_bank,
-            "--output_dir", str(method_folder(output_dir, method)), "--classes", *classes]
+def method_argv(method: str, main_flags: list[str], output_dir: Path, classes: list[str] | None = None) -> list[str]:
+    """main.py's flags for one method: the shared ones (less ``--use_uff``, given to the methods that need the
+    UFF block only), then the method, its memory bank, folder and classes (given last, argparse keeps them)."""
+    spec = METHODS[method]
+    shared = [flag for flag in _without_output_dir(main_flags) if flag != "--use_uff"]
+    return [*shared, *(["--use_uff"] if spec.needs_uff else []), "--method_name", method,
+            "--memory_bank", spec.memory_bank, "--output_dir", str(method_folder(output_dir, method)),
+            *(["--classes", *classes] if classes else [])]
 
 
-def _shared_settings(parser: argparse.ArgumentParser, main_flags: list[str], method: str):
-    """The settings every method shares (output folder, dataset, classes), checked as main.py checks them."""
+def _without_output_dir(flags: list[str]) -> list[str]:
+    """``flags`` less ``--output_dir DIR`` / ``--output_dir=DIR`` (each method has its own folder)."""
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag == "--output_dir":
+            skip = True
+        elif not flag.startswith("--output_dir="):
+            kept.append(flag)
+    return kept
+
+
+def _method_settings(parser: argparse.ArgumentParser, main_flags: list[str], methods: list[str]):
+    """The settings of each method's run, checked as main.py checks them before any method runs (the output
+    folder, dataset and classes are every method's)."""
     from m3dm.app.cli import build_parser as main_parser
     from m3dm.config import settings_from_flags
     from m3dm.errors import ConfigError
@@ -54,13 +71,23 @@ def _shared_settings(parser: argparse.ArgumentParser, main_flags: list[str], met
         name = flag.split("=", 1)[0]
         if name in FORBIDDEN:
             parser.error(f"{name} cannot be given to the comparison: {FORBIDDEN[name]}")
-    settings = settings_from_flags(main_parser().parse_args(
-        [*main_flags, "--method_name", method, "--memory_bank", METHODS[method].memory_bank]))
-    try:
-        settings.validate()
-    except ConfigError as exc:
-        parser.error(str(exc))
+    settings = {}
+    for method in methods:
+        argv = method_argv(method, main_flags, Path("."))
+        settings[method] = settings_from_flags(main_parser().parse_args(argv))
+        try:
+            settings[method].validate()
+        except ConfigError as exc:
+            parser.error(f"{method}: {exc}")
     return settings
+
+
+def _shared_settings(main_flags: list[str]):
+    """What main.py's flags say about every method's run: output folder, dataset, classes."""
+    from m3dm.app.cli import build_parser as main_parser
+    from m3dm.config import settings_from_flags
+
+    return settings_from_flags(main_parser().parse_args(main_flags))
 
 
 def run_method(method: str, argv: list[str]) -> int:
@@ -76,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, main_flags = parser.parse_known_args(argv)
-    settings = _shared_settings(parser, main_flags, args.methods[0])
-    output_dir = Path(settings.run.output_dir)
-    classes = dataset_classes(settings.run)
+    methods = list(dict.fromkeys(args.methods))  # each method once, in the order given
+    _method_settings(parser, main_flags, methods)
+    shared = _shared_settings(main_flags)
+    output_dir = Path(shared.run.output_dir)
+    classes = dataset_classes(shared.run)
     if not classes:
-        parser.error(f"no class found under --dataset_path {settings.run.dataset_path}")
+        parser.error(f"no class found under --dataset_path {shared.run.dataset_path}")
     runs = []
-    for method in dict.fromkeys(args.methods):  # each method once, in the order given
+    for method in methods:
         status = run_method(method, method_argv(method, main_flags, output_dir, classes))
         runs.append(read_method_run(method, method_folder(output_dir, method), status))
     paths = write_comparison(output_dir, runs, classes)
