@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from m3dm.data.io import write_text
 
     argv = sys.argv[1:] if argv is None else argv
+    sys.argv[0] = "main.py"  # the name main.py's messages give themselves
     output_dir = Path(build_parser().parse_known_args(argv)[0].output_dir)
     start = time.perf_counter()
     try:

@@ -86,3 +86,18 @@ def test_concatenated_bank_is_rgb_then_fpfh_on_one_grid():
     assert torch.equal(got[CONCAT], torch.cat([rgb, xyz], dim=1))
     assert detector.needs_rgb and detector.needs_xyz
     assert all(METHODS[m].patch_grid == GRID for m in ("BTF_RGB", "BTF_FPFH", "BTF_RGB+FPFH"))
+
+
+@pytest.mark.parametrize(("changes", "refused"), [
+    ({"detector": {"method_name": "BTF_RGB", "memory_bank": "multiple"}}, "--memory_bank single"),
+    ({"uff": {"use_uff": True}}, "--use_uff"),
+    ({"run": {"save_feature": True}}, "--save_feature"),
+])
+def test_btf_flag_combinations_the_reference_cannot_run_are_refused(changes, refused):
+    from m3dm.config import Settings
+    from m3dm.errors import ConfigError
+
+    settings = Settings().replace(detector={"method_name": "BTF_RGB", "memory_bank": "single"})
+    settings.validate()
+    with pytest.raises(ConfigError, match=refused):
+        settings.replace(**changes).validate()
