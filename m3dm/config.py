@@ -26,6 +26,9 @@ from typing import Any
 from m3dm.errors import ConfigError
 
 MODALITIES = ("xyz", "rgb", "fusion")
+CONCAT = "rgb+xyz"  # BTF's bank of RGB patches concatenated with point (FPFH) patches, no score weights of its own
+BANK_ORDER = (*MODALITIES, CONCAT)  # the order banks are built in (they share numpy's global generator)
+BTF_PATCH_GRID = 28  # BTF pools every feature map to 28 x 28 patches
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class MethodSpec:
     shared_stats: bool = False  # normalise every bank with (mean of xyz, std of rgb) (quirk 26)
     own_stats: bool = False  # normalise with the bank's own statistics (DINO)
     family: str = "m3dm"  # which detector fits and scores it (m3dm.detection.factory)
+    features: str = "m3dm"  # "m3dm": the ViT and point backbones; "btf": wide-ResNet-50 layers 2+3 and FPFH
+    patch_grid: int | None = None  # every bank's patch grid (None: the RGB backbone's grid and PFA's 56 x 56)
 
     @property
     def memory_bank(self) -> str:
@@ -49,11 +54,11 @@ class MethodSpec:
 
     @property
     def needs_rgb(self) -> bool:
-        return "rgb" in self.modalities or "fusion" in self.modalities
+        return any(m in self.modalities for m in ("rgb", "fusion", CONCAT))
 
     @property
     def needs_xyz(self) -> bool:
-        return "xyz" in self.modalities or "fusion" in self.modalities
+        return any(m in self.modalities for m in ("xyz", "fusion", CONCAT))
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -63,6 +68,10 @@ METHODS: dict[str, MethodSpec] = {
     "DINO+Point_MAE": MethodSpec(("xyz", "rgb"), "dlf", eps=0.0, divisor=1000.0, shared_stats=True),
     "DINO+Point_MAE+add": MethodSpec(("xyz", "rgb"), "add", eps=0.0, shared_stats=True),
     "DINO+Point_MAE+Fusion": MethodSpec(("xyz", "rgb", "fusion"), "dlf", eps=0.0, shared_stats=True),
+    # BTF (Horwitz & Hoshen, 3D-ADS): PatchCore on unnormalised patches, re-weighting without epsilon
+    "BTF_RGB": MethodSpec(("rgb",), "single", eps=0.0, features="btf", patch_grid=BTF_PATCH_GRID),
+    "BTF_FPFH": MethodSpec(("xyz",), "single", eps=0.0, features="btf", patch_grid=BTF_PATCH_GRID),
+    "BTF_RGB+FPFH": MethodSpec((CONCAT,), "single", eps=0.0, features="btf", patch_grid=BTF_PATCH_GRID),
 }
 # --save_feature dumps UFF pretraining input, which the two methods with exactly an xyz and an rgb bank produce
 FEATURE_DUMP_METHODS = tuple(name for name, spec in METHODS.items() if spec.modalities == ("xyz", "rgb"))
@@ -402,6 +411,8 @@ def _option_rules(s: Settings) -> str | None:
     if s.uff.use_uff and not d.spec.needs_rgb:
         return (f"--use_uff loads the UFF block, which needs RGB features: --method_name {m} has none, drop "
                 f"--use_uff")
+    if s.uff.use_uff and d.spec.features != "m3dm":
+        return f"--use_uff feeds M3DM's ViT and Point-MAE features to the UFF block: --method_name {m} has neither"
     if s.uff.use_uff and "small" in s.backbones.rgb_backbone_name:
         return "the UFF block expects 768-d RGB features: use a ViT-B backbone with --use_uff"
     return None

@@ -54,7 +54,7 @@ class Predictor:
     def __init__(self, model, device="cpu", rgb_checkpoint: str | None = None,
                  xyz_checkpoint: str | None = None, fusion_module_path: str | None = None):
         from m3dm.app.run import weight_records
-        from m3dm.config import backbone_settings
+        from m3dm.config import METHODS, backbone_settings
         from m3dm.detection.factory import detector_from_model
         from m3dm.detection.persistence import make_setup
         from m3dm.features.extractor import build_extractor
@@ -74,8 +74,13 @@ class Predictor:
                                       xyz_checkpoint=recorded("xyz", xyz_checkpoint),
                                       random_init=any(record["source"] == "random" for record in weights.values()))
         seed_everything(settings["seed"])  # random-init backbones are rebuilt as main.py built them
-        self.extractor = build_extractor(backbones, needs_rgb="rgb" in weights, needs_xyz="xyz" in weights,
-                                         device=device, seed=settings["seed"], clamp_pfa=settings["fix_quirks"])
+        method = METHODS.get(model.method_name)
+        if method is not None and method.features == "btf":  # FPFH has no weights: the method says what it needs
+            needs_rgb, needs_xyz = method.needs_rgb, method.needs_xyz
+        else:
+            needs_rgb, needs_xyz = "rgb" in weights, "xyz" in weights
+        self.extractor = build_extractor(backbones, needs_rgb=needs_rgb, needs_xyz=needs_xyz, device=device,
+                                         seed=settings["seed"], clamp_pfa=settings["fix_quirks"], method=method)
         fusion_block, fusion_path = None, None
         if "fusion" in weights:
             fusion_path = recorded("fusion", fusion_module_path)

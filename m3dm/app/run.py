@@ -134,7 +134,8 @@ def build_models(settings: Settings, device) -> tuple[FeatureExtractor, torch.nn
     feature extractor, and the UFF block with --use_uff."""
     spec = settings.detector.spec
     extractor = build_extractor(settings.backbones, needs_rgb=spec.needs_rgb, needs_xyz=spec.needs_xyz,
-                                device=device, seed=settings.run.seed, clamp_pfa=settings.detector.fix_quirks)
+                                device=device, seed=settings.run.seed, clamp_pfa=settings.detector.fix_quirks,
+                                method=spec)
     fusion_block = None
     if settings.uff.use_uff:
         fusion_block = load_fusion_block(settings.uff.fusion_module_path, device,
@@ -148,8 +149,8 @@ def weight_records(extractor: FeatureExtractor, backbones: BackboneSettings, see
     what a saved model records and a loaded one must match (``persistence.weight_record``)."""
     records = {}
     if extractor.rgb_backbone is not None:
-        records["rgb"] = weight_record(extractor.rgb_backbone, backbones.rgb_backbone_name, seed,
-                                       extractor.rgb_backbone.checkpoint_path)
+        name = getattr(extractor.rgb_backbone, "backbone_name", backbones.rgb_backbone_name)  # BTF: its own
+        records["rgb"] = weight_record(extractor.rgb_backbone, name, seed, extractor.rgb_backbone.checkpoint_path)
     if extractor.point_backbone is not None:
         records["xyz"] = weight_record(extractor.point_backbone, backbones.xyz_backbone_name, seed,
                                        extractor.point_backbone.checkpoint_path)
@@ -319,10 +320,10 @@ class ClassRun:
         return self.extractor(batch["rgb"] if self.detector.needs_rgb else None,
                               batch["pc"] if self.detector.needs_xyz else None, names=batch["name"])
 
-    def _scored_batches(self, loader, desc: str, stage: str):
+    def _scored_batches(self, loader, desc: str, stage: str, extract_stage: str = "extract"):
         """Yield ``(batch, image scores, (224, 224) float32 maps)`` for every batch of ``loader``."""
         for batch in self._batches(loader, desc):
-            with self.timer("extract"):
+            with self.timer(extract_stage):
                 features = self._extract(batch)
             with self.timer(stage):
                 predictions = [self.detector.predict(self.detector.modality_patches(f)) for f in features]
@@ -333,7 +334,8 @@ class ClassRun:
         """Scores, maps and metrics of the test split with the fitted (or loaded) detector."""
         labels, image_scores, maps, masks, names, paths, xyz_paths = [], [], [], [], [], [], []
         loader = self._loader("test")
-        for batch, scores, score_maps in self._scored_batches(loader, "test", "test scoring"):
+        for batch, scores, score_maps in self._scored_batches(loader, "test", "test scoring",
+                                                               extract_stage="test extract"):
             image_scores += scores
             maps += score_maps
             masks.extend(batch["gt"][:, 0].numpy().astype(np.uint8))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m3dm.config import DetectorSettings
+from m3dm.config import BANK_ORDER, CONCAT, DetectorSettings
 from m3dm.detection.dlf import DecisionLayerFusion
 from m3dm.detection.persistence import ClassModel, save_class_model
 from m3dm.detection.thresholds import Thresholds
@@ -81,6 +81,8 @@ class Detector:
             patches["rgb"] = features.rgb
         if "fusion" in self.spec.modalities:
             patches["fusion"] = self._fuse(features.xyz, features.rgb_aligned())
+        if CONCAT in self.spec.modalities:  # BTF: both on the same grid, RGB channels first
+            patches[CONCAT] = torch.cat((features.rgb, features.xyz), dim=1)
         return patches
 
     # --------------------------------------------------------------------------------------------- pass 1
@@ -110,7 +112,7 @@ class Detector:
             stats = dict.fromkeys(self.banks, shared)
         reduce = cfg.f_coreset < 1
         n_xyz = None
-        for modality in ("xyz", "rgb", "fusion"):  # the reference's order: it shares numpy's global RNG
+        for modality in BANK_ORDER:  # the reference's order: it shares numpy's global RNG
             if modality not in self.banks:
                 continue
             bank = self.banks[modality]
@@ -138,6 +140,8 @@ class Detector:
     # ------------------------------------------------------------------------------------------- scoring
 
     def _grid(self, modality: str) -> int:
+        if self.spec.patch_grid is not None:  # one grid for every bank (BTF)
+            return self.spec.patch_grid
         return self.rgb_grid if modality == "rgb" else XYZ_PATCH_GRID
 
     def modality_scores(self, patches: dict[str, torch.Tensor]) -> dict[str, ModalityScore]:

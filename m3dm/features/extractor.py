@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from m3dm.config import BackboneSettings
+from m3dm.config import BTF_PATCH_GRID, BackboneSettings, MethodSpec
 from m3dm.errors import DataError
 from m3dm.features.alignment import pfa_patches, rgb_to_patch_grid, valid_points
-from m3dm.features.weights import build_point_backbone, build_rgb_backbone
+from m3dm.features.fpfh import FPFHFeatures
+from m3dm.features.weights import build_point_backbone, build_rgb_backbone, build_wide_resnet
 
 XYZ_PATCH_GRID = 56  # PFA output grid: 56 x 56 = 3136 patches
 
@@ -42,10 +43,11 @@ class FeatureExtractor:
     """
 
     def __init__(self, rgb_backbone=None, point_backbone=None, *, img_size: int = 224, device="cpu",
-                 seed: int = 0, clamp_pfa: bool = False, precision: str = "fp32"):
-        if rgb_backbone is None and point_backbone is None:
+                 seed: int = 0, clamp_pfa: bool = False, precision: str = "fp32", point_features=None):
+        if rgb_backbone is None and point_backbone is None and point_features is None:
             raise ValueError("FeatureExtractor needs at least one backbone")
         self.device = torch.device(device)
+        self.point_features = point_features  # weightless point features on the CPU (BTF's FPFH): cloud -> patches
         self.rgb_backbone = None if rgb_backbone is None else rgb_backbone.to(self.device)
         self.point_backbone = None if point_backbone is None else point_backbone.to(self.device)
         self.img_size = img_size
@@ -80,6 +82,9 @@ class FeatureExtractor:
                 sample.rgb = rgb_map.flatten(1).T.contiguous()
         if self.point_backbone is not None:
             self._add_point_features(out, pc, names)
+        if self.point_features is not None:
+            for sample, cloud in zip(out, pc):
+                sample.xyz = self.point_features(cloud)
         return out
 
     def _autocast(self):
@@ -114,9 +119,15 @@ class FeatureExtractor:
 
 
 def build_extractor(backbones: BackboneSettings, *, needs_rgb: bool, needs_xyz: bool, device, seed: int,
-                    clamp_pfa: bool) -> FeatureExtractor:
+                    clamp_pfa: bool, method: MethodSpec | None = None) -> FeatureExtractor:
     """The backbones a method needs, from their weight files (or random weights with ``random_init``): the RGB
-    ViT in eval mode, the point backbone in the reference's training mode unless ``backbone_eval`` (spec §5.4)."""
+    ViT in eval mode, the point backbone in the reference's training mode unless ``backbone_eval`` (spec §5.4).
+
+    A ``method`` with BTF features gets its own: the wide-ResNet (``rgb_checkpoint``) and FPFH (``clamp_pfa``, the
+    fix_quirks of the run, pads their 3 x 3 average)."""
+    if method is not None and method.features == "btf":
+        return _btf_extractor(backbones, needs_rgb=needs_rgb, needs_xyz=needs_xyz, device=device, seed=seed,
+                              aligned=clamp_pfa, grid=method.patch_grid or BTF_PATCH_GRID)
     rgb = point = None
     if needs_rgb:
         rgb = build_rgb_backbone(backbones.rgb_backbone_name, backbones.rgb_checkpoint,
@@ -128,3 +139,16 @@ def build_extractor(backbones: BackboneSettings, *, needs_rgb: bool, needs_xyz: 
         point.train(not backbones.backbone_eval)
     return FeatureExtractor(rgb, point, img_size=backbones.img_size, device=device, seed=seed, clamp_pfa=clamp_pfa,
                             precision=backbones.precision)
+
+
+def _btf_extractor(backbones: BackboneSettings, *, needs_rgb: bool, needs_xyz: bool, device, seed: int,
+                   aligned: bool, grid: int) -> FeatureExtractor:
+    """BTF's features: wide-ResNet-50-2 layers 2+3 in eval mode (frozen BatchNorm) and/or FPFH, both on ``grid``."""
+    rgb = point_features = None
+    if needs_rgb:
+        rgb = build_wide_resnet(backbones.rgb_checkpoint, random_init=backbones.random_init, grid=grid,
+                                aligned=aligned).eval()
+    if needs_xyz:
+        point_features = FPFHFeatures(grid=grid, aligned=aligned)
+    return FeatureExtractor(rgb, None, img_size=backbones.img_size, device=device, seed=seed,
+                            precision=backbones.precision, point_features=point_features)

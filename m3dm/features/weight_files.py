@@ -27,11 +27,16 @@ DINO_VITS8_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/d
 POINT_MAE_URL = "https://github.com/Pang-Yatian/Point-MAE/releases/download/main/pretrain.pth"
 # "Point-BERT" row of the Pretrained Models table in the Point-BERT README (github.com/lulutang0608/Point-BERT).
 POINT_BERT_URL = "https://cloud.tsinghua.edu.cn/f/202b29805eea45d7be92/?dl=1"
+# BTF's RGB backbone: timm's default ImageNet weights of wide_resnet50_2 (racm_in1k), timm's release file
+WIDE_RESNET_FILE = "wide_resnet50_racm-8234f177.pth"
+WIDE_RESNET_URL = ("https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
+                   "wide_resnet50_racm-8234f177.pth")
 
 # timm name -> (default file name under the checkpoint directory, official download URL).
 RGB_DEFAULT_FILES = {
     "vit_base_patch8_224.dino": (DINO_VITB8_FILE, DINO_VITB8_URL),
     "vit_small_patch8_224.dino": (DINO_VITS8_FILE, DINO_VITS8_URL),
+    "wide_resnet50_2": (WIDE_RESNET_FILE, WIDE_RESNET_URL),
 }
 POINT_DEFAULT_FILES = {
     "Point_MAE": (POINT_MAE_FILE, POINT_MAE_URL),

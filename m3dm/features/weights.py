@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from m3dm.errors import CheckpointError
 from m3dm.features.point_transformer import VARIANT_ENCODER_DIMS, PointTransformer
+from m3dm.features.resnet import WIDE_RESNET, WideResNetFeatures
 from m3dm.features.vit import DEFAULT_RGB_BACKBONE, RGBBackbone
 from m3dm.features.weight_files import CHECKPOINT_DIR, resolve_point_checkpoint, resolve_rgb_checkpoint
 
@@ -245,6 +246,21 @@ def build_rgb_backbone(name: str = DEFAULT_RGB_BACKBONE, path: str | Path | None
         load_rgb_weights(backbone.vit, source)
     backbone.checkpoint_path = source
     return backbone
+
+
+def build_wide_resnet(path: str | Path | None = None, random_init: bool = False, hf_cache: bool | str | Path = True,
+                      checkpoint_dir: str | Path = CHECKPOINT_DIR, quiet: bool = False, grid: int = 28,
+                      aligned: bool = False) -> WideResNetFeatures:
+    """BTF's wide-ResNet-50-2 (layers 2+3) with weights from `path` -> `checkpoints/wide_resnet50_racm-8234f177.pth`
+    -> the offline HF cache, or random ones with `random_init`. A timm or torchvision ResNet state dict (same key
+    names) loads; layer4 and fc, which the features do not use, are ignored."""
+    source = resolve_rgb_checkpoint(WIDE_RESNET, path, random_init=random_init, hf_cache=hf_cache,
+                                    checkpoint_dir=checkpoint_dir, quiet=quiet)
+    model = WideResNetFeatures(grid=grid, aligned=aligned)
+    if source is not None:
+        load_strict(model.body, rgb_state_dict(source), source, description="wide_resnet50_2 (timm / torchvision)")
+    model.checkpoint_path = source
+    return model
 
 
 def build_point_backbone(name: str = "Point_MAE", path: str | Path | None = None, random_init: bool = False,
