@@ -234,3 +234,43 @@ def write_run_record(folder: str | Path, record: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------- predictions
+
+@dataclass
+class PredictionData:
+    """The report data of ``m3dm.predict``, gathered part by part (no labels: new parts)."""
+
+    class_name: str
+    image_threshold: float
+    map_range: tuple[float, float]
+
+    def __post_init__(self):
+        self.names, self.scores, self.failed = [], [], []
+        self.rgb, self.depth, self.maps, self.masks = [], [], [], []
+
+    def add(self, name: str, score: float, failed: bool, rgb: np.ndarray, cloud: np.ndarray, gt: np.ndarray | None,
+            score_map: np.ndarray) -> None:
+        """One scored part: ``rgb (224, 224, 3)`` uint8, ``cloud (3, S, S)``, ``gt (224, 224)`` or None, the map."""
+        self.names.append(name)
+        self.scores.append(float(score))
+        self.failed.append(bool(failed))
+        self.rgb.append(shrink_rgb(rgb))
+        self.depth.append(depth_thumbnail(cloud))
+        self.maps.append(shrink_maps(np.asarray(score_map, dtype=np.float32)[None])[0])
+        self.masks.append(None if gt is None else shrink_maps(np.asarray(gt, dtype=bool)[None], reduce=np.any)[0])
+
+    def save(self, folder: str | Path, record: dict) -> Path | None:
+        """``report_data/<class>.npz`` and ``report_data/run.json`` under ``folder``; None without scored parts."""
+        if not self.names:
+            return None
+        masks = None
+        if any(m is not None for m in self.masks):
+            blank = np.zeros((THUMBNAIL, THUMBNAIL), dtype=bool)
+            masks = np.stack([blank if m is None else m for m in self.masks])
+        write_run_record(folder, record)
+        return write_data(Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz", class_name=self.class_name,
+                          names=self.names, labels=np.full(len(self.names), UNKNOWN_LABEL), scores=self.scores,
+                          failed=self.failed, image_threshold=self.image_threshold, rgb=np.stack(self.rgb),
+                          depth=np.stack(self.depth), maps=np.stack(self.maps), masks=masks, map_range=self.map_range)
