@@ -118,10 +118,21 @@ def _finite(value: float) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
 
 
-def save_class_data(result, rows: list[dict], path: str | Path) -> Path:
-    """The report data of one evaluated class (``m3dm.evaluation.results.ClassResult`` and its per-sample rows,
-    which hold pass/fail with a model's thresholds), thumbnails read from the test files; written atomically."""
+def read_thumbnails(rgb_paths: list[str], xyz_paths: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """RGB ``(N, T, T, 3)`` and depth ``(N, T, T)`` thumbnails of the test parts, read from their files."""
     from m3dm.data.io import read_organized_pc, read_rgb
+
+    rgb = np.stack([shrink_rgb(np.asarray(read_rgb(p))) for p in rgb_paths])
+    depth = np.stack([depth_thumbnail(read_organized_pc(p)) if p else np.full((THUMBNAIL,) * 2, np.nan, np.float16)
+                      for p in xyz_paths])
+    return rgb, depth
+
+
+def save_class_data(result, rows: list[dict], path: str | Path,
+                    thumbnails: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+    """The report data of one evaluated class (``m3dm.evaluation.results.ClassResult`` and its per-sample rows,
+    which hold pass/fail with a model's thresholds), written atomically. The RGB and depth ``thumbnails`` are read
+    from the test files unless given."""
     from m3dm.evaluation.metrics import pro_curve
 
     maps = np.asarray(result.maps, dtype=np.float32)
@@ -136,10 +147,9 @@ def save_class_data(result, rows: list[dict], path: str | Path) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             curve = pro_curve(masks, maps)
-    xyz_paths = result.xyz_paths or [None] * len(result.names)
-    rgb = np.stack([shrink_rgb(np.asarray(read_rgb(p))) for p in result.rgb_paths])
-    depth = np.stack([depth_thumbnail(read_organized_pc(p)) if p else np.full((THUMBNAIL,) * 2, np.nan, np.float16)
-                      for p in xyz_paths])
+    if thumbnails is None:
+        thumbnails = read_thumbnails(result.rgb_paths, result.xyz_paths or [None] * len(result.names))
+    rgb, depth = thumbnails
     thresholds = {row["image_threshold"] for row in rows}
     failed = None if None in thresholds else np.array([row["result"] == "fail" for row in rows])
     return write_data(path, class_name=result.names[0].split("/")[0], names=result.names, labels=labels,

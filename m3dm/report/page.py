@@ -178,7 +178,7 @@ def gallery(data: ClassData) -> str:
         cls = " ".join(filter(None, ["part", label, "wrong" if wrong[i] else ""]))
         tags = f' <span class="tag {verdict}">{verdict.upper()}</span>' if verdict else ""
         tags += ' <span class="tag fail">misclassified</span>' if wrong[i] else ""
-        cards.append(f'<figure class="{cls}" data-name="{esc(data.names[i])}" data-score="{data.scores[i]!r}">'
+        cards.append(f'<figure class="{cls}" data-name="{esc(data.names[i])}" data-score="{float(data.scores[i])!r}">'
                      f"{png_img(picture, 'RGB with ground truth | heatmap | point cloud depth', 'thumb')}"
                      f"<figcaption>#{rank} <b>{esc(data.names[i])}</b><br>score {data.scores[i]:.5g} · {label}"
                      f"{tags}</figcaption></figure>")
