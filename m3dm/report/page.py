@@ -141,14 +141,14 @@ def metrics_section(run: SavedRun) -> str:
 
 def defect_table(data: ClassData) -> str:
     threshold = data.failed is not None and data.has_labels
-    header = ["defect type", "parts", "mean score", "Image ROCAUC", "Pixel ROCAUC", "AU-PRO"]
+    header = ["defect type", "parts", "mean score", "Image ROCAUC (good vs type)", "AU-PRO (good and type)"]
     if threshold:
         header.append("failed")
     types = np.asarray(data.defect_types)
     rows = []
     for defect, m in data.defect_metrics.items():
         row = [esc(defect), num(m.get("n"), 0), score(m.get("mean_score")), num(m.get("image_rocauc")),
-               num(m.get("pixel_rocauc")), num(m.get("au_pro"))]
+               num(m.get("au_pro"))]
         if threshold:
             chosen = types == defect
             row.append(num(int(data.failed[chosen].sum()), 0))
