@@ -57,7 +57,7 @@ def test_two_processes_give_the_single_process_tables(two_classes, tmp_path):
     assert classes.count("gadget") == classes.count("widget") == 2 + 4  # 2 good + 1 per defect type
     # each process writes the report data of its classes; process 0 builds the report from all of them
     for class_name in ("gadget", "widget"):
-        mine, theirs = (load_class_data(folder / REPORT_DATA_DIR / f"{class_name}.npz") for folder in (parallel, single))
+        mine, theirs = (load_class_data(f / REPORT_DATA_DIR / f"{class_name}.npz") for f in (parallel, single))
         assert mine.names == theirs.names and mine.scores.tolist() == theirs.scores.tolist()
     cards = re.findall(r'<figure class="part[^"]*" data-name="([^"]+)"', (parallel / "report.html").read_text())
     assert sorted(cards) == sorted("/".join((r["class"], r["split"], r["defect_type"], r["stem"]))
