@@ -130,7 +130,7 @@ def metrics_section(run: SavedRun) -> str:
     means = []
     for m in metrics:
         values = [metric_value(run.per_class[c].get(m)) for c in run.per_class]
-        values = [v for v in values if v is not None]
+        values = [round(v, 3) for v in values if v is not None]  # as the result tables: mean of rounded values
         means.append(num(sum(values) / len(values) if values else None))
     rows.append(["<b>mean</b>"] + means)
     header = ["class"] + [METRIC_NAMES[m] for m in metrics]
