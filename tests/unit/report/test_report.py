@@ -178,3 +178,25 @@ def test_the_command_rebuilds_the_report_and_compares_folders(saved, tmp_path, c
 def test_a_folder_without_results_is_one_clear_error(tmp_path, capsys):
     assert report_main([str(tmp_path)]) == 2
     assert f"{tmp_path}: no saved results" in capsys.readouterr().err
+
+
+def chromium() -> str | None:
+    import shutil
+
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))),
+                None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="no headless Chromium on this machine (apt-get install chromium)")
+def test_the_report_renders_in_a_headless_chromium(saved, page, tmp_path):
+    import subprocess
+
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,1600", f"--screenshot={shot}", (saved / "report.html").resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape == (1600, 1200, 3)
+    banner = (pixels[..., 0] > 150) & (pixels[..., 1] < 70) & (pixels[..., 2] < 70)  # the red random-weights note
+    assert banner.sum() > 20_000 and non_trivial(pixels)
