@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from m3dm.app.parts import LoadedPart, Part, discover_parts, load_part
+from m3dm.report.data import PredictionData
 
 EXIT_OK, EXIT_PART_ERRORS, EXIT_FATAL = 0, 1, 2
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class ResultWriter:
         self._csv.writeheader()
         self._jsonl = open(self.jsonl_path, "w")  # noqa: SIM115
         self.counts = {"pass": 0, "fail": 0, "error": 0}
+        self.report_data = None  # m3dm.report.data.PredictionData, for report.html (set by run)
 
     def _row(self, row: dict) -> None:
         full = {field: row.get(field) for field in CSV_FIELDS}
@@ -154,10 +156,12 @@ class ResultWriter:
         result = "fail" if thresholds.fails(score) else "pass"
         region = thresholds.region(score_map)
         heatmap = map_file = None
+        rgb = denormalize_rgb(loaded.rgb.numpy())
+        if self.report_data is not None:
+            self.report_data.add(part.name, score, result == "fail", rgb, loaded.pc.numpy(), loaded.gt, score_map)
         if self.pictures:
             title = f"{part.name}  score {score:.4g} (threshold {thresholds.image:.4g})  {result.upper()}"
-            picture = part_picture(denormalize_rgb(loaded.rgb.numpy()), score_map, region,
-                                   thresholds.colour_range(), title, loaded.gt)
+            picture = part_picture(rgb, score_map, region, thresholds.colour_range(), title, loaded.gt)
             heatmap = save_panel(self.output / "heatmaps" / f"{part.name}.png", picture)
         if self.save_maps:
             map_file = self.output / "maps" / f"{part.name}.npy"
@@ -173,6 +177,20 @@ class ResultWriter:
     def close(self) -> None:
         self._csv_file.close()
         self._jsonl.close()
+
+
+def write_prediction_report(writer: ResultWriter, model, thresholds, seconds: float) -> None:
+    """``report.html`` of the scored parts (gallery and score histogram with the threshold) and the saved data it
+    is built from (``python -m m3dm.report`` rebuilds it)."""
+    from m3dm.report.build import try_build_report
+    from m3dm.report.data import software_versions
+
+    record = {"kind": "predict", "method": model.method_name, "model": str(model.path), "class": model.class_name,
+              "thresholds": f"image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} (from {thresholds.source})",
+              "config": dict(model.settings), "weights": model.weights, "versions": software_versions(),
+              "timings_s": {"predict": seconds}}
+    if writer.report_data.save(writer.output, record) is not None:
+        try_build_report(writer.output)
 
 
 def _text(path) -> str | None:
@@ -302,6 +320,7 @@ def run(args) -> int:
         else:
             path.unlink()
     writer = ResultWriter(Path(args.output), thresholds, pictures=not args.no_pictures, save_maps=args.save_maps)
+    writer.report_data = PredictionData(model.class_name, thresholds.image, thresholds.colour_range())
     bar = tqdm(total=len(parts), desc="parts", unit="part", file=sys.stderr, disable=args.quiet)
 
     def report(part: Part, message: str) -> None:
@@ -325,6 +344,7 @@ def run(args) -> int:
         bar.close()
         writer.close()
     counts, seconds = writer.counts, time.perf_counter() - start
+    write_prediction_report(writer, model, thresholds, seconds)
     print(f"{len(parts)} parts: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} errors "
           f"in {seconds:.1f} s; results in {writer.csv_path}", file=sys.stderr)
     return EXIT_PART_ERRORS if counts["error"] else EXIT_OK

@@ -37,6 +37,8 @@ from m3dm.evaluation.metrics import compute_metrics
 from m3dm.evaluation.results import ClassResult, per_sample_rows, save_prediction_pictures, save_score_maps
 from m3dm.evaluation.tables import METRIC_TABLES, class_line, markdown_table, write_per_sample, write_results
 from m3dm.features.extractor import FeatureExtractor, build_extractor
+from m3dm.report.build import try_build_report
+from m3dm.report.data import REPORT_DATA_DIR, run_record, save_class_data
 from m3dm.runtime import resolve_device, seed_everything, start_processes, stop_processes
 from m3dm.uff.block import load_fusion_block
 from m3dm.uff.dumps import pretraining_features, save_pretraining_features
@@ -112,9 +114,11 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     method = settings.detector.method_name
     for metric, title in METRIC_TABLES.items():
         print(f"\n{title}\n{markdown_table(method, per_class, metric)}")
-    record = dict(settings.flags(), device_used=str(device), processes=workers.world)
+    record = dict(settings.flags(), device_used=str(device), processes=workers.world,
+                  **run_record((setup or run_setup(settings, extractor, fusion_block))["weights"]))
     paths = write_results(output_dir, method, per_class, record, dict(total.seconds))
     paths.update(write_per_sample(output_dir, [row for output in outputs.values() for row in output.samples]))
+    paths.update(try_build_report(output_dir))  # from the files just written: python -m m3dm.report does the same
     log.info("\n%s%s", total.report(), f" summed over {workers.world} processes" if workers.world > 1 else "")
     log.info("results written to %s (%s)", output_dir.resolve(), ", ".join(p.name for p in paths.values()))
     return per_class
@@ -211,6 +215,8 @@ class ClassRun:
         thresholds = self.thresholds
         samples = per_sample_rows(result, thresholds.fails if thresholds is not None else None,
                                   thresholds.image if thresholds is not None else None)
+        with self.timer("report data"):  # what report.html needs once the dataset and the models are gone
+            save_class_data(result, samples, output_dir / REPORT_DATA_DIR / f"{self.class_name}.npz")
         return ClassOutput(result.metrics, samples)
 
     # ------------------------------------------------------------------------------------------- fitting

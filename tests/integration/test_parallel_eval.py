@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from conftest import PROJECT_ROOT
 import main as main_module
 from m3dm.data.synthetic import write_mvtec3d
 from m3dm.preprocess.mvtec3d import preprocess_dataset
+from m3dm.report.data import REPORT_DATA_DIR, load_class_data
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "32", "--group_size", "16",
          "--random_init", "--device", "cpu", "--method_name", "DINO+Point_MAE"]
@@ -53,3 +55,10 @@ def test_two_processes_give_the_single_process_tables(two_classes, tmp_path):
     classes = [row["class"] for row in json.loads((parallel / "per_sample.json").read_text())]
     assert classes == ["gadget"] * classes.count("gadget") + ["widget"] * classes.count("widget")
     assert classes.count("gadget") == classes.count("widget") == 2 + 4  # 2 good + 1 per defect type
+    # each process writes the report data of its classes; process 0 builds the report from all of them
+    for class_name in ("gadget", "widget"):
+        mine, theirs = (load_class_data(f / REPORT_DATA_DIR / f"{class_name}.npz") for f in (parallel, single))
+        assert mine.names == theirs.names and mine.scores.tolist() == theirs.scores.tolist()
+    cards = re.findall(r'<figure class="part[^"]*" data-name="([^"]+)"', (parallel / "report.html").read_text())
+    assert sorted(cards) == sorted("/".join((r["class"], r["split"], r["defect_type"], r["stem"]))
+                                   for r in json.loads((parallel / "per_sample.json").read_text()))

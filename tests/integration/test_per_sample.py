@@ -1,4 +1,5 @@
-"""Per-sample results (``per_sample.csv`` and ``per_sample.json``) against the evaluation's own arrays.
+"""Per-sample results (``per_sample.csv`` and ``per_sample.json``) against the evaluation's own arrays, and the
+run's report.html (every test part in its gallery; built again from the saved results alone).
 
 The small configuration of test_pipeline.py; the rows are checked against the ``--save_maps`` archive of the same
 run (names, labels, image scores exactly; map max and mean from the saved maps), the test split on disk (every
@@ -7,6 +8,8 @@ part once, in order, with its paths) and the saved model's thresholds (pass/fail
 
 import csv
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import main as main_module
 from m3dm.data.dataset import AnomalyDataset
 from m3dm.detection.persistence import load_class_model
 from m3dm.evaluation.results import PER_SAMPLE_FIELDS
+from m3dm.report.data import REPORT_DATA_DIR, load_class_data
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
          "--random_init", "--device", "cpu", "--batch_size", "2", "-q"]
@@ -103,3 +107,38 @@ def test_without_thresholds_the_pass_fail_cells_are_empty(dataset, tmp_path):
     rows, records = check_rows_match_the_evaluation(dataset, out)
     assert all(r["result"] == "" and r["image_threshold"] == "" for r in rows)
     assert all(r["result"] is None and r["image_threshold"] is None for r in records)
+
+
+def gallery_names(page: str) -> list[str]:
+    return re.findall(r'<figure class="part[^"]*" data-name="([^"]+)"', page)
+
+
+@pytest.mark.slow
+def test_the_run_writes_its_report_and_it_builds_again_without_the_dataset(dataset, fitted, tmp_path):
+    """report.html written at the end of the run; ``python -m m3dm.report`` builds the same page again from a
+    copy of the saved results, with the dataset moved away and no models."""
+    from m3dm.app.report import main as report_main
+
+    page = (fitted / "report.html").read_text()
+    rows = json.loads((fitted / "per_sample.json").read_text())
+    names = ["/".join((r["class"], r["split"], r["defect_type"], r["stem"])) for r in rows]
+    assert sorted(gallery_names(page)) == sorted(names) and len(names) == 3 + 2 * 4
+    record = json.loads((fitted / "results.json").read_text())
+    assert {w["source"] for w in record["config"]["weights"].values()} == {"random"}
+    assert set(record["config"]["versions"]) >= {"python", "torch", "timm", "m3dm"}
+    assert "report data" in record["timings_s"]
+    assert "RANDOM WEIGHTS" in page and 'alt="ROC curve"' in page and 'alt="PRO curve"' in page
+    assert f"image threshold {rows[0]['image_threshold']:.5g}" in page  # the saved model's threshold
+    assert load_class_data(fitted / REPORT_DATA_DIR / "gadget.npz").scores.tolist() == [r["image_score"]
+                                                                                         for r in rows]
+    copy = tmp_path / "saved"
+    shutil.copytree(fitted, copy, ignore=shutil.ignore_patterns("models", "maps", "report.html"))
+    away = tmp_path / "dataset_away"
+    shutil.move(str(dataset), str(away))
+    try:
+        assert report_main([str(copy), "-q"]) == 0
+    finally:
+        shutil.move(str(away), str(dataset))
+    generated = re.compile(r"Generated [^<]* UTC")
+    rebuilt = (copy / "report.html").read_text().replace(str(copy.resolve()), str(fitted.resolve()))
+    assert generated.sub("", rebuilt) == generated.sub("", page)

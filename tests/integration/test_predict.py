@@ -154,6 +154,20 @@ def test_outputs_csv_jsonl_and_pictures(test_split_predictions):
 
 
 @pytest.mark.slow
+def test_the_batch_gets_a_report_with_every_part_and_the_threshold(test_split_predictions):
+    import re
+
+    rows = read_rows(test_split_predictions)
+    page = (test_split_predictions / "report.html").read_text()
+    cards = re.findall(r'<figure class="part[^"]*" data-name="([^"]+)" data-score="([^"]+)"', page)
+    assert sorted(name for name, _ in cards) == sorted(r["name"] for r in rows)
+    assert [float(score) for _, score in cards] == sorted((float(r["image_score"]) for r in rows), reverse=True)
+    assert 'alt="Image score histogram"' in page and 'alt="ROC curve"' not in page  # no labels, no ROC
+    assert f"image threshold {float(rows[0]['image_threshold']):.5g}" in page
+    assert page.count('class="tag fail">FAIL') == sum(r["result"] == "fail" for r in rows)
+
+
+@pytest.mark.slow
 def test_predictions_equal_the_in_process_evaluation(fitted, test_split_predictions):
     rows = read_rows(test_split_predictions)
     expected = fitted["result"]

@@ -1,0 +1,49 @@
+"""Build ``report.html`` from saved results folders: one folder gives its run's report, several a comparison."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from m3dm.data.io import write_text
+from m3dm.report.runs import load_run
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+COMPARISON_NAME = "comparison.html"
+
+
+def default_output(folders: list[str | Path]) -> Path:
+    """``<folder>/report.html`` for one folder; ``comparison.html`` in the folders' common parent for several."""
+    if len(folders) == 1:
+        return Path(folders[0]) / REPORT_NAME
+    parent = Path(os.path.commonpath([str(Path(f).resolve()) for f in folders]))
+    return parent / COMPARISON_NAME
+
+
+def build_report(folders: list[str | Path], output: str | Path | None = None) -> Path:
+    """Write the report of the saved results in ``folders`` to ``output`` (``default_output``) atomically and
+    return its path. Needs only the files the run saved (results.json, per_sample.json, report_data/)."""
+    from m3dm.report.page import comparison_page, run_page
+
+    if not folders:
+        raise ValueError("no results folder given")
+    runs = [load_run(folder) for folder in folders]
+    output = Path(output) if output is not None else default_output(folders)
+    page = run_page(runs[0]) if len(runs) == 1 else comparison_page(runs, output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_text(output, page)
+    log.debug("report: %s (%.1f MB)", output, output.stat().st_size / 1e6)
+    return output
+
+
+def try_build_report(folder: str | Path) -> dict[str, Path]:
+    """The report of a finished run, ``{"report": path}``; a failure is logged, never raised (the results are
+    written already and the report can be built again with ``python -m m3dm.report``)."""
+    try:
+        return {"report": build_report([folder])}
+    except Exception:
+        log.exception("the report could not be built (rebuild it with python -m m3dm.report %s)", folder)
+        return {}

@@ -1,0 +1,286 @@
+"""What a report needs of one class (or one batch of predictions), saved at the end of the run in one ``.npz``.
+
+A report must build later without the dataset and the models, so the run keeps, per test part: its name, label,
+image score and pass/fail, small thumbnails (RGB, depth of the point cloud, the score map, the ground truth), and
+per class the PRO curve and the metrics by defect type, both computed from the full-size maps while they exist.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from m3dm.data.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+REPORT_DATA_DIR = "report_data"  # under the output folder: <class>.npz, and run.json for predictions
+THUMBNAIL = 112  # pixels per side of every saved thumbnail (224 / 2: maps and masks shrink by 2 x 2 blocks)
+UNKNOWN_LABEL = -1  # parts without a label (predictions on new parts)
+
+
+@dataclass
+class ClassData:
+    """One class's saved report data (``save_class_data``), thumbnails ``(N, T, T[, 3])`` in the test order."""
+
+    class_name: str
+    names: list[str]
+    labels: np.ndarray  # int8: 0 good, 1 defective, UNKNOWN_LABEL
+    scores: np.ndarray  # float64 image scores
+    failed: np.ndarray | None  # bool per part with a model's threshold, else None
+    image_threshold: float | None
+    rgb: np.ndarray  # uint8 (N, T, T, 3)
+    depth: np.ndarray  # float16 (N, T, T): z of the cloud, NaN where no point
+    maps: np.ndarray  # float16 (N, T, T)
+    masks: np.ndarray | None  # bool (N, T, T); None without ground truth masks
+    map_range: tuple[float, float]  # the heatmaps' colour scale
+    pro_curve: tuple[np.ndarray, np.ndarray] | None  # (FPRs, PROs) of the whole test split
+    defect_metrics: dict  # defect type -> {"n": ..., metric: value or None}
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels != UNKNOWN_LABEL).all())
+
+    @property
+    def defect_types(self) -> list[str]:
+        return [name.split("/")[-2] if name.count("/") >= 1 else "" for name in self.names]
+
+
+# ------------------------------------------------------------------------------------------- thumbnails
+
+def shrink_rgb(rgb: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
+    """``(H, W, 3)`` uint8 -> ``(size, size, 3)`` uint8 (area average)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.BOX))
+
+
+def shrink_maps(maps: np.ndarray, size: int = THUMBNAIL, reduce=np.mean) -> np.ndarray:
+    """``(N, H, W)`` -> ``(N, size, size)`` by ``reduce`` over blocks (H and W multiples of ``size``), or by
+    sampling the nearest pixel otherwise."""
+    n, height, width = maps.shape
+    if height % size == 0 and width % size == 0:
+        blocks = maps.reshape(n, size, height // size, size, width // size)
+        return reduce(blocks, axis=(2, 4))
+    rows = ((np.arange(size) + 0.5) * height / size).astype(int)
+    cols = ((np.arange(size) + 0.5) * width / size).astype(int)
+    return maps[:, rows][:, :, cols]
+
+
+def depth_thumbnail(cloud: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
+    """An organized cloud ``(H, W, 3)`` (or ``(3, H, W)``) -> its z at ``size x size`` nearest pixels, float16,
+    NaN where there is no point (all-zero coordinates)."""
+    cloud = np.asarray(cloud)
+    if cloud.shape[0] == 3 and cloud.shape[-1] != 3:
+        cloud = cloud.transpose(1, 2, 0)
+    height, width = cloud.shape[:2]
+    rows = ((np.arange(size) + 0.5) * height / size).astype(int)
+    cols = ((np.arange(size) + 0.5) * width / size).astype(int)
+    points = cloud[rows][:, cols].astype(np.float32)
+    depth = points[..., 2].copy()
+    depth[~(points != 0).any(axis=2)] = np.nan
+    return depth.astype(np.float16)
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+def defect_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray,
+                   defect_types: list[str]) -> dict:
+    """Per defect type: the number of parts, their mean score and the metrics of the good parts with that type's
+    parts (image AUROC, AU-PRO); ``good``: its count and mean only. Undefined metrics (no mask, a single label) are
+    None. (No pixel AUROC per type: sorting every pixel again per type would cost seconds per class.)"""
+    from m3dm.evaluation.metrics import au_pro, image_auroc
+
+    types = np.asarray(defect_types)
+    good = labels == 0
+    table = {}
+    for defect in dict.fromkeys(defect_types):
+        chosen = types == defect
+        row: dict = {"n": int(chosen.sum()), "mean_score": float(np.mean(scores[chosen]))}
+        if defect != "good" and good.any():
+            subset = good | chosen
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                row["image_rocauc"] = _finite(image_auroc(labels[subset], scores[subset]))
+                has_masks = masks is not None and masks[chosen].any()
+                row["au_pro"] = _finite(au_pro(masks[subset], maps[subset])) if has_masks else None
+        table[defect] = row
+    return table
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def read_thumbnails(rgb_paths: list[str], xyz_paths: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """RGB ``(N, T, T, 3)`` and depth ``(N, T, T)`` thumbnails of the test parts, read from their files."""
+    from m3dm.data.io import read_organized_pc, read_rgb
+
+    rgb = np.stack([shrink_rgb(np.asarray(read_rgb(p))) for p in rgb_paths])
+    depth = np.stack([depth_thumbnail(read_organized_pc(p)) if p else np.full((THUMBNAIL,) * 2, np.nan, np.float16)
+                      for p in xyz_paths])
+    return rgb, depth
+
+
+def save_class_data(result, rows: list[dict], path: str | Path,
+                    thumbnails: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+    """The report data of one evaluated class (``m3dm.evaluation.results.ClassResult`` and its per-sample rows,
+    which hold pass/fail with a model's thresholds), written atomically. The RGB and depth ``thumbnails`` are read
+    from the test files unless given."""
+    from m3dm.evaluation.metrics import pro_curve
+
+    maps = np.asarray(result.maps, dtype=np.float32)
+    masks = None if result.masks is None else np.asarray(result.masks) > 0
+    if masks is not None and not masks.any():
+        masks = None  # no ground truth: nothing to outline, no pixel metric
+    labels = np.asarray(result.labels, dtype=np.int8)
+    scores = np.asarray(result.image_scores, dtype=np.float64)
+    defect_types = [name.split("/")[2] for name in result.names]
+    curve = None
+    if masks is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            curve = pro_curve(masks, maps)
+    if thumbnails is None:
+        thumbnails = read_thumbnails(result.rgb_paths, result.xyz_paths or [None] * len(result.names))
+    rgb, depth = thumbnails
+    thresholds = {row["image_threshold"] for row in rows}
+    failed = None if None in thresholds else np.array([row["result"] == "fail" for row in rows])
+    return write_data(path, class_name=result.names[0].split("/")[0], names=result.names, labels=labels,
+                      scores=scores, failed=failed, image_threshold=None if failed is None else thresholds.pop(),
+                      rgb=rgb, depth=depth, maps=maps, masks=masks, map_range=(float(maps.min()), float(maps.max())),
+                      pro_curve=curve, defect_metrics=defect_metrics(labels, scores, masks, maps, defect_types))
+
+
+def write_data(path: str | Path, *, class_name: str, names, labels, scores, failed, image_threshold, rgb, depth,
+               maps, masks, map_range, pro_curve=None, defect_metrics=None) -> Path:
+    """Write one ``ClassData`` file: maps and masks at full size (224) are shrunk to the thumbnails here."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape[-1] != THUMBNAIL:
+        maps = shrink_maps(maps)
+    if masks is not None and np.asarray(masks).shape[-1] != THUMBNAIL:
+        masks = shrink_maps(np.asarray(masks, dtype=bool), reduce=np.any)
+    n = len(names)
+    arrays = {
+        "class_name": np.asarray(class_name), "names": np.asarray(names, dtype=str),
+        "labels": np.asarray(labels, dtype=np.int8).reshape(n), "scores": np.asarray(scores, np.float64).reshape(n),
+        "failed": np.asarray([] if failed is None else failed, dtype=bool),
+        "has_threshold": np.asarray(failed is not None),
+        "image_threshold": np.asarray(np.nan if image_threshold is None else image_threshold, dtype=np.float64),
+        "rgb": np.asarray(rgb, dtype=np.uint8), "depth": np.asarray(depth, dtype=np.float16),
+        "maps": maps.astype(np.float16), "has_masks": np.asarray(masks is not None),
+        "masks": np.asarray(masks if masks is not None else np.zeros((0,), bool), dtype=bool),
+        "map_range": np.asarray(map_range, dtype=np.float64),
+        "pro_fprs": np.asarray([] if pro_curve is None else pro_curve[0], dtype=np.float64),
+        "pro_pros": np.asarray([] if pro_curve is None else pro_curve[1], dtype=np.float64),
+        "defect_metrics": np.asarray(json.dumps(defect_metrics or {})),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(buffer.getvalue())
+    log.debug("%s: report data of %d parts", path, n)
+    return path
+
+
+def load_class_data(path: str | Path) -> ClassData:
+    """Read a file written by ``write_data``."""
+    from m3dm.errors import DataError
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            a = {key: archive[key] for key in archive.files}
+        has_threshold = bool(a["has_threshold"])
+        fprs, pros = a["pro_fprs"], a["pro_pros"]
+        return ClassData(
+            class_name=str(a["class_name"]), names=[str(n) for n in a["names"]], labels=a["labels"],
+            scores=a["scores"], failed=a["failed"] if has_threshold else None,
+            image_threshold=float(a["image_threshold"]) if has_threshold else None, rgb=a["rgb"], depth=a["depth"],
+            maps=a["maps"].astype(np.float32), masks=a["masks"] if bool(a["has_masks"]) else None,
+            map_range=(float(a["map_range"][0]), float(a["map_range"][1])),
+            pro_curve=(fprs, pros) if fprs.size and np.isfinite(pros).all() else None,
+            defect_metrics=json.loads(str(a["defect_metrics"])))
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable report data file ({type(exc).__name__}: {exc})") from exc
+
+
+# ----------------------------------------------------------------------------------------- the run record
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and the packages that change numbers (a report and results.json show them)."""
+    import platform
+    from importlib import metadata
+
+    import m3dm
+
+    versions = {"python": platform.python_version(), "m3dm": m3dm.__version__}
+    for package in ("torch", "timm", "numpy", "scipy", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def run_record(weights: dict) -> dict:
+    """The fields a run adds to its results.json record for the report: software versions and the weights used
+    (``persistence.weight_record`` by kind)."""
+    return {"versions": software_versions(), "weights": weights}
+
+
+def write_run_record(folder: str | Path, record: dict) -> Path:
+    """``<folder>/report_data/run.json``: the record of a run that writes no results.json (predictions)."""
+    from m3dm.data.io import write_text
+
+    path = Path(folder) / REPORT_DATA_DIR / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- predictions
+
+@dataclass
+class PredictionData:
+    """The report data of ``m3dm.predict``, gathered part by part (no labels: new parts)."""
+
+    class_name: str
+    image_threshold: float
+    map_range: tuple[float, float]
+
+    def __post_init__(self):
+        self.names, self.scores, self.failed = [], [], []
+        self.rgb, self.depth, self.maps, self.masks = [], [], [], []
+
+    def add(self, name: str, score: float, failed: bool, rgb: np.ndarray, cloud: np.ndarray, gt: np.ndarray | None,
+            score_map: np.ndarray) -> None:
+        """One scored part: ``rgb (224, 224, 3)`` uint8, ``cloud (3, S, S)``, ``gt (224, 224)`` or None, the map."""
+        self.names.append(name)
+        self.scores.append(float(score))
+        self.failed.append(bool(failed))
+        self.rgb.append(shrink_rgb(rgb))
+        self.depth.append(depth_thumbnail(cloud))
+        self.maps.append(shrink_maps(np.asarray(score_map, dtype=np.float32)[None])[0])
+        self.masks.append(None if gt is None else shrink_maps(np.asarray(gt, dtype=bool)[None], reduce=np.any)[0])
+
+    def save(self, folder: str | Path, record: dict) -> Path | None:
+        """``report_data/<class>.npz`` and ``report_data/run.json`` under ``folder``; None without scored parts."""
+        if not self.names:
+            return None
+        masks = None
+        if any(m is not None for m in self.masks):
+            blank = np.zeros((THUMBNAIL, THUMBNAIL), dtype=bool)
+            masks = np.stack([blank if m is None else m for m in self.masks])
+        write_run_record(folder, record)
+        return write_data(Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz", class_name=self.class_name,
+                          names=self.names, labels=np.full(len(self.names), UNKNOWN_LABEL), scores=self.scores,
+                          failed=self.failed, image_threshold=self.image_threshold, rgb=np.stack(self.rgb),
+                          depth=np.stack(self.depth), maps=np.stack(self.maps), masks=masks, map_range=self.map_range)

@@ -1,0 +1,81 @@
+"""Saved results of made-up runs, for tests and the report benchmark: the files a run writes (results.json,
+per_sample.csv/.json, report_data/<class>.npz), written by the run's own writers from synthetic arrays."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from m3dm.constants import RGB_SIZE
+from m3dm.evaluation.metrics import compute_metrics
+from m3dm.evaluation.results import ClassResult, per_sample_rows
+from m3dm.evaluation.tables import write_per_sample, write_results
+from m3dm.report.data import REPORT_DATA_DIR, THUMBNAIL, run_record, save_class_data, shrink_maps
+
+DEFECTS = ("good", "crack", "hole", "color")
+
+
+def synthetic_class(class_name: str, n_parts: int, rng: np.random.Generator, masks: bool = True) -> ClassResult:
+    """``n_parts`` test parts (a quarter good) with square defects that the maps find more or less well."""
+    defects = [DEFECTS[i % len(DEFECTS)] for i in range(n_parts)]
+    labels = np.array([int(d != "good") for d in defects])
+    yy, xx = np.mgrid[:RGB_SIZE, :RGB_SIZE]
+    maps = rng.gamma(2.0, 0.05, size=(n_parts, RGB_SIZE, RGB_SIZE)).astype(np.float32)
+    gts = np.zeros((n_parts, RGB_SIZE, RGB_SIZE), dtype=np.uint8)
+    for i in np.flatnonzero(labels):
+        cy, cx, r = rng.integers(40, 184), rng.integers(40, 184), rng.integers(8, 30)
+        region = (abs(yy - cy) < r) & (abs(xx - cx) < r)
+        gts[i][region] = 1
+        maps[i][region] += rng.uniform(0.0, 0.6)
+    if not masks:
+        gts[:] = 0
+    scores = maps.reshape(n_parts, -1).max(axis=1).astype(np.float64)
+    names = [f"{class_name}/test/{d}/{i:03d}" for i, d in enumerate(defects)]
+    paths = [f"/nonexistent/{n}.png" for n in names]  # the dataset is gone: the report must not need it
+    with warnings.catch_warnings():  # without masks the pixel metrics are NaN, as a run's are
+        warnings.simplefilter("ignore", RuntimeWarning)
+        metrics = compute_metrics(labels, scores, gts, maps)
+    return ClassResult(metrics, labels, scores, maps, gts, names, paths, [p.replace(".png", ".tiff") for p in paths])
+
+
+def synthetic_thumbnails(result: ClassResult, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """RGB and depth thumbnails: a tilted plane with a bump, the defect tinted."""
+    n = len(result.names)
+    yy, xx = np.mgrid[:THUMBNAIL, :THUMBNAIL] / THUMBNAIL
+    depth = np.stack([0.5 + 0.2 * xx + 0.1 * yy + 0.05 * rng.standard_normal() for _ in range(n)])
+    depth[:, :8] = np.nan  # no points along one edge
+    rgb = np.empty((n, THUMBNAIL, THUMBNAIL, 3), dtype=np.uint8)
+    rgb[:] = rng.integers(90, 160, size=(n, 1, 1, 3))
+    small = shrink_maps(result.masks.astype(bool), reduce=np.any)
+    rgb[small] = (200, 60, 40)
+    return rgb, depth.astype(np.float16)
+
+
+def write_synthetic_results(folder: str | Path, classes: list[str], n_parts: int, method: str = "DINO+Point_MAE",
+                            seed: int = 0, threshold: bool = True, random_weights: bool = True,
+                            masks: bool = True) -> Path:
+    """The output folder of a made-up ``main.py`` run (``threshold``: as with --save_model, pass/fail rows)."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    per_class, rows_all = {}, []
+    for class_name in classes:
+        result = synthetic_class(class_name, n_parts, rng, masks)
+        good = result.image_scores[result.labels == 0]
+        image_threshold = float(np.max(good)) if threshold else None
+        fails = None if image_threshold is None else (lambda s, t=image_threshold: s > t)
+        rows = per_sample_rows(result, fails, image_threshold)
+        save_class_data(result, rows, folder / REPORT_DATA_DIR / f"{class_name}.npz",
+                        thumbnails=synthetic_thumbnails(result, rng))
+        per_class[class_name] = result.metrics
+        rows_all += rows
+    source = "random" if random_weights else "file"
+    weights = {kind: {"name": name, "source": source, "seed": 0 if random_weights else None,
+                      "path": None if random_weights else f"/checkpoints/{name}.pth", "sha256": None}
+               for kind, name in (("rgb", "vit_base_patch8_224_dino"), ("xyz", "Point_MAE"))}
+    config = {"method_name": method, "random_init": random_weights, "classes": list(classes), **run_record(weights)}
+    timings = {"extract": 12.5 * len(classes), "coreset": 3.0 * len(classes), "test scoring": 1.5 * len(classes)}
+    write_results(folder, method, per_class, config, timings)
+    write_per_sample(folder, rows_all)
+    return folder

@@ -1,0 +1,202 @@
+"""report.html from saved results alone: sections with real content, every test part in the gallery, the note on
+random weights, classes without masks, and the comparison of several folders (deltas equal the results' own).
+
+The results are made-up runs written by the run's own writers (m3dm.report.synthetic); their test files do not
+exist, so the report can only come from the saved files.
+"""
+
+import base64
+import io
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m3dm.app.report import main as report_main
+from m3dm.report import build_report
+from m3dm.report.data import REPORT_DATA_DIR, load_class_data
+from m3dm.report.synthetic import write_synthetic_results
+
+
+class Page(HTMLParser):
+    """The parts of a report the tests look at: sections (by id), their images and the gallery cards."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.section = None
+        self.sections: dict[str, dict] = {}
+        self.cells: list[dict] = []
+        self.text: list[str] = []
+        self.source = text
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.section = attrs.get("id")
+            self.sections[self.section] = {"images": [], "parts": [], "tables": 0}
+        current = self.sections.get(self.section)
+        if current is None:
+            return
+        if tag == "img":
+            current["images"].append(attrs)
+        elif tag == "figure" and "part" in attrs.get("class", "").split():
+            current["parts"].append(attrs)
+        elif tag == "table":
+            current["tables"] += 1
+        elif tag == "td" and "data-value" in attrs:
+            self.cells.append(attrs)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def decoded(image: dict) -> np.ndarray:
+    prefix = "data:image/png;base64,"
+    assert image["src"].startswith(prefix)
+    picture = Image.open(io.BytesIO(base64.b64decode(image["src"][len(prefix):])))
+    assert picture.format == "PNG"
+    return np.asarray(picture.convert("RGB"))
+
+
+N_PARTS = 10  # test parts per class
+
+
+def non_trivial(pixels: np.ndarray) -> bool:
+    return len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    return write_synthetic_results(tmp_path_factory.mktemp("run") / "results", ["alpha", "beta"], N_PARTS)
+
+
+@pytest.fixture(scope="module")
+def page(saved) -> Page:
+    return Page(build_report([saved]).read_text())
+
+
+def test_every_test_part_is_in_its_class_gallery_misclassified_first(saved, page):
+    rows = json.loads((saved / "per_sample.json").read_text())
+    for class_name in ("alpha", "beta"):
+        cards = page.sections[f"class-{class_name}"]["parts"]
+        names = ["/".join((r["class"], r["split"], r["defect_type"], r["stem"])) for r in rows
+                 if r["class"] == class_name]
+        assert sorted(c["data-name"] for c in cards) == sorted(names) and len(cards) == len(names) == N_PARTS
+        by_name = {"/".join((r["class"], r["split"], r["defect_type"], r["stem"])): r for r in rows}
+        wrong = [("wrong" in c["class"].split()) for c in cards]
+        expected = [(by_name[c["data-name"]]["result"] == "fail") != (by_name[c["data-name"]]["label"] == 1)
+                    for c in cards]
+        assert wrong == expected and any(wrong)
+        assert wrong == sorted(wrong, reverse=True)  # the misclassified first
+        for group in (True, False):  # each group by decreasing score
+            scores = [float(c["data-score"]) for c, w in zip(cards, wrong) if w == group]
+            assert scores == sorted(scores, reverse=True)
+
+
+def test_every_section_has_real_content(page):
+    run = page.sections["run"]
+    assert run["tables"] == 4  # weights, time per stage, versions, configuration
+    assert page.sections["metrics"]["tables"] == 1
+    text = " ".join(page.text)
+    for needle in ("vit_base_patch8_224_dino", "Point_MAE", "extract", "torch", "python", "timm"):
+        assert needle in text
+    for class_name in ("alpha", "beta"):
+        section = page.sections[f"class-{class_name}"]
+        kinds = [image["class"] for image in section["images"]]
+        assert kinds.count("roc") == kinds.count("pro") == kinds.count("histogram") == 1
+        assert kinds.count("thumb") == N_PARTS
+        assert section["tables"] == 1  # by defect type
+        for image in section["images"]:
+            pixels = decoded(image)
+            assert non_trivial(pixels), image["class"]
+        thumb = decoded(next(i for i in section["images"] if i["class"] == "thumb"))
+        assert thumb.shape[0] == 112 and thumb.shape[1] == 3 * 112 + 4  # three panels side by side
+
+
+def test_random_weights_are_announced_loudly_and_only_then(tmp_path, page):
+    assert '<div class="loud" id="random-weights">' in page.source
+    assert "RANDOM WEIGHTS (RGB backbone, point backbone, --random_init)" in " ".join(page.text)
+    trained = write_synthetic_results(tmp_path / "trained", ["alpha"], 6, random_weights=False)
+    assert "RANDOM WEIGHTS" not in build_report([trained]).read_text()
+
+
+def test_the_report_data_keeps_the_evaluation_order_and_scores(saved):
+    rows = json.loads((saved / "per_sample.json").read_text())
+    data = load_class_data(saved / REPORT_DATA_DIR / "alpha.npz")
+    alpha = [r for r in rows if r["class"] == "alpha"]
+    assert data.names == ["/".join((r["class"], r["split"], r["defect_type"], r["stem"])) for r in alpha]
+    assert data.scores.tolist() == [r["image_score"] for r in alpha]
+    assert data.failed.tolist() == [r["result"] == "fail" for r in alpha]
+    assert data.rgb.shape == (N_PARTS, 112, 112, 3) and data.maps.shape == data.depth.shape == (N_PARTS, 112, 112)
+
+
+def test_a_class_without_masks_shows_na_and_no_pixel_plot(tmp_path):
+    folder = write_synthetic_results(tmp_path / "r", ["alpha"], 8, masks=False, threshold=False)
+    results = json.loads((folder / "results.json").read_text())
+    assert math.isnan(results["per_class"]["alpha"]["au_pro"])
+    results["per_class"]["alpha"]["pixel_rocauc"] = None  # either form: NaN or null
+    (folder / "results.json").write_text(json.dumps(results))
+    page = Page(build_report([folder]).read_text())
+    section = page.sections["class-alpha"]
+    kinds = [image["class"] for image in section["images"]]
+    assert "pro" not in kinds and kinds.count("roc") == 1 and kinds.count("thumb") == 8
+    text = " ".join(page.text)
+    assert "n/a" in text and "no ground-truth masks" in text
+    assert "misclassified" not in text  # no threshold: sorted by score only
+
+
+def test_the_command_rebuilds_the_report_and_compares_folders(saved, tmp_path, capsys):
+    other = write_synthetic_results(tmp_path / "other", ["alpha", "beta", "gamma"], N_PARTS, method="Point_MAE", seed=3)
+    assert report_main([str(saved), "-q"]) == 0 and (saved / "report.html").is_file()
+    output = tmp_path / "cmp.html"
+    assert report_main([str(saved), str(other), "--output", str(output), "-q"]) == 0
+    page = Page(output.read_text())
+    first, second = (json.loads((f / "results.json").read_text()) for f in (saved, other))
+    metric_cells = [c for c in page.cells if "data-metric" in c]
+    assert {c["data-run"] for c in metric_cells} == {"Point_MAE"}
+    assert len(metric_cells) == 2 * 4  # the two shared classes, four metrics
+    for cell in metric_cells:
+        c, m = cell["data-class"], cell["data-metric"]
+        assert float(cell["data-value"]) == second["per_class"][c][m] - first["per_class"][c][m]
+    scores = [{(r["class"], r["defect_type"], r["stem"]): r["image_score"]
+               for r in json.loads((f / "per_sample.json").read_text())} for f in (saved, other)]
+    sample_cells = [c for c in page.cells if "data-sample" in c]
+    assert len(sample_cells) == 2 * N_PARTS
+    for cell in sample_cells:
+        class_name, _, defect, stem = cell["data-sample"].split("/")
+        key = (class_name, defect, stem)
+        assert float(cell["data-value"]) == scores[1][key] - scores[0][key]
+    assert "M3DM comparison: DINO+Point_MAE vs Point_MAE" in " ".join(page.text)
+    assert {f"class-{c}" for c in ("alpha", "beta")} <= set(page.sections) and "class-gamma" not in page.sections
+
+
+def test_a_folder_without_results_is_one_clear_error(tmp_path, capsys):
+    assert report_main([str(tmp_path)]) == 2
+    assert f"{tmp_path}: no saved results" in capsys.readouterr().err
+
+
+def chromium() -> str | None:
+    import shutil
+
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))),
+                None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="no headless Chromium on this machine (apt-get install chromium)")
+def test_the_report_renders_in_a_headless_chromium(saved, page, tmp_path):
+    import subprocess
+
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,1600", f"--screenshot={shot}", (saved / "report.html").resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape == (1600, 1200, 3)
+    banner = (pixels[..., 0] > 150) & (pixels[..., 1] < 70) & (pixels[..., 2] < 70)  # the red random-weights note
+    assert banner.sum() > 20_000 and non_trivial(pixels)
