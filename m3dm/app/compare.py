@@ -9,12 +9,15 @@ tables; ``--save_model`` puts its models there too), and ``resources.json`` with
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 from m3dm.config import METHODS
+
+log = logging.getLogger(__name__)
 
 FORBIDDEN = {"--method_name": "give the methods with --methods",
              "--memory_bank": "each method runs with the reference's --memory_bank for it",
@@ -117,14 +120,28 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_comparison(output_dir, runs, classes)
     print("\n" + comparison_markdown(comparison_record(runs, classes)))
     print(f"comparison written to {paths['md']} and {paths['json']}")
-    folders = [shlex.quote(str(method_folder(output_dir, r.method))) for r in runs if r.exit_status == 0]
-    if folders:
-        print(f"side-by-side report of these runs: python -m m3dm.report {' '.join(folders)}")
+    folders = [method_folder(output_dir, r.method) for r in runs if r.exit_status == 0]
+    if len(folders) > 1:
+        report = _side_by_side_report(folders, output_dir)
+        again = f"python -m m3dm.report {' '.join(shlex.quote(str(f)) for f in folders)}"
+        print(f"side-by-side report: {report} (again: {again})" if report else f"build it with: {again}")
     failed = [r.method for r in runs if r.exit_status != 0]
     if failed:
         print(f"failed: {', '.join(failed)} (see their messages above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _side_by_side_report(folders: list[Path], output_dir: Path) -> Path | None:
+    """``<output_dir>/comparison.html`` of the methods' results folders; a failure is logged, not raised (the
+    tables are written already)."""
+    from m3dm.report.build import COMPARISON_NAME, build_report
+
+    try:
+        return build_report(folders, output_dir / COMPARISON_NAME)
+    except Exception:
+        log.exception("the side-by-side report could not be built")
+        return None
 
 
 if __name__ == "__main__":

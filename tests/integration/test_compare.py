@@ -20,7 +20,10 @@ def test_two_methods_side_by_side(tmp_path, capsys):
     status = compare.main(["--methods", *methods, "--dataset_path", str(dataset), "--output_dir", str(out), *SMALL])
     assert status == 0
     printed = capsys.readouterr().out
+    assert f"side-by-side report: {out / 'comparison.html'}" in printed
     assert f"python -m m3dm.report {out / 'BTF_FPFH'} {out / 'Point_MAE'}" in printed
+    page = (out / "comparison.html").read_text()
+    assert "BTF_FPFH" in page and "Point_MAE" in page
     record = json.loads((out / "comparison.json").read_text())
     assert record["classes"] == ["gadget"]
     for method in methods:
