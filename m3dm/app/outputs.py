@@ -1,5 +1,6 @@
-"""What ``main.py`` checks before fitting anything: the classes exist, every output folder can be written, and
-``--load_model`` has a model for every class. Each problem is one line naming the flag and the path."""
+"""What ``main.py`` checks before fitting anything: the classes exist, their data is usable (m3dm.data.check),
+every output folder can be written, and ``--load_model`` has a model for every class. Each problem names the flag
+or the file."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import tempfile
 from pathlib import Path
 
 from m3dm.config import Settings
+from m3dm.data.check import require_usable_dataset
 from m3dm.detection.persistence import MODELS_DIR, model_path
 from m3dm.errors import ConfigError, ModelFileError
 
 
 def check_before_fitting(settings: Settings, classes: list[str]) -> None:
-    """Raise ConfigError (or ModelFileError) for the first problem a run would otherwise meet only after fitting
-    the classes before it."""
+    """Raise ConfigError (or DataError, ModelFileError) for the first problem a run would otherwise meet only
+    after fitting the classes before it."""
     run = settings.run
     check_classes_exist(run.dataset_path, classes)
+    # the data next (file headers, pairing, splits: every problem in one message), before any folder is made
+    require_usable_dataset(run.dataset_path, classes, fitting=settings.models.load_model is None)
     check_writable_folder(run.output_dir, "--output_dir")
     if run.save_feature:
         check_writable_folder(run.save_feature_path, "--save_feature_path")

@@ -26,7 +26,6 @@ from m3dm.app.outputs import check_before_fitting
 from m3dm.config import BackboneSettings, RunSettings, Settings
 from m3dm.constants import CLASSES_BY_DATASET
 from m3dm.data import available_classes
-from m3dm.data.check import require_usable_dataset
 from m3dm.data.dataset import AnomalyDataset, make_loader
 from m3dm.data.layout import masks_available
 from m3dm.detection.detector import Detector, ModalityScore, sample_cap
@@ -79,8 +78,7 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     device = resolve_device(settings.run.device, workers.local_rank)
     classes = dataset_classes(settings.run)
     output_dir = Path(settings.run.output_dir)
-    check_before_fitting(settings, classes)  # a missing class or an unwritable folder, found before any fitting
-    require_usable_dataset(settings.run.dataset_path, classes, fitting=settings.models.load_model is None)
+    check_before_fitting(settings, classes)  # missing classes, unusable data, unwritable folders: before fitting
     done = finished_classes(output_dir, classes, settings) if settings.run.resume else {}
     skipped = processes.gather(sorted(done), workers)[0]  # process 0's list: read before any class is written
     if settings.run.resume and workers.is_main:
