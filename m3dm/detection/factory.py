@@ -9,6 +9,7 @@ Every family's detector has the surface ``m3dm.app.run`` and ``m3dm.app.predict`
 from __future__ import annotations
 
 from m3dm.config import METHODS, DetectorSettings
+from m3dm.detection.cfm import CFMDetector
 from m3dm.detection.detector import Detector
 from m3dm.detection.persistence import ClassModel
 
@@ -16,10 +17,15 @@ from m3dm.detection.persistence import ClassModel
 def detector_class(method_name: str) -> type:
     """The detector class of a method, by its family."""
     family = METHODS[method_name].family
-    classes = {"m3dm": Detector}
+    classes = {"m3dm": Detector, "cfm": CFMDetector}
     if family not in classes:
         raise ValueError(f"{method_name}: no detector for the method family {family!r}")
     return classes[family]
+
+
+def training_cap(config: DetectorSettings, max_sample: int) -> int:
+    """How many training samples (the first ones, in order) the method's detector is fitted on."""
+    return detector_class(config.method_name).training_cap(config, max_sample)
 
 
 def build_detector(config: DetectorSettings, fusion_block=None, device="cpu", progress: bool = True,
