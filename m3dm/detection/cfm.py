@@ -141,7 +141,7 @@ class CFMDetector:
         """Per-pixel RGB and point features of one sample on the device, and the valid-pixel mask."""
         xyz = dense_points(groups.to(self.device))
         rgb = dense_rgb(rgb_map.to(self.device), groups.img_size)
-        return rgb, xyz, valid_pixels(xyz)
+        return rgb, xyz, valid_pixels(xyz, by_sum=not self.config.fix_quirks)
 
     # -------------------------------------------------------------------------------------------- training
 

@@ -44,6 +44,8 @@ def dense_points(groups: PointGroups) -> Tensor:
     return project_to_patches(per_point, groups.flat_index, groups.img_size, groups.img_size)
 
 
-def valid_pixels(dense_xyz: Tensor) -> Tensor:
-    """The pixels with point features: ``(P,)`` bool, True where the features do not sum to 0 (CFM's mask)."""
-    return dense_xyz.sum(dim=1) != 0
+def valid_pixels(dense_xyz: Tensor, by_sum: bool = True) -> Tensor:
+    """The pixels with point features, ``(P,)`` bool: where the features do not sum to 0 (``by_sum``, CFM's
+    reference), or where any feature is non-zero (LayerNorm outputs sum to about 0, so the sum can vanish at a
+    pixel that has features: quirk C6)."""
+    return dense_xyz.sum(dim=1) != 0 if by_sum else (dense_xyz != 0).any(dim=1)

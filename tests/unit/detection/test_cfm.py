@@ -93,7 +93,7 @@ def direct_map(detector: CFMDetector, sample: SampleFeatures, fix_quirks: bool) 
     with torch.no_grad():
         xyz_hat, rgb_hat = detector.rgb_to_xyz(rgb).double(), detector.xyz_to_rgb(xyz).double()
     xyz, rgb = xyz.double(), rgb.double()
-    invalid = (xyz.sum(dim=1).abs() < 1e-12).numpy()
+    invalid = ((xyz == 0).all(dim=1) if fix_quirks else xyz.sum(dim=1) == 0).numpy()
 
     def distance(a, b):
         cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
