@@ -233,7 +233,7 @@ class ClassRun:
                     if dump:
                         self._dump(sample, detector.n_train)
                     detector.add(sample)
-        with self.timer("coreset"):
+        with self.timer(getattr(detector, "fit_stage", "coreset")):
             detector.finalize()
         if detector.uses_dlf:
             scores = self._pass2_reextracted(loader) if self.settings.run.dlf_reextract else self._pass2_reused()

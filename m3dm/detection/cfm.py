@@ -109,6 +109,7 @@ class CFMDetector:
     ``predict`` scores a test sample (the detector surface of ``m3dm.detection.factory``)."""
 
     uses_dlf = False
+    fit_stage = "mapping training"  # what finalize does, as the run's timings name it
     needs_rgb = True
     needs_xyz = True
 
