@@ -11,11 +11,12 @@ import pytest
 import torch
 from scipy.ndimage import uniform_filter
 
-from m3dm.config import DetectorSettings, recorded_defaults
+from m3dm.config import FEATURE_DUMP_METHODS, DetectorSettings, Settings, recorded_defaults
 from m3dm.detection import cfm
 from m3dm.detection.cfm import CFMDetector, FeatureMappingMLP
 from m3dm.detection.factory import detector_class, detector_from_model, training_cap
 from m3dm.detection.persistence import load_class_model, make_setup
+from m3dm.errors import ConfigError
 from m3dm.features.alignment import pfa_patches
 from m3dm.features.dense import PointGroups
 from m3dm.features.extractor import SampleFeatures
@@ -78,6 +79,20 @@ def test_method_entry_and_factory():
     assert training_cap(settings(), max_sample=400) > 10**9  # every training sample: --max_sample is M3DM's
     assert training_cap(settings(cfm_train_samples=5), max_sample=400) == 5
     assert training_cap(DetectorSettings(method_name="Point_MAE"), max_sample=400) == 401  # quirk 35, unchanged
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"detector": {"cfm_train_samples": 0}}, "--cfm_train_samples must be at least 1"),
+    ({"detector": {"cfm_epochs": 0}}, "--cfm_epochs and --cfm_batch_size must be >= 1"),
+    ({"uff": {"use_uff": True}}, "does not use the UFF block"),
+    ({"run": {"save_feature": True}}, "--save_feature dumps UFF pretraining features"),
+])
+def test_settings_that_cfm_cannot_run_are_refused(changes, message):
+    base = Settings().replace(detector={"method_name": "CFM"})
+    base.validate()  # the defaults (and --memory_bank's) are fine
+    with pytest.raises(ConfigError, match=message):
+        base.replace(**changes).validate()
+    assert "CFM" not in FEATURE_DUMP_METHODS
 
 
 # ----------------------------------------------------------------------------------------- the formula
