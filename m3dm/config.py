@@ -72,9 +72,12 @@ METHODS: dict[str, MethodSpec] = {
     "BTF_RGB": MethodSpec(("rgb",), "single", eps=0.0, features="btf", patch_grid=BTF_PATCH_GRID),
     "BTF_FPFH": MethodSpec(("xyz",), "single", eps=0.0, features="btf", patch_grid=BTF_PATCH_GRID),
     "BTF_RGB+FPFH": MethodSpec((CONCAT,), "single", eps=0.0, features="btf", patch_grid=BTF_PATCH_GRID),
+    # crossmodal feature mapping (Costanzino et al., CVPR 2024): no banks, two MLPs (m3dm.detection.cfm)
+    "CFM": MethodSpec(("xyz", "rgb"), "cfm", eps=0.0, family="cfm"),
 }
 # --save_feature dumps UFF pretraining input, which the two methods with exactly an xyz and an rgb bank produce
-FEATURE_DUMP_METHODS = tuple(name for name, spec in METHODS.items() if spec.modalities == ("xyz", "rgb"))
+FEATURE_DUMP_METHODS = tuple(name for name, spec in METHODS.items()
+                             if spec.family == "m3dm" and spec.modalities == ("xyz", "rgb"))
 RGB_BACKBONES = ("vit_base_patch8_224_dino", "vit_base_patch8_224", "vit_base_patch8_224_in21k",
                  "vit_small_patch8_224_dino")
 POINT_BACKBONES = ("Point_MAE", "Point_Bert")
@@ -82,6 +85,7 @@ POINT_BACKBONES = ("Point_MAE", "Point_Bert")
 REFERENCE = "reference flags (same names and defaults as the original main.py)"
 ADDED = "added flags"
 SAVED = "saved models and pass/fail thresholds (docs/inference.md)"
+CFM = "CFM (--method_name CFM): its two feature-mapping MLPs; defaults are its reference's (docs/quirks.md)"
 
 
 def setting(default: Any, help: str = "", *, flag: bool = True, type: type | None = None,
@@ -150,6 +154,14 @@ class DetectorSettings:
         1, "faster coreset: S contiguous blocks of the bank, each with its own greedy selection (faster; default "
            "1 = the reference's exact selection; it lowers the localisation metrics, see benchmarks/README.md)",
         group=ADDED, metavar="S")
+    cfm_epochs: int = setting(50, "training epochs of the two mapping MLPs (the reference's training default; "
+                                  "its published checkpoints used 250)", group=CFM)
+    cfm_batch_size: int = setting(4, "training samples per optimisation step", group=CFM)
+    cfm_lr: float = setting(1e-3, "Adam learning rate", group=CFM)
+    cfm_seed: int = setting(115, "seed of the MLPs' initial weights and of the per-epoch shuffling", group=CFM)
+    cfm_train_samples: int | None = setting(
+        None, "few-shot setting: train on the first N training samples only (default: all of them; --max_sample "
+              "is M3DM's bank cap and does not apply to CFM)", type=int, group=CFM, metavar="N")
 
     @property
     def spec(self) -> MethodSpec:
@@ -373,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(settings: Settings) -> None:
     """Raise ConfigError with what to use instead, for every combination the reference cannot run."""
-    for rule in (_range_rules, _method_rules, _option_rules, _model_file_rules):
+    for rule in (_range_rules, _method_rules, _option_rules, _model_file_rules, _cfm_rules):
         message = rule(settings)
         if message:
             raise ConfigError(message)
@@ -494,4 +506,15 @@ def _model_file_rules(s: Settings) -> str | None:
         return "--save_model fits and saves, --load_model skips fitting: use one of them"
     if models.load_model is not None and s.run.save_feature:
         return "--save_feature dumps features while fitting, which --load_model skips: drop one"
+    return None
+
+
+def _cfm_rules(s: Settings) -> str | None:
+    d = s.detector
+    if d.cfm_epochs < 1 or d.cfm_batch_size < 1 or not d.cfm_lr > 0:
+        return "--cfm_epochs and --cfm_batch_size must be >= 1 and --cfm_lr > 0"
+    if d.cfm_train_samples is not None and d.cfm_train_samples < 1:
+        return "--cfm_train_samples must be at least 1 (omit it to train on every training sample)"
+    if s.uff.use_uff and d.spec.family == "cfm":
+        return "--method_name CFM does not use the UFF block: drop --use_uff"
     return None

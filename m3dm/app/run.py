@@ -28,8 +28,8 @@ from m3dm.constants import CLASSES_BY_DATASET
 from m3dm.data import available_classes
 from m3dm.data.dataset import AnomalyDataset, make_loader
 from m3dm.data.layout import masks_available
-from m3dm.detection.detector import Detector, ModalityScore, sample_cap
-from m3dm.detection.factory import build_detector, detector_from_model
+from m3dm.detection.detector import Detector, ModalityScore
+from m3dm.detection.factory import build_detector, detector_from_model, training_cap
 from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup, model_path, weight_record
 from m3dm.detection.thresholds import Thresholds, ThresholdSamples, choose_threshold_samples, threshold_dataset
 from m3dm.evaluation.metrics import compute_metrics
@@ -225,7 +225,7 @@ class ClassRun:
         return choose_threshold_samples(self.root, self.class_name, self._train_cap())
 
     def _train_cap(self) -> int:
-        return sample_cap(self.settings.run.max_sample, self.settings.detector.fix_quirks)
+        return training_cap(self.settings.detector, self.settings.run.max_sample)
 
     def fit(self) -> None:
         """Pass 1 into the banks, their coreset, and with decision layer fusion pass 2 and the SVMs."""
@@ -244,7 +244,7 @@ class ClassRun:
                     if dump:
                         self._dump(sample, detector.n_train)
                     detector.add(sample)
-        with self.timer("coreset"):
+        with self.timer(getattr(detector, "fit_stage", "coreset")):
             detector.finalize()
         if detector.uses_dlf:
             scores = self._pass2_reextracted(loader) if self.settings.run.dlf_reextract else self._pass2_reused()

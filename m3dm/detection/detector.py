@@ -56,6 +56,11 @@ class Detector:
         self._late_xyz: dict[int, torch.Tensor] = {}  # xyz patches of samples beyond --asy_memory_bank
         self.n_train = 0
 
+    @staticmethod
+    def training_cap(config: DetectorSettings, max_sample: int) -> int:
+        """Training samples per pass (``sample_cap``: ``max_sample + 1`` as the reference, quirk 35)."""
+        return sample_cap(max_sample, config.fix_quirks)
+
     # ------------------------------------------------------------------------------------------- features
 
     @property

@@ -15,6 +15,7 @@ import torch
 from m3dm.config import BTF_PATCH_GRID, BackboneSettings, MethodSpec
 from m3dm.errors import DataError
 from m3dm.features.alignment import pfa_patches, rgb_to_patch_grid, valid_points
+from m3dm.features.dense import PointGroups
 from m3dm.features.fpfh import FPFHFeatures
 from m3dm.features.weights import build_point_backbone, build_rgb_backbone, build_wide_resnet
 
@@ -28,6 +29,7 @@ class SampleFeatures:
     rgb: torch.Tensor | None = None  # (h*w, C) RGB patches of the ViT grid (28 x 28 for ViT-*/8 at 224)
     rgb_map: torch.Tensor | None = None  # (C, h, w) the same, as a map
     xyz: torch.Tensor | None = None  # (56*56, 1152) aligned point patches
+    xyz_groups: PointGroups | None = None  # the point backbone's output before PFA (per-pixel methods: CFM)
 
     def rgb_aligned(self, grid: int = XYZ_PATCH_GRID) -> torch.Tensor:
         """RGB patches pooled to the xyz grid, spatially aligned with ``xyz`` (spec §6.3): ``(grid², C)``."""
@@ -116,6 +118,8 @@ class FeatureExtractor:
             patches = pfa_patches(clouds[i], flat_indices[i], centres[i], group_features[i].T, self.img_size,
                                   XYZ_PATCH_GRID, clamp=self.clamp_pfa)
             sample.xyz = patches.float().cpu()
+            sample.xyz_groups = PointGroups(clouds[i].float().cpu(), flat_indices[i].cpu(), centres[i].cpu(),
+                                            group_features[i].T.cpu(), self.img_size, self.clamp_pfa)
 
 
 def build_extractor(backbones: BackboneSettings, *, needs_rgb: bool, needs_xyz: bool, device, seed: int,

@@ -19,6 +19,8 @@ V1_CONFIG_KEYS = {"method_name", "memory_bank", "f_coreset", "coreset_eps", "ran
                   "coreset_shards"}
 V1_SETTINGS_KEYS = {"img_size", "num_group", "group_size", "rgb_backbone_name", "xyz_backbone_name",
                     "backbone_eval", "fix_quirks", "seed", "precision", "use_uff", "max_sample", "dlf_reextract"}
+# keys added since, which an older file lacks and reads as their defaults
+ADDED_CONFIG_KEYS = {"cfm_epochs", "cfm_batch_size", "cfm_lr", "cfm_seed", "cfm_train_samples"}
 METHODS = [("DINO", "single"), ("Point_MAE", "single"), ("DINO+Point_MAE", "multiple"),
            ("DINO+Point_MAE+add", "single")]
 
@@ -83,7 +85,8 @@ def test_saved_file_loads_into_the_same_detector(detectors, tmp_path, method):
                          rng_state=torch.Generator().manual_seed(3).get_state())
     model = load_class_model(path, method, class_name="gadget", setup=setup)
     assert_same(predictions(Detector.from_model(model)), predictions(detector))
-    assert set(model.record["config"]) == V1_CONFIG_KEYS and set(model.record["settings"]) == V1_SETTINGS_KEYS
+    assert set(model.record["config"]) == V1_CONFIG_KEYS | ADDED_CONFIG_KEYS
+    assert set(model.record["settings"]) == V1_SETTINGS_KEYS
     assert model.record["config"]["lambdas"] == {"xyz": [1.0, 1.0], "rgb": [0.1, 0.1], "fusion": [1.0, 1.0]}
     assert model.thresholds == thresholds
     assert torch.equal(model.generator_state, torch.Generator().manual_seed(3).get_state())
@@ -92,7 +95,7 @@ def test_saved_file_loads_into_the_same_detector(detectors, tmp_path, method):
 
 
 def test_record_layout_is_that_of_version_1():
-    assert set(DetectorSettings().to_record()) == V1_CONFIG_KEYS
+    assert set(DetectorSettings().to_record()) == V1_CONFIG_KEYS | ADDED_CONFIG_KEYS
     assert set(Settings().recorded()) == V1_SETTINGS_KEYS == set(recorded_defaults())
 
 
