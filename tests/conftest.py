@@ -19,6 +19,18 @@ def preprocessed_mvtec(folder: Path, **counts) -> Path:
     return preprocess_dataset(raw, workers=1).output
 
 
+def random_uff_checkpoint(folder: Path, rgb_dim: int = 192) -> Path:
+    """A random-weight UFF block (seeded) in the reference's checkpoint format; 192 is the tiny ViT's RGB width."""
+    import torch
+
+    from m3dm.uff.block import FeatureFusionBlock
+
+    torch.manual_seed(1)
+    path = folder / "checkpoint-0.pth"
+    torch.save({"model": FeatureFusionBlock(rgb_dim=rgb_dim).state_dict(), "epoch": 0}, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def raw_mvtec(tmp_path_factory) -> Path:
     """Raw synthetic MVTec 3D-AD: one class, 96 px, 3 train / 1 validation / 1 good + 1 per defect test."""

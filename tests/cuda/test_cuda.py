@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import preprocessed_mvtec
+from conftest import preprocessed_mvtec, random_uff_checkpoint
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -145,12 +145,7 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def uff_checkpoint(tmp_path_factory) -> Path:
-    from m3dm.uff.block import FeatureFusionBlock
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("uff") / "checkpoint-0.pth"
-    torch.save({"model": FeatureFusionBlock(rgb_dim=192).state_dict(), "epoch": 0}, path)
-    return path
+    return random_uff_checkpoint(tmp_path_factory.mktemp("uff"))
 
 
 def run_main(dataset: Path, out: Path, method: str, uff: Path, device: str, *extra: str) -> dict:

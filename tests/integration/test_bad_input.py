@@ -124,7 +124,8 @@ def test_an_interrupted_run_keeps_its_finished_classes_and_resume_completes_it(t
     expected = json.loads((full / "results.json").read_text())["per_class"]
     assert kept["metrics"] == expected["gadget"]
     assert kept["samples"] == [r for r in json.loads((full / "per_sample.json").read_text()) if r["class"] == "gadget"]
-    assert sorted(p.name for p in output.iterdir()) == ["classes"]
+    assert sorted(p.name for p in output.iterdir()) == ["classes", "report_data"]  # the report's gadget data too
+    assert sorted(p.name for p in (output / "report_data").iterdir()) == ["gadget.npz"]
 
     shutil.copyfile(two_classes / "widget/test/good/xyz/000.tiff", cloud)
     caplog.set_level("INFO", logger="m3dm")
@@ -134,6 +135,7 @@ def test_an_interrupted_run_keeps_its_finished_classes_and_resume_completes_it(t
     assert json.loads((output / "results.json").read_text())["per_class"] == expected
     for name in ("per_sample.csv", "per_sample.json", "image_rocauc_results.md", "au_pro_results.md"):
         assert (output / name).read_text() == (full / name).read_text()
+    assert "gadget" in (output / "report.html").read_text()  # the skipped class is in the report too
 
     line = main_error(capsys, *args, "--resume", "--num_group", "64")
     assert line == (f"--resume: {output / 'classes/gadget.json'} was written with other settings "

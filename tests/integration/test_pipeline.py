@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import preprocessed_mvtec
+from conftest import preprocessed_mvtec, random_uff_checkpoint
 
 import main as main_module
 from m3dm.app.cli import build_parser
 from m3dm.config import settings_from_flags
 from m3dm.data.dataset import AnomalyDataset
 from m3dm.evaluation.metrics import pixel_auroc
-from m3dm.uff.block import FeatureFusionBlock
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
          "--random_init", "--device", "cpu", "--batch_size", "2", "-q"]
@@ -41,11 +40,7 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def uff_checkpoint(tmp_path_factory) -> Path:
-    """A random-weight UFF block in the reference's checkpoint format; RGB width of the tiny ViT is 192."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("uff") / "checkpoint-0.pth"
-    torch.save({"model": FeatureFusionBlock(rgb_dim=192).state_dict(), "epoch": 0}, path)
-    return path
+    return random_uff_checkpoint(tmp_path_factory.mktemp("uff"))
 
 
 def run_main(dataset: Path, out: Path, *extra: str) -> dict:
