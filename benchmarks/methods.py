@@ -1,7 +1,8 @@
 """Methods side by side at the full configuration: seconds per test sample and peak memory of each, in one run.
 
-    python benchmarks/methods.py [--methods DINO+Point_MAE+Fusion BTF_RGB BTF_FPFH BTF_RGB+FPFH]
+    python benchmarks/methods.py [--methods DINO+Point_MAE+Fusion BTF_RGB BTF_FPFH BTF_RGB+FPFH CFM]
                                  [--classes 1] [--train 10] [--test 10] [--size 800] [--device cpu]
+                                 [--cfm_epochs 50]
 
 Full configuration: ViT-B/8 at 224 px and Point-MAE with 1024 groups of 128 points (main.py's defaults), BTF's
 wide-ResNet-50-2 and FPFH, random weights (timings do not depend on them; the UFF block of the Fusion methods is a
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_METHODS = ("DINO+Point_MAE+Fusion", "BTF_RGB", "BTF_FPFH", "BTF_RGB+FPFH")
+DEFAULT_METHODS = ("DINO+Point_MAE+Fusion", "BTF_RGB", "BTF_FPFH", "BTF_RGB+FPFH", "CFM")
 
 
 def class_names(n: int) -> tuple[str, ...]:
@@ -52,6 +53,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=800, help="side of the generated scenes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--cfm_epochs", type=int, default=50,
+                        help="CFM's training epochs (the reference's 50; its test time does not depend on them)")
     parser.add_argument("--keep", default=None, help="write the data and results here instead of a temporary folder")
     args = parser.parse_args()
 
@@ -72,7 +75,8 @@ def main() -> int:
         out = root / "comparison"
         argv = ["--methods", *args.methods, "--dataset_path", str(data), "--output_dir", str(out), "--random_init",
                 "--device", args.device, "--batch_size", str(args.batch_size), "--spool_dir", str(root), "-q",
-                "--fusion_module_path", str(random_uff_checkpoint(root / "uff_random.pth"))]
+                "--fusion_module_path", str(random_uff_checkpoint(root / "uff_random.pth")),
+                "--cfm_epochs", str(args.cfm_epochs)]
         status = compare.main(argv)
         record = json.loads((out / "comparison.json").read_text())
     import torch

@@ -76,6 +76,14 @@ def test_an_output_root_the_user_cannot_write_is_refused(two_classes, tmp_path, 
                     f"folder you can write")
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's sysfs, which no one can write")
+def test_an_output_root_no_one_can_write_is_refused_even_for_root(two_classes, capsys):
+    output = Path("/sys/m3dm-results")  # sysfs: mkdir fails for root too (the test above is skipped as root)
+    line = main_error(capsys, "--dataset_path", str(two_classes), "--output_dir", str(output), *SMALL)
+    assert re.fullmatch(rf"--output_dir {output}: cannot write there \((Operation not permitted|Permission denied)\): "
+                        r"choose a folder you can write", line), line
+
+
 def test_a_missing_class_is_found_before_the_first_class_is_fitted(two_classes, tmp_path, capsys):
     output = tmp_path / "out"
     line = main_error(capsys, "--dataset_path", str(two_classes), "--output_dir", str(output), *SMALL,
