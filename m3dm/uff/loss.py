@@ -6,6 +6,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# One process of the reference's configuration (batch 64, ~1,000 kept patches per sample) makes 64k x 64k logits;
+# under 8 processes 64k x 512k (over 100 GB). Up to this size the logits are made at once, as the reference does
+# (a single GPU's run keeps its numbers); beyond it they are made in blocks of about LOGIT_BLOCK_ELEMENTS.
+MAX_LOGIT_ELEMENTS = 2**32
+LOGIT_BLOCK_ELEMENTS = 2**28
 
 
 def distributed_world_size() -> int:
@@ -59,7 +66,21 @@ def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: flo
     whatever the number of processes and however the kept patches are spread over them.
     """
     all_keys, offset, total = gather_rows(keys)
-    logits = queries @ all_keys.T / temperature
     targets = torch.arange(len(queries), device=queries.device) + offset
-    summed = F.cross_entropy(logits.float(), targets, reduction="sum")
+    rows = max(1, LOGIT_BLOCK_ELEMENTS // max(len(all_keys), 1))
+    if len(queries) * len(all_keys) <= MAX_LOGIT_ELEMENTS or rows >= len(queries):
+        summed = _summed_cross_entropy(queries, all_keys, targets, temperature)
+    else:
+        # the logits grow with the world size (queries x the keys of every process): past MAX_LOGIT_ELEMENTS they
+        # are made one block of query rows at a time and made again in the backward pass, so only one block is
+        # ever held; the per-row cross-entropies are the same, their sum is taken in another order
+        summed = sum(checkpoint(_summed_cross_entropy, queries[start:start + rows], all_keys,
+                                targets[start:start + rows], temperature, use_reentrant=False)
+                     for start in range(0, len(queries), rows))
     return summed * (distributed_world_size() / max(total, 1) * 2 * temperature)
+
+
+def _summed_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    logits = queries @ keys.T / temperature
+    return F.cross_entropy(logits.float(), targets, reduction="sum")

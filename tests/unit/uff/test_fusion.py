@@ -209,3 +209,26 @@ def test_loader_refuses_another_rgb_width(tmp_path, args):
     with pytest.raises(CheckpointError, match=r"width 32.*gives 24"):
         load_fusion_block(tmp_path / "uff.pth", rgb_dim=C)
     assert load_fusion_block(tmp_path / "uff.pth", rgb_dim=32).rgb_dim == 32
+
+
+def test_large_logits_are_made_block_by_block_with_the_same_loss_and_gradients(monkeypatch):
+    """Past MAX_LOGIT_ELEMENTS (many processes' keys) the loss is made one block of query rows at a time and
+    recomputed in the backward pass: the same loss and gradients as the logits made at once, to float rounding."""
+    from m3dm.uff import loss as loss_module
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(97, 16, generator=generator)
+    k = torch.randn(97, 16, generator=generator)
+
+    def loss_and_grads():
+        queries, keys = q.clone().requires_grad_(), k.clone().requires_grad_()
+        value = contrastive_loss(queries, keys, temperature=0.7)
+        value.backward()
+        return value.detach(), queries.grad, keys.grad
+
+    at_once = loss_and_grads()
+    monkeypatch.setattr(loss_module, "MAX_LOGIT_ELEMENTS", 100)
+    monkeypatch.setattr(loss_module, "LOGIT_BLOCK_ELEMENTS", 10 * 97)  # blocks of 10 query rows, the last of 7
+    blocks = loss_and_grads()
+    for a, b in zip(at_once, blocks):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)  # float32 sums taken in another order
