@@ -482,6 +482,11 @@ def _bounds(s: Settings) -> dict[str, Bound]:
         "seed": Bound(0, MAX_SEED, why="a NumPy seed"),
         "far": Bound(0, 1, open_high=True, why="a fraction of good parts"),
         "pixel_far": Bound(0, 1, open_high=True, why="a fraction of good parts' pixels"),
+        "cfm_epochs": Bound(1, why="passes over the training pixels"),
+        "cfm_batch_size": Bound(1, why="training samples per optimiser step"),
+        "cfm_lr": Bound(0, open_low=True, why="Adam's learning rate"),
+        "cfm_train_samples": Bound(1, why="the few-shot training set; omit it to train on every sample"),
+        "cfm_seed": Bound(0, MAX_SEED, why="the seed of the mappings' initialisation and shuffling"),
     }
     for field_ in dataclasses.fields(ScoreWeights):
         bounds[field_.name] = Bound(0, why="a weight of one modality's score")
@@ -510,11 +515,7 @@ def _model_file_rules(s: Settings) -> str | None:
 
 
 def _cfm_rules(s: Settings) -> str | None:
-    d = s.detector
-    if d.cfm_epochs < 1 or d.cfm_batch_size < 1 or not d.cfm_lr > 0:
-        return "--cfm_epochs and --cfm_batch_size must be >= 1 and --cfm_lr > 0"
-    if d.cfm_train_samples is not None and d.cfm_train_samples < 1:
-        return "--cfm_train_samples must be at least 1 (omit it to train on every training sample)"
+    d = s.detector  # the ranges of the cfm_* flags are in _bounds
     if s.uff.use_uff and d.spec.family == "cfm":
         return "--method_name CFM does not use the UFF block: drop --use_uff"
     return None

@@ -276,12 +276,19 @@ def _flush(predictor: Predictor, pending: list, writer: ResultWriter, report) ->
                 writer.error(item.part, _describe(exc))
 
 
-PREDICTION_OUTPUTS = ("predictions.csv", "predictions.jsonl", "heatmaps", "maps")  # what a run writes in --output
+# what a run writes in --output
+PREDICTION_OUTPUTS = ("predictions.csv", "predictions.jsonl", "heatmaps", "maps", "report.html", "report_data")
+EVALUATION_OUTPUTS = ("results.json", "classes")  # a main.py results folder holds these: never predicted into
 
 
 def earlier_predictions(output: Path, overwrite: bool) -> list[Path]:
     """What an earlier run wrote in ``output``, to be deleted with ``overwrite``; without it they are refused, so
-    that no table is replaced and no old heatmap kept among the new ones unasked."""
+    that no table is replaced and no old heatmap kept among the new ones unasked. A main.py results folder is
+    refused even with ``overwrite``: its maps and report are not predictions."""
+    evaluation = [name for name in EVALUATION_OUTPUTS if (output / name).exists()]
+    if evaluation:
+        raise ValueError(f"--output {output} is a main.py results folder (it holds {', '.join(evaluation)}): give "
+                         f"another --output for the predictions")
     earlier = [output / name for name in PREDICTION_OUTPUTS if (output / name).exists()]
     if earlier and not overwrite:
         raise ValueError(f"--output {output} already holds predictions ({', '.join(p.name for p in earlier)}): "

@@ -309,8 +309,11 @@ class ClassRun:
 
     # ----------------------------------------------------------------------------------------- scoring
 
-    def _loader(self, split: str, cap: int | None = None):
-        dataset = AnomalyDataset(self.root, self.class_name, split, self.settings.backbones.img_size)
+    def _dataset(self, split: str) -> AnomalyDataset:
+        return AnomalyDataset(self.root, self.class_name, split, self.settings.backbones.img_size)
+
+    def _loader(self, split: str, cap: int | None = None, dataset: AnomalyDataset | None = None):
+        dataset = dataset if dataset is not None else self._dataset(split)
         if cap is not None and cap < len(dataset):
             dataset = Subset(dataset, range(cap))
         return make_loader(dataset, self.settings.run.batch_size, self.settings.run.num_workers,
@@ -337,8 +340,9 @@ class ClassRun:
     def evaluate(self) -> ClassResult:
         """Scores, maps and metrics of the test split with the fitted (or loaded) detector."""
         labels, image_scores, maps, masks, names, paths, xyz_paths = [], [], [], [], [], [], []
-        loader = self._loader("test")
-        for batch, scores, score_maps in self._scored_batches(loader, "test", "test scoring",
+        dataset = self._dataset("test")
+        for batch, scores, score_maps in self._scored_batches(self._loader("test", dataset=dataset), "test",
+                                                               "test scoring",
                                                                extract_stage="test extract"):
             image_scores += scores
             maps += score_maps
@@ -351,7 +355,7 @@ class ClassRun:
                              names, paths, xyz_paths)
         with self.timer("metrics"):
             result.metrics = compute_metrics(result.labels, result.image_scores, result.masks, result.maps,
-                                             masks_available(loader.dataset.samples), name=self.class_name)
+                                             masks_available(dataset.samples), name=self.class_name)
         return result
 
     @torch.no_grad()

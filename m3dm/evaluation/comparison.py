@@ -72,14 +72,18 @@ def read_method_run(method: str, folder: str | Path, exit_status: int) -> Method
 
 
 def metric_rows(runs: list[MethodRun], classes: list[str], metric: str) -> dict[str, dict]:
-    """``{method: {class: value rounded to 3, ..., "mean": mean of the rounded values}}`` (None where missing;
-    the mean only when every class has a value, as the reference's tables compute it)."""
+    """``{method: {class: value rounded to 3, ..., "mean": mean of the rounded values}}``: None where a class is
+    missing (a failed run; then no mean) or its metric is not available (no masks, a single label: the mean is then
+    over the classes that have it, as the results tables take it)."""
     rows = {}
     for run in runs:
-        values = {c: round(run.per_class[c][metric], 3) if metric in run.per_class.get(c, {}) else None
-                  for c in classes}
+        values, complete = {}, True
+        for c in classes:
+            value = run.per_class.get(c, {}).get(metric)
+            complete &= metric in run.per_class.get(c, {})
+            values[c] = None if value is None else round(value, 3)
         present = [v for v in values.values() if v is not None]
-        values["mean"] = round(sum(present) / len(present), 3) if present and len(present) == len(classes) else None
+        values["mean"] = round(sum(present) / len(present), 3) if present and complete else None
         rows[run.method] = values
     return rows
 

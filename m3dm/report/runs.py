@@ -62,9 +62,11 @@ class SavedRun:
 
     @cached_property
     def classes(self) -> list[str]:
-        """The run's classes in its order (per-sample rows, then the record, then any other data file)."""
+        """The run's classes in its order (per-sample rows, then the record); a record without any (m3dm.predict's):
+        the classes of its data files. Data files of other classes (an earlier run into the same folder) are left
+        out."""
         order = list(dict.fromkeys([row["class"] for row in self.samples] + list(self.per_class)))
-        return order + sorted(c for c in self.data_files if c not in order)
+        return order or sorted(self.data_files)
 
     def class_data(self, class_name: str) -> ClassData | None:
         path = self.data_files.get(class_name)

@@ -171,3 +171,17 @@ def test_a_bad_sample_read_by_a_worker_process_is_one_line_and_leaves_no_tempora
     last = errors[1].rstrip().splitlines()[-1]
     assert TRUNCATED.fullmatch(last.removeprefix(f"main.py: error: {cloud}: ")), last
     assert "Traceback" not in errors[1]
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_results_of_the_main_process(two_classes, tmp_path):
+    """The error-forwarding loader of --num_workers >= 1 changes nothing for good data: same results, same maps."""
+    outputs = {}
+    for workers in (0, 1):
+        out = tmp_path / f"workers{workers}"
+        assert main_module.main(["--dataset_path", str(two_classes), "--output_dir", str(out), *SMALL, "--classes",
+                                 "gadget", "--num_workers", str(workers), "--save_maps"]) == 0
+        outputs[workers] = out
+    for name in ("per_sample.json", "image_rocauc_results.md", "au_pro_results.md"):
+        assert (outputs[1] / name).read_text() == (outputs[0] / name).read_text()
+    assert (outputs[1] / "maps/gadget.npz").read_bytes() == (outputs[0] / "maps/gadget.npz").read_bytes()

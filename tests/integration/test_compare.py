@@ -62,3 +62,14 @@ def test_failed_and_partial_runs_show_as_missing():
     assert all(line.count("–") == 3 for line in rows_of_b[:-1])  # two classes and the mean
     assert "failed (exit 1)" in rows_of_b[-1]
     assert "| 0.500 " in markdown and "1.00" in markdown  # seconds per test sample, GiB
+
+
+def test_metrics_not_available_are_left_out_of_the_mean():
+    """A class without masks has no pixel metrics (None in its results.json): shown as missing, the mean taken
+    over the classes that have them, as the results tables do."""
+    pixel_free = dict.fromkeys(COMPARISON_METRICS, None) | {"image_rocauc": 0.7}
+    runs = [MethodRun("A", "a", 0, per_class={"x": dict.fromkeys(COMPARISON_METRICS, 0.5), "y": pixel_free})]
+    record = comparison_record(runs, ["x", "y"])
+    assert record["metrics"]["image_rocauc"]["A"] == {"x": 0.5, "y": 0.7, "mean": 0.6}
+    assert record["metrics"]["pixel_rocauc"]["A"] == {"x": 0.5, "y": None, "mean": 0.5}
+    assert "| A " in comparison_markdown(record)

@@ -284,11 +284,12 @@ def test_an_output_with_earlier_predictions_is_refused_unless_overwrite(dataset,
     common = ["--model", str(fitted["model"]), "--output", str(out), "--save_maps", "--quiet"]
     assert predict.main([*common, str(split / "dent")]) == 0
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert "dent/000" in (out / "report.html").read_text()
     capsys.readouterr()
     assert predict.main([*common, str(split / "good")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --output {out} already holds predictions (predictions.csv, "
-                                               f"predictions.jsonl, heatmaps, maps): give --overwrite to replace "
-                                               f"them, or another --output")
+                                               f"predictions.jsonl, heatmaps, maps, report.html, report_data): give "
+                                               f"--overwrite to replace them, or another --output")
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # nothing touched
     assert predict.main([*common, str(split / "good"), "--overwrite"]) == 0
     rows = read_rows(out)
@@ -297,6 +298,18 @@ def test_an_output_with_earlier_predictions_is_refused_unless_overwrite(dataset,
     assert sorted(p.relative_to(out / "heatmaps") for p in (out / "heatmaps").rglob("*.png")) == \
         sorted(Path(r["heatmap"]).relative_to(out / "heatmaps") for r in rows)
     assert sorted(p.parent.name for p in (out / "maps").rglob("*.npy")) == ["good"] * len(rows)
+    assert "dent/000" not in (out / "report.html").read_text()  # the report is the new batch's alone
+
+
+def test_a_main_results_folder_is_never_predicted_into(fitted, dataset, capsys):
+    results = fitted["model"].parent.parent  # main.py's --output_dir: results.json, report.html, models/
+    before = {p: p.read_bytes() for p in sorted(results.rglob("*")) if p.is_file()}
+    argv = ["--model", str(fitted["model"]), "--output", str(results), "--quiet", "--overwrite",
+            str(dataset / "gadget" / "test" / "good")]
+    assert predict.main(argv) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: --output {results} is a main.py results folder "
+                                                      f"(it holds results.json, classes)")
+    assert {p: p.read_bytes() for p in sorted(results.rglob("*")) if p.is_file()} == before
 
 
 def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, capsys):

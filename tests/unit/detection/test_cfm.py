@@ -82,8 +82,10 @@ def test_method_entry_and_factory():
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"detector": {"cfm_train_samples": 0}}, "--cfm_train_samples must be at least 1"),
-    ({"detector": {"cfm_epochs": 0}}, "--cfm_epochs and --cfm_batch_size must be >= 1"),
+    ({"detector": {"cfm_train_samples": 0}}, "--cfm_train_samples 0 is out of range: use an integer of at least 1"),
+    ({"detector": {"cfm_epochs": 0}}, "--cfm_epochs 0 is out of range: use an integer of at least 1"),
+    ({"detector": {"cfm_lr": float("inf")}}, "--cfm_lr inf is out of range: use a finite value > 0"),
+    ({"detector": {"cfm_seed": 2**64}}, "--cfm_seed 18446744073709551616 is out of range: use an integer from 0 to"),
     ({"uff": {"use_uff": True}}, "does not use the UFF block"),
     ({"run": {"save_feature": True}}, "--save_feature dumps UFF pretraining features"),
 ])

@@ -200,3 +200,16 @@ def test_the_report_renders_in_a_headless_chromium(saved, page, tmp_path):
     assert pixels.shape == (1600, 1200, 3)
     banner = (pixels[..., 0] > 150) & (pixels[..., 1] < 70) & (pixels[..., 2] < 70)  # the red random-weights note
     assert banner.sum() > 20_000 and non_trivial(pixels)
+
+
+def test_report_data_of_an_earlier_run_into_the_same_folder_is_left_out(saved, tmp_path):
+    """A class's data file that this run's results do not list (an earlier run of another class into the same
+    --output_dir) stays out of the report."""
+    import shutil
+
+    folder = tmp_path / "results"
+    shutil.copytree(saved, folder)
+    shutil.copyfile(folder / REPORT_DATA_DIR / "alpha.npz", folder / REPORT_DATA_DIR / "ghost.npz")
+    sections = Page(build_report([folder]).read_text()).sections
+    assert "class-alpha" in sections and "class-beta" in sections
+    assert "class-ghost" not in sections
