@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from m3dm.config import Settings
@@ -28,6 +28,7 @@ class ClassOutput:
 
     metrics: dict
     samples: list[dict]  # per test sample, in order (m3dm.evaluation.results.per_sample_rows)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of this class
 
 
 def class_file(output_dir: str | Path, class_name: str) -> Path:
@@ -44,7 +45,7 @@ def save_class_output(output_dir: str | Path, class_name: str, output: ClassOutp
     """Write one finished class's metrics and per-sample rows with the settings it ran with, atomically."""
     path = class_file(output_dir, class_name)
     record = {"class": class_name, "settings": compared_settings(settings), "metrics": output.metrics,
-              "samples": output.samples}
+              "samples": output.samples, "timings_s": output.timings}
     write_text(path, json.dumps(record, indent=1) + "\n")
     return path
 
@@ -60,7 +61,8 @@ def finished_classes(output_dir: str | Path, classes: list[str], settings: Setti
             continue
         try:
             record = json.loads(path.read_text())
-            recorded, output = record["settings"], ClassOutput(record["metrics"], record["samples"])
+            recorded = record["settings"]
+            output = ClassOutput(record["metrics"], record["samples"], dict(record.get("timings_s", {})))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path}: not a readable per-class result ({type(exc).__name__}: {exc}); delete it to "
                             f"run {class_name} again") from exc

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from m3dm.config import Settings
@@ -14,9 +15,9 @@ from m3dm.detection.persistence import MODELS_DIR, model_path
 from m3dm.errors import ConfigError, ModelFileError
 
 
-def check_before_fitting(settings: Settings, classes: list[str]) -> None:
+def check_before_fitting(settings: Settings, classes: list[str], finished: Collection[str] = ()) -> None:
     """Raise ConfigError (or DataError, ModelFileError) for the first problem a run would otherwise meet only
-    after fitting the classes before it."""
+    after fitting the classes before it (``finished``: the classes ``--resume`` skips need no saved model)."""
     run = settings.run
     check_classes_exist(run.dataset_path, classes)
     # the data next (file headers, pairing, splits: every problem in one message), before any folder is made
@@ -26,8 +27,13 @@ def check_before_fitting(settings: Settings, classes: list[str]) -> None:
         check_writable_folder(run.save_feature_path, "--save_feature_path")
     if run.spool_folder is not None:
         check_writable_folder(run.spool_folder, "--spool_dir")
+    check_saved_models(settings, [c for c in classes if c not in finished])
+
+
+def check_saved_models(settings: Settings, classes: list[str]) -> None:
+    """With ``--load_model``: a saved model for every class in ``classes`` (ModelFileError naming the missing)."""
     if settings.models.load_model is not None:
-        folder = Path(settings.models.load_model or Path(run.output_dir) / MODELS_DIR)
+        folder = Path(settings.models.load_model or Path(settings.run.output_dir) / MODELS_DIR)
         missing = [c for c in classes if not model_path(folder, c).is_file()]
         if missing:
             raise ModelFileError(f"--load_model {folder}: no saved model for {', '.join(missing)} (expected "

@@ -78,8 +78,9 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     device = resolve_device(settings.run.device, workers.local_rank)
     classes = dataset_classes(settings.run)
     output_dir = Path(settings.run.output_dir)
-    check_before_fitting(settings, classes)  # missing classes, unusable data, unwritable folders: before fitting
     done = finished_classes(output_dir, classes, settings) if settings.run.resume else {}
+    # missing classes, unusable data, unwritable folders, missing models: found before any fitting
+    check_before_fitting(settings, classes, finished=done)
     skipped = processes.gather(sorted(done), workers)[0]  # process 0's list: read before any class is written
     if settings.run.resume and workers.is_main:
         log.info("--resume: %d finished class(es) in %s skipped: %s", len(skipped), output_dir / "classes",
@@ -91,24 +92,25 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     if models.save_model or models.load_model is not None:
         setup = run_setup(settings, extractor, fusion_block)
     models_dir = Path(models.load_model) if models.load_model else output_dir / MODELS_DIR
-    timer = StageTimer()
     mine = {}
     for class_name in processes.share([c for c in classes if c not in skipped], workers):
+        timer = StageTimer()  # this class's stages, kept with its results
         class_run = ClassRun(settings, class_name, extractor, fusion_block, device=device, timer=timer,
                              progress=progress)
         mine[class_name] = class_run.run(models_dir, setup, output_dir)
+        mine[class_name].timings = dict(timer.seconds)
         save_class_output(output_dir, class_name, mine[class_name], settings)  # kept if a later class fails
-    gathered = processes.gather((mine, dict(timer.seconds)), workers)
+    gathered = processes.gather(mine, workers)
     stop_processes()
     if not workers.is_main:
         return {}
-    ran = {c: output for results, _ in gathered for c, output in results.items()}
+    ran = {c: output for results in gathered for c, output in results.items()}
     outputs = {c: done[c] if c in done else ran[c] for c in classes}
     per_class = {c: output.metrics for c, output in outputs.items()}
-    total = StageTimer()
-    for _, timings in gathered:
-        for stage, value in timings.items():
-            total.seconds[stage] += value
+    total = StageTimer()  # every class's stages, the resumed ones' included (as they were measured then)
+    for output in outputs.values():
+        for stage, seconds in output.timings.items():
+            total.seconds[stage] += seconds
     method = settings.detector.method_name
     for metric, title in METRIC_TABLES.items():
         print(f"\n{title}\n{markdown_table(method, per_class, metric)}")

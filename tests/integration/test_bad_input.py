@@ -13,7 +13,9 @@ import pytest
 from conftest import PROJECT_ROOT
 
 import main as main_module
+from m3dm.app.cli import build_parser
 from m3dm.data.synthetic import write_mvtec3d
+from m3dm.errors import ModelFileError
 from m3dm.preprocess.mvtec3d import preprocess_dataset
 
 TRUNCATED = re.compile(r"not a readable TIFF file \(ValueError: failed to read \d+ bytes, got \d+\)")
@@ -103,6 +105,21 @@ def test_load_model_without_a_model_for_every_class_is_refused_up_front(two_clas
                     f"{models / 'widget.pt'}; fit with main.py --save_model)")
 
 
+def test_a_class_resume_skips_needs_no_saved_model(two_classes, tmp_path):
+    from m3dm.app.outputs import check_before_fitting
+    from m3dm.config import settings_from_flags
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "gadget.pt").write_bytes(b"")
+    settings = settings_from_flags(build_parser().parse_args(
+        ["--dataset_path", str(two_classes), "--output_dir", str(tmp_path / "out"), *SMALL, "--load_model",
+         str(models), "--resume"]))
+    check_before_fitting(settings, ["gadget", "widget"], finished={"widget"})  # widget is finished: no model needed
+    with pytest.raises(ModelFileError, match="no saved model for widget"):
+        check_before_fitting(settings, ["gadget", "widget"])
+
+
 def test_load_model_with_a_text_file_as_model_is_one_clear_line(two_classes, tmp_path, capsys):
     models = tmp_path / "models"
     models.mkdir()
@@ -144,6 +161,12 @@ def test_an_interrupted_run_keeps_its_finished_classes_and_resume_completes_it(t
     for name in ("per_sample.csv", "per_sample.json", "image_rocauc_results.md", "au_pro_results.md"):
         assert (output / name).read_text() == (full / name).read_text()
     assert "gadget" in (output / "report.html").read_text()  # the skipped class is in the report too
+    # the time per stage counts the skipped class as it was measured when it ran
+    per_class = [json.loads((output / f"classes/{c}.json").read_text())["timings_s"] for c in ("gadget", "widget")]
+    total = json.loads((output / "results.json").read_text())["timings_s"]
+    assert per_class[0] and set(total) == set(per_class[0]) | set(per_class[1])
+    for stage, seconds in total.items():
+        assert seconds == pytest.approx(sum(t.get(stage, 0.0) for t in per_class))
 
     line = main_error(capsys, *args, "--resume", "--num_group", "64")
     assert line == (f"--resume: {output / 'classes/gadget.json'} was written with other settings "
