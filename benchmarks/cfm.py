@@ -71,7 +71,8 @@ def main() -> None:
         rgb = build_rgb_backbone(vit, random_init=True, quiet=True).eval()
         point = build_point_backbone("Point_MAE", random_init=True, quiet=True, num_group=groups[0],
                                      group_size=groups[1])
-        extractor = FeatureExtractor(rgb, point, device=args.device, seed=0)
+        # one extractor for both methods: PFA patches for M3DM's banks, the point groups for CFM
+        extractor = FeatureExtractor(rgb, point, device=args.device, seed=0, point_outputs=("patches", "groups"))
         timer = MemoryTimer()
         for method in METHODS:
             settings = Settings().replace(

@@ -20,6 +20,7 @@ from m3dm.features.fpfh import FPFHFeatures
 from m3dm.features.weights import build_point_backbone, build_rgb_backbone, build_wide_resnet
 
 XYZ_PATCH_GRID = 56  # PFA output grid: 56 x 56 = 3136 patches
+POINT_OUTPUTS = ("patches", "groups")
 
 
 @dataclass
@@ -45,9 +46,15 @@ class FeatureExtractor:
     """
 
     def __init__(self, rgb_backbone=None, point_backbone=None, *, img_size: int = 224, device="cpu",
-                 seed: int = 0, clamp_pfa: bool = False, precision: str = "fp32", point_features=None):
+                 seed: int = 0, clamp_pfa: bool = False, precision: str = "fp32", point_features=None,
+                 point_outputs: tuple[str, ...] = ("patches",)):
         if rgb_backbone is None and point_backbone is None and point_features is None:
             raise ValueError("FeatureExtractor needs at least one backbone")
+        if not point_outputs or not set(point_outputs) <= set(POINT_OUTPUTS):
+            raise ValueError(f"point_outputs must be some of {POINT_OUTPUTS}, got {point_outputs!r}")
+        # what the point backbone's output becomes: PFA patches (SampleFeatures.xyz, the memory banks) and/or the
+        # groups before PFA (SampleFeatures.xyz_groups, the per-pixel methods); only what the method uses is made
+        self.point_outputs = tuple(point_outputs)
         self.device = torch.device(device)
         self.point_features = point_features  # weightless point features on the CPU (BTF's FPFH): cloud -> patches
         self.rgb_backbone = None if rgb_backbone is None else rgb_backbone.to(self.device)
@@ -102,11 +109,10 @@ class FeatureExtractor:
         clouds, flat_indices = [], []
         for i in range(pc.shape[0]):
             points, flat_index = valid_points(pc[i])
+            name = names[i] if names else f"sample {i} of the batch"
             if len(points) == 0:
-                name = names[i] if names else f"sample {i} of the batch"
                 raise DataError(f"{name}: the point cloud has no valid point")
             if len(points) < self.point_backbone.group_size:  # a group is that many nearest points
-                name = names[i] if names else f"sample {i} of the batch"
                 raise DataError(f"{name}: the point cloud has {len(points)} valid points, fewer than the "
                                 f"{self.point_backbone.group_size} of one group (lower --group_size)")
             clouds.append(points)
@@ -115,11 +121,13 @@ class FeatureExtractor:
             group_features, centres = self.point_backbone(clouds, generator=self._generator)
         group_features, centres = group_features.float(), centres.float()
         for i, sample in enumerate(out):
-            patches = pfa_patches(clouds[i], flat_indices[i], centres[i], group_features[i].T, self.img_size,
-                                  XYZ_PATCH_GRID, clamp=self.clamp_pfa)
-            sample.xyz = patches.float().cpu()
-            sample.xyz_groups = PointGroups(clouds[i].float().cpu(), flat_indices[i].cpu(), centres[i].cpu(),
-                                            group_features[i].T.cpu(), self.img_size, self.clamp_pfa)
+            if "patches" in self.point_outputs:
+                patches = pfa_patches(clouds[i], flat_indices[i], centres[i], group_features[i].T, self.img_size,
+                                      XYZ_PATCH_GRID, clamp=self.clamp_pfa)
+                sample.xyz = patches.float().cpu()
+            if "groups" in self.point_outputs:
+                sample.xyz_groups = PointGroups(clouds[i].float().cpu(), flat_indices[i].cpu(), centres[i].cpu(),
+                                                group_features[i].T.cpu(), self.img_size, self.clamp_pfa)
 
 
 def build_extractor(backbones: BackboneSettings, *, needs_rgb: bool, needs_xyz: bool, device, seed: int,
@@ -141,8 +149,9 @@ def build_extractor(backbones: BackboneSettings, *, needs_rgb: bool, needs_xyz: 
                                      random_init=backbones.random_init, num_group=backbones.num_group,
                                      group_size=backbones.group_size)
         point.train(not backbones.backbone_eval)
+    per_pixel = method is not None and method.family == "cfm"  # CFM maps the groups to every pixel itself
     return FeatureExtractor(rgb, point, img_size=backbones.img_size, device=device, seed=seed, clamp_pfa=clamp_pfa,
-                            precision=backbones.precision)
+                            precision=backbones.precision, point_outputs=("groups",) if per_pixel else ("patches",))
 
 
 def _btf_extractor(backbones: BackboneSettings, *, needs_rgb: bool, needs_xyz: bool, device, seed: int,

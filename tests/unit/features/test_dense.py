@@ -25,7 +25,8 @@ def sample():
     rgb = RGBBackbone("vit_tiny_patch16_224", depth=2).eval()
     point = PointTransformer("Point_MAE", num_group=32, group_size=16).eval()
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    return FeatureExtractor(rgb, point, img_size=48)(image, organized_cloud(48, 0.4)[None])[0]
+    extractor = FeatureExtractor(rgb, point, img_size=48, point_outputs=("patches", "groups"))
+    return extractor(image, organized_cloud(48, 0.4)[None])[0]
 
 
 def test_point_groups_are_those_behind_the_pfa_patches(sample):
