@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from m3dm.data.io import write_text
+from m3dm.evaluation.tables import aligned_table, mean_of_rounded
 
 COMPARISON_METRICS = {
     "image_rocauc": "I-AUROC",
@@ -82,8 +83,8 @@ def metric_rows(runs: list[MethodRun], classes: list[str], metric: str) -> dict[
             value = run.per_class.get(c, {}).get(metric)
             complete &= metric in run.per_class.get(c, {})
             values[c] = None if value is None else round(value, 3)
-        present = [v for v in values.values() if v is not None]
-        values["mean"] = round(sum(present) / len(present), 3) if present and complete else None
+        mean = mean_of_rounded(list(values.values())) if complete else None
+        values["mean"] = None if mean is None else round(mean, 3)
         rows[run.method] = values
     return rows
 
@@ -101,13 +102,6 @@ def _cell(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
 def comparison_markdown(record: dict) -> str:
     """One Markdown table per metric, then the resources table."""
     classes = record["classes"]
@@ -116,7 +110,7 @@ def comparison_markdown(record: dict) -> str:
         rows = record["metrics"][metric]
         body = [[method] + [_cell(values[c]) for c in classes] + [_cell(values["mean"])]
                 for method, values in rows.items()]
-        parts.append(f"## {title}\n\n" + _table(["Method"] + [c.title() for c in classes] + ["Mean"], body))
+        parts.append(f"## {title}\n\n" + aligned_table(["Method"] + [c.title() for c in classes] + ["Mean"], body))
     body = []
     for method, run in record["runs"].items():
         gib = lambda n: None if n is None else n / GIB
@@ -124,7 +118,7 @@ def comparison_markdown(record: dict) -> str:
                      _cell(run["wall_s"], 1), _cell(gib(run["peak_rss_bytes"]), 2),
                      _cell(gib(run["peak_cuda_bytes"]), 2),
                      "ok" if run["exit_status"] == 0 else f"failed (exit {run['exit_status']})"])
-    parts.append("## Time and memory\n\n" + _table(
+    parts.append("## Time and memory\n\n" + aligned_table(
         ["Method", "s / test sample", "test samples", "wall s", "peak RSS GiB", "peak CUDA GiB", "status"], body))
     return "\n\n".join(parts) + "\n"
 

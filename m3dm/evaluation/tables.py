@@ -52,10 +52,15 @@ def markdown_table(method: str, per_class: dict[str, dict], metric: str) -> str:
     mean = mean_of_rounded(values) if values else math.nan
     header = ["Method"] + [c.title() for c in classes] + ["Mean"]
     row = [method] + [_cell(_rounded(v)) for v in values] + [_cell(_rounded(mean))]
-    widths = [max(len(h), len(r)) for h, r in zip(header, row)]
+    return aligned_table(header, [row])
+
+
+def aligned_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with padded columns, the first left-aligned and the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    return "\n".join([fmt(header), rule, fmt(row)])
+    return "\n".join([fmt(header), rule, *(fmt(r) for r in rows)])
 
 
 def write_results(output_dir: str | Path, method: str, per_class: dict[str, dict], config: dict,
