@@ -32,7 +32,7 @@ from m3dm.detection.detector import Detector, ModalityScore
 from m3dm.detection.factory import build_detector, detector_from_model, training_cap
 from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup, model_path, weight_record
 from m3dm.detection.thresholds import Thresholds, ThresholdSamples, choose_threshold_samples, threshold_dataset
-from m3dm.evaluation.metrics import compute_metrics
+from m3dm.evaluation.metrics import metrics_and_pro_curve
 from m3dm.evaluation.results import ClassResult, per_sample_rows, save_prediction_pictures, save_score_maps
 from m3dm.evaluation.tables import METRIC_TABLES, class_line, markdown_table, write_per_sample, write_results
 from m3dm.features.extractor import FeatureExtractor, build_extractor
@@ -356,8 +356,9 @@ class ClassRun:
         result = ClassResult({}, np.array(labels), np.array(image_scores), np.stack(maps), np.stack(masks),
                              names, paths, xyz_paths)
         with self.timer("metrics"):
-            result.metrics = compute_metrics(result.labels, result.image_scores, result.masks, result.maps,
-                                             masks_available(dataset.samples), name=self.class_name)
+            result.metrics, result.pro_curve = metrics_and_pro_curve(
+                result.labels, result.image_scores, result.masks, result.maps, masks_available(dataset.samples),
+                name=self.class_name)
         return result
 
     @torch.no_grad()

@@ -188,21 +188,28 @@ def compute_metrics(labels: Any, image_scores: Any, masks: Any, maps: Any, masks
     class): the pixel metrics without ``masks_available`` (defect folders without ``gt/``), and every metric
     when the test parts are all good or all defective (no AUROC without both).
     """
+    return metrics_and_pro_curve(labels, image_scores, masks, maps, masks_available, name)[0]
+
+
+def metrics_and_pro_curve(labels: Any, image_scores: Any, masks: Any, maps: Any, masks_available: bool = True,
+                          name: str = "") -> tuple[dict[str, float | None], tuple[np.ndarray, np.ndarray] | None]:
+    """``compute_metrics`` and the PRO curve ``(FPRs, PROs)`` behind its AU-PRO (None without pixel metrics), for
+    the report, which would otherwise sort every pixel of the class a second time."""
     labels_flat = to_numpy(labels).reshape(-1)
     if np.unique(labels_flat).size < 2:
         kind = "good" if labels_flat.size == 0 or labels_flat[0] == 0 else "defective"
         log.warning("%s: every test part is %s (%d parts): no image or pixel metric is available; add %s test "
                     "parts to evaluate", name or "class", kind, labels_flat.size,
                     "defective" if kind == "good" else "good")
-        return dict.fromkeys(METRIC_NAMES)
+        return dict.fromkeys(METRIC_NAMES), None
     if not masks_available:
         log.info("%s: defective test parts without ground-truth masks (no gt/ folder): image metrics only, the "
                  "pixel metrics are not available", name or "class")
-        return {**dict.fromkeys(METRIC_NAMES), "image_rocauc": image_auroc(labels, image_scores)}
+        return {**dict.fromkeys(METRIC_NAMES), "image_rocauc": image_auroc(labels, image_scores)}, None
     fprs, pros = pro_curve(masks, maps)
     return {
         "image_rocauc": image_auroc(labels, image_scores),
         "pixel_rocauc": pixel_auroc(masks, maps),
         "au_pro": au_pro_from_curve(fprs, pros, 0.3),
         "au_pro_0.01": au_pro_from_curve(fprs, pros, 0.01),
-    }
+    }, (fprs, pros)

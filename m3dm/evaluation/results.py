@@ -29,6 +29,7 @@ class ClassResult:
     names: list[str]  # <class>/<split>/<defect>/<stem>
     rgb_paths: list[str]
     xyz_paths: list[str] = field(default_factory=list)
+    pro_curve: tuple[np.ndarray, np.ndarray] | None = None  # (FPRs, PROs) behind the AU-PRO, where computed
 
 
 PER_SAMPLE_FIELDS = ("class", "split", "defect_type", "stem", "rgb_path", "xyz_path", "label", "image_score",

@@ -142,8 +142,8 @@ def save_class_data(result, rows: list[dict], path: str | Path,
     labels = np.asarray(result.labels, dtype=np.int8)
     scores = np.asarray(result.image_scores, dtype=np.float64)
     defect_types = [name.split("/")[2] for name in result.names]
-    curve = None
-    if masks is not None:
+    curve = result.pro_curve  # the evaluation's, where it made one
+    if curve is None and masks is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             curve = pro_curve(masks, maps)
