@@ -5,9 +5,10 @@
 
 A refactor must keep every number: this runs ``main.py`` (a subprocess per run, so it works whatever the package
 layout) on one fixed synthetic dataset with fixed random weights in the official file formats (a timm ViT state
-dict, Point-MAE's ``base_model``/``MAE_encoder.*`` layout, a ``fusion_pretrain.py`` UFF checkpoint), for the six
-methods, one ``--fix_quirks`` run and the options that pick other code paths (``--rm_zero_for_project``,
-``--asy_memory_bank``, ``--coreset_shards``, ``--bank_storage memory``). The dataset and the weight files are
+dict, Point-MAE's ``base_model``/``MAE_encoder.*`` layout, a ``fusion_pretrain.py`` UFF checkpoint, a
+torchvision wide-ResNet-50-2 for BTF), for M3DM's six methods, the three BTF methods and CFM, one ``--fix_quirks``
+run and the options that pick other code paths (``--rm_zero_for_project``, ``--asy_memory_bank``,
+``--coreset_shards``, ``--bank_storage memory``). The dataset and the weight files are
 written once under ``--work`` and reused by every later recording, so two recordings differ only by the code.
 Each run writes ``--save_maps`` files; ``--compare`` reports, per run, whether scores and maps are bit-identical
 and otherwise the largest differences. Exit status 1 when a comparison finds a difference.
@@ -52,6 +53,10 @@ RUNS = {
                                                "multiple", *UFF, "--asy_memory_bank", "3"],
     "DINO+Point_MAE--coreset_shards": ["--method_name", "DINO+Point_MAE", "--memory_bank", "multiple",
                                        "--coreset_shards", "3", "--bank_storage", "memory"],
+    "BTF_RGB": ["--method_name", "BTF_RGB", "--memory_bank", "single"],
+    "BTF_FPFH": ["--method_name", "BTF_FPFH", "--memory_bank", "single"],
+    "BTF_RGB+FPFH": ["--method_name", "BTF_RGB+FPFH", "--memory_bank", "single"],
+    "CFM": ["--method_name", "CFM", "--cfm_epochs", "2", "--cfm_batch_size", "2"],
 }
 
 
@@ -93,7 +98,8 @@ def uff_state(rgb_dim: int, seed: int, xyz_dim: int = 1152, head: int = 256) -> 
 def make_weights(folder: Path, preset: dict) -> dict[str, Path]:
     """Random weight files in the official formats (written once; later recordings reuse the same bytes)."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"rgb": folder / "rgb.pth", "xyz": folder / "pointmae_pretrain.pth", "uff": folder / "uff.pth"}
+    files = {"rgb": folder / "rgb.pth", "xyz": folder / "pointmae_pretrain.pth", "uff": folder / "uff.pth",
+             "resnet": folder / "wide_resnet50_2.pth"}
     if all(path.is_file() for path in files.values()):
         return files
     import timm
@@ -106,6 +112,8 @@ def make_weights(folder: Path, preset: dict) -> dict[str, Path]:
     point = _point_mae_module(preset)
     torch.save({"base_model": {f"module.MAE_encoder.{k}": v for k, v in point.items()}}, files["xyz"])
     torch.save({"model": uff_state(preset["rgb_dim"], seed=13), "epoch": 0}, files["uff"])
+    torch.manual_seed(14)  # BTF's wide-ResNet-50-2 in the torchvision / timm layout
+    torch.save(timm.create_model("wide_resnet50_2", pretrained=False).state_dict(), files["resnet"])
     return files
 
 
@@ -124,12 +132,14 @@ def record(label: str, work: Path, preset_name: str, runs: list[str]) -> Path:
     out = work / label
     common = ["--dataset_path", str(data), "--rgb_backbone_name", preset["rgb"], "--num_group",
               str(preset["num_group"]), "--group_size", str(preset["group_size"]), "--device", "cpu",
-              "--batch_size", "2", "--rgb_checkpoint", str(weights["rgb"]), "--xyz_checkpoint",
+              "--batch_size", "2", "--xyz_checkpoint",
               str(weights["xyz"]), "--fusion_module_path", str(weights["uff"]), "--save_maps"]
     timings = {}
     for name in runs:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "main.py", *common, *RUNS[name], "--output_dir", str(out / name)],
+        rgb = weights["resnet"] if name.startswith("BTF") else weights["rgb"]  # BTF's RGB backbone is a ResNet
+        subprocess.run([sys.executable, "main.py", *common, "--rgb_checkpoint", str(rgb), *RUNS[name],
+                        "--output_dir", str(out / name)],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         timings[name] = round(time.perf_counter() - start, 1)
         print(f"recorded {name} in {timings[name]} s", flush=True)
