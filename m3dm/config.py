@@ -7,7 +7,7 @@ The command line (m3dm.app.cli), the validation of flag combinations and the fit
 the dataclasses below: a setting is declared once, with ``setting(...)``. Library code receives these objects
 (or plain values taken from them), never an argparse namespace.
 
-A method (spec §8.2–8.8) is a set of modalities (``xyz``, ``rgb``, ``fusion``: one memory bank each, always in
+A method (docs/original.md) is a set of modalities (``xyz``, ``rgb``, ``fusion``: one memory bank each, always in
 that order) and a rule that turns their per-modality scores into the final ones (``single``, ``add`` or decision
 layer fusion, ``dlf``). The reference's quirks (mixed normalisation statistics, coreset sizes, the ÷1000,
 epsilons, zero-row handling) are reproduced by default and corrected with ``fix_quirks`` (docs/quirks.md).
@@ -108,7 +108,7 @@ def setting(default: Any, help: str = "", *, flag: bool = True, type: type | Non
 
 @dataclass(frozen=True)
 class ScoreWeights:
-    """The lambdas that weight each modality's image score and map before decision layer fusion (spec §8.8)."""
+    """The lambdas that weight each modality's image score and map before decision layer fusion."""
 
     xyz_s_lambda: float = setting(1.0)
     xyz_smap_lambda: float = setting(1.0)

@@ -1,4 +1,4 @@
-"""The run of ``main.py`` (spec §1): every class in turn (``run_classes``) and one class (``ClassRun``).
+"""The run of ``main.py`` (docs/original.md: Run): every class in turn (``run_classes``) and one class (``ClassRun``).
 
 The classes are shared among processes under torchrun (m3dm.app.processes). One class goes from fitting (pass 1,
 banks, pass 2) or loading a saved model to the test metrics, pictures and saved models.
@@ -255,7 +255,7 @@ class ClassRun:
         detector.release_training_samples()
 
     def _dump(self, sample, index: int) -> None:
-        """``--save_feature``: the UFF pretraining input of one training sample (spec §7.3)."""
+        """``--save_feature``: the UFF pretraining input of one training sample."""
         rows = pretraining_features(sample.xyz, sample.rgb, sample.rgb_aligned(),
                                     aligned=self.settings.detector.fix_quirks)
         save_pretraining_features(self.settings.run.save_feature_path, self.class_name, index, rows)

@@ -1,4 +1,4 @@
-"""Evaluation metrics of M3DM: image AUROC, pixel AUROC and AU-PRO (spec §9, quirk 39 in §13).
+"""Evaluation metrics of M3DM: image AUROC, pixel AUROC and AU-PRO (docs/quirks.md: quirk 39, "AU-PRO").
 
 AU-PRO follows the official MVTec 3D-AD definition used by the reference (``utils/au_pro_util.py``) exactly:
 8-connected ground-truth components, 100 thresholds taken from the sorted scores of all OK pixels, strict
