@@ -1,4 +1,4 @@
-"""UFF contrastive fusion pretraining (spec §7.4) on the dumps of ``main.py --save_feature``.
+"""UFF contrastive fusion pretraining (docs/uff_pretraining.md) on the dumps of ``main.py --save_feature``.
 
     python fusion_pretrain.py --data_path datasets/patch_lib --batch_size 16 --accum_iter 16 --lr 0.003
     torchrun --nproc_per_node=N fusion_pretrain.py ...

@@ -5,7 +5,7 @@
 
 Full configuration (the default): synthetic MVTec 3D-AD scenes generated raw at 800 x 800 and preprocessed, ViT-B/8
 at 224 px, Point-MAE with 1024 groups of 128 points, a UFF block, random weights in the official formats
-(timings do not depend on the weights). Figures (targets of issue 13 in brackets):
+(timings do not depend on the weights). Figures (their targets in brackets):
 
 - extraction samples/s through both backbones and PFA at batch 1, 8 and 32 (>= 100 at batch 32), data loaded
   by worker processes into pinned memory;

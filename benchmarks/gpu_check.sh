@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 13 as one command (sized for about 8 minutes on one H100/H200): the CUDA tests, then the
+# The GPU checks (docs/gpu.md) as one command (sized for about 8 minutes on one H100/H200): the CUDA tests, then the
 # GPU benchmark at the full configuration. Logs and figures go to OUT_DIR (default results/gpu).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]

@@ -21,7 +21,8 @@ from pathlib import Path
 from m3dm.app.run import StageTimer
 
 METHODS_WITHOUT_UFF = ("DINO", "Point_MAE", "DINO+Point_MAE", "DINO+Point_MAE+add")
-# The reference's seconds per sample pass through both backbones, measured in issue 7 (benchmarks/README.md)
+# The reference's seconds per sample pass through both backbones, measured on the benchmark machine
+# (benchmarks/README.md, "Performance targets")
 REFERENCE_SECONDS_PER_PASS = 8.9
 
 

@@ -1,4 +1,4 @@
-"""Time to build report.html of a 10-class x 100-part run from its saved results (issue 15: under 10 s on 2 cores).
+"""Time to build report.html of a 10-class x 100-part run from its saved results (target: under 10 s on 2 cores).
 
     python benchmarks/report.py [--classes 10] [--parts 100] [--repeat 3]
 

@@ -7,7 +7,7 @@ The command line (m3dm.app.cli), the validation of flag combinations and the fit
 the dataclasses below: a setting is declared once, with ``setting(...)``. Library code receives these objects
 (or plain values taken from them), never an argparse namespace.
 
-A method (spec §8.2–8.8) is a set of modalities (``xyz``, ``rgb``, ``fusion``: one memory bank each, always in
+A method (docs/original.md) is a set of modalities (``xyz``, ``rgb``, ``fusion``: one memory bank each, always in
 that order) and a rule that turns their per-modality scores into the final ones (``single``, ``add`` or decision
 layer fusion, ``dlf``). The reference's quirks (mixed normalisation statistics, coreset sizes, the ÷1000,
 epsilons, zero-row handling) are reproduced by default and corrected with ``fix_quirks`` (docs/quirks.md).
@@ -42,6 +42,9 @@ class MethodSpec:
     family: str = "m3dm"  # which detector fits and scores it (m3dm.detection.factory)
     features: str = "m3dm"  # "m3dm": the ViT and point backbones; "btf": wide-ResNet-50 layers 2+3 and FPFH
     patch_grid: int | None = None  # every bank's patch grid (None: the RGB backbone's grid and PFA's 56 x 56)
+    # thresholds of the PRO curve behind every AU-PRO, as the method's reference samples it (docs/quirks.md,
+    # "AU-PRO"): 100 in M3DM's and BTF's au_pro_util.py (m3dm.constants.PRO_THRESHOLDS), 99 in CFM's
+    pro_thresholds: int = 100
 
     @property
     def memory_bank(self) -> str:
@@ -73,7 +76,7 @@ METHODS: dict[str, MethodSpec] = {
     "BTF_FPFH": MethodSpec(("xyz",), "single", eps=0.0, features="btf", patch_grid=BTF_PATCH_GRID),
     "BTF_RGB+FPFH": MethodSpec((CONCAT,), "single", eps=0.0, features="btf", patch_grid=BTF_PATCH_GRID),
     # crossmodal feature mapping (Costanzino et al., CVPR 2024): no banks, two MLPs (m3dm.detection.cfm)
-    "CFM": MethodSpec(("xyz", "rgb"), "cfm", eps=0.0, family="cfm"),
+    "CFM": MethodSpec(("xyz", "rgb"), "cfm", eps=0.0, family="cfm", pro_thresholds=99),
 }
 # --save_feature dumps UFF pretraining input, which the two methods with exactly an xyz and an rgb bank produce
 FEATURE_DUMP_METHODS = tuple(name for name, spec in METHODS.items()
@@ -105,7 +108,7 @@ def setting(default: Any, help: str = "", *, flag: bool = True, type: type | Non
 
 @dataclass(frozen=True)
 class ScoreWeights:
-    """The lambdas that weight each modality's image score and map before decision layer fusion (spec §8.8)."""
+    """The lambdas that weight each modality's image score and map before decision layer fusion."""
 
     xyz_s_lambda: float = setting(1.0)
     xyz_smap_lambda: float = setting(1.0)

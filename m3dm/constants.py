@@ -14,4 +14,5 @@ EYECANDIES_CLASSES = (
 )
 CLASSES_BY_DATASET = {"mvtec3d": MVTEC3D_CLASSES, "eyecandies": EYECANDIES_CLASSES}
 
+PRO_THRESHOLDS = 100  # of the PRO curve behind AU-PRO in M3DM's and BTF's au_pro_util.py (CFM's: config.py)
 XYZ_FEATURE_DIM = 1152  # 3 transformer stages x 384

@@ -49,7 +49,7 @@ def exact_float32_on_cuda() -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """As the reference does once per class (spec §12): Python, NumPy's global generator and torch."""
+    """As the reference does once per class (docs/original.md: Seeds): Python, NumPy's global generator and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

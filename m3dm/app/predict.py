@@ -6,7 +6,8 @@
 Inputs: folders in the ``<defect>/{rgb,xyz}`` layout (a dataset split such as ``datasets/mvtec3d/bagel/test``) or
 the ``{rgb,xyz}`` layout, paired by file stem (``rgb/*.png`` with ``xyz/*.tiff``; ``gt/*.png`` is shown when
 present), and single pairs given with ``--rgb``/``--xyz``. ``--preprocess`` applies the MVTec 3D-AD
-preprocessing (spec §3, seed 0 as ``m3dm.preprocess``) to raw inputs; without it inputs must be preprocessed.
+preprocessing (docs/original.md: Preprocessing; seed 0 as ``m3dm.preprocess``) to raw inputs; without it inputs
+must be preprocessed.
 
 The model's backbones are rebuilt from the recorded weight files (or random weights and seed) and every checksum
 is verified (``m3dm.detection.persistence``). Parts are read one by one and scored in batches of ``--batch_size``.

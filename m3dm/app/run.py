@@ -1,4 +1,4 @@
-"""The run of ``main.py`` (spec §1): every class in turn (``run_classes``) and one class (``ClassRun``).
+"""The run of ``main.py`` (docs/original.md: Run): every class in turn (``run_classes``) and one class (``ClassRun``).
 
 The classes are shared among processes under torchrun (m3dm.app.processes). One class goes from fitting (pass 1,
 banks, pass 2) or loading a saved model to the test metrics, pictures and saved models.
@@ -34,7 +34,7 @@ from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup,
 from m3dm.detection.thresholds import Thresholds, ThresholdSamples, choose_threshold_samples, threshold_dataset
 from m3dm.evaluation.metrics import metrics_and_pro_curve
 from m3dm.evaluation.results import ClassResult, per_sample_rows, save_prediction_pictures, save_score_maps
-from m3dm.evaluation.tables import METRIC_TABLES, class_line, markdown_table, write_per_sample, write_results
+from m3dm.evaluation.tables import class_line, results_tables, write_per_sample, write_results
 from m3dm.features.extractor import FeatureExtractor, build_extractor
 from m3dm.report.build import try_build_report
 from m3dm.report.data import REPORT_DATA_DIR, run_record, save_class_data
@@ -112,8 +112,8 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
         for stage, seconds in output.timings.items():
             total.seconds[stage] += seconds
     method = settings.detector.method_name
-    for metric, title in METRIC_TABLES.items():
-        print(f"\n{title}\n{markdown_table(method, per_class, metric)}")
+    for text in results_tables(method, per_class).values():
+        print(f"\n{text}")
     record = dict(settings.flags(), device_used=str(device), processes=workers.world,
                   **run_record((setup or run_setup(settings, extractor, fusion_block))["weights"]))
     paths = write_results(output_dir, method, per_class, record, dict(total.seconds))
@@ -255,7 +255,7 @@ class ClassRun:
         detector.release_training_samples()
 
     def _dump(self, sample, index: int) -> None:
-        """``--save_feature``: the UFF pretraining input of one training sample (spec §7.3)."""
+        """``--save_feature``: the UFF pretraining input of one training sample."""
         rows = pretraining_features(sample.xyz, sample.rgb, sample.rgb_aligned(),
                                     aligned=self.settings.detector.fix_quirks)
         save_pretraining_features(self.settings.run.save_feature_path, self.class_name, index, rows)
@@ -354,11 +354,11 @@ class ClassRun:
             paths.extend(batch["rgb_path"])
             xyz_paths.extend(batch["xyz_path"])
         result = ClassResult({}, np.array(labels), np.array(image_scores), np.stack(maps), np.stack(masks),
-                             names, paths, xyz_paths)
+                             names, paths, xyz_paths, pro_thresholds=self.settings.detector.spec.pro_thresholds)
         with self.timer("metrics"):
             result.metrics, result.pro_curve = metrics_and_pro_curve(
                 result.labels, result.image_scores, result.masks, result.maps, masks_available(dataset.samples),
-                name=self.class_name)
+                name=self.class_name, num_thresholds=result.pro_thresholds)
         return result
 
     @torch.no_grad()

@@ -55,7 +55,7 @@ def read_sample(rgb_path, xyz_path, gt_path=None):
 
 
 def sample_tensors(cloud, image, mask, img_size: int, xyz_path, note: str = ""):
-    """Per-sample tensors (spec §2.4): ``rgb (3, 224, 224)``, ``pc (3, S, S)``, ``gt (1, 224, 224)`` or None.
+    """Per-sample tensors (docs/original.md): ``rgb (3, 224, 224)``, ``pc (3, S, S)``, ``gt (1, 224, 224)`` or None.
     A cloud without a valid point is an error naming ``xyz_path`` (``note`` says at which step)."""
     pc = organized_pc_to_tensor(cloud, img_size)
     if not valid_point_mask(pc).any():

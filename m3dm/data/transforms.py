@@ -1,4 +1,4 @@
-"""Per-sample tensors exactly as the reference builds them (spec §2.4), without torchvision."""
+"""Per-sample tensors exactly as the reference builds them (docs/original.md: Data), without torchvision."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The detector of one class (spec §8.2–8.8): memory banks, decision layer fusion, scoring, saving and loading.
+"""The detector of one class: memory banks, decision layer fusion, scoring, saving and loading (docs/original.md).
 
 Every method is this one class: the differences the reference spreads over six classes are data
 (``m3dm.config.METHODS``), its settings a ``m3dm.config.DetectorSettings``. A fitted detector saves itself to a
@@ -24,7 +24,7 @@ from m3dm.memory.bank import BankRecipe, MemoryBank
 from m3dm.memory.defaults import default_coreset
 from m3dm.memory.maps import segmentation_map
 
-MAP_SIZE = 224  # score maps and masks are 224 x 224 (spec §2.4, §8.1)
+MAP_SIZE = 224  # score maps and masks are 224 x 224, as in the reference
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Detector:
             self.rgb_grid = features.rgb_map.shape[-1]
         cap = self.config.asy_memory_bank
         capped = cap is not None and "xyz" in self.banks and self.banks["xyz"].n_samples >= cap
-        if capped:  # the reference keeps xyz and fusion banks to the first `cap` samples (spec §8.7)
+        if capped:  # the reference keeps xyz and fusion banks to the first `cap` samples
             self.banks["rgb"].add(features.rgb)
             self._late_xyz[self.n_train] = features.xyz
         else:
@@ -107,7 +107,7 @@ class Detector:
         self.n_train += 1
 
     def finalize(self) -> None:
-        """Normalise and subsample every bank (spec §8.2–8.7 'Bank' and 'Coreset' lines)."""
+        """Normalise and subsample every bank (docs/original.md: Methods)."""
         cfg, spec = self.config, self.spec
         stats = dict.fromkeys(self.banks, (None, None))
         if spec.own_stats or (spec.shared_stats and cfg.fix_quirks):
@@ -191,7 +191,7 @@ class Detector:
         return patches
 
     def fit_fusion(self, training_scores: list[dict[str, ModalityScore]]) -> None:
-        """Pass 2: fit the two one-class SVMs on the training samples' modality scores (spec §8.8)."""
+        """Pass 2: fit the two one-class SVMs on the training samples' modality scores."""
         vectors, pixels = zip(*(self._dlf_inputs(s) for s in training_scores))
         self.dlf = DecisionLayerFusion(nu=self.config.ocsvm_nu, max_iter=self.config.ocsvm_maxiter)
         self.dlf.fit(np.concatenate(vectors), np.concatenate(pixels))

@@ -1,4 +1,4 @@
-"""Decision Layer Fusion (DLF, spec §8.8, quirk 36): two one-class SVMs that fuse per-modality scores.
+"""Decision Layer Fusion (DLF, docs/original.md, quirk 36): two one-class SVMs that fuse per-modality scores.
 
 ``detect_fuser`` is fitted on the training samples' image-score vectors ``(N, k)``, ``seg_fuser`` on their
 per-pixel score matrices ``(N·H·W, k)`` (k = 2 or 3 modalities). Test scores are ``score_samples``, the

@@ -7,8 +7,8 @@ nothing of the detector beyond that state's being tensors and primitives. One fi
 ``<output_dir>/models/<class>.pt``: a ``torch.save`` of a dict holding only tensors and primitives (it loads with
 ``torch.load(..., weights_only=True)``), written atomically. It holds
 
-- ``detector``: the final (coreset) banks with their normalisation scalars (spec §8.1–8.7) and, for decision
-  layer fusion, the fitted arrays of both one-class SVMs (``coef_``, ``offset_``, ..., spec §8.8; scikit-learn's
+- ``detector``: the final (coreset) banks with their normalisation scalars and, for decision
+  layer fusion, the fitted arrays of both one-class SVMs (``coef_``, ``offset_``, ...; scikit-learn's
   own ``score_samples`` runs on them after loading, so scores are bit-identical), and the RGB patch grid;
 - ``method_name``, ``config`` (``DetectorSettings.to_record()``) and ``settings`` (``Settings.recorded()``: image
   size, point grouping, backbone names and mode, ``--fix_quirks``, seed, precision, ...); a key missing from an
@@ -16,7 +16,7 @@ nothing of the detector beyond that state's being tensors and primitives. One fi
 - ``weights``: per backbone (and UFF block) the weight file's path and SHA-256, or ``random`` with the seed, and a
   SHA-256 of the parameters actually built (so random weights are checked to be rebuilt identically);
 - ``generator_state``: the DropPath generator after fitting (the reference's training-mode point backbone draws
-  from it, spec §5.4), so evaluating a loaded model continues exactly where the fitting process would have;
+  from it, quirk 13), so evaluating a loaded model continues exactly where the fitting process would have;
 - ``thresholds`` (``m3dm.detection.thresholds``), versions (format, package, libraries) and provenance;
 - ``content_sha256``: a SHA-256 over everything else, checked on loading (a modified or damaged file is refused).
 

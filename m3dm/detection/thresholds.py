@@ -1,6 +1,6 @@
 """Pass/fail thresholds of a saved class model, set on good parts only.
 
-An addition: the reference only reports threshold-free metrics (spec §9).
+An addition: the reference only reports threshold-free metrics.
 
 Rule (docs/inference.md):
 

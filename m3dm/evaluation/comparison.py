@@ -20,6 +20,8 @@ COMPARISON_METRICS = {
     "image_rocauc": "I-AUROC",
     "pixel_rocauc": "P-AUROC",
     "au_pro": "AU-PRO@30%",
+    "au_pro_0.1": "AU-PRO@10%",
+    "au_pro_0.05": "AU-PRO@5%",
     "au_pro_0.01": "AU-PRO@1%",
 }
 TEST_STAGES = ("test extract", "test scoring")  # the timings (results.json) of the test split's samples

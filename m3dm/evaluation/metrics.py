@@ -1,4 +1,4 @@
-"""Evaluation metrics of M3DM: image AUROC, pixel AUROC and AU-PRO (spec §9, quirk 39 in §13).
+"""Evaluation metrics of M3DM: image AUROC, pixel AUROC and AU-PRO (docs/quirks.md: quirk 39, "AU-PRO").
 
 AU-PRO follows the official MVTec 3D-AD definition used by the reference (``utils/au_pro_util.py``) exactly:
 8-connected ground-truth components, 100 thresholds taken from the sorted scores of all OK pixels, strict
@@ -22,11 +22,16 @@ import numpy as np
 from scipy.ndimage import label as label_components
 from sklearn.metrics import roc_auc_score
 
+from m3dm.constants import PRO_THRESHOLDS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INTEGRATION_LIMIT = 0.3
-DEFAULT_NUM_THRESHOLDS = 100
-METRIC_NAMES = ("image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.01")  # of compute_metrics, in order
+DEFAULT_NUM_THRESHOLDS = PRO_THRESHOLDS  # M3DM's and BTF's; a method's own is MethodSpec.pro_thresholds (CFM: 99)
+# The AU-PROs of compute_metrics, key -> FPR limit: the four CFM's reference reports (30, 10, 5 and 1 %), for
+# every method; "au_pro" (0.3) is M3DM's and BTF's only one, "au_pro_0.01" was added first, hence the key names.
+AU_PRO_LIMITS = {"au_pro": 0.3, "au_pro_0.1": 0.1, "au_pro_0.05": 0.05, "au_pro_0.01": 0.01}
+METRIC_NAMES = ("image_rocauc", "pixel_rocauc", *AU_PRO_LIMITS)  # of compute_metrics, in order
 
 # 3-D structure whose middle plane is the 3×3 8-connectivity element: labels each image of an (N, H, W)
 # stack separately in one call, numbering components image by image in raster order like the reference.
@@ -181,18 +186,20 @@ def au_pro(masks: Any, maps: Any, integration_limit: float = DEFAULT_INTEGRATION
 
 
 def compute_metrics(labels: Any, image_scores: Any, masks: Any, maps: Any, masks_available: bool = True,
-                    name: str = "") -> dict[str, float | None]:
-    """All metrics of one class, unrounded: image/pixel ROC AUC and AU-PRO up to FPR 0.3 and 0.01.
+                    name: str = "", num_thresholds: int = DEFAULT_NUM_THRESHOLDS) -> dict[str, float | None]:
+    """All metrics of one class, unrounded: image/pixel ROC AUC and AU-PRO up to each FPR of ``AU_PRO_LIMITS``,
+    from one PRO curve of ``num_thresholds`` thresholds (the method's reference's count).
 
     A metric the test split cannot give is None ("not available"), with a log line saying why (``name`` is the
     class): the pixel metrics without ``masks_available`` (defect folders without ``gt/``), and every metric
     when the test parts are all good or all defective (no AUROC without both).
     """
-    return metrics_and_pro_curve(labels, image_scores, masks, maps, masks_available, name)[0]
+    return metrics_and_pro_curve(labels, image_scores, masks, maps, masks_available, name, num_thresholds)[0]
 
 
 def metrics_and_pro_curve(labels: Any, image_scores: Any, masks: Any, maps: Any, masks_available: bool = True,
-                          name: str = "") -> tuple[dict[str, float | None], tuple[np.ndarray, np.ndarray] | None]:
+                          name: str = "", num_thresholds: int = DEFAULT_NUM_THRESHOLDS
+                          ) -> tuple[dict[str, float | None], tuple[np.ndarray, np.ndarray] | None]:
     """``compute_metrics`` and the PRO curve ``(FPRs, PROs)`` behind its AU-PRO (None without pixel metrics), for
     the report, which would otherwise sort every pixel of the class a second time."""
     labels_flat = to_numpy(labels).reshape(-1)
@@ -206,10 +213,9 @@ def metrics_and_pro_curve(labels: Any, image_scores: Any, masks: Any, maps: Any,
         log.info("%s: defective test parts without ground-truth masks (no gt/ folder): image metrics only, the "
                  "pixel metrics are not available", name or "class")
         return {**dict.fromkeys(METRIC_NAMES), "image_rocauc": image_auroc(labels, image_scores)}, None
-    fprs, pros = pro_curve(masks, maps)
+    fprs, pros = pro_curve(masks, maps, num_thresholds)
     return {
         "image_rocauc": image_auroc(labels, image_scores),
         "pixel_rocauc": pixel_auroc(masks, maps),
-        "au_pro": au_pro_from_curve(fprs, pros, 0.3),
-        "au_pro_0.01": au_pro_from_curve(fprs, pros, 0.01),
+        **{key: au_pro_from_curve(fprs, pros, limit) for key, limit in AU_PRO_LIMITS.items()},
     }, (fprs, pros)

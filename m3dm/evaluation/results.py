@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m3dm.constants import PRO_THRESHOLDS
 from m3dm.data.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class ClassResult:
     rgb_paths: list[str]
     xyz_paths: list[str] = field(default_factory=list)
     pro_curve: tuple[np.ndarray, np.ndarray] | None = None  # (FPRs, PROs) behind the AU-PRO, where computed
+    pro_thresholds: int = PRO_THRESHOLDS  # of every PRO curve of this class (the method's count)
 
 
 PER_SAMPLE_FIELDS = ("class", "split", "defect_type", "stem", "rgb_path", "xyz_path", "label", "image_score",

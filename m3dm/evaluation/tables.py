@@ -12,10 +12,11 @@ from pathlib import Path
 from m3dm.data.io import write_text
 from m3dm.evaluation.results import PER_SAMPLE_FIELDS
 
-METRIC_TABLES = {
-    "image_rocauc": "Image ROCAUC",
-    "pixel_rocauc": "Pixel ROCAUC",
-    "au_pro": "AU-PRO",
+METRIC_TABLES = {  # file stem of each table file -> the metrics it holds, each with its title
+    "image_rocauc": {"image_rocauc": "Image ROCAUC"},
+    "pixel_rocauc": {"pixel_rocauc": "Pixel ROCAUC"},
+    "au_pro": {"au_pro": "AU-PRO@30%", "au_pro_0.1": "AU-PRO@10%", "au_pro_0.05": "AU-PRO@5%",
+               "au_pro_0.01": "AU-PRO@1%"},
 }
 
 
@@ -46,9 +47,9 @@ def mean_of_rounded(values: list[float | None]) -> float | None:
 def markdown_table(method: str, per_class: dict[str, dict], metric: str) -> str:
     """One row per method, one column per class (titled with ``str.title()`` as the reference) and a Mean of
     the values rounded to 3 decimals, as the reference computes it; a metric that is not available is "n/a"
-    and left out of the Mean."""
+    and left out of the Mean, as is one an older run did not compute."""
     classes = list(per_class)
-    values = [per_class[c][metric] for c in classes]
+    values = [per_class[c].get(metric) for c in classes]  # absent: a class resumed from an older run's file
     mean = mean_of_rounded(values) if values else math.nan
     header = ["Method"] + [c.title() for c in classes] + ["Mean"]
     row = [method] + [_cell(_rounded(v)) for v in values] + [_cell(_rounded(mean))]
@@ -63,21 +64,28 @@ def aligned_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(r) for r in rows)])
 
 
+def results_tables(method: str, per_class: dict[str, dict]) -> dict[str, str]:
+    """The text of each table file (``METRIC_TABLES``): one titled table per metric it holds."""
+    return {stem: "\n\n".join(f"# {title}\n\n{markdown_table(method, per_class, metric)}"
+                               for metric, title in metrics.items())
+            for stem, metrics in METRIC_TABLES.items()}
+
+
 def write_results(output_dir: str | Path, method: str, per_class: dict[str, dict], config: dict,
                   timings: dict | None = None) -> dict[str, Path]:
-    """Write the three tables (one ``.md`` each) and ``results.json``; returns the written paths.
+    """Write the three table files (``<stem>_results.md``, the AU-PRO one with a table per FPR limit) and
+    ``results.json``; returns the written paths.
 
     Files are written whole and atomically: nothing is appended to earlier runs' files.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for metric, title in METRIC_TABLES.items():
-        path = output_dir / f"{metric}_results.md"
-        write_text(path, f"# {title}\n\n{markdown_table(method, per_class, metric)}\n")
-        paths[metric] = path
+    for stem, text in results_tables(method, per_class).items():
+        paths[stem] = output_dir / f"{stem}_results.md"
+        write_text(paths[stem], text + "\n")
     record = {"method": method, "config": config, "per_class": per_class, "timings_s": timings or {},
-              "mean": {m: mean_of_rounded([v[m] for v in per_class.values()])
+              "mean": {m: mean_of_rounded([v.get(m) for v in per_class.values()])
                        for m in sorted({k for v in per_class.values() for k in v})}}
     paths["json"] = output_dir / "results.json"
     write_text(paths["json"], json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,8 +1,8 @@
-"""Point Feature Alignment (PFA): point-group features -> image-aligned patch features (spec §6, quirk 18).
+"""Point Feature Alignment (PFA): point-group features -> image-aligned patch features (docs/original.md, quirk 18).
 
-The reference path interpolates the group features to every valid point (§6.1), scatters them into a zero
+The reference path interpolates the group features to every valid point, scatters them into a zero
 ``(C, S, S)`` grid, applies a 3×3 average pool (stride 1, no padding) and an adaptive average pool to
-``out_size``² (§6.2). Every step is linear, and both poolings are separable, so the fast path folds them into
+``out_size``². Every step is linear, and both poolings are separable, so the fast path folds them into
 one ``(out_size², G)`` matrix ``M`` and computes ``patches = M @ group_features`` without ever building the
 grid or the per-point features. All functions work on one sample (samples differ in their number of points).
 """
@@ -23,7 +23,7 @@ CHUNK_BYTES = 64 * 2**20
 def valid_points(organized_pc: Tensor) -> tuple[Tensor, Tensor]:
     """``(3, S, S)`` organized cloud -> valid points ``(Nv, 3)`` (row-major order) and their flat indices.
 
-    A pixel is valid when all three coordinates are non-zero (§2.6).
+    A pixel is valid when all three coordinates are non-zero.
     """
     flat = organized_pc.permute(1, 2, 0).reshape(-1, 3)
     flat_index = (flat != 0).all(dim=1).nonzero().squeeze(1)
@@ -55,7 +55,7 @@ def _nearest_centre_distances(points: Tensor, centres: Tensor, clamp: bool, k: i
 def interpolation_weights(points: Tensor, centres: Tensor, clamp: bool = False) -> tuple[Tensor, Tensor]:
     """Indices ``(Nv, 3)`` of the 3 nearest centres of each point and their normalised inverse-squared weights.
 
-    Weights are ``1 / (d² + 1e-8)`` normalised to sum 1 (§6.1). With fewer than 3 centres all are used (the
+    Weights are ``1 / (d² + 1e-8)`` normalised to sum 1. With fewer than 3 centres all are used (the
     reference's single-centre branch is broken, quirk 18; here one centre simply gets weight 1).
     """
     k = min(INTERPOLATION_NEIGHBOURS, centres.shape[0])
@@ -76,7 +76,7 @@ def interpolate_to_points(points: Tensor, centres: Tensor, group_features: Tenso
 
 
 def project_to_patches(point_features: Tensor, flat_index: Tensor, img_size: int, out_size: int = 56) -> Tensor:
-    """Reference projection (§6.2): scatter to a zero grid, 3×3 avg pool, adaptive avg pool -> ``(out², C)``."""
+    """Reference projection: scatter to a zero grid, 3×3 avg pool, adaptive avg pool -> ``(out², C)``."""
     channels = point_features.shape[1]
     grid = point_features.new_zeros(channels, img_size * img_size)
     grid[:, flat_index] = point_features.T
@@ -160,6 +160,6 @@ def pfa_patches_reference(points: Tensor, flat_index: Tensor, centres: Tensor, g
 
 
 def rgb_to_patch_grid(rgb_map: Tensor, out_size: int = 56) -> Tensor:
-    """``(B, C, h, w)`` -> adaptive avg pool to ``out_size``² -> ``(B, out_size², C)`` row-major (§6.3)."""
+    """``(B, C, h, w)`` -> adaptive avg pool to ``out_size``² -> ``(B, out_size², C)`` row-major."""
     pooled = F.adaptive_avg_pool2d(rgb_map, out_size)
     return pooled.flatten(2).transpose(1, 2)

@@ -1,4 +1,4 @@
-"""Per-sample features (spec §5.5, §6): both backbones on a batch, then Point Feature Alignment per sample.
+"""Per-sample features: both backbones on a batch, then Point Feature Alignment per sample (docs/original.md).
 
 A batch may mix samples with different numbers of valid points: the point backbone groups each cloud on its own
 and runs the transformer on the stacked groups; alignment then runs per sample. Only the backbones a method
@@ -33,7 +33,7 @@ class SampleFeatures:
     xyz_groups: PointGroups | None = None  # the point backbone's output before PFA (per-pixel methods: CFM)
 
     def rgb_aligned(self, grid: int = XYZ_PATCH_GRID) -> torch.Tensor:
-        """RGB patches pooled to the xyz grid, spatially aligned with ``xyz`` (spec §6.3): ``(grid², C)``."""
+        """RGB patches pooled to the xyz grid, spatially aligned with ``xyz``: ``(grid², C)``."""
         return rgb_to_patch_grid(self.rgb_map[None], grid)[0]
 
 
@@ -41,7 +41,7 @@ class FeatureExtractor:
     """Runs the RGB backbone and/or the point backbone on batches and aligns the point features.
 
     ``seed`` seeds the generator of the point backbone's DropPath draws (active when the backbone is in the
-    reference's training mode, spec §5.4), so a run is reproducible and a batch of N samples gives the same
+    reference's training mode, quirk 13), so a run is reproducible and a batch of N samples gives the same
     features as N single samples in order.
     """
 
@@ -133,7 +133,7 @@ class FeatureExtractor:
 def build_extractor(backbones: BackboneSettings, *, needs_rgb: bool, needs_xyz: bool, device, seed: int,
                     clamp_pfa: bool, method: MethodSpec | None = None) -> FeatureExtractor:
     """The backbones a method needs, from their weight files (or random weights with ``random_init``): the RGB
-    ViT in eval mode, the point backbone in the reference's training mode unless ``backbone_eval`` (spec §5.4).
+    ViT in eval mode, the point backbone in the reference's training mode unless ``backbone_eval`` (quirk 13).
 
     A ``method`` with BTF features gets its own: the wide-ResNet (``rgb_checkpoint``) and FPFH (``clamp_pfa``, the
     fix_quirks of the run, pads their 3 x 3 average)."""

@@ -1,4 +1,4 @@
-"""Point backbone: the Point-MAE / Point-BERT "Point Transformer" encoder used by M3DM (spec §5.2, §5.4).
+"""Point backbone: the Point-MAE / Point-BERT "Point Transformer" encoder used by M3DM (docs/original.md).
 
 Parameter names match the official Point-MAE / Point-BERT encoders (after the prefix mapping of
 `m3dm.features.weights`): `encoder.first_conv.{0,1,3}.*`, `encoder.second_conv.{0,1,3}.*`,
@@ -8,7 +8,7 @@ Point-BERT also `reduce_dim.*`, `cls_token`, `cls_pos`.
 Output: the tokens after blocks 3, 7 and 11 (0-based), each passed through the final LayerNorm, CLS dropped,
 concatenated on channels -> `(B, 1152, G)`, plus the group centres `(B, G, 3)`.
 
-Module mode (spec §5.4, quirk 13)
+Module mode (quirk 13)
 ---------------------------------
 The reference never calls `.eval()`, so its point transformer runs in *training mode*. This module copies
 that by default (a fresh `nn.Module` is in training mode) and makes it exact for batches:
@@ -74,7 +74,7 @@ def _pointwise(conv: nn.Conv1d, x: Tensor, bias: bool = True) -> Tensor:
 
 
 class MiniPointNet(nn.Module):
-    """Per-group encoder: shared point MLP, max-pool, concat global, second MLP, max-pool (spec §5.2 step 2).
+    """Per-group encoder: shared point MLP, max-pool, concat global, second MLP, max-pool.
 
     Parameters are the official Conv1d/BatchNorm1d ones; the forward runs channels-last as matrix products and
     splits the first convolution of the second stage into its global and per-point halves, so the global

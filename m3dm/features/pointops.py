@@ -1,4 +1,4 @@
-"""Pure-PyTorch point operations used by the point backbone (spec §5.2 step 1, quirk 17 in §13).
+"""Pure-PyTorch point operations used by the point backbone (docs/original.md: Point backbone, grouping; quirk 17).
 
 Farthest point sampling reproduces the semantics of the ``pointnet2_ops`` CUDA kernel, k-nearest neighbours
 replaces ``KNN_CUDA``; both run on CPU and GPU. When the original CUDA extensions are importable and the data

@@ -1,4 +1,4 @@
-"""RGB backbone: a timm Vision Transformer returning its last-block patch tokens as a feature map (spec §5.1).
+"""RGB backbone: a timm Vision Transformer returning its last-block patch tokens as a feature map.
 
 The reference calls `timm.create_model(name, pretrained=True)` with timm-0.6 names. Here the model is always
 built with `pretrained=False` (nothing is ever downloaded) and its weights are loaded by

@@ -1,6 +1,7 @@
 """Every weight file of the project read by one reader and loaded by one strict loader, and the backbone builders.
 
-Formats (spec §5.3, §7.6, quirks 15, 16 and 24); each is turned into a flat state dict in our module's names:
+Formats (docs/original.md, "Point backbone"; quirks 15, 16 and 24); each is turned into a flat state dict in our
+module's names:
 
 * Point-MAE `pretrain.pth`: `ckpt['base_model']`; every `module.` removed; keys starting with `MAE_encoder`
   lose `MAE_encoder.`, keys starting with `base_model` lose `base_model.`, others are kept as they are (the

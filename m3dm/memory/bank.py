@@ -1,4 +1,4 @@
-"""The memory bank every method uses (spec §8.1, quirks 26–29, 33): collect patches, build once, score test patches.
+"""The memory bank every method uses (quirks 26–29, 33): collect patches, build once, score test patches.
 
 One :class:`MemoryBank` serves every modality (RGB, xyz, fusion): it collects patch features sample by sample,
 is normalised with scalar statistics chosen by the caller (the reference mixes the banks' statistics, quirk 26;
@@ -190,7 +190,7 @@ class MemoryBank:
 
     def score(self, patches: ArrayLike, normalise: bool = True, eps: float = 0.0, divisor: float = 1.0,
               n_reweight: int = 3) -> tuple[float, torch.Tensor]:
-        """``(image score, per-patch nearest distances (P,))`` of one sample's patches (spec §8.1).
+        """``(image score, per-patch nearest distances (P,))`` of one sample's patches.
 
         ``normalise`` applies finalize's ``mean``/``std`` (a no-op for a bank finalised without them); ``eps`` and
         ``divisor`` as in :func:`m3dm.memory.search.reweighted_score`. The distances are the undivided ones (for

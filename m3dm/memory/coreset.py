@@ -1,4 +1,4 @@
-"""The reference's greedy k-center coreset (spec §8.1, quirk 33) and the selection strategies that compute it.
+"""The reference's greedy k-center coreset (quirk 33) and the selection strategies that compute it.
 
 :class:`GreedyCoreset` projects the bank (:mod:`m3dm.memory.projection`), then hands the projected rows to a
 selection strategy: every strategy but :class:`ShardedGreedy` returns the reference's indices exactly.

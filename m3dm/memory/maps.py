@@ -1,4 +1,4 @@
-"""Segmentation maps from per-patch distances: bilinear upsampling and the reference's blur (spec §8.1, quirk 34)."""
+"""Segmentation maps from per-patch distances: bilinear upsampling and the reference's blur (quirk 34)."""
 
 from __future__ import annotations
 

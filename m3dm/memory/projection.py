@@ -1,4 +1,4 @@
-"""The reference's sparse random projection of a memory bank (spec §8.1 step 1), applied in row chunks.
+"""The reference's sparse random projection of a memory bank, applied in row chunks.
 
 The projection is computed in float64, as scikit-learn < 1.2 did for the reference's float32 input (newer
 versions keep float32). It is applied in row chunks with a matrix fitted on the bank's shape alone, so only the

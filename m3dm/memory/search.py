@@ -40,7 +40,7 @@ def query_block_rows(n_patches: int, n_bank: int, block_elements: int) -> int:
 
 def nearest_neighbours(patches: torch.Tensor, bank: torch.Tensor, chunk_size: int | None = None,
                        bank_chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance of every patch to its nearest bank row, and that row's index (spec §8.1 steps 1–2).
+    """Euclidean distance of every patch to its nearest bank row, and that row's index.
 
     Same result as ``torch.cdist(patches, bank).min(dim=1)`` (first index on ties) without the full matrix:
     blocks of ``chunk_size`` patches × ``bank_chunk_size`` bank rows (by default whole-bank blocks of at most
@@ -71,7 +71,7 @@ def nearest_neighbours(patches: torch.Tensor, bank: torch.Tensor, chunk_size: in
 
 def reweighted_score(patches: torch.Tensor, bank: torch.Tensor, min_dist: torch.Tensor, nn_idx: torch.Tensor,
                      n_reweight: int = 3, eps: float = 0.0, divisor: float = 1.0) -> float:
-    """Image score ``w · s*`` of the reference (spec §8.1 steps 3–6), in float32 like the reference.
+    """Image score ``w · s*`` of the reference (docs/original.md: Memory banks), in float32 like the reference.
 
     ``s*`` is the largest nearest-neighbour distance, ``w = 1 − exp(s*/D) / (Σ_j exp(δ_j/D) + eps)`` with ``δ_j``
     the distances from that patch to the ``n_reweight − 1`` bank rows nearest to its neighbour (the first of the

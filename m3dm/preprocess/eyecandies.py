@@ -1,4 +1,4 @@
-"""Eyecandies -> MVTec 3D-AD layout (spec §4), vectorised and with the reference's path bugs fixed.
+"""Eyecandies -> MVTec 3D-AD layout (docs/original.md), vectorised and with the reference's path bugs fixed.
 
 Per sample: depth PNG + normalisation range -> metric depth; back-projection through ``P = K · pose`` with
 the fixed focal length 711.11 and principal point at the image centre; background removal relative to the
@@ -69,8 +69,8 @@ def back_project(depth: np.ndarray, pose: np.ndarray, focal: float = FOCAL_LENGT
 
 
 def remove_background(points: np.ndarray, width: int, exact_zero: bool = False) -> np.ndarray:
-    """Spec §4.3 on a flat ``(H·W, 3)`` cloud, then axes (x, z, y) × (0.1, -0.1, 0.1). The reference points
-    are the top-centre and bottom-centre pixels (flat indices 256 and -256 for 512-wide images)."""
+    """The reference's background removal on a flat ``(H·W, 3)`` cloud, then axes (x, z, y) × (0.1, -0.1, 0.1). The
+    reference points are the top-centre and bottom-centre pixels (flat indices 256 and -256 for 512-wide images)."""
     top, bottom = points[width // 2], points[-(width - width // 2)]
     dz, dy = top[1] - bottom[1], top[2] - bottom[2]
     norm = np.hypot(dz, dy)

@@ -1,4 +1,4 @@
-"""MVTec 3D-AD preprocessing (spec §3): background-plane removal, square padding, DBSCAN cleaning.
+"""MVTec 3D-AD preprocessing (docs/original.md): background-plane removal, square padding, DBSCAN cleaning.
 
 The algorithm is the reference's, step for step (thresholds, RANSAC parameters, padding rule, the DBSCAN
 "largest label wins, noise label included" rule; DBSCAN labels are exactly Open3D's, computed by a

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m3dm.constants import PRO_THRESHOLDS
 from m3dm.data.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,11 @@ def depth_thumbnail(cloud: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ saving
 
 def defect_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray,
-                   defect_types: list[str]) -> dict:
+                   defect_types: list[str], pro_thresholds: int = PRO_THRESHOLDS) -> dict:
     """Per defect type: the number of parts, their mean score and the metrics of the good parts with that type's
-    parts (image AUROC, AU-PRO); ``good``: its count and mean only. Undefined metrics (no mask, a single label) are
-    None. (No pixel AUROC per type: sorting every pixel again per type would cost seconds per class.)"""
+    parts (image AUROC, AU-PRO up to FPR 0.3 with the method's ``pro_thresholds``); ``good``: its count and mean
+    only. Undefined metrics (no mask, a single label) are None. (No pixel AUROC per type: sorting every pixel again
+    per type would cost seconds per class.)"""
     from m3dm.evaluation.metrics import au_pro, image_auroc
 
     types = np.asarray(defect_types)
@@ -109,7 +111,8 @@ def defect_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | N
                 warnings.simplefilter("ignore", RuntimeWarning)
                 row["image_rocauc"] = _finite(image_auroc(labels[subset], scores[subset]))
                 has_masks = masks is not None and masks[chosen].any()
-                row["au_pro"] = _finite(au_pro(masks[subset], maps[subset])) if has_masks else None
+                row["au_pro"] = (_finite(au_pro(masks[subset], maps[subset], num_thresholds=pro_thresholds))
+                                 if has_masks else None)
         table[defect] = row
     return table
 
@@ -146,7 +149,7 @@ def save_class_data(result, rows: list[dict], path: str | Path,
     if curve is None and masks is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            curve = pro_curve(masks, maps)
+            curve = pro_curve(masks, maps, result.pro_thresholds)
     if thumbnails is None:
         thumbnails = read_thumbnails(result.rgb_paths, result.xyz_paths or [None] * len(result.names))
     rgb, depth = thumbnails
@@ -155,7 +158,8 @@ def save_class_data(result, rows: list[dict], path: str | Path,
     return write_data(path, class_name=result.names[0].split("/")[0], names=result.names, labels=labels,
                       scores=scores, failed=failed, image_threshold=None if failed is None else thresholds.pop(),
                       rgb=rgb, depth=depth, maps=maps, masks=masks, map_range=(float(maps.min()), float(maps.max())),
-                      pro_curve=curve, defect_metrics=defect_metrics(labels, scores, masks, maps, defect_types))
+                      pro_curve=curve,
+                      defect_metrics=defect_metrics(labels, scores, masks, maps, defect_types, result.pro_thresholds))
 
 
 def write_data(path: str | Path, *, class_name: str, names, labels, scores, failed, image_threshold, rgb, depth,

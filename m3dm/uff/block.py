@@ -1,5 +1,5 @@
-"""The Unsupervised Feature Fusion block (UFF, spec §7.1) and its strict loading from a ``fusion_pretrain.py``
-checkpoint (§7.6, quirk 24)."""
+"""The Unsupervised Feature Fusion block (UFF, docs/original.md) and its strict loading from a ``fusion_pretrain.py``
+checkpoint (quirk 24)."""
 
 from __future__ import annotations
 

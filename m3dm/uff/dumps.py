@@ -1,4 +1,4 @@
-"""The UFF pretraining dumps of ``main.py --save_feature`` (spec §7.3, quirk 20): one ``(3136, 1152 + C)`` tensor
+"""The UFF pretraining dumps of ``main.py --save_feature`` (quirk 20): one ``(3136, 1152 + C)`` tensor
 per training sample, xyz patches then RGB, in the reference's file names; written here, and read back (checked)
 as the pretraining dataset."""
 
@@ -27,7 +27,7 @@ def scrambled_rgb_rows(rgb_patches: torch.Tensor, rows: int) -> torch.Tensor:
 
 def pretraining_features(xyz: torch.Tensor, rgb_patches: torch.Tensor, rgb_aligned: torch.Tensor,
                          aligned: bool) -> torch.Tensor:
-    """One dumped training sample (spec §7.3): ``(3136, 1152 + C)``, unnormalised xyz patches then RGB, with
+    """One dumped training sample: ``(3136, 1152 + C)``, unnormalised xyz patches then RGB, with
     the reference's scrambled RGB rows unless ``aligned``."""
     rgb = rgb_aligned if aligned else scrambled_rgb_rows(rgb_patches, xyz.shape[0])
     return torch.cat([xyz, rgb], dim=1).float().contiguous()

@@ -1,4 +1,4 @@
-"""The UFF pretraining loss (spec §7.2): patch-wise contrastive cross-entropy over the global batch of every
+"""The UFF pretraining loss (docs/original.md: UFF): patch-wise contrastive cross-entropy over the global batch of every
 torch.distributed process, with the xyz keys gathered across processes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""UFF pretraining (spec §7.4–7.5, §10.2) on the feature dumps of ``main.py --save_feature``, on torch.distributed.
+"""UFF pretraining (docs/original.md) on the feature dumps of ``main.py --save_feature``, on torch.distributed.
 
 Runs as a plain single process, under ``torchrun --nproc_per_node=N`` or under
 ``python -m torch.distributed.launch --nproc_per_node=N`` (gloo on CPU, NCCL on CUDA), with DDP. The xyz keys are
@@ -52,7 +52,7 @@ PRETRAIN_FLAGS = "reference flags (same names and defaults as the original fusio
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    """Every flag of the reference's ``fusion_pretrain.py`` (spec §10.2) with its default; the command line
+    """Every flag of the reference's ``fusion_pretrain.py`` with its default; the command line
     (m3dm.app.pretrain) is derived from these fields."""
 
     batch_size: int = setting(64, "per-process batch (the README uses 16)", group=PRETRAIN_FLAGS)
@@ -88,7 +88,7 @@ class PretrainSettings:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The learning rate (spec §7.5): linear warm-up over ``warmup_epochs``, then a half-cycle cosine from ``lr``
+    """The learning rate: linear warm-up over ``warmup_epochs``, then a half-cycle cosine from ``lr``
     down to ``min_lr`` at ``epochs``; it changes at accumulation boundaries only (every ``accum_iter`` steps)."""
 
     lr: float
@@ -243,7 +243,7 @@ def _train(args: PretrainSettings, processes: Processes, device: torch.device) -
 
 def train_one_epoch(model, loader, sampler, optimizer, scaler, epoch: int, schedule: Schedule,
                     device: torch.device, is_main: bool) -> dict:
-    """One epoch of the reference's engine (spec §7.4); returns the epoch means of the loss and lr (the
+    """One epoch of the reference's engine; returns the epoch means of the loss and lr (the
     reference's ``train_loss``/``train_lr``) and the first step's loss (for comparisons across world sizes)."""
     model.train()
     sampler.set_epoch(epoch)

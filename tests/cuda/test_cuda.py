@@ -1,4 +1,4 @@
-"""The GPU path against the CPU path (issue 13). Run on a machine with a CUDA GPU: ``pytest -m cuda tests/cuda``.
+"""The GPU path (docs/gpu.md) against the CPU path. Run on a machine with a CUDA GPU: ``pytest -m cuda tests/cuda``.
 
 Point ops and searches must give the CPU's answers; the pipeline on CUDA the CPU's metrics to 3 decimals for
 every method; models move between devices; UFF pretraining runs with NCCL. Without a GPU every test here is

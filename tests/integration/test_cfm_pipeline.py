@@ -56,7 +56,8 @@ def test_fit_trains_on_the_few_shot_samples_and_saves_the_mappings(fitted):
     result = fitted["result"]
     assert result.maps.shape == (len(result.names), 224, 224) and result.maps.dtype == np.float32
     assert np.isfinite(result.image_scores).all() and (result.maps >= 0).all()
-    assert set(result.metrics) >= {"image_rocauc", "pixel_rocauc", "au_pro"}
+    assert set(result.metrics) >= {"image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.1", "au_pro_0.05", "au_pro_0.01"}
+    assert result.pro_curve[0].shape == (99 + 1,)  # CFM's reference's 99 thresholds, and the point (1, 1)
     model = load_class_model(fitted["model"], "CFM", class_name="gadget")
     state = model.detector_state
     assert state["n_train"] == 2 and len(state["losses"]) == 1

@@ -9,6 +9,7 @@ import pytest
 from conftest import preprocessed_mvtec
 
 import main as main_module
+from m3dm.evaluation.metrics import METRIC_NAMES
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
          "--random_init", "--device", "cpu", "--batch_size", "2", "-q", "--method_name", "DINO+Point_MAE",
@@ -39,11 +40,10 @@ def test_without_masks_image_metrics_only_and_only_good_reported(own_dataset, tm
     captured = capsys.readouterr()
     record = json.loads((out / "results.json").read_text())["per_class"]
     masked, unmasked, only_good = record["gadget"], record["unmasked"], record["only_good"]
-    assert all(0 <= masked[k] <= 1 for k in ("image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.01"))
+    assert set(masked) == set(METRIC_NAMES) and all(0 <= masked[k] <= 1 for k in METRIC_NAMES)
     # the same parts and seed: the same image scores, so the same image AUROC; no pixel metric without masks
-    assert unmasked == {"image_rocauc": masked["image_rocauc"], "pixel_rocauc": None, "au_pro": None,
-                        "au_pro_0.01": None}
-    assert only_good == {"image_rocauc": None, "pixel_rocauc": None, "au_pro": None, "au_pro_0.01": None}
+    assert unmasked == {**dict.fromkeys(METRIC_NAMES), "image_rocauc": masked["image_rocauc"]}
+    assert only_good == dict.fromkeys(METRIC_NAMES)
     assert "only_good: every test part is good (2 parts): no image or pixel metric is available" in captured.err
     assert "unmasked/test/dent: no gt/ folder" in captured.err  # the up-front check's warning
     assert "Class: unmasked, DINO+Point_MAE Image ROCAUC: " in captured.out

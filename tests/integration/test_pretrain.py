@@ -1,4 +1,4 @@
-"""UFF pretraining (spec §7.4–7.5): torchrun / torch.distributed.launch with 2 CPU processes (gloo) against one
+"""UFF pretraining: torchrun / torch.distributed.launch with 2 CPU processes (gloo) against one
 process, resume, the reference's lr schedule and optimiser, clear errors for bad feature folders, and the end
 to end: main.py dumps -> 2-process pretraining -> main.py DINO+Point_MAE+Fusion with the checkpoint."""
 

@@ -70,7 +70,7 @@ def test_main_refuses_a_huge_num_group_before_allocating_anything(capsys, tmp_pa
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert exit_status.value.code == 2
-    assert peak < 50e6  # no backbone, no grouping: the 23 GB of the issue never start
+    assert peak < 50e6  # no backbone, no grouping: the many GB of such a grouping never start
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(": error: --num_group 100000 is out of range: use an integer from 1 to 8192 (the "
                        "point transformer's memory grows with num_group squared)")

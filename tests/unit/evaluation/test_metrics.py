@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from m3dm.evaluation.metrics import au_pro, compute_metrics, image_auroc, pixel_auroc, pro_curve, trapezoid_area
+from m3dm.config import METHODS
+from m3dm.evaluation.metrics import (
+    AU_PRO_LIMITS,
+    au_pro,
+    compute_metrics,
+    image_auroc,
+    pixel_auroc,
+    pro_curve,
+    trapezoid_area,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Brute-force references
@@ -136,6 +145,44 @@ def test_au_pro_matches_brute_force(seed, num_images, size, num_good, quantize, 
     maps = random_maps(rng, masks, quantize)
     expected = brute_force_au_pro(masks, maps, limit)
     assert au_pro(masks, maps, integration_limit=limit) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("num_thresholds", [100, 99])
+def test_every_au_pro_of_compute_metrics_matches_brute_force(num_thresholds):
+    """AU-PRO at 30, 10, 5 and 1 % FPR from one curve of the method's thresholds (M3DM's 100, CFM's 99)."""
+    rng = np.random.default_rng(7)
+    masks = random_blob_masks(rng, 5, 16, 1)
+    maps = random_maps(rng, masks, quantize=False)
+    labels = masks.reshape(len(masks), -1).any(axis=1).astype(int)
+    metrics = compute_metrics(labels, maps.max(axis=(1, 2)), masks, maps, num_thresholds=num_thresholds)
+    assert AU_PRO_LIMITS == {"au_pro": 0.3, "au_pro_0.1": 0.1, "au_pro_0.05": 0.05, "au_pro_0.01": 0.01}
+    for key, limit in AU_PRO_LIMITS.items():
+        assert metrics[key] == pytest.approx(brute_force_au_pro(masks, maps, limit, num_thresholds), abs=1e-9)
+    other = compute_metrics(labels, maps.max(axis=(1, 2)), masks, maps, num_thresholds=199 - num_thresholds)
+    assert other["au_pro_0.05"] != metrics["au_pro_0.05"]  # the count matters, so each method needs its own
+
+
+@pytest.mark.parametrize("num_thresholds", [100, 99])
+def test_au_pro_at_5_percent_by_hand(num_thresholds):
+    """One 10 x 10 image: 96 OK pixels scoring 0..95 and one component of 4 pixels scoring 92.5, 94.5, 100, 100.
+    Both counts of thresholds step by less than 1 through the 96 sorted OK scores, so every position p is a
+    threshold, at FPR 1 - (p+1)/96. PRO(p) is the share of the 4 scores above p: 1/2 at p = 95, 3/4 at 94 and 93,
+    1 below. Up to FPR 0.05 (past p = 91, FPR 4/96) the trapezoids give
+    (0.625 + 0.75 + 0.875 + 1) / 96 + 1 * (0.05 - 4/96) = 0.05 - 0.75/96, i.e. AU-PRO@5% = 1 - 0.75/4.8."""
+    masks = np.zeros((1, 10, 10), np.uint8)
+    masks[0, 0, :4] = 1
+    maps = np.zeros((1, 10, 10))
+    maps[0, 0, :4] = [92.5, 94.5, 100, 100]
+    maps.reshape(-1)[4:] = np.arange(96)
+    expected = 1 - 0.75 / 4.8
+    assert au_pro(masks, maps, integration_limit=0.05, num_thresholds=num_thresholds) == pytest.approx(
+        expected, abs=1e-12)
+
+
+def test_each_method_samples_the_pro_curve_as_its_reference():
+    """100 thresholds in M3DM's and BTF's au_pro_util.py, 99 in CFM's metrics_utils.py (docs/quirks.md)."""
+    assert {name: spec.pro_thresholds for name, spec in METHODS.items()} == {
+        **{name: 100 for name in METHODS if name != "CFM"}, "CFM": 99}
 
 
 @pytest.mark.parametrize("seed,num_images,size,num_good,quantize", RANDOM_CASES[:3])
@@ -323,7 +370,7 @@ def test_compute_metrics_keys_and_values():
     labels = np.array([0, 0, 1, 1, 1])
     scores = maps.reshape(5, -1).max(axis=1)
     metrics = compute_metrics(labels, scores, masks, maps)
-    assert list(metrics) == ["image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.01"]
+    assert list(metrics) == ["image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.1", "au_pro_0.05", "au_pro_0.01"]
     assert all(type(value) is float for value in metrics.values())
     assert metrics["image_rocauc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert metrics["pixel_rocauc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)

@@ -24,8 +24,7 @@ def test_without_masks_only_image_metrics(caplog):
     full = compute_metrics(labels, scores, masks, maps)
     with caplog.at_level(logging.INFO, logger="m3dm.evaluation.metrics"):
         image_only = compute_metrics(labels, scores, np.zeros_like(masks), maps, masks_available=False, name="widget")
-    assert image_only == {"image_rocauc": full["image_rocauc"], "pixel_rocauc": None, "au_pro": None,
-                          "au_pro_0.01": None}
+    assert image_only == {**dict.fromkeys(METRIC_NAMES), "image_rocauc": full["image_rocauc"]}
     assert "widget: defective test parts without ground-truth masks (no gt/ folder): image metrics only" in caplog.text
     assert all(full[k] is not None for k in METRIC_NAMES)
 
@@ -55,3 +54,18 @@ def test_tables_and_json_say_not_available(tmp_path):
     assert record["mean"]["pixel_rocauc"] == pixel  # the mean of the available values
     assert record["mean"]["image_rocauc"] == round(image, 3)
     assert "n/a" in (tmp_path / "au_pro_results.md").read_text()
+
+
+def test_a_class_resumed_from_an_older_run_lacks_the_newer_au_pros(tmp_path):
+    """A class file of a run made before AU-PRO@10% and @5% existed: "n/a" in their tables, left out of their mean,
+    and every other number as before."""
+    labels, scores, masks, maps = split()
+    new = compute_metrics(labels, scores, masks, maps)
+    older = {k: v for k, v in compute_metrics(*split(seed=1)).items() if k not in ("au_pro_0.1", "au_pro_0.05")}
+    write_results(tmp_path, "M", {"older": older, "new": new}, {})
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["mean"]["au_pro_0.05"] == round(new["au_pro_0.05"], 3)
+    assert record["mean"]["au_pro"] == (round(older["au_pro"], 3) + round(new["au_pro"], 3)) / 2
+    tables = (tmp_path / "au_pro_results.md").read_text().split("# ")[1:]
+    assert [t.splitlines()[0] for t in tables] == ["AU-PRO@30%", "AU-PRO@10%", "AU-PRO@5%", "AU-PRO@1%"]
+    assert "n/a" in tables[2] and "n/a" not in tables[0]

@@ -1,4 +1,4 @@
-"""Point Feature Alignment (spec §6, quirk 18): fast path vs reference path vs brute-force loops."""
+"""Point Feature Alignment (quirk 18): fast path vs reference path vs brute-force loops."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Point transformer and RGB ViT backbones (spec §5.1, §5.2, §5.4): names, shapes, batching, mode semantics.
+"""Point transformer and RGB ViT backbones (docs/original.md): names, shapes, batching, mode semantics.
 
-The reference formulations below are written from the spec with plain torch ops (standard `nn.BatchNorm1d` in
+The reference formulations below are written from docs/original.md with plain torch ops (standard `nn.BatchNorm1d` in
 training mode on a batch-1 run, explicit softmax attention, DropPath as described in the module docstring).
 """
 
@@ -42,7 +42,7 @@ def point_model(request) -> PointTransformer:
 
 
 def expected_point_keys(variant: str) -> dict[str, tuple[int, ...]]:
-    """Official encoder names and shapes, written out from spec §5.2 / §5.3."""
+    """Official encoder names and shapes, written out from the reference's checkpoints."""
     enc = 384 if variant == "Point_MAE" else 256
     keys: dict[str, tuple[int, ...]] = {}
     for stage, (cin, mid, cout) in {"first_conv": (3, 128, 256), "second_conv": (512, 512, enc)}.items():

@@ -1,4 +1,4 @@
-"""Official checkpoint formats -> our backbones (spec §5.3, quirks 15/16): key mapping, strictness, resolution.
+"""Official checkpoint formats -> our backbones (quirks 15/16): key mapping, strictness, resolution.
 
 Every file is written here in the official layout (prefixes, wrappers, extra non-backbone entries) from random
 tensors; loading must reproduce exactly those tensors, and wrong / broken / absent files must raise a

@@ -1,4 +1,4 @@
-"""Point operations (spec §5.2 step 1, quirk 17) against straightforward NumPy / loop implementations."""
+"""Point operations (quirk 17) against straightforward NumPy / loop implementations."""
 
 from __future__ import annotations
 

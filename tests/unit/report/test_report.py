@@ -159,7 +159,7 @@ def test_the_command_rebuilds_the_report_and_compares_folders(saved, tmp_path, c
     first, second = (json.loads((f / "results.json").read_text()) for f in (saved, other))
     metric_cells = [c for c in page.cells if "data-metric" in c]
     assert {c["data-run"] for c in metric_cells} == {"Point_MAE"}
-    assert len(metric_cells) == 2 * 4  # the two shared classes, four metrics
+    assert len(metric_cells) == 2 * 6  # the two shared classes, six metrics
     for cell in metric_cells:
         c, m = cell["data-class"], cell["data-metric"]
         assert float(cell["data-value"]) == second["per_class"][c][m] - first["per_class"][c][m]
@@ -173,6 +173,22 @@ def test_the_command_rebuilds_the_report_and_compares_folders(saved, tmp_path, c
         assert float(cell["data-value"]) == scores[1][key] - scores[0][key]
     assert "M3DM comparison: DINO+Point_MAE vs Point_MAE" in " ".join(page.text)
     assert {f"class-{c}" for c in ("alpha", "beta")} <= set(page.sections) and "class-gamma" not in page.sections
+
+
+def test_results_of_a_run_before_the_10_and_5_percent_au_pros_still_make_a_report(saved, tmp_path):
+    """An older run's results.json has AU-PRO at 30 and 1 % only: its report shows those, and compared with a
+    newer run the two newer metrics are shown for the newer run, "n/a" for the older one."""
+    older = write_synthetic_results(tmp_path / "older", ["alpha", "beta"], N_PARTS, seed=4)
+    record = json.loads((older / "results.json").read_text())
+    for metrics in [*record["per_class"].values(), record["mean"]]:
+        del metrics["au_pro_0.1"], metrics["au_pro_0.05"]
+    (older / "results.json").write_text(json.dumps(record))
+    alone = " ".join(Page(build_report([older]).read_text()).text)
+    assert "AU-PRO (FPR 0.3)" in alone and "AU-PRO (FPR 0.01)" in alone and "AU-PRO (FPR 0.1)" not in alone
+    compared = Page(build_report([older, saved], output=tmp_path / "cmp.html").read_text())
+    assert "AU-PRO (FPR 0.05)" in " ".join(compared.text)
+    deltas = {c["data-metric"] for c in compared.cells if "data-metric" in c}  # cells with a number only
+    assert deltas == {"image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.01"}
 
 
 def test_a_folder_without_results_is_one_clear_error(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""UFF fusion block (spec §7.1), its contrastive loss (§7.2) on one process and across DDP processes, and the
-strict checkpoint loader (§7.6, quirk 24)."""
+"""UFF fusion block, its contrastive loss on one process and across DDP processes, and the
+strict checkpoint loader (quirk 24)."""
 
 import argparse
 import math
