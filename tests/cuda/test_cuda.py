@@ -121,16 +121,22 @@ def test_default_coreset_on_cuda_against_the_cpu_default_in_float16():
     assert first_difference >= 50 and overlap >= 0.95
 
 
-def test_screened_and_plain_search_agree_on_cuda():
-    from m3dm.memory.screened import ScreenedSearch
+def test_screened_and_plain_search_agree_on_cuda(monkeypatch):
+    """The screening's bound holds on CUDA only with IEEE float32 products and float32 sums of bfloat16 products
+    (TF32 and reduced-precision bfloat16 reductions off, which torch's defaults are not); with them off, the
+    screening must run (not fall back to the plain path) and give the plain path's answer."""
+    from m3dm.memory.screened import ScreenedBank
     from m3dm.memory.search import ExactSearch
 
     bank = bank_rows(20000, 768).cuda()
     queries = bank[torch.randint(0, len(bank), (3000,))] + 0.05 * torch.randn(3000, 768, device="cuda")
-    screened = ScreenedSearch().fit(bank).search(queries)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    distances, indices, stats = ScreenedBank(bank).search_with_stats(queries)
+    assert stats.screened_queries == len(queries) and stats.plain_blocks == 0 and stats.union_rows, stats
     plain = ExactSearch().fit(bank).search(queries)
-    assert torch.equal(screened[1], plain[1])
-    assert torch.equal(screened[0], plain[0])
+    assert torch.equal(indices, plain[1])
+    assert torch.equal(distances, plain[0])
     cpu = ExactSearch().fit(bank.cpu()).search(queries.cpu())
     assert torch.equal(cpu[1], plain[1].cpu())
     torch.testing.assert_close(cpu[0], plain[0].cpu(), rtol=1e-5, atol=1e-5)
