@@ -301,11 +301,19 @@ def test_an_output_with_earlier_predictions_is_refused_unless_overwrite(dataset,
     assert "dent/000" not in (out / "report.html").read_text()  # the report is the new batch's alone
 
 
-def test_a_main_results_folder_is_never_predicted_into(fitted, dataset, capsys):
-    results = fitted["model"].parent.parent  # main.py's --output_dir: results.json, report.html, models/
+def test_a_main_results_folder_is_never_predicted_into(tmp_path, capsys):
+    # main.py's --output_dir: results.json, classes/, models/. The refusal comes before the model is read, so the
+    # model and the parts need not be real ones (no model is fitted for this test)
+    results = tmp_path / "results"
+    (results / "classes" / "gadget").mkdir(parents=True)
+    (results / "results.json").write_text("{}\n")
+    (results / "models").mkdir()
+    (results / "models" / "gadget.pt").write_bytes(b"a model file")
+    parts = tmp_path / "parts"
+    parts.mkdir()
     before = {p: p.read_bytes() for p in sorted(results.rglob("*")) if p.is_file()}
-    argv = ["--model", str(fitted["model"]), "--output", str(results), "--quiet", "--overwrite",
-            str(dataset / "gadget" / "test" / "good")]
+    argv = ["--model", str(results / "models" / "gadget.pt"), "--output", str(results), "--quiet", "--overwrite",
+            str(parts)]
     assert predict.main(argv) == 2
     assert capsys.readouterr().err.strip().startswith(f"error: --output {results} is a main.py results folder "
                                                       f"(it holds results.json, classes)")
