@@ -98,9 +98,9 @@ def ransac_plane(points: np.ndarray, seed: int = 0, iterations: int = RANSAC_ITE
         first = np.lexsort((errors, -counts))[0]  # the chunk's best; the first of equals, as in Open3D's loop
         if counts[first] > best_count or (counts[first] == best_count and errors[first] < best_error):
             best_count, best_error, best = counts[first], errors[first], planes[first]
-    if best is None:
+    inliers = None if best is None else np.abs(points @ best[:3] + best[3]) < RANSAC_DISTANCE
+    if inliers is None or not inliers.any():
         raise DataError("no background plane found in the border band (the RANSAC found no inliers)")
-    inliers = np.abs(points @ best[:3] + best[3]) < RANSAC_DISTANCE
     return least_squares_plane(points[inliers])
 
 
