@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import tempfile
 import time
@@ -48,14 +47,20 @@ def sync(device: torch.device) -> None:
 
 
 def make_data(root: Path, size: dict, train: int, test: int) -> Path:
-    """Raw synthetic scenes at the configured size, preprocessed as utils/preprocessing.py does."""
+    """Raw synthetic scenes at the configured size, preprocessed as utils/preprocessing.py does, both on every
+    core (without Open3D the background plane is m3dm's own RANSAC, which gives Open3D's plane)."""
     from m3dm.data.synthetic import write_mvtec3d
+    from m3dm.preprocess.common import default_workers
     from m3dm.preprocess.mvtec3d import preprocess_dataset
 
     n_defect = max(1, test // 8)  # half the test parts defective, over the four defect kinds
     raw = write_mvtec3d(root / "raw", classes=("gadget",), size=size["size"], n_train=train, n_val=0,
-                        n_test_good=max(1, test - 4 * n_defect), n_test_defect=n_defect, progress=False)
-    return preprocess_dataset(raw, workers=os.cpu_count() or 1).output
+                        n_test_good=max(1, test - 4 * n_defect), n_test_defect=n_defect, progress=False,
+                        workers=default_workers())
+    summary = preprocess_dataset(raw, workers=default_workers())
+    if summary.errors:
+        raise RuntimeError("preprocessing failed:\n" + summary.report())
+    return summary.output
 
 
 def build(size: dict, device: torch.device, folder: Path):
@@ -151,21 +156,61 @@ def fit_and_test(settings, extractor, fusion_block, device: torch.device) -> dic
 
 
 def table(figures: dict) -> str:
-    rows = [("data: generate + preprocess (s)", figures["data_s"], "")]
+    """The figures measured so far (a run stopped by its time limit shows n/a for the rest)."""
+    finalize = figures.get("bank_rows_and_finalize_s") or [("?", None)]
+    rows = [("data: generate + preprocess (s)", figures.get("data_s"), "")]
     rows += [(f"extraction samples/s, batch {b}", v, TARGETS["extract_per_s_batch32"] if b == 32 else "")
-             for b, v in figures["extract_per_s"].items()]
-    rows += [(f"fit of {figures['train']} samples, all banks + DLF (s)", figures["fit_s"], TARGETS["fit_s"]),
-             (f"xyz bank finalisation, {figures['bank_rows_and_finalize_s'][0][0]:,} rows (s)",
-              figures["xyz_coreset_s"], TARGETS["xyz_coreset_s"]),
-             (f"test samples/s, {METHOD}", figures["test_per_s"], TARGETS["test_per_s"]),
-             ("peak GPU memory, test at batch 1 (GB)", figures["peak_gpu_gb_batch1"], TARGETS["peak_gpu_gb_batch1"]),
-             ("CPU extraction samples/s, batch 1", figures["cpu_extract_per_s"], ""),
-             ("GPU / CPU extraction at batch 1", figures["gpu_over_cpu"], "")]
+             for b, v in figures.get("extract_per_s", {}).items()]
+    rows += [(f"fit of {figures['train']} samples, all banks + DLF (s)", figures.get("fit_s"), TARGETS["fit_s"]),
+             (f"xyz bank finalisation, {finalize[0][0]:,} rows (s)" if finalize[0][1] is not None
+              else "xyz bank finalisation (s)", figures.get("xyz_coreset_s"), TARGETS["xyz_coreset_s"]),
+             (f"test samples/s, {METHOD}", figures.get("test_per_s"), TARGETS["test_per_s"]),
+             ("peak GPU memory, test at batch 1 (GB)", figures.get("peak_gpu_gb_batch1"),
+              TARGETS["peak_gpu_gb_batch1"]),
+             ("CPU extraction samples/s, batch 1", figures.get("cpu_extract_per_s"), ""),
+             ("GPU / CPU extraction at batch 1", figures.get("gpu_over_cpu"), "")]
     lines = ["| figure | value | target |", "|---|---:|---|"]
     for name, value, target in rows:
         shown = "n/a" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
         lines.append(f"| {name} | {shown} | {target} |")
     return "\n".join(lines)
+
+
+def measure(figures: dict, args, size: dict, device: torch.device, tmp: Path) -> None:
+    """Fill ``figures`` stage by stage, printing each figure as soon as it is measured."""
+    from m3dm.config import Settings
+
+    def done(*keys: str) -> None:
+        print("  " + ", ".join(f"{key} = {figures[key]}" for key in keys), flush=True)
+
+    start = time.perf_counter()
+    data = make_data(tmp, size, figures["train"], figures["test"])
+    figures["data_s"] = time.perf_counter() - start
+    done("data_s")
+    extractor, fusion_block = build(size, device, tmp)
+    figures["extract_per_s"] = {}
+    for b in size["batches"]:
+        figures["extract_per_s"][b] = extraction_rate(extractor, data, size, b, size["extract_samples"],
+                                                      size["workers"])
+        print(f"  extraction samples/s at batch {b} = {figures['extract_per_s'][b]:.3g}", flush=True)
+    settings = Settings().replace(
+        detector={"method_name": METHOD, "memory_bank": "multiple"},
+        backbones={"rgb_backbone_name": size["rgb"], "num_group": size["num_group"],
+                   "group_size": size["group_size"], "random_init": True},
+        uff={"use_uff": True, "fusion_module_path": str(tmp / "uff_random.pth")},
+        run={"dataset_path": str(data), "batch_size": args.batch_size, "num_workers": size["workers"],
+             "device": str(device), "spool_dir": str(tmp), "max_sample": figures["train"]})
+    settings.validate()
+    figures.update(fit_and_test(settings, extractor, fusion_block, device))
+    done("fit_s", "xyz_coreset_s", "test_per_s", "peak_gpu_gb_batch1")
+    if device.type == "cuda":
+        cpu_extractor, _ = build(size, torch.device("cpu"), tmp)
+        figures["cpu_extract_per_s"] = extraction_rate(cpu_extractor, data, size, 1, size["cpu_samples"], 0)
+        figures["gpu_over_cpu"] = figures["extract_per_s"][1] / figures["cpu_extract_per_s"]
+    else:
+        figures["cpu_extract_per_s"] = figures["extract_per_s"][size["batches"][0]]
+        figures["gpu_over_cpu"] = None
+    done("cpu_extract_per_s", "gpu_over_cpu")
 
 
 def main() -> None:
@@ -178,7 +223,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    from m3dm.config import Settings
     from m3dm.runtime import resolve_device
 
     size = SIZES["tiny" if args.tiny else "full"]
@@ -187,35 +231,21 @@ def main() -> None:
     figures: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                      or "cpu", "torch": torch.__version__, "size": "tiny" if args.tiny else "full", "train": train,
                      "test": test, "batch_size": args.batch_size}
+    stopped = False
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        data = make_data(Path(tmp), size, train, test)
-        figures["data_s"] = time.perf_counter() - start
-        extractor, fusion_block = build(size, device, Path(tmp))
-        figures["extract_per_s"] = {b: extraction_rate(extractor, data, size, b, size["extract_samples"],
-                                                       size["workers"]) for b in size["batches"]}
-        settings = Settings().replace(
-            detector={"method_name": METHOD, "memory_bank": "multiple"},
-            backbones={"rgb_backbone_name": size["rgb"], "num_group": size["num_group"],
-                       "group_size": size["group_size"], "random_init": True},
-            uff={"use_uff": True, "fusion_module_path": str(Path(tmp) / "uff_random.pth")},
-            run={"dataset_path": str(data), "batch_size": args.batch_size, "num_workers": size["workers"],
-                 "device": str(device), "spool_dir": tmp, "max_sample": train})
-        settings.validate()
-        figures.update(fit_and_test(settings, extractor, fusion_block, device))
-        if device.type == "cuda":
-            cpu_extractor, _ = build(size, torch.device("cpu"), Path(tmp))
-            figures["cpu_extract_per_s"] = extraction_rate(cpu_extractor, data, size, 1, size["cpu_samples"], 0)
-            figures["gpu_over_cpu"] = figures["extract_per_s"][1] / figures["cpu_extract_per_s"]
-        else:
-            figures["cpu_extract_per_s"] = figures["extract_per_s"][size["batches"][0]]
-            figures["gpu_over_cpu"] = None
+        try:
+            measure(figures, args, size, device, Path(tmp))
+        except KeyboardInterrupt:  # a time limit (timeout -s INT): report what was measured
+            stopped = True
+            figures["stopped"] = "interrupted before the end (time limit?)"
     print(f"\n{figures['device']}, torch {figures['torch']}, {figures['size']} size, {train} training / {test} test "
           f"samples, batch {args.batch_size}\n")
     print(table(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str))
         print(f"\nfigures written to {args.json}")
+    if stopped:
+        raise SystemExit("stopped before every figure was measured")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ Usage: ``python -m m3dm.data.synthetic OUT [--format mvtec3d|eyecandies] [--clas
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,22 +169,39 @@ def _split_plan(n_train, n_val, n_test_good, n_test_defect):
         yield "test", defect, n_test_defect
 
 
+def _write_mvtec_sample(job: tuple) -> None:
+    out, seed, size, class_name, split, defect, i = job
+    folder = out / class_name / split / defect
+    stem = f"{i:03d}"
+    if (folder / "xyz" / f"{stem}.tiff").exists():
+        return
+    scene = make_mvtec_scene(sample_rng(seed, class_name, split, defect, i), size, size, class_name, defect)
+    write_png(folder / "rgb" / f"{stem}.png", scene.rgb)
+    if defect != "good":
+        write_png(folder / "gt" / f"{stem}.png", scene.gt)
+    write_tiff(folder / "xyz" / f"{stem}.tiff", scene.cloud)  # last: its presence marks the sample done
+
+
 def write_mvtec3d(out: str | Path, classes=DEFAULT_CLASSES, size: int = 128, n_train: int = 6, n_val: int = 2,
-                  n_test_good: int = 3, n_test_defect: int = 2, seed: int = 0, progress: bool = True) -> Path:
-    """Write a raw (unpreprocessed) MVTec 3D-AD-like dataset under ``out``; existing files are kept."""
+                  n_test_good: int = 3, n_test_defect: int = 2, seed: int = 0, progress: bool = True,
+                  workers: int = 1) -> Path:
+    """Write a raw (unpreprocessed) MVTec 3D-AD-like dataset under ``out``; existing files are kept. Each sample
+    depends only on the seed and its identity, so ``workers`` processes write the same files as one."""
     out = Path(out)
-    jobs = [(c, split, defect, i) for c in classes
+    jobs = [(out, seed, size, c, split, defect, i) for c in classes
             for split, defect, n in _split_plan(n_train, n_val, n_test_good, n_test_defect) for i in range(n)]
-    for class_name, split, defect, i in tqdm(jobs, desc="synthetic mvtec3d", disable=not progress):
-        folder = out / class_name / split / defect
-        stem = f"{i:03d}"
-        if (folder / "xyz" / f"{stem}.tiff").exists():
-            continue
-        scene = make_mvtec_scene(sample_rng(seed, class_name, split, defect, i), size, size, class_name, defect)
-        write_png(folder / "rgb" / f"{stem}.png", scene.rgb)
-        if defect != "good":
-            write_png(folder / "gt" / f"{stem}.png", scene.gt)
-        write_tiff(folder / "xyz" / f"{stem}.tiff", scene.cloud)  # last: its presence marks the sample done
+    bar = tqdm(total=len(jobs), desc="synthetic mvtec3d", disable=not progress)
+    if workers > 1 and len(jobs) > 1:
+        # spawn: the caller may hold threads (torch) that a fork would copy in an unknown state
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            for _ in pool.map(_write_mvtec_sample, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
+                bar.update()
+    else:
+        for job in jobs:
+            _write_mvtec_sample(job)
+            bar.update()
+    bar.close()
     for class_name in classes:
         write_text(out / class_name / "calibration" / "camera_parameters.json",
                    f'{{"camera_type": "synthetic", "image_width": {size}, "image_height": {size}}}\n')

@@ -9,6 +9,8 @@ atomically, a run resumes where an interrupted one stopped, samples run in paral
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ PLANE_REMOVAL_DISTANCE = 0.005
 DBSCAN_EPS = 0.006
 DBSCAN_MIN_POINTS = 30
 PAD_MULTIPLE = 100
+log = logging.getLogger(__name__)
 DONE_LOG = ".m3dm_preprocess_done"  # only used with --inplace, where outputs cannot mark completion
 
 
@@ -51,17 +54,82 @@ def edge_band_points(cloud: np.ndarray, band: int = EDGE_BAND) -> np.ndarray:
 
 
 def fit_background_plane(points: np.ndarray, seed: int = 0) -> np.ndarray:
-    """RANSAC plane ``(a, b, c, d)`` with Open3D's ``segment_plane`` and the reference's parameters."""
-    import open3d as o3d
-
+    """RANSAC plane ``(a, b, c, d)`` with Open3D's ``segment_plane`` and the reference's parameters, or, where
+    Open3D is not installed (a GPU machine's own Python, say), :func:`ransac_plane`, which gives the same plane
+    wherever both find the same inliers (tests compare them on synthetic and real scans)."""
     if len(points) < RANSAC_N:
         raise DataError(f"only {len(points)} valid points in the {EDGE_BAND}-pixel border band; at least "
                         f"{RANSAC_N} are needed to fit the background plane")
+    try:
+        import open3d as o3d
+    except ImportError:
+        _warn_no_open3d()
+        return ransac_plane(points.astype(np.float64), seed)
     o3d.utility.random.seed(seed)
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
     plane, _ = cloud.segment_plane(distance_threshold=RANSAC_DISTANCE, ransac_n=RANSAC_N,
                                    num_iterations=RANSAC_ITERATIONS)
     return np.asarray(plane)
+
+
+@functools.cache
+def _warn_no_open3d() -> None:
+    log.warning("open3d is not installed: the background plane is fitted by m3dm's NumPy RANSAC")
+
+
+def ransac_plane(points: np.ndarray, seed: int = 0, iterations: int = RANSAC_ITERATIONS) -> np.ndarray:
+    """Open3D's ``segment_plane`` without Open3D: ``iterations`` least-squares planes of ``RANSAC_N`` random
+    points; the one with the most points within ``RANSAC_DISTANCE`` wins (ties: the smaller summed distance over
+    the square root of the count, as Open3D ranks them); the result is the least-squares plane of its inliers,
+    computed as Open3D computes it. The samples differ from Open3D's (another random generator), but the final
+    plane depends only on the winner's inlier set, so on a scan with a clear background plane it is Open3D's
+    bit for bit. ``points`` is float64 ``(N, 3)``."""
+    rng = np.random.default_rng(seed)
+    best_count, best_error, best = 0, np.inf, None
+    for start in range(0, iterations, 100):  # 100 candidate planes at a time bound the (N, planes) distances
+        picks = np.stack([rng.choice(len(points), RANSAC_N, replace=False)
+                          for _ in range(min(100, iterations - start))])
+        planes = least_squares_plane(points[picks])
+        distance = np.abs(points @ planes[:, :3].T + planes[:, 3])
+        within = distance < RANSAC_DISTANCE
+        counts = within.sum(axis=0)
+        errors = np.where(within, distance, 0).sum(axis=0) / np.sqrt(np.maximum(counts, 1))
+        counts[~planes.any(axis=1)] = 0  # a degenerate sample is skipped, as Open3D skips it
+        first = np.lexsort((errors, -counts))[0]  # the chunk's best; the first of equals, as in Open3D's loop
+        if counts[first] > best_count or (counts[first] == best_count and errors[first] < best_error):
+            best_count, best_error, best = counts[first], errors[first], planes[first]
+    inliers = None if best is None else np.abs(points @ best[:3] + best[3]) < RANSAC_DISTANCE
+    if inliers is None or not inliers.any():
+        raise DataError("no background plane found in the border band (the RANSAC found no inliers)")
+    return least_squares_plane(points[inliers])
+
+
+def least_squares_plane(points: np.ndarray) -> np.ndarray:
+    """The plane ``(a, b, c, d)``, unit normal, of least summed squared distance to float64 ``points`` ``(N, 3)``
+    (or one plane per leading index of ``(..., N, 3)``), computed operation for operation as Open3D's
+    ``GetPlaneFromPoints`` (sums in point order, hence ``accumulate``; the normal from the largest of the three
+    2 x 2 determinants), so that the same points give the same bits. All zeros where the points span no plane."""
+    def total(values: np.ndarray) -> np.ndarray:
+        return np.add.accumulate(values, axis=-1)[..., -1]  # left to right, as Open3D's loop adds
+
+    x, y, z = np.moveaxis(points, -1, 0)
+    count = float(points.shape[-2])
+    cx, cy, cz = total(x) / count, total(y) / count, total(z) / count
+    rx, ry, rz = x - cx[..., None], y - cy[..., None], z - cz[..., None]
+    xx, xy, xz = total(rx * rx), total(rx * ry), total(rx * rz)
+    yy, yz, zz = total(ry * ry), total(ry * rz), total(rz * rz)
+    det_x, det_y, det_z = yy * zz - yz * yz, xx * zz - xz * xz, xx * yy - xy * xy
+    by_x = np.stack([det_x, xz * yz - xy * zz, xy * yz - xz * yy], axis=-1)
+    by_y = np.stack([xz * yz - xy * zz, det_y, xy * xz - yz * xx], axis=-1)
+    by_z = np.stack([xy * yz - xz * yy, xy * xz - yz * xx, det_z], axis=-1)
+    use_x, use_y = (det_x > det_y) & (det_x > det_z), det_y > det_z
+    normal = np.where(use_x[..., None], by_x, np.where(use_y[..., None], by_y, by_z))
+    a, b, c = np.moveaxis(normal, -1, 0)
+    norm = np.sqrt(a * a + b * b + c * c)
+    safe = np.where(norm == 0, 1.0, norm)
+    a, b, c = a / safe, b / safe, c / safe
+    plane = np.stack([a, b, c, -(a * cx + b * cy + c * cz)], axis=-1)
+    return np.where((norm == 0)[..., None], 0.0, plane)
 
 
 def remove_plane(cloud: np.ndarray, rgb: np.ndarray, plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

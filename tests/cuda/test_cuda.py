@@ -1,4 +1,5 @@
-"""The GPU path (docs/gpu.md) against the CPU path. Run on a machine with a CUDA GPU: ``pytest -m cuda tests/cuda``.
+"""The GPU path (docs/gpu.md) against the CPU path. Run on a machine with a CUDA GPU: ``pytest -m cuda``
+(these and the CUDA tests that live beside the CPU tests they mirror), or ``bash benchmarks/gpu_check.sh``.
 
 Point ops and searches must give the CPU's answers; the pipeline on CUDA the CPU's metrics to 3 decimals for
 every method; models move between devices; UFF pretraining runs with NCCL. Without a GPU every test here is
@@ -21,8 +22,8 @@ from conftest import preprocessed_mvtec, random_uff_checkpoint
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="needs a CUDA GPU (none on this machine): run `pytest -m cuda tests/cuda` "
-                                        "on a GPU machine")]
+                                 reason="needs a CUDA GPU (none on this machine): run `pytest -m cuda` on a GPU "
+                                        "machine")]
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
@@ -121,16 +122,23 @@ def test_default_coreset_on_cuda_against_the_cpu_default_in_float16():
     assert first_difference >= 50 and overlap >= 0.95
 
 
-def test_screened_and_plain_search_agree_on_cuda():
-    from m3dm.memory.screened import ScreenedSearch
+def test_screened_and_plain_search_agree_on_cuda(monkeypatch):
+    """The screening's bound holds on CUDA only with IEEE float32 products and float32 sums of bfloat16 products
+    (TF32 and reduced-precision bfloat16 reductions off: torch's defaults are not, m3dm.runtime's
+    exact_float32_on_cuda sets them for every CUDA run); with them off, the screening must run (not fall back to
+    the plain path, which would pass this test without testing it) and give the plain path's answer."""
+    from m3dm.memory.screened import ScreenedBank
     from m3dm.memory.search import ExactSearch
 
     bank = bank_rows(20000, 768).cuda()
     queries = bank[torch.randint(0, len(bank), (3000,))] + 0.05 * torch.randn(3000, 768, device="cuda")
-    screened = ScreenedSearch().fit(bank).search(queries)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    distances, indices, stats = ScreenedBank(bank).search_with_stats(queries)
+    assert stats.screened_queries == len(queries) and stats.plain_blocks == 0 and stats.union_rows, stats
     plain = ExactSearch().fit(bank).search(queries)
-    assert torch.equal(screened[1], plain[1])
-    assert torch.equal(screened[0], plain[0])
+    assert torch.equal(indices, plain[1])
+    assert torch.equal(distances, plain[0])
     cpu = ExactSearch().fit(bank.cpu()).search(queries.cpu())
     assert torch.equal(cpu[1], plain[1].cpu())
     torch.testing.assert_close(cpu[0], plain[0].cpu(), rtol=1e-5, atol=1e-5)

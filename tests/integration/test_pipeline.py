@@ -5,6 +5,7 @@ Small configuration (a tiny timm ViT, 64 groups of 32 points, random weights). T
 flag validation and the input errors are in the quick tier.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -226,10 +227,19 @@ def test_sharded_coreset_option_runs(dataset, tmp_path):
     assert list((tmp_path / "spool").iterdir()) == []  # the spool file is anonymous and gone
 
 
-def test_demo_prepares_its_data_and_settings(tmp_path):
+def test_demo_prepares_its_data_and_settings(tmp_path, monkeypatch):
     from m3dm.app.demo import DEMO_CLASSES, prepare_demo
+    from m3dm.data import synthetic
     from m3dm.data.layout import discover_samples
+    from m3dm.preprocess import mvtec3d
 
+    # the demo's own data, made smaller and preprocessed in this process: this checks how the demo prepares and
+    # wires its data, not the generator or the worker processes (starting those is most of the time otherwise)
+    monkeypatch.setattr(synthetic, "write_mvtec3d", functools.partial(
+        synthetic.write_mvtec3d, size=64, n_train=1, n_val=0, n_test_good=1, n_test_defect=0))
+    preprocess = mvtec3d.preprocess_dataset
+    monkeypatch.setattr(mvtec3d, "preprocess_dataset", lambda raw, **options: preprocess(raw, **{**options,
+                                                                                                "workers": 1}))
     flags = build_parser().parse_args(["--demo", "--demo_root", str(tmp_path), "--max_sample", "3"])
     demo = prepare_demo(settings_from_flags(flags), progress=False)
     demo.validate()

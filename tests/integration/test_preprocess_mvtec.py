@@ -74,6 +74,7 @@ def test_default_output_is_sibling(raw_mvtec, tmp_path):
     assert summary.output == tmp_path / "mvtec3d_preprocessed" and summary.output.is_dir()
 
 
+@pytest.mark.slow  # two processes of utils/preprocessing.py, one of them killed midway
 def test_killed_run_resumes_to_identical_output(tmp_path):
     source = write_mvtec3d(tmp_path / "src", classes=("gadget",), size=200, n_train=12, n_val=0,
                            n_test_good=0, n_test_defect=0, progress=False)

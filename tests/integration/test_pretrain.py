@@ -190,8 +190,12 @@ def test_a_run_derives_its_values_and_leaves_its_settings_alone(dumps):
                       "world_size": 2, "rgb_dim": C, "xyz_dim": 1152, "patches": 64}
 
 
-def test_default_weight_decay_is_the_reference_effective_one(one_process):
-    (group,) = load(one_process / "checkpoint-0.pth")["optimizer"]["param_groups"]
+def test_default_weight_decay_is_the_reference_effective_one(tmp_path):
+    # a run of its own, one short epoch: one_process trains 3 epochs on 16 files for the comparisons of the slow tier
+    data = write_dumps(tmp_path / "dumps", files=4, rows=16)
+    train(["--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--batch_size", "2", "--epochs", "1",
+           *COMMON])
+    (group,) = load(tmp_path / "out" / "checkpoint-0.pth")["optimizer"]["param_groups"]
     assert group["weight_decay"] == 0.01 and tuple(group["betas"]) == (0.9, 0.95)
 
 

@@ -35,9 +35,9 @@ def test_formats_and_determinism(tmp_path):
     missing = (s.cloud == 0).all(-1)
     assert 0 < missing.mean() < 0.1 and ((s.cloud != 0).all(-1) | missing).all()
     digests = []
-    for run in ("a", "b"):
+    for run, workers in (("a", 1), ("b", 2)):  # worker processes write the same files as one process
         root = write_mvtec3d(tmp_path / run, classes=("x",), size=64, n_train=1, n_val=0, n_test_good=0,
-                             n_test_defect=1, seed=3, progress=False)
+                             n_test_defect=1, seed=3, progress=False, workers=workers)
         digests.append({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
                         for p in root.rglob("*") if p.is_file()})
     assert digests[0] == digests[1]
