@@ -19,6 +19,8 @@ which is below the reproducibility of the reference itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +37,18 @@ SCREEN_DIMS = 32  # leading principal directions in the cheap lower bound on dis
 SCREEN_MIN_CENTRES = 512  # smaller selections compute every distance between centres
 SCREEN_ALLOWANCE = 1e-3  # float32 rounding allowance of that bound, relative to a centre's offset (worst case ~1e-4)
 MIN_COPY_SHARE = 0.05  # drop exact copies of earlier rows before the selection when at least this share are copies
+LOOP_THREADS = 1  # torch threads in the CPU selection loops: their steps are too small to share (PrunedGreedy)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class Selection(Protocol):
@@ -72,12 +86,15 @@ class PlainGreedy:
         last = reduced[:1]
         # The reference's first iteration recomputes the distances to row 0 in float16 and takes the minimum with
         # the rounded precise ones; it can change the selection, so it is kept. Indices stay on the device (no sync).
-        for step in tqdm(range(1, n), desc="coreset", disable=not progress, leave=False):
-            self._lower_min_distances(reduced, last, min_dist)
-            index = torch.argmax(min_dist).view(1)
-            last = reduced.index_select(0, index)
-            min_dist.index_fill_(0, index, 0)
-            selected[step] = index[0]
+        # On the CPU one thread, as the pruned loop: a few block-sized steps per row chosen, each waiting for a
+        # descheduled second thread on a busy machine (2.5x the wall time on 6,000 rows, 1.6-2.5x on 57,860).
+        with torch_threads(LOOP_THREADS) if reduced.device.type == "cpu" else nullcontext():
+            for step in tqdm(range(1, n), desc="coreset", disable=not progress, leave=False):
+                self._lower_min_distances(reduced, last, min_dist)
+                index = torch.argmax(min_dist).view(1)
+                last = reduced.index_select(0, index)
+                min_dist.index_fill_(0, index, 0)
+                selected[step] = index[0]
         return selected.cpu()
 
     def _lower_min_distances(self, reduced: torch.Tensor, last: torch.Tensor, min_dist: torch.Tensor) -> None:
@@ -102,7 +119,9 @@ class CentreScreen:
 
     The bound is the distance between the centres' coordinates along the bank's leading principal directions
     (an orthogonal projection never lengthens a vector) less an allowance for float32 rounding, so a centre it
-    rules out is truly that far; only the centres it cannot rule out get their exact distance computed.
+    rules out is truly that far; only the centres it cannot rule out get their exact distance computed. Every
+    row's coordinates are computed up front in a few large products (any row may become a centre), so adding a
+    centre is a copy, not half a dozen small operations per step.
     """
 
     def __init__(self, reduced: torch.Tensor, capacity: int) -> None:
@@ -110,18 +129,25 @@ class CentreScreen:
         if not self.active:
             return
         sample = reduced[::max(1, reduced.shape[0] // 20000)].float()
-        self.mean = sample.mean(dim=0)
+        mean = sample.mean(dim=0)
         dims = min(SCREEN_DIMS, reduced.shape[1])
-        self.basis = torch.linalg.svd(sample - self.mean, full_matrices=False).Vh[:dims].T.contiguous()
-        self.coords = torch.empty((capacity, self.basis.shape[1]), dtype=torch.float32)
+        basis = torch.linalg.svd(sample - mean, full_matrices=False).Vh[:dims].T.contiguous()
+        self.row_coords = torch.empty((reduced.shape[0], dims), dtype=torch.float32)
+        self.row_allowance = torch.empty(reduced.shape[0], dtype=torch.float32)
+        for start in range(0, reduced.shape[0], CPU_DISTANCE_CHUNK_ROWS):
+            offset = reduced[start:start + CPU_DISTANCE_CHUNK_ROWS].float() - mean
+            torch.mm(offset, basis, out=self.row_coords[start:start + offset.shape[0]])
+            self.row_allowance[start:start + offset.shape[0]] = SCREEN_ALLOWANCE * torch.linalg.vector_norm(
+                offset, dim=1)
+        self.coords = torch.empty((capacity, dims), dtype=torch.float32)
         self.allowance = torch.empty(capacity, dtype=torch.float32)
 
-    def add(self, index: int, centre: torch.Tensor) -> None:
+    def add(self, index: int, row: int) -> None:
+        """Row ``row`` of the bank becomes centre ``index``."""
         if not self.active:
             return
-        offset = centre - self.mean
-        self.coords[index] = offset @ self.basis
-        self.allowance[index] = SCREEN_ALLOWANCE * torch.linalg.vector_norm(offset)
+        self.coords[index] = self.row_coords[row]
+        self.allowance[index] = self.row_allowance[row]
 
     def possibly_within(self, k: int, thresholds: torch.Tensor) -> torch.Tensor:
         """Indices ``i < len(thresholds)`` of the centres that may lie closer than ``thresholds[i]`` to centre k."""
@@ -144,12 +170,23 @@ class PrunedGreedy:
     where the bound cannot decide). The test carries a 1 % margin, far above float16 rounding, so the skipped
     rows are exactly those whose minimum the plain loop would leave unchanged; the rows that are computed use
     the plain loop's CPU arithmetic. Hence the indices are identical, at a cost that falls as clusters shrink.
+
+    The loop runs on ``LOOP_THREADS`` torch threads (one), whatever the caller set, and restores the caller's
+    count after it: each step is a few dozen small operations, which a second thread barely speeds up on an idle
+    machine, while on a busy one every parallel operation waits for a descheduled thread (a 2-thread run took
+    over ten times the wall and CPU time of a 1-thread one under load; benchmarks/coreset_loop.py). The thread
+    count changes no index (the tests compare both loops with a NumPy oracle).
     """
 
     def run(self, reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
         if reduced.device.type != "cpu" or reduced.dtype != torch.float16:
             raise ValueError(f"PrunedGreedy reproduces the CPU float16 selection only, got {reduced.dtype} rows on "
                              f"{reduced.device}; use PlainGreedy there")
+        with torch_threads(LOOP_THREADS):
+            return self._select(reduced, min_dist, n, progress)
+
+    @staticmethod
+    def _select(reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
         count = max(n, 1)
         centres = torch.empty((count, reduced.shape[1]), dtype=torch.float32)
         radius = torch.zeros(count, dtype=torch.float32)
@@ -158,36 +195,38 @@ class PrunedGreedy:
         running = min_dist.float()  # the float16 minima, exactly: float32 compares and argmaxes several times faster
         screen = CentreScreen(reduced, count)
         centres[0] = reduced[0].float()
-        screen.add(0, centres[0])
+        screen.add(0, 0)
         radius[0] = float("inf")  # the first update (against row 0 again, as the reference) checks every row
         factor = 2.0 * (1.0 + PRUNE_SLACK)
+        centre_dist = torch.full((count,), float("inf"))  # this step's distances to the open clusters' centres
+        last = 0  # the row of the most recently selected centre
         for step in tqdm(range(1, n), desc="coreset", disable=not progress, leave=False):
             k = step - 1  # the most recently selected centre; its distances are taken now, as in the reference
-            last_row = reduced[selected[k]].unsqueeze(0)
             thresholds = factor * radius[:step]
             near = screen.possibly_within(k, thresholds)
             near_dist = torch.linalg.vector_norm(centres[near] - centres[k], dim=1)
             is_open = near_dist < thresholds[near]
-            centre_dist = torch.full((step,), float("inf"))
-            centre_dist[near[is_open]] = near_dist[is_open]
-            centre_dist[k] = 0
-            open_clusters = centre_dist < float("inf")
-            members = open_clusters[assign].nonzero().squeeze(1)
-            candidates = centre_dist[assign[members]] < factor * running[members]
+            opened = near[is_open]
+            # (the newest cluster, k, has no rows yet, hence radius 0: never open; except row 0's at step 1, radius inf)
+            centre_dist[opened] = near_dist[is_open]
+            row_centre_dist = centre_dist[assign]
+            members = (row_centre_dist < float("inf")).nonzero().squeeze(1)  # every row of an open cluster
+            candidates = row_centre_dist[members] < factor * running[members]
             rows = members[candidates]
-            new = row_distances(reduced[rows], last_row).float()
+            new = row_distances(reduced[rows], reduced[last:last + 1]).float()
             closer = new < running[rows]
             moved = rows[closer]
             running[moved] = new[closer]
             assign[moved] = k
             # the largest running minimum of every open cluster (all their rows are in `members`)
-            radius[:step][open_clusters] = 0
+            radius[opened] = 0
             radius.scatter_reduce_(0, assign[members], running[members], reduce="amax")
-            index = int(torch.argmax(running))
-            running[index] = 0
-            selected[step] = index
-            centres[step] = reduced[index].float()
-            screen.add(step, centres[step])
+            centre_dist[opened] = float("inf")
+            last = int(torch.argmax(running))
+            running[last] = 0
+            selected[step] = last
+            centres[step] = reduced[last].float()
+            screen.add(step, last)
         return selected
 
 

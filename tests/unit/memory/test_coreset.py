@@ -8,6 +8,7 @@ import torch
 from memory_oracles import clustered, default_indices, numpy_coreset, to_half_like_torch
 from sklearn.random_projection import SparseRandomProjection
 
+import m3dm.memory.coreset as coreset_module
 from m3dm.memory.coreset import DropCopies, GreedyCoreset, PlainGreedy, PrunedGreedy, ShardedGreedy, first_occurrences
 from m3dm.memory.defaults import default_coreset
 
@@ -159,6 +160,27 @@ def test_pruned_cpu_coreset_selects_exactly_what_the_plain_loop_selects(seed, of
     pruned = default_indices(rows, 700, random_state=seed)
     assert torch.equal(pruned, select(DropCopies(PlainGreedy(block_rows=4096))))
     assert torch.equal(select(PrunedGreedy()), select(PlainGreedy()))  # every row, copies included
+
+
+def test_cpu_selection_loops_run_on_one_thread_and_restore_the_callers_count(monkeypatch):
+    seen = []
+    distances = coreset_module.row_distances
+    monkeypatch.setattr(coreset_module, "row_distances",
+                        lambda rows, last: (seen.append(torch.get_num_threads()), distances(rows, last))[1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x = clustered(3)
+        for selection in (PlainGreedy(), PrunedGreedy()):
+            GreedyCoreset(selection, "cpu").select(x, 20, random_state=0, progress=False)
+            assert torch.get_num_threads() == 2
+        assert seen and set(seen) == {coreset_module.LOOP_THREADS}  # the pruned loop's distances
+        with pytest.raises(RuntimeError), coreset_module.torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def banks_with_copies(seed: int, rows: int = 3000, dim: int = 200) -> torch.Tensor:
