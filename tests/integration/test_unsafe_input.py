@@ -102,7 +102,7 @@ def project_python_files() -> list[Path]:
 
 
 def test_no_code_of_the_project_unpickles_arbitrary_objects():
-    """No torch.load with weights_only set to False, no NumPy load that allows pickles, no pickle.load(s); every
+    """No torch.load with weights_only set to False, no NumPy load that allows pickles, no plain unpickling; every
     torch.load call asks for the weights-only loader."""
     unsafe = ("weights_only=" + "False", "allow_pickle=" + "True", "pickle." + "load(", "pickle." + "loads(")
     offending = []
