@@ -22,6 +22,7 @@ import tifffile
 from PIL import Image
 from tqdm import tqdm
 
+from m3dm.data.io import defect_pixels, unsupported_image_mode
 from m3dm.data.layout import GOOD, SPLITS, Sample, available_classes, group_by_stem, pairing_problems, sample_kinds
 from m3dm.errors import DataError
 
@@ -215,7 +216,8 @@ def _check_test_labels(report: DatasetReport, test_dir: Path, test: SplitCounts)
 
 
 def _check_sample(sample: Sample, contents: bool) -> list[Problem]:
-    """The file checks of one sample: the cloud (header, or every value), the image and mask sizes."""
+    """The file checks of one sample: the cloud (header, or every value), the image and mask sizes (and, reading
+    every value, their pixel modes and the mask's values)."""
     problems = []
     add = lambda severity, kind, where, message: problems.append(Problem(severity, kind, str(where), message))
     shape = _check_cloud(sample.xyz_path, contents, add)
@@ -225,10 +227,13 @@ def _check_sample(sample: Sample, contents: bool) -> list[Problem]:
         try:
             with Image.open(path) as image:
                 size = image.size
-                if contents:
+                problem = unsupported_image_mode(image)
+                if problem:
+                    add(ERROR, "image mode", path, problem)
+                elif contents:
                     image.load()
-                    if what == "mask" and sample.label and not np.asarray(image.convert("L")).any():
-                        add(WARNING, "empty mask", path, "mask of a defective part has no defect pixel")
+                    if what == "mask":
+                        _check_mask_values(image, path, sample.label, add)
         except Exception as exc:  # PIL raises several exception types for corrupt files
             add(ERROR, "unreadable", path, f"not a readable {what} ({type(exc).__name__}: {exc})")
             continue
@@ -236,6 +241,30 @@ def _check_sample(sample: Sample, contents: bool) -> list[Problem]:
             add(ERROR, "size", path, f"{what} is {size[0]}x{size[1]} (WxH) but its point cloud {sample.xyz_path} "
                                      f"is {shape[1]}x{shape[0]}")
     return problems
+
+
+def _check_mask_values(mask: Image.Image, path: Path, defective: bool, add) -> None:
+    """A mask of a defective part without a defect pixel, and any mask whose values are not only 0 and 255: a
+    warning where the original M3DM's rule (the grey value above 127) reads some defect pixels as good, else a
+    note (this project counts every non-zero pixel as a defect)."""
+    defects = defect_pixels(mask, path)
+    if defective and not defects.any():
+        add(WARNING, "empty mask", path, "mask of a defective part has no defect pixel")
+    values = np.asarray(mask)
+    if mask.mode in ("1", "L") and np.isin(values, (0, 255)).all():
+        return
+    if values.ndim == 3 or mask.mode == "P":
+        shown = f"colours (PIL mode {mask.mode})"
+    else:
+        unique = np.unique(values)
+        shown = "values " + ", ".join(map(str, unique[:6].tolist())) + (", ..." if unique.size > 6 else "")
+    message = f"mask holds {shown}, not only 0 and 255: every non-zero pixel counts as a defect"
+    read_as_good = int((defects & (np.asarray(mask.convert("L")) <= 127)).sum())
+    if read_as_good:
+        add(WARNING, "mask values", path, f"{message}, {read_as_good} of which the original M3DM reads as good "
+                                          f"(grey value up to 127)")
+    else:
+        add(NOTE, "mask values", path, message)
 
 
 def _check_cloud(path: Path, contents: bool, add) -> tuple[int, ...] | None:

@@ -67,14 +67,65 @@ def open_image(path: str | os.PathLike, kind: str = "image") -> Image.Image:
     return image
 
 
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _sixteen_bit_grey(image: Image.Image) -> bool:
+    """16-bit grey pixels: PIL's I;16 modes, or mode I read from a PNG (PNG has no 32-bit grey)."""
+    return image.mode in SIXTEEN_BIT_GREY or (image.mode == "I" and image.format == "PNG")
+
+
+def unsupported_image_mode(image: Image.Image) -> str | None:
+    """Why an image's pixels cannot be read as an RGB image or a mask (None when they can): 32-bit integer or
+    float pixels have no agreed 8-bit scale; 16-bit grey, 8-bit grey, palette, RGB and RGBA pixels are read."""
+    if image.mode in ("I", "F") and not _sixteen_bit_grey(image):
+        depth = "32-bit float" if image.mode == "F" else "32-bit integer"
+        return (f"{depth} pixels (PIL mode {image.mode}) are not supported: save it as an 8- or 16-bit PNG "
+                f"(grey, RGB or RGBA)")
+    return None
+
+
+def to_rgb(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """8-bit RGB pixels of an opened image: 16-bit grey is scaled to 8 bits (the high byte, as PIL reads a
+    16-bit colour PNG), any other mode is converted by PIL as the reference does (an alpha channel dropped).
+    An 8-bit RGB image is returned as it is. A mode that cannot be read is a DataError naming ``path``."""
+    problem = unsupported_image_mode(image)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    if _sixteen_bit_grey(image):
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:  # modes PIL cannot convert (LAB, HSV, ...)
+        raise DataError(f"{path}: PIL mode {image.mode} cannot be read as RGB: save it as an 8- or 16-bit PNG "
+                        f"(grey, RGB or RGBA)") from exc
+
+
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an RGB image (any mode PIL understands) and convert it to 3-channel RGB."""
-    return open_image(path, "RGB image").convert("RGB")
+    """Open an image as 8-bit RGB (``to_rgb``: 8- or 16-bit grey, palette, RGB, RGBA, ...)."""
+    return to_rgb(open_image(path, "RGB image"), path)
+
+
+def defect_pixels(mask: Image.Image, path: str | os.PathLike) -> np.ndarray:
+    """The (H, W) bool defect pixels of a ground-truth mask: a pixel is defective when it is non-zero (its grey
+    value, 8 or 16 bit, or any of its colour channels; an alpha channel is ignored)."""
+    problem = unsupported_image_mode(mask)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    if mask.mode in ("1", "L", "I", "F", *SIXTEEN_BIT_GREY):
+        return np.asarray(mask) != 0
+    if mask.mode in ("LA", "La"):
+        return np.asarray(mask.getchannel(0)) != 0
+    return np.asarray(to_rgb(mask, path)).any(axis=2)
 
 
 def read_mask(path: str | os.PathLike) -> Image.Image:
-    """Open a ground-truth mask and convert it to 8-bit grey ('L'), as the reference does."""
-    return open_image(path, "ground-truth mask").convert("L")
+    """Open a ground-truth mask as 8-bit grey ('L') of 0 (good) and 255 (defect), defect where the file is
+    non-zero (``defect_pixels``). On masks of 0 and 128..255 this is the reference's rule (grey value above 127)."""
+    defects = defect_pixels(open_image(path, "ground-truth mask"), path)
+    return Image.fromarray(np.where(defects, np.uint8(255), np.uint8(0)), "L")
 
 
 def check_same_size(cloud: np.ndarray, image: Image.Image, cloud_path, image_path) -> None:
