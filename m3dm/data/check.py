@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 from tqdm import tqdm
 
-from m3dm.data.io import defect_pixels, unsupported_image_mode
+from m3dm.data.io import defect_pixels, read_tiff, unsupported_image_mode
 from m3dm.data.layout import GOOD, SPLITS, Sample, available_classes, group_by_stem, pairing_problems, sample_kinds
 from m3dm.errors import DataError
 
@@ -270,14 +269,9 @@ def _check_mask_values(mask: Image.Image, path: Path, defective: bool, add) -> N
 def _check_cloud(path: Path, contents: bool, add) -> tuple[int, ...] | None:
     """Check one organized cloud; returns its shape (None when unreadable)."""
     try:
-        if contents:
-            cloud = tifffile.imread(path)
-            shape, dtype = cloud.shape, cloud.dtype
-        else:
-            with tifffile.TiffFile(path) as tiff:
-                shape, dtype = tiff.series[0].shape, tiff.series[0].dtype
-    except Exception as exc:  # tifffile raises several exception types for corrupt files
-        add(ERROR, "unreadable", path, f"not a readable TIFF file ({type(exc).__name__}: {exc})")
+        cloud, shape, dtype = read_tiff(path, header_only=not contents)
+    except DataError as exc:
+        add(ERROR, "unreadable", path, str(exc).removeprefix(f"{path}: "))
         return None
     if len(shape) != 3 or shape[2] != 3:
         add(ERROR, "shape", path, f"expected an organized point cloud of shape (H, W, 3), got {tuple(shape)}")

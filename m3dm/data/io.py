@@ -6,9 +6,12 @@ the destination, so an interrupted run never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,22 +22,64 @@ from PIL import Image
 from m3dm.errors import DataError
 
 
+class _TiffFileMessages(logging.Filter):
+    """tifffile logs what it finds wrong in a file (e.g. "invalid offset to first page" in a truncated one) to
+    stderr; while one of our readers reads a file, on its thread, the messages are kept for its error instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        caught = getattr(self.local, "caught", None)
+        if caught is None:
+            return True
+        caught.append(re.sub(r"^<[^>]*> ", "", record.getMessage()))  # without tifffile's "<TiffPages @...>"
+        return False
+
+    @contextmanager
+    def caught(self):
+        self.local.caught = []
+        try:
+            yield self.local.caught
+        finally:
+            self.local.caught = None
+
+
+_TIFF_MESSAGES = _TiffFileMessages()
+logging.getLogger("tifffile").addFilter(_TIFF_MESSAGES)
+
+
+def read_tiff(path: Path, header_only: bool = False) -> tuple[np.ndarray | None, tuple[int, ...], np.dtype]:
+    """``(array or None with header_only, shape, dtype)`` of a TIFF file's first image; a truncated or otherwise
+    unreadable file is a DataError naming it (what tifffile says about it in the message, not on stderr)."""
+    with _TIFF_MESSAGES.caught() as messages:
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                if not tiff.series:
+                    said = f": {messages[0]}" if messages else ""
+                    raise DataError(f"{path}: not a readable TIFF file (truncated? no image found{said})")
+                array = None if header_only else tiff.series[0].asarray()
+                return array, tuple(tiff.series[0].shape), tiff.series[0].dtype
+        except DataError:
+            raise
+        except Exception as exc:  # tifffile raises several exception types for corrupt files
+            raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
+
+
 def read_organized_pc(path: str | os.PathLike) -> np.ndarray:
     """Read an organized point cloud TIFF as an ``(H, W, 3)`` float32 array.
 
     Zero rows mean "no measurement". A float64 (or float16) file is converted to float32, the dtype of MVTec
     3D-AD's clouds, so that a point is valid exactly when it would be in a float32 file of the same values (a
     coordinate too small for float32 becomes 0 there too) and every later step computes as for that file.
-    Raises DataError for unreadable files, wrong shape or dtype, and non-finite coordinates (also after the
-    conversion: values beyond float32's range).
+    Raises DataError for unreadable (e.g. truncated) files, wrong shape or dtype, and non-finite coordinates
+    (also after the conversion: values beyond float32's range).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: point cloud file not found")
-    try:
-        cloud = tifffile.imread(path)
-    except Exception as exc:  # tifffile raises several exception types for corrupt files
-        raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
+    cloud = read_tiff(path)[0]
     if cloud.ndim != 3 or cloud.shape[2] != 3:
         raise DataError(f"{path}: expected an organized point cloud of shape (H, W, 3), got {cloud.shape}")
     if not np.issubdtype(cloud.dtype, np.floating):
