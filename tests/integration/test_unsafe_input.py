@@ -4,14 +4,18 @@ line that names the file or the flag (exit status 2), or gives the correct resul
 are left as they were."""
 
 import ast
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROJECT_ROOT
+from PIL import Image
 from test_pretrain import write_dumps
 
 from m3dm.data.synthetic import write_mvtec3d
@@ -118,3 +122,120 @@ def test_no_code_of_the_project_unpickles_arbitrary_objects():
                     offending.append(f"{path}:{node.lineno}: torch.load without weights_only=True")
     assert len(project_python_files()) > 100
     assert offending == []
+
+
+# ------------------------------------------------------------------------- images, masks, clouds, classes
+
+
+def cut_short(path: Path) -> None:
+    """A cloud whose image directory lies past the file's end, as in an MVTec 3D-AD file cut short (the dataset
+    stores the directory after the data): tifffile finds no image in it."""
+    data = bytearray(path.read_bytes())
+    assert data[:2] == b"II"  # little-endian TIFF: the first directory's offset is bytes 4..8
+    data[4:8] = (len(data) + 4096).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_main_names_a_cut_short_cloud_in_one_line_before_fitting(dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    cloud = data / "gadget/train/good/xyz/001.tiff"
+    cut_short(cloud)
+    output = tmp_path / "out"
+    result = run("main.py", "--dataset_path", str(data), "--output_dir", str(output), *SMALL)
+    assert result.returncode == 2
+    # the dataset check's error: its count, then the file; no stray line of tifffile's on stderr
+    assert [line for line in result.stderr.splitlines() if not line.startswith("!!!")] == [
+        f"main.py: error: {data}: 1 problem(s) in the dataset (python -m m3dm.data check {data} also reads every "
+        f"value):",
+        f"  {cloud}: not a readable TIFF file (truncated? no image found: invalid offset to first page "
+        f"{cloud.stat().st_size + 4096})"]
+    assert not output.exists()
+
+
+def test_the_dataset_check_reports_images_masks_and_clouds_by_file(dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    test = data / "gadget/test"
+    defects = sorted(p.name for p in test.iterdir() if p.name != "good")
+    masks = {name: test / name / "gt/000.png" for name in defects}
+    grey = np.asarray(Image.open(masks[defects[0]]))
+    Image.fromarray((grey > 0).astype(np.uint8)).save(masks[defects[0]])  # 0/1
+    Image.fromarray(np.stack([grey, 0 * grey, 0 * grey], axis=2)).save(masks[defects[1]])  # red on black
+    sixteen = test / "good/rgb/000.png"
+    with Image.open(sixteen) as image:
+        Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257).save(sixteen)  # 16-bit grey
+    float_image = test / defects[2] / "rgb/000.png"
+    Image.fromarray(np.zeros((64, 64), np.float32), "F").save(float_image, format="TIFF")
+    cloud = test / defects[3] / "xyz/000.tiff"
+    cut_short(cloud)
+    before = snapshot(data)
+    result = run("-m", "m3dm.data", "check", str(data), "-q")
+    assert result.returncode == 1 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert f"  ERROR {float_image}: 32-bit float pixels (PIL mode F) are not supported: save it as an 8- or " \
+           f"16-bit PNG (grey, RGB or RGBA)" in lines
+    assert f"  ERROR {cloud}: not a readable TIFF file (truncated? no image found: invalid offset to first page " \
+           f"{cloud.stat().st_size + 4096})" in lines
+    read_as_good = int((grey > 0).sum())
+    assert f"  WARNING {masks[defects[0]]}: mask holds values 0, 1, not only 0 and 255: every non-zero pixel " \
+           f"counts as a defect, {read_as_good} of which the original M3DM reads as good (grey value up to " \
+           f"127)" in lines
+    assert f"  WARNING {masks[defects[1]]}: mask holds colours (PIL mode RGB), not only 0 and 255: every " \
+           f"non-zero pixel counts as a defect, {read_as_good} of which the original M3DM reads as good (grey " \
+           f"value up to 127)" in lines
+    assert not any(str(sixteen) in line for line in lines)  # a 16-bit image is read, nothing to report
+    assert snapshot(data) == before
+
+
+def test_class_names_with_a_path_separator_are_refused_before_anything_is_made(dataset, tmp_path):
+    output = tmp_path / "out"
+    result = run("main.py", "--dataset_path", str(dataset), "--output_dir", str(output), *SMALL, "--classes",
+                 "gadget/test")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == ("main.py: error: --classes 'gadget/test' is not a class: give the "
+                                              "name of a class folder under the dataset root (no '/', '\\', '.' "
+                                              "or '..')")
+    assert not output.exists()
+    # a completed folder name's slash is dropped: gadget/ is the class gadget (the missing one is named alone)
+    result = run("main.py", "--dataset_path", str(dataset), "--output_dir", str(output), *SMALL, "--classes",
+                 "gadget/", "nope/")
+    assert error_line(result, "main.py") == f"--classes: nope not found under {dataset} (classes there: gadget)"
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_sixteen_bit_images_masks_of_any_encoding_and_a_completed_class_name_give_the_same_results(dataset,
+                                                                                                   tmp_path):
+    """One test image as 8-bit grey, the masks 0/255 (A) against the same image as 16-bit grey, the masks 0/1
+    or coloured and ``--classes gadget/`` (B): the same results, the model in models/gadget.pt."""
+    runs = {}
+    for variant in ("A", "B"):
+        data = tmp_path / f"data{variant}"
+        shutil.copytree(dataset, data)
+        test = data / "gadget/test"
+        rgb = test / "good/rgb/000.png"
+        with Image.open(rgb) as image:
+            grey = np.asarray(image.convert("L"))
+        Image.fromarray(grey if variant == "A" else grey.astype(np.uint16) * 257).save(rgb)
+        if variant == "B":
+            for i, mask in enumerate(sorted(test.glob("*/gt/*.png"))):
+                values = np.asarray(Image.open(mask))
+                binary = (values > 0).astype(np.uint8)
+                Image.fromarray(binary if i % 2 else np.stack([binary * 200, 0 * binary, 0 * binary], 2)).save(mask)
+        before = snapshot(data)
+        output = tmp_path / f"out{variant}"
+        result = run("main.py", "--dataset_path", str(data), "--output_dir", str(output), *SMALL, "--save_model",
+                     "--classes", "gadget" if variant == "A" else "gadget/")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert snapshot(data) == before
+        assert sorted(p.name for p in (output / "models").iterdir()) == ["gadget.pt"]
+        runs[variant] = output
+    for name in ("per_sample.json", "image_rocauc_results.md", "pixel_rocauc_results.md", "au_pro_results.md"):
+        assert (runs["B"] / name).read_text() == (runs["A"] / name).read_text(), name
+    metrics = json.loads((runs["B"] / "results.json").read_text())["per_class"]["gadget"]
+    assert all(np.isfinite(value) for value in metrics.values())
