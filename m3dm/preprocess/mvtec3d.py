@@ -28,6 +28,7 @@ from m3dm.data.layout import SPLITS, available_classes, discover_samples
 from m3dm.errors import DataError
 from m3dm.preprocess.common import JobResult, Summary, copy_other_files, resolve_roots, run_jobs, timed
 from m3dm.preprocess.dbscan import dbscan_labels
+from m3dm.runtime import import_open3d
 
 EDGE_BAND = 10
 RANSAC_DISTANCE = 0.004
@@ -53,8 +54,7 @@ def edge_band_points(cloud: np.ndarray, band: int = EDGE_BAND) -> np.ndarray:
 
 def fit_background_plane(points: np.ndarray, seed: int = 0) -> np.ndarray:
     """RANSAC plane ``(a, b, c, d)`` with Open3D's ``segment_plane`` and the reference's parameters."""
-    import open3d as o3d
-
+    o3d = import_open3d("the MVTec 3D-AD preprocessing (its RANSAC plane fit)")
     if len(points) < RANSAC_N:
         raise DataError(f"only {len(points)} valid points in the {EDGE_BAND}-pixel border band; at least "
                         f"{RANSAC_N} are needed to fit the background plane")
@@ -179,6 +179,7 @@ def _good_gt(sample) -> Path | None:
 def preprocess_dataset(source, output=None, inplace: bool = False, workers: int = 1, seed: int = 0) -> Summary:
     """Preprocess a whole raw MVTec 3D-AD tree into ``output`` (default ``<source>_preprocessed``)."""
     start = time.perf_counter()
+    import_open3d("the MVTec 3D-AD preprocessing (its RANSAC plane fit)")  # said before any file is written
     source, output = resolve_roots(source, output, inplace)
     samples, sample_files = _sample_paths(source)
     summary = Summary(source, output)
