@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from m3dm.data.io import defect_pixels, read_tiff, unsupported_image_mode
+from m3dm.data.io import HUGE_COORDINATES, defect_pixels, huge_pixels, read_tiff, unsupported_image_mode
 from m3dm.data.layout import GOOD, SPLITS, Sample, available_classes, group_by_stem, pairing_problems, sample_kinds
 from m3dm.errors import DataError
 
@@ -285,6 +285,9 @@ def _check_cloud(path: Path, contents: bool, add) -> tuple[int, ...] | None:
         finite = np.isfinite(cloud).all(axis=2)
         if not finite.all():
             add(ERROR, "nonfinite", path, f"{int((~finite).sum())} pixels hold NaN or infinite coordinates")
+        huge = huge_pixels(np.where(finite[..., None], cloud, 0))
+        if huge:
+            add(ERROR, "huge", path, f"{huge} {HUGE_COORDINATES}")
         valid = int(((cloud != 0).all(axis=2) & finite).sum())
         pixels = shape[0] * shape[1]
         if valid == 0:

@@ -89,7 +89,23 @@ def read_organized_pc(path: str | os.PathLike) -> np.ndarray:
         with np.errstate(over="ignore"):
             cloud = cloud.astype(np.float32)
         _check_finite(cloud, path, "hold coordinates beyond the float32 range (about 3.4e38)")
+    huge = huge_pixels(cloud)
+    if huge:
+        raise DataError(f"{path}: {huge} {HUGE_COORDINATES}")
     return cloud
+
+
+# The largest coordinate magnitude whose squared point distances (three coordinates, differences up to twice the
+# magnitude) stay below float32's maximum, 3.4e38.
+MAX_COORDINATE = 1e18
+HUGE_COORDINATES = (f"pixels hold coordinates beyond ±{MAX_COORDINATE:g}, whose squared distances overflow float32 "
+                    f"(MVTec 3D-AD's are in metres)")
+
+
+def huge_pixels(cloud: np.ndarray) -> int:
+    """How many pixels of an ``(H, W, 3)`` cloud hold a finite coordinate beyond ±MAX_COORDINATE."""
+    with np.errstate(invalid="ignore"):
+        return int((np.abs(cloud) > MAX_COORDINATE).any(axis=2).sum())
 
 
 def _check_finite(cloud: np.ndarray, path: Path, what: str) -> None:

@@ -6,6 +6,7 @@ are left as they were."""
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from conftest import PROJECT_ROOT
 from PIL import Image
 from test_pretrain import write_dumps
 
+from m3dm.data.io import write_tiff
 from m3dm.data.synthetic import write_mvtec3d
 from m3dm.preprocess.mvtec3d import preprocess_dataset
 
@@ -38,11 +41,15 @@ def run(*argv: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+PROGRESS_BAR = re.compile(r"^[^:]*: +\d+%\|")  # tqdm's "<what>:  40%|████..."
+
+
 def error_line(result: subprocess.CompletedProcess, prog: str) -> str:
     """The one error line of a refused command (exit status 2), without ``<prog>: error: ``; the random-weight
-    banner aside, nothing else is on stderr (no traceback, no warning of a library)."""
+    banner and progress bars aside, nothing else is on stderr (no traceback, no warning of a library)."""
     assert result.returncode == 2, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line and not line.startswith("!!!")]
+    lines = [line for line in result.stderr.splitlines()
+             if line and not line.startswith("!!!") and not PROGRESS_BAR.match(line)]
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"{prog}: error: "), lines[0]
     return lines[0].removeprefix(f"{prog}: error: ")
@@ -274,3 +281,64 @@ def test_without_open3d_the_steps_that_need_it_say_so_in_one_line(dataset, raw_m
     assert not converted.exists() and snapshot(raw_mvtec) == before
     check = run("-m", "m3dm.data", "check", str(dataset), "-q", env=env)  # the dataset check needs no Open3D
     assert check.returncode == 0 and check.stdout.splitlines()[-1] == "the dataset can be used"
+
+
+# ------------------------------------------------------------------- clouds, feature dumps, workers, models
+
+
+def pretrain(dumps: Path, output: Path, *flags: str) -> subprocess.CompletedProcess:
+    return run("fusion_pretrain.py", "--data_path", str(dumps), "--output_dir", str(output), "--device", "cpu",
+               "--batch_size", "2", "--epochs", "1", "-q", *flags)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_fusion_pretrain_names_a_dump_with_nan_features_in_one_line(tmp_path, workers):
+    dumps = write_dumps(tmp_path / "dumps", files=4, rows=16)
+    bad = dumps / "gadget2.pt"
+    features = torch.load(bad, weights_only=True)
+    features[3, 5] = float("nan")
+    torch.save(features, bad)
+    before = snapshot(dumps)
+    output = tmp_path / "out"
+    result = pretrain(dumps, output, "--num_workers", workers)
+    assert error_line(result, "fusion_pretrain.py") == (f"{bad}: 1 of its 16 patches hold NaN or infinite features "
+                                                        f"(write the dumps again with main.py --save_feature)")
+    assert not any(output.glob("checkpoint-*.pth")) and snapshot(dumps) == before
+
+
+def test_fusion_pretrain_refuses_dumps_of_mixed_widths_naming_the_file(tmp_path):
+    dumps = write_dumps(tmp_path / "dumps", files=2, rows=16)
+    torch.save(torch.randn(16, 1152 + 32), dumps / "widget.pt")  # another backbone's RGB width
+    result = pretrain(dumps, tmp_path / "out", "--num_workers", "0")
+    first = sorted(dumps.iterdir())[0]
+    assert error_line(result, "fusion_pretrain.py") == (
+        f"{dumps / 'widget.pt'}: shape (16, 1184) differs from (16, {1152 + 48}) of {first} (mixed backbones or "
+        f"layouts in '{dumps}'?)")
+
+
+def test_the_dataset_check_names_clouds_with_nan_huge_values_no_point_or_another_size(dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    clouds = sorted((data / "gadget/test").glob("*/xyz/000.tiff"))
+    edits = {"nan": lambda c: c.__setitem__((1, 1, 0), np.nan), "inf": lambda c: c.__setitem__((2, 2, 1), np.inf),
+             "huge": lambda c: c.__setitem__((3, 3, 2), 1e30), "zeros": lambda c: c.__setitem__(Ellipsis, 0.0)}
+    for cloud_path, edit in zip(clouds, edits.values(), strict=False):
+        cloud = tifffile.imread(cloud_path)
+        edit(cloud)
+        write_tiff(cloud_path, cloud)
+    smaller, its_cloud = data / "gadget/train/good/rgb/000.png", data / "gadget/train/good/xyz/000.tiff"
+    height, width = tifffile.imread(its_cloud).shape[:2]
+    with Image.open(smaller) as image:
+        image.resize((32, 32)).save(smaller)
+    before = snapshot(data)
+    result = run("-m", "m3dm.data", "check", str(data), "-q")
+    assert result.returncode == 1 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    expected = [f"  ERROR {clouds[0]}: 1 pixels hold NaN or infinite coordinates",
+                f"  ERROR {clouds[1]}: 1 pixels hold NaN or infinite coordinates",
+                f"  ERROR {clouds[2]}: 1 pixels hold coordinates beyond ±1e+18, whose squared distances overflow "
+                f"float32 (MVTec 3D-AD's are in metres)",
+                f"  ERROR {clouds[3]}: the point cloud has no valid point (every pixel has a zero coordinate)",
+                f"  ERROR {smaller}: RGB image is 32x32 (WxH) but its point cloud {its_cloud} is {width}x{height}"]
+    assert [line for line in expected if line not in lines] == []
+    assert snapshot(data) == before
