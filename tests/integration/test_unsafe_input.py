@@ -219,7 +219,8 @@ def test_class_names_with_a_path_separator_are_refused_before_anything_is_made(d
 def test_sixteen_bit_images_masks_of_any_encoding_and_a_completed_class_name_give_the_same_results(dataset,
                                                                                                    tmp_path):
     """One test image as 8-bit grey, the masks 0/255 (A) against the same image as 16-bit grey, the masks 0/1
-    or coloured, ``--classes gadget/`` and no Open3D (B): the same results, the model in models/gadget.pt."""
+    or coloured, ``--classes gadget/``, 512 workers, a batch of 100000 and no Open3D (B): the same results, the
+    model in models/gadget.pt. A's model is then refused for another method and for another class."""
     runs, no_open3d = {}, without_open3d(tmp_path)
     for variant in ("A", "B"):
         data = tmp_path / f"data{variant}"
@@ -236,8 +237,9 @@ def test_sixteen_bit_images_masks_of_any_encoding_and_a_completed_class_name_giv
                 Image.fromarray(binary if i % 2 else np.stack([binary * 200, 0 * binary, 0 * binary], 2)).save(mask)
         before = snapshot(data)
         output = tmp_path / f"out{variant}"
+        extra = [] if variant == "A" else ["--classes", "gadget/", "--num_workers", "512", "--batch_size", "100000"]
         result = run("main.py", "--dataset_path", str(data), "--output_dir", str(output), *SMALL, "--save_model",
-                     "--classes", "gadget" if variant == "A" else "gadget/", env=None if variant == "A" else no_open3d)
+                     *extra, env=None if variant == "A" else no_open3d)
         assert result.returncode == 0, result.stderr[-3000:]
         assert snapshot(data) == before
         assert sorted(p.name for p in (output / "models").iterdir()) == ["gadget.pt"]
@@ -247,6 +249,21 @@ def test_sixteen_bit_images_masks_of_any_encoding_and_a_completed_class_name_giv
         assert same_paths == (runs["A"] / name).read_text(), name
     metrics = json.loads((runs["B"] / "results.json").read_text())["per_class"]["gadget"]
     assert all(np.isfinite(value) for value in metrics.values())
+
+    model = runs["A"] / "models/gadget.pt"
+    result = run("main.py", "--dataset_path", str(tmp_path / "dataA"), "--output_dir", str(tmp_path / "other"),
+                 *SMALL, "--method_name", "DINO", "--memory_bank", "single", "--load_model", str(model.parent))
+    assert error_line(result, "main.py") == f"{model}: holds a DINO+Point_MAE model, but DINO was asked for"
+    widget = tmp_path / "widget_data"
+    (widget / "widget").parent.mkdir()
+    shutil.copytree(tmp_path / "dataA/gadget", widget / "widget")
+    (tmp_path / "widget_models").mkdir()
+    shutil.copyfile(model, tmp_path / "widget_models/widget.pt")
+    result = run("main.py", "--dataset_path", str(widget), "--output_dir", str(tmp_path / "other"), *SMALL,
+                 "--load_model", str(tmp_path / "widget_models"))
+    assert error_line(result, "main.py") == (f"{tmp_path / 'widget_models/widget.pt'}: holds a model of class "
+                                             f"'gadget', not 'widget'")
+    assert not (tmp_path / "other" / "results.json").exists()
 
 
 # ------------------------------------------------------------------------------------------ without Open3D
