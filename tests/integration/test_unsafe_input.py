@@ -220,7 +220,8 @@ def test_sixteen_bit_images_masks_of_any_encoding_and_a_completed_class_name_giv
                                                                                                    tmp_path):
     """One test image as 8-bit grey, the masks 0/255 (A) against the same image as 16-bit grey, the masks 0/1
     or coloured, ``--classes gadget/``, 512 workers, a batch of 100000 and no Open3D (B): the same results, the
-    model in models/gadget.pt. A's model is then refused for another method and for another class."""
+    model in models/gadget.pt; m3dm.predict runs B's model without Open3D too. A's model is then refused for
+    another method and for another class."""
     runs, no_open3d = {}, without_open3d(tmp_path)
     for variant in ("A", "B"):
         data = tmp_path / f"data{variant}"
@@ -249,6 +250,13 @@ def test_sixteen_bit_images_masks_of_any_encoding_and_a_completed_class_name_giv
         assert same_paths == (runs["A"] / name).read_text(), name
     metrics = json.loads((runs["B"] / "results.json").read_text())["per_class"]["gadget"]
     assert all(np.isfinite(value) for value in metrics.values())
+
+    predictions = tmp_path / "predictions"  # m3dm.predict needs no Open3D either (M3DM's features)
+    result = run("-m", "m3dm.predict", "--model", str(runs["B"] / "models/gadget.pt"),
+                 str(tmp_path / "dataB/gadget/test"), "--output", str(predictions), "--device", "cpu", env=no_open3d)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len((predictions / "predictions.csv").read_text().splitlines()) == 1 + len(list(
+        (tmp_path / "dataB/gadget/test").glob("*/rgb/*.png")))
 
     model = runs["A"] / "models/gadget.pt"
     result = run("main.py", "--dataset_path", str(tmp_path / "dataA"), "--output_dir", str(tmp_path / "other"),
