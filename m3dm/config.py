@@ -347,8 +347,18 @@ def _build(cls, values: dict[str, Any]):
 
 
 def settings_from_flags(values: dict[str, Any] | argparse.Namespace) -> Settings:
-    """Settings from parsed flags (a namespace or a dict by flag name); missing leaves keep their defaults."""
-    return _build(Settings, vars(values) if isinstance(values, argparse.Namespace) else dict(values))
+    """Settings from parsed flags (a namespace or a dict by flag name); missing leaves keep their defaults. Class
+    names lose the trailing slash a shell's completion of the folder name adds."""
+    values = dict(vars(values) if isinstance(values, argparse.Namespace) else values)
+    if values.get("classes"):
+        values["classes"] = [class_name(name) for name in values["classes"]]
+    return _build(Settings, values)
+
+
+def class_name(name: str) -> str:
+    """A class as given on a command line, without the trailing slash of a completed folder name."""
+    stripped = name.rstrip("/\\")
+    return stripped or name
 
 
 def backbone_settings(recorded: dict[str, Any], **overrides: Any) -> BackboneSettings:
@@ -388,10 +398,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(settings: Settings) -> None:
     """Raise ConfigError with what to use instead, for every combination the reference cannot run."""
-    for rule in (_range_rules, _method_rules, _option_rules, _model_file_rules, _cfm_rules):
+    for rule in (_range_rules, _class_rules, _method_rules, _option_rules, _model_file_rules, _cfm_rules):
         message = rule(settings)
         if message:
             raise ConfigError(message)
+
+
+def class_names_problem(names: Sequence[str] | None) -> str | None:
+    """Why ``--classes`` cannot be used (None when it can): each must be one folder name."""
+    for name in names or ():
+        if not name or name in (".", "..") or any(sep in name for sep in "/\\"):
+            return (f"--classes {name!r} is not a class: give the name of a class folder under the dataset root "
+                    f"(no '/', '\\', '.' or '..')")
+    return None
+
+
+def _class_rules(s: Settings) -> str | None:
+    return class_names_problem(s.run.classes)
 
 
 def _method_rules(s: Settings) -> str | None:

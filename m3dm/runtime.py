@@ -11,10 +11,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from m3dm.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)
+
+
+def import_open3d(purpose: str):
+    """The ``open3d`` module, imported only by the steps that need it (``purpose`` says which); when it is not
+    installed, a ConfigError in one line instead of an ImportError's traceback."""
+    try:
+        import open3d
+    except ImportError as exc:
+        raise ConfigError(f"{purpose} cannot run: Open3D is not installed here (pip install open3d; the other "
+                          f"methods on a preprocessed dataset, m3dm.predict and the report run without it)") from exc
+    return open3d
 
 
 def resolve_device(requested: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:

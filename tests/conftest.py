@@ -1,5 +1,6 @@
 """Shared fixtures: small synthetic datasets (built once per test session) and the real-data location."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,32 @@ def preprocessed_mvtec(folder: Path, **counts) -> Path:
     return preprocess_dataset(raw, workers=1).output
 
 
+def reference_fusion_pretrain_args() -> argparse.Namespace:
+    """The ``args`` the reference's fusion_pretrain.py pickles into its checkpoints: its flags' defaults and what
+    its distributed set-up adds, numbers and strings in an argparse namespace."""
+    return argparse.Namespace(
+        batch_size=64, epochs=10, accum_iter=1, input_size=224, weight_decay=1.5e-6, lr=0.0005, blr=0.002,
+        min_lr=0.0, warmup_epochs=1, data_path="datasets/patch_lib", output_dir="./output_dir",
+        log_dir="./output_dir", device="cuda", seed=0, resume="", start_epoch=0, num_workers=10, pin_mem=True,
+        world_size=1, local_rank=-1, dist_on_itp=False, dist_url="env://", rank=0, gpu=0, distributed=True,
+        dist_backend="nccl")
+
+
 def random_uff_checkpoint(folder: Path, rgb_dim: int = 192) -> Path:
-    """A random-weight UFF block (seeded) in the reference's checkpoint format; 192 is the tiny ViT's RGB width."""
+    """A random-weight UFF block (seeded) in the reference's checkpoint format (model, AdamW and loss-scaler states,
+    epoch, the pickled argparse namespace of its flags); 192 is the tiny ViT's RGB width."""
     import torch
 
     from m3dm.uff.block import FeatureFusionBlock
 
     torch.manual_seed(1)
+    block = FeatureFusionBlock(rgb_dim=rgb_dim)
+    optimizer = torch.optim.AdamW(block.parameters(), lr=0.0005, betas=(0.9, 0.95))
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 0}
     path = folder / "checkpoint-0.pth"
-    torch.save({"model": FeatureFusionBlock(rgb_dim=rgb_dim).state_dict(), "epoch": 0}, path)
+    torch.save({"model": block.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0, "scaler": scaler,
+                "args": reference_fusion_pretrain_args()}, path)
     return path
 
 

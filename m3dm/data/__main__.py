@@ -33,10 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from m3dm.config import class_name, class_names_problem
     from m3dm.data.check import check_dataset
 
-    report = check_dataset(args.root, args.classes, contents=not args.headers_only, fitting=not args.no_train,
+    classes = [class_name(name) for name in args.classes] if args.classes else None
+    if class_names_problem(classes):  # main.py's rule
+        parser.error(class_names_problem(classes))
+    report = check_dataset(args.root, classes, contents=not args.headers_only, fitting=not args.no_train,
                            workers=args.workers, progress=not args.quiet)
     print(report.summary(shown_per_kind=max(1, args.show)))
     return 0 if report.usable else 1

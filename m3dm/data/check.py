@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 from tqdm import tqdm
 
+from m3dm.data.io import HUGE_COORDINATES, defect_pixels, huge_pixels, read_tiff, unsupported_image_mode
 from m3dm.data.layout import GOOD, SPLITS, Sample, available_classes, group_by_stem, pairing_problems, sample_kinds
 from m3dm.errors import DataError
 
@@ -215,7 +215,8 @@ def _check_test_labels(report: DatasetReport, test_dir: Path, test: SplitCounts)
 
 
 def _check_sample(sample: Sample, contents: bool) -> list[Problem]:
-    """The file checks of one sample: the cloud (header, or every value), the image and mask sizes."""
+    """The file checks of one sample: the cloud (header, or every value), the image and mask sizes (and, reading
+    every value, their pixel modes and the mask's values)."""
     problems = []
     add = lambda severity, kind, where, message: problems.append(Problem(severity, kind, str(where), message))
     shape = _check_cloud(sample.xyz_path, contents, add)
@@ -225,10 +226,13 @@ def _check_sample(sample: Sample, contents: bool) -> list[Problem]:
         try:
             with Image.open(path) as image:
                 size = image.size
-                if contents:
+                problem = unsupported_image_mode(image)
+                if problem:
+                    add(ERROR, "image mode", path, problem)
+                elif contents:
                     image.load()
-                    if what == "mask" and sample.label and not np.asarray(image.convert("L")).any():
-                        add(WARNING, "empty mask", path, "mask of a defective part has no defect pixel")
+                    if what == "mask":
+                        _check_mask_values(image, path, sample.label, add)
         except Exception as exc:  # PIL raises several exception types for corrupt files
             add(ERROR, "unreadable", path, f"not a readable {what} ({type(exc).__name__}: {exc})")
             continue
@@ -238,17 +242,36 @@ def _check_sample(sample: Sample, contents: bool) -> list[Problem]:
     return problems
 
 
+def _check_mask_values(mask: Image.Image, path: Path, defective: bool, add) -> None:
+    """A mask of a defective part without a defect pixel, and any mask whose values are not only 0 and 255: a
+    warning where the original M3DM's rule (the grey value above 127) reads some defect pixels as good, else a
+    note (this project counts every non-zero pixel as a defect)."""
+    defects = defect_pixels(mask, path)
+    if defective and not defects.any():
+        add(WARNING, "empty mask", path, "mask of a defective part has no defect pixel")
+    values = np.asarray(mask)
+    if mask.mode in ("1", "L") and np.isin(values, (0, 255)).all():
+        return
+    if values.ndim == 3 or mask.mode == "P":
+        shown = f"colours (PIL mode {mask.mode})"
+    else:
+        unique = np.unique(values)
+        shown = "values " + ", ".join(map(str, unique[:6].tolist())) + (", ..." if unique.size > 6 else "")
+    message = f"mask holds {shown}, not only 0 and 255: every non-zero pixel counts as a defect"
+    read_as_good = int((defects & (np.asarray(mask.convert("L")) <= 127)).sum())
+    if read_as_good:
+        add(WARNING, "mask values", path, f"{message}, {read_as_good} of which the original M3DM reads as good "
+                                          f"(grey value up to 127)")
+    else:
+        add(NOTE, "mask values", path, message)
+
+
 def _check_cloud(path: Path, contents: bool, add) -> tuple[int, ...] | None:
     """Check one organized cloud; returns its shape (None when unreadable)."""
     try:
-        if contents:
-            cloud = tifffile.imread(path)
-            shape, dtype = cloud.shape, cloud.dtype
-        else:
-            with tifffile.TiffFile(path) as tiff:
-                shape, dtype = tiff.series[0].shape, tiff.series[0].dtype
-    except Exception as exc:  # tifffile raises several exception types for corrupt files
-        add(ERROR, "unreadable", path, f"not a readable TIFF file ({type(exc).__name__}: {exc})")
+        cloud, shape, dtype = read_tiff(path, header_only=not contents)
+    except DataError as exc:
+        add(ERROR, "unreadable", path, str(exc).removeprefix(f"{path}: "))
         return None
     if len(shape) != 3 or shape[2] != 3:
         add(ERROR, "shape", path, f"expected an organized point cloud of shape (H, W, 3), got {tuple(shape)}")
@@ -262,6 +285,9 @@ def _check_cloud(path: Path, contents: bool, add) -> tuple[int, ...] | None:
         finite = np.isfinite(cloud).all(axis=2)
         if not finite.all():
             add(ERROR, "nonfinite", path, f"{int((~finite).sum())} pixels hold NaN or infinite coordinates")
+        huge = huge_pixels(np.where(finite[..., None], cloud, 0))
+        if huge:
+            add(ERROR, "huge", path, f"{huge} {HUGE_COORDINATES}")
         valid = int(((cloud != 0).all(axis=2) & finite).sum())
         pixels = shape[0] * shape[1]
         if valid == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,12 +68,19 @@ def sample_tensors(cloud, image, mask, img_size: int, xyz_path, note: str = ""):
 def make_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """Ordered (no shuffle, no drop-last) loader; the reference uses batch size 1. With worker processes, a bad
     sample is raised in the main process with its own one-line message (``SampleLoader``). ``pin_memory`` for a
-    CUDA device (page-locked batches copy to the GPU asynchronously; on the CPU they would only cost time)."""
+    CUDA device (page-locked batches copy to the GPU asynchronously; on the CPU they would only cost time). At most
+    one worker per CPU core and per sample is started (more would only cost memory; the batches are the same)."""
+    return error_forwarding_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                   pin_memory=pin_memory, drop_last=False)
+
+
+def error_forwarding_loader(dataset: Dataset, num_workers: int = 0, **options) -> DataLoader:
+    """A DataLoader (``options`` as DataLoader's) with at most one worker process per CPU core and per item, whose
+    workers hand an error of ours back as data, raised in the main process with its own message."""
+    num_workers = min(num_workers, os.cpu_count() or 1, len(dataset))
     if num_workers > 0:
-        return SampleLoader(_ErrorsAsData(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=pin_memory, drop_last=False, collate_fn=_collate)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False)
+        return SampleLoader(_ErrorsAsData(dataset), num_workers=num_workers, collate_fn=_collate, **options)
+    return DataLoader(dataset, num_workers=0, **options)
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,12 @@ the destination, so an interrupted run never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,22 +22,64 @@ from PIL import Image
 from m3dm.errors import DataError
 
 
+class _TiffFileMessages(logging.Filter):
+    """tifffile logs what it finds wrong in a file (e.g. "invalid offset to first page" in a truncated one) to
+    stderr; while one of our readers reads a file, on its thread, the messages are kept for its error instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        caught = getattr(self.local, "caught", None)
+        if caught is None:
+            return True
+        caught.append(re.sub(r"^<[^>]*> ", "", record.getMessage()))  # without tifffile's "<TiffPages @...>"
+        return False
+
+    @contextmanager
+    def caught(self):
+        self.local.caught = []
+        try:
+            yield self.local.caught
+        finally:
+            self.local.caught = None
+
+
+_TIFF_MESSAGES = _TiffFileMessages()
+logging.getLogger("tifffile").addFilter(_TIFF_MESSAGES)
+
+
+def read_tiff(path: Path, header_only: bool = False) -> tuple[np.ndarray | None, tuple[int, ...], np.dtype]:
+    """``(array or None with header_only, shape, dtype)`` of a TIFF file's first image; a truncated or otherwise
+    unreadable file is a DataError naming it (what tifffile says about it in the message, not on stderr)."""
+    with _TIFF_MESSAGES.caught() as messages:
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                if not tiff.series:
+                    said = f": {messages[0]}" if messages else ""
+                    raise DataError(f"{path}: not a readable TIFF file (truncated? no image found{said})")
+                array = None if header_only else tiff.series[0].asarray()
+                return array, tuple(tiff.series[0].shape), tiff.series[0].dtype
+        except DataError:
+            raise
+        except Exception as exc:  # tifffile raises several exception types for corrupt files
+            raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
+
+
 def read_organized_pc(path: str | os.PathLike) -> np.ndarray:
     """Read an organized point cloud TIFF as an ``(H, W, 3)`` float32 array.
 
     Zero rows mean "no measurement". A float64 (or float16) file is converted to float32, the dtype of MVTec
     3D-AD's clouds, so that a point is valid exactly when it would be in a float32 file of the same values (a
     coordinate too small for float32 becomes 0 there too) and every later step computes as for that file.
-    Raises DataError for unreadable files, wrong shape or dtype, and non-finite coordinates (also after the
-    conversion: values beyond float32's range).
+    Raises DataError for unreadable (e.g. truncated) files, wrong shape or dtype, and non-finite coordinates
+    (also after the conversion: values beyond float32's range).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: point cloud file not found")
-    try:
-        cloud = tifffile.imread(path)
-    except Exception as exc:  # tifffile raises several exception types for corrupt files
-        raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
+    cloud = read_tiff(path)[0]
     if cloud.ndim != 3 or cloud.shape[2] != 3:
         raise DataError(f"{path}: expected an organized point cloud of shape (H, W, 3), got {cloud.shape}")
     if not np.issubdtype(cloud.dtype, np.floating):
@@ -44,7 +89,23 @@ def read_organized_pc(path: str | os.PathLike) -> np.ndarray:
         with np.errstate(over="ignore"):
             cloud = cloud.astype(np.float32)
         _check_finite(cloud, path, "hold coordinates beyond the float32 range (about 3.4e38)")
+    huge = huge_pixels(cloud)
+    if huge:
+        raise DataError(f"{path}: {huge} {HUGE_COORDINATES}")
     return cloud
+
+
+# The largest coordinate magnitude whose squared point distances (three coordinates, differences up to twice the
+# magnitude) stay below float32's maximum, 3.4e38.
+MAX_COORDINATE = 1e18
+HUGE_COORDINATES = (f"pixels hold coordinates beyond ±{MAX_COORDINATE:g}, whose squared distances overflow float32 "
+                    f"(MVTec 3D-AD's are in metres)")
+
+
+def huge_pixels(cloud: np.ndarray) -> int:
+    """How many pixels of an ``(H, W, 3)`` cloud hold a finite coordinate beyond ±MAX_COORDINATE."""
+    with np.errstate(invalid="ignore"):
+        return int((np.abs(cloud) > MAX_COORDINATE).any(axis=2).sum())
 
 
 def _check_finite(cloud: np.ndarray, path: Path, what: str) -> None:
@@ -67,14 +128,65 @@ def open_image(path: str | os.PathLike, kind: str = "image") -> Image.Image:
     return image
 
 
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _sixteen_bit_grey(image: Image.Image) -> bool:
+    """16-bit grey pixels: PIL's I;16 modes, or mode I read from a PNG (PNG has no 32-bit grey)."""
+    return image.mode in SIXTEEN_BIT_GREY or (image.mode == "I" and image.format == "PNG")
+
+
+def unsupported_image_mode(image: Image.Image) -> str | None:
+    """Why an image's pixels cannot be read as an RGB image or a mask (None when they can): 32-bit integer or
+    float pixels have no agreed 8-bit scale; 16-bit grey, 8-bit grey, palette, RGB and RGBA pixels are read."""
+    if image.mode in ("I", "F") and not _sixteen_bit_grey(image):
+        depth = "32-bit float" if image.mode == "F" else "32-bit integer"
+        return (f"{depth} pixels (PIL mode {image.mode}) are not supported: save it as an 8- or 16-bit PNG "
+                f"(grey, RGB or RGBA)")
+    return None
+
+
+def to_rgb(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """8-bit RGB pixels of an opened image: 16-bit grey is scaled to 8 bits (the high byte, as PIL reads a
+    16-bit colour PNG), any other mode is converted by PIL as the reference does (an alpha channel dropped).
+    An 8-bit RGB image is returned as it is. A mode that cannot be read is a DataError naming ``path``."""
+    problem = unsupported_image_mode(image)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    if _sixteen_bit_grey(image):
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:  # modes PIL cannot convert (LAB, HSV, ...)
+        raise DataError(f"{path}: PIL mode {image.mode} cannot be read as RGB: save it as an 8- or 16-bit PNG "
+                        f"(grey, RGB or RGBA)") from exc
+
+
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an RGB image (any mode PIL understands) and convert it to 3-channel RGB."""
-    return open_image(path, "RGB image").convert("RGB")
+    """Open an image as 8-bit RGB (``to_rgb``: 8- or 16-bit grey, palette, RGB, RGBA, ...)."""
+    return to_rgb(open_image(path, "RGB image"), path)
+
+
+def defect_pixels(mask: Image.Image, path: str | os.PathLike) -> np.ndarray:
+    """The (H, W) bool defect pixels of a ground-truth mask: a pixel is defective when it is non-zero (its grey
+    value, 8 or 16 bit, or any of its colour channels; an alpha channel is ignored)."""
+    problem = unsupported_image_mode(mask)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    if mask.mode in ("1", "L", "I", "F", *SIXTEEN_BIT_GREY):
+        return np.asarray(mask) != 0
+    if mask.mode in ("LA", "La"):
+        return np.asarray(mask.getchannel(0)) != 0
+    return np.asarray(to_rgb(mask, path)).any(axis=2)
 
 
 def read_mask(path: str | os.PathLike) -> Image.Image:
-    """Open a ground-truth mask and convert it to 8-bit grey ('L'), as the reference does."""
-    return open_image(path, "ground-truth mask").convert("L")
+    """Open a ground-truth mask as 8-bit grey ('L') of 0 (good) and 255 (defect), defect where the file is
+    non-zero (``defect_pixels``). On masks of 0 and 128..255 this is the reference's rule (grey value above 127)."""
+    defects = defect_pixels(open_image(path, "ground-truth mask"), path)
+    return Image.fromarray(np.where(defects, np.uint8(255), np.uint8(0)), "L")
 
 
 def check_same_size(cloud: np.ndarray, image: Image.Image, cloud_path, image_path) -> None:

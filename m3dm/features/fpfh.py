@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from m3dm.features.alignment import valid_points
+from m3dm.runtime import import_open3d
 
 FPFH_DIM = 33  # 3 angle features x 11 bins
 
@@ -38,7 +39,7 @@ class FPFHParams:
 
 def fpfh_of_points(points: np.ndarray, params: FPFHParams = FPFHParams()) -> np.ndarray:
     """``(N, 3)`` points -> ``(N, 33)`` float64 FPFH histograms (Open3D normals estimated first, unoriented)."""
-    import open3d as o3d  # imported here: only the BTF point methods need it
+    o3d = import_open3d("BTF's FPFH features")  # imported here: only the BTF point methods need it
 
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))
     cloud.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=params.normal_radius,
@@ -78,6 +79,7 @@ class FPFHFeatures:
     feature_dim = FPFH_DIM
 
     def __init__(self, grid: int = 28, aligned: bool = False, params: FPFHParams = FPFHParams()):
+        import_open3d("BTF's FPFH features")  # missing: said when the extractor is built, before any fitting
         self.grid, self.aligned, self.params = grid, aligned, params
 
     def __call__(self, organized_pc: torch.Tensor) -> torch.Tensor:

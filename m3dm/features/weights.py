@@ -21,9 +21,10 @@ module's names:
 
 Unlike the reference (`strict=False`, silent random weights on a wrong file), `load_strict` raises a
 `CheckpointError` naming the file and the missing / wrong-shape keys (and, where the checkpoint must hold
-nothing else, as for the UFF block, the unexpected ones). Files are loaded on the CPU, with `weights_only=True`
-first and a full unpickle only if that is refused (official training checkpoints pickle argparse namespaces).
-Nothing is downloaded at run time: a URL is refused.
+nothing else, as for the UFF block, the unexpected ones). Files are loaded on the CPU by torch's weights-only
+unpickler, which builds tensors and plain values only, with exactly the few other objects the official files
+hold allowed (`OFFICIAL_CHECKPOINT_GLOBALS`); a file that pickles anything else could run code when loaded and
+is refused, naming the file and the object. Nothing is downloaded at run time: a URL is refused.
 
 The architectures (`RGBBackbone`, `PointTransformer`) never read files: `build_rgb_backbone` and
 `build_point_backbone` find the file (`m3dm.features.weight_files`), create the module, load it strictly and
@@ -32,11 +33,18 @@ record the file in the module's `checkpoint_path` (None for random weights).
 
 from __future__ import annotations
 
+import argparse
+import io
 import pickle
+import pickletools
+import re
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -53,10 +61,38 @@ LISTED_KEYS = 10
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def _numpy_scalar_reconstructor() -> Callable:
+    try:
+        from numpy._core.multiarray import scalar  # NumPy 2
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import scalar
+    return scalar
+
+
+_SCALAR = _numpy_scalar_reconstructor()
+
+# The objects other than tensors and plain values (numbers, strings, lists, tuples, dicts) that the official
+# checkpoints pickle, and nothing more:
+# * `args`, an argparse.Namespace of numbers and strings: fusion_pretrain.py's checkpoints (the UFF block, saved by
+#   MAE's `misc.save_model`) and DINO's training checkpoints;
+# * Point-BERT's `metrics` / `best_metrics`, whose `acc` is the SVM accuracy as a NumPy float64: a float64 dtype
+#   and the scalar built from it (the module is `numpy.core` in files pickled by NumPy 1, `numpy._core` by NumPy 2).
+# DINO's released backbone, Point-MAE's `pretrain.pth` (its `metrics` hold a plain 0.0) and timm files hold tensors
+# and plain values only.
+OFFICIAL_CHECKPOINT_GLOBALS = [
+    argparse.Namespace,
+    np.dtype,
+    type(np.dtype(np.float64)),
+    (_SCALAR, "numpy.core.multiarray.scalar"),
+    (_SCALAR, "numpy._core.multiarray.scalar"),
+]
+
+
 def read_checkpoint(path: str | Path, kind: str = "checkpoint", missing_hint: str = "") -> Any:
     """Load a `.safetensors` / torch file on the CPU; any failure -> `CheckpointError` naming the file.
 
     `kind` names the file in the messages (e.g. "UFF checkpoint"), `missing_hint` says how to get a missing one.
+    A torch file that pickles any object beyond `OFFICIAL_CHECKPOINT_GLOBALS` is refused (it could run code).
     """
     if str(path).startswith(("http://", "https://")):  # the reference downloads; this project never does
         raise CheckpointError(f"{kind} {path}: nothing is downloaded at run time; download the file yourself and "
@@ -71,14 +107,87 @@ def read_checkpoint(path: str | Path, kind: str = "checkpoint", missing_hint: st
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path), device="cpu")
-        try:
+        with torch.serialization.safe_globals(OFFICIAL_CHECKPOINT_GLOBALS), warnings.catch_warnings():
+            # torch warns on stderr about pickle protocols above 2 before it refuses or reads the file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Refused by the weights-only unpickler (e.g. a pickled argparse.Namespace): official files.
-            return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated zip, bad header, pickle garbage, ...
+    except Exception as error:  # truncated zip, bad header, pickle garbage, a refused object
+        refused = refused_object(error, path) if isinstance(error, pickle.UnpicklingError) else None
+        if refused:
+            raise CheckpointError(f"{kind} file {path} is refused: it pickles {refused}, which is not a tensor or a "
+                                  f"plain value and could run code when loaded") from error
         raise CheckpointError(f"cannot read {kind} file {path} (corrupt or truncated?): "
-                              f"{type(error).__name__}: {error}") from error
+                              f"{type(error).__name__}: {_essential_line(error)}") from error
+
+
+# What torch's weights-only unpickler says when it refuses an object, with the object's name in group 1.
+_REFUSAL_PATTERNS = (r"GLOBAL (\S+) was not an allowed global", r"unsupported GLOBAL (\S+) whose module",
+                     r"but got <class '([^']+)'>")
+
+
+def refused_object(error: pickle.UnpicklingError, path: str | Path) -> str | None:
+    """The object that torch's weights-only unpickler refused to load from `path` (e.g. "posix.system"), from its
+    message or, where that names none (a pickle protocol the unpickler does not read), from the globals the file's
+    pickles name; None when neither names one (a damaged file)."""
+    for pattern in _REFUSAL_PATTERNS:
+        found = re.search(pattern, str(error))
+        if found:
+            return found.group(1)
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+               for g in OFFICIAL_CHECKPOINT_GLOBALS}
+    names = [name for name in _pickled_globals(Path(path)) if name not in allowed
+             and not name.startswith(("torch.", "collections.OrderedDict", "_codecs."))]
+    return ", ".join(dict.fromkeys(names)) or None
+
+
+def _essential_line(error: Exception) -> str:
+    """The line of an error's message that says what went wrong (torch's loaders add paragraphs of advice)."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.strip().startswith("Check the documentation")]
+    return lines[-1] if lines else ""
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The `module.name` of every global a torch file's pickles refer to, read without unpickling anything (in a
+    damaged file, those before the damage)."""
+    names: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:  # the legacy format and plain pickle files: pickles one after the other (then raw storage bytes)
+            data = path.read_bytes()
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):
+            _add_globals_of_one_pickle(stream, names)
+    except Exception:  # damaged or not a pickle: the names read so far are all there is
+        pass
+    return names
+
+
+def _add_globals_of_one_pickle(stream: io.BytesIO, names: list[str]) -> None:
+    strings: list[str] = []  # the strings pushed so far: STACK_GLOBAL takes its module and name from the last two
+    memo: dict[int, str] = {}  # memo index -> the string stored there
+    memo_size, top = 0, None  # top: the string the previous instruction pushed, if it pushed one
+    for opcode, argument, _ in pickletools.genops(stream):
+        pushed = None
+        if opcode.name == "GLOBAL":
+            names.append(argument.replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(argument, str) and "UNICODE" in opcode.name:
+            pushed = argument
+        elif opcode.name in ("BINGET", "LONG_BINGET"):
+            pushed = memo.get(argument)
+        elif opcode.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):
+            index = memo_size if opcode.name == "MEMOIZE" else argument
+            memo_size = max(memo_size, index + 1)
+            if top is not None:
+                memo[index] = top
+            continue  # the stack is unchanged: `top` still holds
+        if pushed is not None:
+            strings.append(pushed)
+        top = pushed
 
 
 def _state_dict_entry(checkpoint: Any, key: str, path: Path, kind: str) -> dict[str, Any]:

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from scipy import sparse
-from sklearn.random_projection import SparseRandomProjection
+from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
 
 from m3dm.memory.storage import ArrayLike, as_tensor
 
 log = logging.getLogger(__name__)
 
 PROJECTION_CHUNK_BYTES = 64 * 2**20  # float64 input per projection chunk
+LARGEST_EPS = float(np.nextafter(1.0, 0.0))  # the Johnson-Lindenstrauss eps must be below 1
 
 
 def fit_sparse_random_projection(n_rows: int, n_features: int, eps: float,
@@ -34,8 +35,12 @@ def fit_sparse_random_projection(n_rows: int, n_features: int, eps: float,
     try:
         projector.fit(sparse.csr_matrix((n_rows, n_features), dtype=np.float64))
     except ValueError as error:
-        log.warning("could not project vectors (%s); the coreset uses the unprojected bank. Please increase "
-                    "`eps`.", error)
+        if n_features < johnson_lindenstrauss_min_dim(n_rows, eps=LARGEST_EPS):
+            # no eps reduces so few features (BTF's 33 FPFH values): the unprojected bank is the only way
+            log.debug("the coreset selection uses the unprojected %d features (%s)", n_features, error)
+        else:
+            log.warning("could not project vectors (%s); the coreset uses the unprojected bank: a larger "
+                        "--coreset_eps (below 1) would project it", error)
         return None
     return projector
 

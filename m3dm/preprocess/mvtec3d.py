@@ -22,6 +22,7 @@ from m3dm.data.io import (
     open_image,
     read_organized_pc,
     remove_stale_temporaries,
+    to_rgb,
     write_png,
     write_tiff,
 )
@@ -201,7 +202,7 @@ def process_sample(job: SampleJob) -> JobResult:
     cloud = read_organized_pc(job.xyz)  # float32, whatever the file's float type
     with open_image(job.rgb, "RGB image") as image:
         check_same_size(cloud, image, job.xyz, job.rgb)
-        rgb = np.array(image.convert("RGB"))
+        rgb = np.array(to_rgb(image, job.rgb))
     gt = None
     if job.gt is not None:
         with open_image(job.gt, "ground-truth mask") as mask:

@@ -92,4 +92,8 @@ class FeatureDumpDataset(Dataset):
         path = self.files[index]
         features = self._read(path, mmap=False)
         self._check(path, features, self.shape)  # the file may have changed since the scan
+        if not torch.isfinite(features).all():  # checked as each file is read: the scan would read every dump twice
+            bad = int((~torch.isfinite(features)).any(dim=1).sum())
+            raise FeatureDumpError(f"{path}: {bad} of its {features.shape[0]} patches hold NaN or infinite "
+                                   f"features (write the dumps again with main.py --save_feature)")
         return features.float()

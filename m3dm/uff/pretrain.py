@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from m3dm.config import setting
 from m3dm.constants import XYZ_FEATURE_DIM
+from m3dm.data.dataset import error_forwarding_loader
 from m3dm.data.io import atomic_path
 from m3dm.errors import FeatureDumpError
 from m3dm.features.weights import read_uff_checkpoint
@@ -197,9 +197,10 @@ def _train(args: PretrainSettings, processes: Processes, device: torch.device) -
     dataset = FeatureDumpDataset(args.data_path)
     sampler = DistributedSampler(dataset, num_replicas=processes.world, rank=processes.rank, shuffle=True,
                                  seed=args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                        num_workers=min(args.num_workers, os.cpu_count() or 1),
-                        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True)
+    # a bad dump read by a worker process is raised here with its own one-line message
+    loader = error_forwarding_loader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                     num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
+                                     drop_last=True)
     if len(loader) == 0:
         raise FeatureDumpError(f"'{args.data_path}': {len(dataset)} feature files are fewer than one batch "
                                f"({args.batch_size} per process x {processes.world} process(es))")

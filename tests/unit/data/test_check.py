@@ -3,6 +3,7 @@ of a small synthetic tree, is reported in one pass with its file, and the exit s
 be used."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,8 +155,10 @@ def test_evaluating_a_saved_model_needs_no_train_split(tree):
 
 
 def test_real_subset_is_clean(real_mvtec_subset):
+    """Clean but for a note on three masks: MVTec 3D-AD draws some of its masks in 252..254, not 255."""
     report = check_dataset(real_mvtec_subset)
-    assert report.usable and report.problems == []
+    assert report.usable and {(p.severity, p.kind) for p in report.problems} == {("note", "mask values")}
+    assert sorted(Path(p.where).parent.parent.name for p in report.problems) == ["cut", "hole", "thread"]
     assert report.counts["cable_gland"]["test"].masks == 4
 
 

@@ -8,8 +8,12 @@ tensors; loading must reproduce exactly those tensors, and wrong / broken / abse
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -75,7 +79,9 @@ def pointmae_file(tmp_path_factory, point_sources) -> Path:
         "module.increase_dim.0.weight": torch.randn(96, 384, 1),
     })
     path = tmp_path_factory.mktemp("pointmae") / "pretrain.pth"
-    torch.save({"base_model": base, "optimizer": {"state": {}}, "epoch": 299, "metrics": {}}, path)
+    # Point-MAE's pretraining never validates: its metrics keep the plain 0.0 they start with
+    torch.save({"base_model": base, "optimizer": {"state": {}}, "epoch": 299, "metrics": {"acc": 0.0},
+                "best_metrics": {"acc": 0.0}}, path)
     return path
 
 
@@ -93,7 +99,9 @@ def pointbert_checkpoint(source: dict[str, torch.Tensor], drop: tuple[str, ...] 
         "module.dvae.codebook": torch.randn(8192, 256),
         "module.queue": torch.randn(256, 16384),
     })
-    return {"base_model": base, "optimizer": {}, "epoch": 300}
+    # Point-BERT's validation stores its SVM accuracy as a NumPy float64
+    return {"base_model": base, "optimizer": {}, "epoch": 300, "metrics": {"acc": np.float64(0.875)},
+            "best_metrics": {"acc": np.float64(0.9)}}
 
 
 @pytest.fixture(scope="module")
@@ -288,17 +296,77 @@ def test_reader_refuses_urls_absent_files_and_npz_naming_them(tmp_path):
         read_checkpoint(tmp_path / "jax.npz")
 
 
-def test_reader_unpickles_fully_only_what_weights_only_refuses(tmp_path, monkeypatch):
-    """Plain tensors load with weights_only=True alone; an official file that pickles an argparse namespace
-    needs the full unpickler, which is then used."""
+def as_pickled_by_numpy_1(path: Path) -> Path:
+    """The same torch file with NumPy scalars named as NumPy 1 pickles them (`numpy.core`, not `numpy._core`):
+    the official files were written before NumPy 2."""
+    with zipfile.ZipFile(path) as source:
+        records = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for info, data in records:
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+            target.writestr(info, data)
+    return path
+
+
+def test_reader_loads_the_official_objects_with_the_weights_only_loader(tmp_path, monkeypatch, pointbert_file):
+    """Ours (a dict of args), the reference's UFF and DINO files (an argparse namespace) and Point-BERT's (NumPy
+    float64 accuracies, pickled by NumPy 1 or 2) load, each with the weights-only unpickler alone."""
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k["weights_only"]) or real_load(*a, **k))
     torch.save({"model": {"w": torch.ones(2)}, "args": {"rgb_dim": 4}}, tmp_path / "ours.pth")
-    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(rgb_dim=4)}, tmp_path / "reference.pth")
-    assert read_checkpoint(tmp_path / "ours.pth")["args"] == {"rgb_dim": 4} and calls == [True]
-    calls.clear()
-    assert read_checkpoint(tmp_path / "reference.pth")["args"].rgb_dim == 4 and calls == [True, False]
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1, dist_url="env://")},
+               tmp_path / "reference.pth")
+    numpy_1 = tmp_path / "Point-BERT.pth"
+    numpy_1.write_bytes(pointbert_file.read_bytes())
+    pickled = torch.serialization.get_unsafe_globals_in_checkpoint(as_pickled_by_numpy_1(numpy_1))
+    assert sorted(pickled) == ["numpy.core.multiarray.scalar", "numpy.dtype"]
+    assert read_checkpoint(tmp_path / "ours.pth")["args"] == {"rgb_dim": 4}
+    assert read_checkpoint(tmp_path / "reference.pth")["args"].dist_url == "env://"
+    for path in (pointbert_file, numpy_1):
+        metrics = read_checkpoint(path)["best_metrics"]
+        assert isinstance(metrics["acc"], np.float64) and metrics["acc"] == 0.9
+    assert calls == [True] * 4
+
+
+class RunsCode:
+    """Unpickling it creates the file `target`: what a crafted checkpoint could do."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+class PlainObject:
+    pass
+
+
+@pytest.mark.parametrize("writer", ["protocol 2", "protocol 4", "legacy format", "plain pickle"])
+def test_reader_refuses_a_pickle_that_runs_code_naming_file_and_global(tmp_path, writer, capfd):
+    target = tmp_path / "ran"
+    checkpoint = {"model": {"w": torch.ones(2)}, "args": RunsCode(target)}
+    path = tmp_path / "crafted.pth"
+    if writer == "plain pickle":
+        path.write_bytes(pickle.dumps(checkpoint, protocol=4))
+    else:
+        torch.save(checkpoint, path, pickle_protocol=4 if writer == "protocol 4" else 2,
+                   _use_new_zipfile_serialization=writer != "legacy format")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path, kind="UFF checkpoint")
+    assert str(info.value) == (f"UFF checkpoint file {path} is refused: it pickles {os.system.__module__}.system, "
+                               f"which is not a tensor or a plain value and could run code when loaded")
+    assert not target.exists()
+    assert capfd.readouterr().err == ""  # no warning of torch's either
+
+
+def test_reader_refuses_any_other_class(tmp_path):
+    path = tmp_path / "object.pth"
+    torch.save({"model": {}, "args": PlainObject()}, path)
+    with pytest.raises(CheckpointError, match=rf"object.pth is refused: it pickles {__name__}.PlainObject, which"):
+        read_checkpoint(path)
 
 
 def test_uff_reader_needs_a_model_state_dict(tmp_path):

@@ -33,9 +33,20 @@ def test_projection_uses_the_global_numpy_generator():
     np.testing.assert_array_equal(np.random.get_state()[1], state_after_sklearn)
 
 
-def test_projection_falls_back_to_the_input(caplog, capsys):
-    x = torch.from_numpy(clustered(3, rows=300, dim=32))  # JL dimension 140 > 32
-    with caplog.at_level(logging.WARNING, logger="m3dm.memory.projection"):
+def test_projection_falls_back_to_the_input_without_a_warning_where_no_eps_would_project(caplog, capsys):
+    """BTF_FPFH's 33 features: no eps below 1 gives a Johnson-Lindenstrauss dimension under 33, so the bank is
+    kept (as the reference keeps it) without the reference's advice to increase eps."""
+    x = torch.from_numpy(clustered(3, rows=300, dim=33))  # JL dimension 140 at eps 0.9, 137 at eps 1
+    with caplog.at_level(logging.DEBUG, logger="m3dm.memory.projection"):
         assert sparse_random_projection(x, 0.9, 0) is x
-    assert "could not project" in caplog.text
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    assert "unprojected 33 features" in caplog.text
+    assert capsys.readouterr() == ("", "")
+
+
+def test_projection_falls_back_to_the_input_with_advice_where_a_larger_eps_would_project(caplog, capsys):
+    x = torch.from_numpy(clustered(3, rows=300, dim=150))  # JL dimension 274 at eps 0.5, 137 near eps 1
+    with caplog.at_level(logging.WARNING, logger="m3dm.memory.projection"):
+        assert sparse_random_projection(x, 0.5, 0) is x
+    assert "could not project" in caplog.text and "a larger --coreset_eps (below 1)" in caplog.text
     assert capsys.readouterr().out == ""  # logged, not printed

@@ -201,8 +201,8 @@ def test_loader_refuses_a_wrong_file_naming_the_missing_keys(tmp_path):
 
 @pytest.mark.parametrize("args", ["dict", "namespace", None])
 def test_loader_refuses_another_rgb_width(tmp_path, args):
-    """Width from the checkpoint's args when there (ours: a dict; the reference's: a pickled namespace, which
-    only the full unpickler reads), else from the RGB LayerNorm."""
+    """Width from the checkpoint's args when there (ours: a dict; the reference's: a pickled argparse namespace,
+    which the weights-only loader is allowed to build), else from the RGB LayerNorm."""
     extra = {"args": {"dict": {"rgb_dim": 32}, "namespace": argparse.Namespace(rgb_dim=32, lr=0.1)}[args]} if args \
         else {}
     save_checkpoint(tmp_path / "uff.pth", FeatureFusionBlock(rgb_dim=32).state_dict(), **extra)
