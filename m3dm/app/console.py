@@ -41,3 +41,19 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     # records of the package pass on to the root's handlers (and to anything else listening there)
     logging.getLogger("m3dm").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
+
+
+EXIT_INTERRUPTED = 130  # what a shell reports for a program stopped by Ctrl-C (128 + SIGINT)
+
+
+def interrupted(prog: str, kept: str) -> int:
+    """Ctrl-C: one line (no traceback) saying what was kept and how to go on; returns ``EXIT_INTERRUPTED``."""
+    print(f"\n{prog}: interrupted: {kept}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def is_main_process() -> bool:
+    """Whether this process is the only one or rank 0 of a torchrun launch (the one that holds output locks)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

@@ -11,9 +11,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from m3dm.app.console import add_logging_flags, configure_logging
+from m3dm.app.console import add_logging_flags, configure_logging, interrupted
 from m3dm.config import add_flags
-from m3dm.errors import CheckpointError, FeatureDumpError
+from m3dm.errors import CheckpointError, DiskFullError, FeatureDumpError
 from m3dm.uff import pretrain
 
 
@@ -40,11 +40,16 @@ def train(argv: list[str] | None = None) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: clear one-line errors for bad inputs instead of tracebacks."""
+    settings = settings_from_argv(argv)
     try:
-        train(argv)
-    except (FeatureDumpError, CheckpointError) as exc:
+        pretrain.train(settings)
+    except (FeatureDumpError, CheckpointError, DiskFullError) as exc:
         print(f"fusion_pretrain.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted("fusion_pretrain.py", f"the checkpoints written so far are kept in "
+                                                 f"{settings.output_dir}; run the same command with --resume "
+                                                 f"{settings.output_dir}/checkpoint-<epoch>.pth to go on")
     except FloatingPointError as exc:  # the reference aborts on a non-finite loss as well
         print(f"fusion_pretrain.py: {exc}", file=sys.stderr)
         return 1
