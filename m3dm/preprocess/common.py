@@ -143,25 +143,31 @@ def run_jobs(jobs: Sequence, fn: Callable, workers: int, desc: str) -> list[JobR
     workers = max(1, min(workers, len(jobs)))
     bar = tqdm(total=len(jobs), desc=desc, unit="sample")
     results = []
-    if workers == 1:
-        for job in jobs:
-            results.append(_call((fn, job)))
-            bar.update()
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        # spawn, not fork: Open3D's OpenMP thread pool does not survive a fork reliably. An executor, not a Pool:
-        # when a worker dies (killed, out of memory) its pending jobs fail instead of being waited for forever
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
-        try:
-            futures = {pool.submit(_call, (fn, job)): job for job in jobs}
-            for future in as_completed(futures):
-                results.append(_outcome(future, futures[future]))
+    try:
+        if workers == 1:
+            for job in jobs:
+                results.append(_call((fn, job)))
                 bar.update()
-        finally:  # after Ctrl-C or a full disk: no new sample starts, those being written finish
-            pool.shutdown(wait=True, cancel_futures=True)
-    bar.close()
+        else:
+            _run_in_pool(jobs, fn, workers, bar, results)
+    finally:  # closed before the command prints why it stopped (Ctrl-C, a full disk)
+        bar.close()
     return results
+
+
+def _run_in_pool(jobs: Sequence, fn: Callable, workers: int, bar: tqdm, results: list) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn, not fork: Open3D's OpenMP thread pool does not survive a fork reliably. An executor, not a Pool:
+    # when a worker dies (killed, out of memory) its pending jobs fail instead of being waited for forever
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
+    try:
+        futures = {pool.submit(_call, (fn, job)): job for job in jobs}
+        for future in as_completed(futures):
+            results.append(_outcome(future, futures[future]))
+            bar.update()
+    finally:  # after Ctrl-C or a full disk: no new sample starts, those being written finish
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_workers() -> int:
