@@ -133,8 +133,8 @@ def test_ctrl_c_in_main_is_one_line_and_resume_finishes(two_classes, tmp_path):
     argv = ["main.py", "--dataset_path", str(two_classes), "--output_dir", str(out), *SMALL]
     run = interrupted(argv, lambda: (out / "classes/gadget.json").is_file())
     assert run.returncode == 130
-    assert last_line(run.stderr) == (f"main.py: interrupted: the classes finished so far are kept in {out / 'classes'}; "
-                                     f"run the same command with --resume to run the others")
+    assert last_line(run.stderr) == (f"main.py: interrupted: the classes finished so far are kept in "
+                                     f"{out / 'classes'}; run the same command with --resume to run the others")
     kept = (out / "classes/gadget.json").read_bytes()
     assert not (out / LOCK_NAME).exists()
     # output flags may differ on resume: only the settings that change a number must match
@@ -246,7 +246,8 @@ def test_ctrl_c_in_predict_keeps_the_rows_writes_the_report_and_resume_scores_th
             "--batch_size", "2"]
 
     def two_rows() -> bool:
-        return (out / "predictions.jsonl").is_file() and len((out / "predictions.jsonl").read_text().split()) >= 2
+        jsonl = out / "predictions.jsonl"
+        return jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 2
 
     run = interrupted(argv, two_rows)
     assert run.returncode == 130

@@ -50,7 +50,7 @@ def test_an_appended_row_is_written_whole_or_not_at_all(disk):
     path = disk / "rows.csv"
     with open(path, "wb", buffering=0) as handle:
         append_text(handle, "a,b\n", path)
-        with pytest.raises(DiskFullError, match="rows.csv: cannot write, the disk is full"):
+        with pytest.raises(DiskFullError, match=r"rows\.csv: cannot write, the disk is full"):
             append_text(handle, "x" * 100_000 + "\n", path)
         append_text(handle, "c,d\n", path)  # once space is back, rows go on after the last whole one
     assert path.read_text() == "a,b\nc,d\n"
