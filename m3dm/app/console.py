@@ -52,6 +52,21 @@ def interrupted(prog: str, kept: str) -> int:
     return EXIT_INTERRUPTED
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (``raise_on_sigterm``): a launcher such as torchrun stops the other
+    processes that way when one of them failed."""
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into ``Terminated`` so that a command can say in one line what it keeps before it ends."""
+    import signal
+
+    def stop(_signum, _frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def is_main_process() -> bool:
     """Whether this process is the only one or rank 0 of a torchrun launch (the one that holds output locks)."""
     import os

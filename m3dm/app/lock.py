@@ -29,6 +29,7 @@ def output_lock(folder: str | Path, flag: str):
     """Hold ``folder``'s lock while the block runs (OutputInUseError naming the holder when another live process
     holds it). A folder that cannot be made is left to the command's own check, which names the problem."""
     folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if the run leaves them empty
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -41,6 +42,11 @@ def output_lock(folder: str | Path, flag: str):
     finally:
         if _holder(path).get("pid") == os.getpid():
             path.unlink(missing_ok=True)
+        for empty in made:  # a run refused before it wrote anything leaves no folder behind
+            try:
+                empty.rmdir()
+            except OSError:
+                break
 
 
 def _take(path: Path, folder: Path, flag: str) -> None:

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
-from m3dm.app.console import add_logging_flags, configure_logging, interrupted
+from m3dm.app.console import (
+    EXIT_INTERRUPTED,
+    Terminated,
+    add_logging_flags,
+    configure_logging,
+    interrupted,
+    is_main_process,
+    raise_on_sigterm,
+)
 from m3dm.config import add_flags
 from m3dm.errors import CheckpointError, DiskFullError, FeatureDumpError
 from m3dm.uff import pretrain
@@ -40,16 +49,25 @@ def train(argv: list[str] | None = None) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: clear one-line errors for bad inputs instead of tracebacks."""
+    from torch.distributed import DistBackendError
+
     settings = settings_from_argv(argv)
+    kept = (f"the checkpoints written so far are kept in {settings.output_dir}; run the same command with --resume "
+            f"{settings.output_dir}/checkpoint-<epoch>.pth to go on")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise_on_sigterm()  # torchrun stops the other processes with SIGTERM when one fails
     try:
         pretrain.train(settings)
     except (FeatureDumpError, CheckpointError, DiskFullError) as exc:
         print(f"fusion_pretrain.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return interrupted("fusion_pretrain.py", f"the checkpoints written so far are kept in "
-                                                 f"{settings.output_dir}; run the same command with --resume "
-                                                 f"{settings.output_dir}/checkpoint-<epoch>.pth to go on")
+        return interrupted("fusion_pretrain.py", kept) if is_main_process() else EXIT_INTERRUPTED
+    except (Terminated, DistBackendError):  # another process of the launch died: this one stops too
+        if is_main_process():
+            print(f"fusion_pretrain.py: stopped: another process of the launch ended (killed or failed); {kept}",
+                  file=sys.stderr)
+        return 1
     except FloatingPointError as exc:  # the reference aborts on a non-finite loss as well
         print(f"fusion_pretrain.py: {exc}", file=sys.stderr)
         return 1
