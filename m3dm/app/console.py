@@ -62,6 +62,7 @@ def raise_on_sigterm() -> None:
     import signal
 
     def stop(_signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one would break the clean-up of the first
         raise Terminated()
 
     signal.signal(signal.SIGTERM, stop)

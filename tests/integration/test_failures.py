@@ -282,3 +282,50 @@ def test_predict_on_a_full_disk_keeps_whole_rows_and_names_the_file(fitted, many
             [row["name"] for row in kept]
         assert not list(out.rglob(".*.tmp*"))
     assert snapshot(many_parts) == before
+
+
+# --------------------------------------------------------------------------------------- torchrun processes
+
+def process_of_rank(port: int, rank: int) -> int | None:
+    """The pid of the process of ``rank`` in the torchrun launch on ``port`` (from the processes' environments)."""
+    wanted = {f"RANK={rank}".encode(), f"MASTER_PORT={port}".encode()}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environment = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if wanted <= environment and b"TORCHELASTIC_RUN_ID" in b" ".join(environment):
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_a_torchrun_process_killed_during_pretraining_stops_the_other_in_one_line(tmp_path):
+    from test_pretrain import free_port, write_dumps
+
+    dumps = write_dumps(tmp_path / "dumps", files=16)
+    out, port = tmp_path / "out", free_port()
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={port}", "fusion_pretrain.py", "--data_path", str(dumps), "--output_dir", str(out),
+         "--batch_size", "2", "--epochs", "100", "--device", "cpu", "--num_workers", "0"],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "checkpoint-0.pth").is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        finished = (out / "checkpoint-0.pth").read_bytes()
+        os.kill(process_of_rank(port, 1), signal.SIGKILL)
+        _, err = process.communicate(timeout=120)  # no hang: process 0 stops too
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    ours = [line for line in err.splitlines() if "fusion_pretrain.py:" in line and "stopped" in line]
+    assert [line.split("fusion_pretrain.py: ", 1)[1] for line in ours] == [
+        f"process 0 stopped: another process of the launch ended (killed or failed); the checkpoints written so far "
+        f"are kept in {out}; run the same command with --resume {out}/checkpoint-<epoch>.pth to go on"]
+    assert "[rank0]" not in err  # no traceback of process 0 (torchrun reports the killed process on its own)
+    assert (out / "checkpoint-0.pth").read_bytes() == finished
+    assert not list(out.glob(".*.tmp*"))
