@@ -316,6 +316,11 @@ class Settings:
         values["fix_quirks"] = self.detector.fix_quirks
         return values
 
+    def scoring(self) -> dict[str, Any]:
+        """By flag name, the settings that change a fitted detector's numbers: the detector's and the recorded
+        ones (output flags such as --save_maps are not among them)."""
+        return {**{name: value for name, value, _ in _leaves(self.detector)}, **self.recorded()}
+
     def validate(self) -> None:
         validate(self)
 

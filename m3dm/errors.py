@@ -26,3 +26,12 @@ class ModelFileError(M3DMError, RuntimeError):
 
 class FeatureDumpError(M3DMError, ValueError):
     """A missing, empty or inconsistent folder of UFF pretraining feature dumps."""
+
+
+class DiskFullError(M3DMError, OSError):
+    """A file could not be written because its disk (or the user's quota) is full; the message names the file.
+    Nothing half-written is left in its place (``m3dm.data.io``)."""
+
+
+class OutputInUseError(M3DMError, RuntimeError):
+    """Another run is writing the same output folder (its lock file names the process and its command)."""

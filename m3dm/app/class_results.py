@@ -1,7 +1,10 @@
 """Each class's results, written as the class ends (``<output_dir>/classes/<class>.json``), and ``--resume``.
 
 An interrupted multi-class run keeps the classes it finished; ``--resume`` reads them back instead of running
-them again, provided they were written with the same settings (those that change no number are not compared).
+them again, provided they were written with the same settings. Only the settings that change a number are
+compared: the detector's, those declared ``recorded`` in ``m3dm.config`` (what a fitted-model file stores) and
+``INPUTS`` (the data, weights, thresholds, batches and device); output flags (``--save_maps``, ``--save_preds``,
+``--save_model``, ...) and the way the work is carried out (workers, storage) may differ.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from m3dm.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 CLASSES_DIR = "classes"
-# settings that change no result: a run may resume with other values of them
-NOT_COMPARED = ("classes", "resume", "num_workers", "output_dir", "spool_dir", "bank_storage")
+# settings that are not a detector's or recorded but change numbers too: the files and thresholds they come from,
+# and the batches and device they are computed in (the reference's train-mode BatchNorm sees the whole batch)
+INPUTS = ("dataset_type", "dataset_path", "rgb_checkpoint", "xyz_checkpoint", "random_init", "fusion_module_path",
+          "load_model", "far", "pixel_far", "batch_size", "device")
 
 
 @dataclass
@@ -37,8 +42,9 @@ def class_file(output_dir: str | Path, class_name: str) -> Path:
 
 def compared_settings(settings: Settings) -> dict:
     """The settings a resumed class must have been run with, as JSON gives them back."""
-    flags = {name: value for name, value in settings.flags().items() if name not in NOT_COMPARED}
-    return json.loads(json.dumps(flags, default=str))
+    every = settings.flags()
+    compared = {**settings.scoring(), **{name: every[name] for name in INPUTS}}
+    return json.loads(json.dumps(compared, default=str))
 
 
 def save_class_output(output_dir: str | Path, class_name: str, output: ClassOutput, settings: Settings) -> Path:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
+from pathlib import Path
 
-from m3dm.app.console import add_logging_flags, configure_logging
+from m3dm.app.console import add_logging_flags, configure_logging, interrupted, is_main_process
 from m3dm.config import Settings, settings_from_flags
 from m3dm.config import build_parser as settings_parser
-from m3dm.errors import CheckpointError, ConfigError, DataError, ModelFileError
+from m3dm.errors import CheckpointError, ConfigError, DataError, DiskFullError, ModelFileError, OutputInUseError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,13 +49,21 @@ def main(argv=None) -> int:
         return data_main(argv)
     parser = build_parser()
     settings, flags = parse_settings(argv, parser)
+    from m3dm.app.lock import output_lock
     from m3dm.app.run import run_classes
 
+    output_dir = settings.run.output_dir
+    # one run at a time in --output_dir (process 0 holds the lock for a torchrun launch)
+    lock = output_lock(output_dir, "--output_dir") if is_main_process() else nullcontext()
     try:
-        run_classes(settings, progress=not flags.quiet)
-    except (DataError, CheckpointError, ModelFileError, ConfigError) as exc:  # a wrong input: say which
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        with lock:
+            run_classes(settings, progress=not flags.quiet)
+    except (DataError, CheckpointError, ModelFileError, ConfigError, DiskFullError, OutputInUseError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)  # a wrong input, a full disk: say which file
         return 2
+    except KeyboardInterrupt:
+        return interrupted(parser.prog, f"the classes finished so far are kept in {Path(output_dir) / 'classes'}; "
+                                        f"run the same command with --resume to run the others")
     return 0
 
 

@@ -101,8 +101,10 @@ def run_method(method: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from m3dm.app.console import interrupted
+    from m3dm.app.lock import output_lock
     from m3dm.app.run import dataset_classes
-    from m3dm.evaluation.comparison import comparison_markdown, comparison_record, read_method_run, write_comparison
+    from m3dm.errors import DiskFullError, OutputInUseError
 
     parser = build_parser()
     args, main_flags = parser.parse_known_args(argv)
@@ -113,6 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     classes = dataset_classes(shared.run)
     if not classes:
         parser.error(f"no class found under --dataset_path {shared.run.dataset_path}")
+    try:
+        with output_lock(output_dir, "--output_dir"):
+            return compare(methods, main_flags, output_dir, classes)
+    except (DiskFullError, OutputInUseError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return interrupted(parser.prog, f"the classes each method finished are kept in {output_dir}/<method>/"
+                                        f"classes; run the same command with --resume to run the others")
+
+
+def compare(methods: list[str], main_flags: list[str], output_dir: Path, classes: list[str]) -> int:
+    """Run every method, then write and print the comparison; 1 when a method failed."""
+    from m3dm.evaluation.comparison import comparison_markdown, comparison_record, read_method_run, write_comparison
+
     runs = []
     for method in methods:
         status = run_method(method, method_argv(method, main_flags, output_dir, classes))
@@ -135,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
 def _side_by_side_report(folders: list[Path], output_dir: Path) -> Path | None:
     """``<output_dir>/comparison.html`` of the methods' results folders; a failure is logged, not raised (the
     tables are written already)."""
+    from m3dm.errors import DiskFullError
     from m3dm.report.build import COMPARISON_NAME, build_report
 
     try:
         return build_report(folders, output_dir / COMPARISON_NAME)
+    except DiskFullError:
+        raise  # the comparison must not look complete
     except Exception:
         log.exception("the side-by-side report could not be built")
         return None

@@ -41,3 +41,35 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     # records of the package pass on to the root's handlers (and to anything else listening there)
     logging.getLogger("m3dm").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
+
+
+EXIT_INTERRUPTED = 130  # what a shell reports for a program stopped by Ctrl-C (128 + SIGINT)
+
+
+def interrupted(prog: str, kept: str) -> int:
+    """Ctrl-C: one line (no traceback) saying what was kept and how to go on; returns ``EXIT_INTERRUPTED``."""
+    print(f"\n{prog}: interrupted: {kept}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (``raise_on_sigterm``): a launcher such as torchrun stops the other
+    processes that way when one of them failed."""
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into ``Terminated`` so that a command can say in one line what it keeps before it ends."""
+    import signal
+
+    def stop(_signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one would break the clean-up of the first
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def is_main_process() -> bool:
+    """Whether this process is the only one or rank 0 of a torchrun launch (the one that holds output locks)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -40,6 +42,8 @@ import numpy as np
 import torch
 
 from m3dm.app.parts import LoadedPart, Part, discover_parts, load_part
+from m3dm.data.io import append_text
+from m3dm.errors import DiskFullError
 from m3dm.report.data import PredictionData
 
 EXIT_OK, EXIT_PART_ERRORS, EXIT_FATAL = 0, 1, 2
@@ -122,27 +126,35 @@ def part_picture(rgb: np.ndarray, score_map: np.ndarray, region: np.ndarray, col
 
 
 class ResultWriter:
-    """``predictions.csv`` / ``predictions.jsonl`` rows as parts finish, pictures and (optionally) maps."""
+    """``predictions.csv`` / ``predictions.jsonl`` rows as parts finish, pictures and (optionally) maps.
 
-    def __init__(self, output: Path, thresholds, pictures: bool = True, save_maps: bool = False):
+    Each row is appended to both files whole or not at all (``m3dm.data.io.append_text``), so an interrupted or
+    out-of-space run leaves files that end at the last finished part; ``resume`` appends to an earlier run's."""
+
+    def __init__(self, output: Path, thresholds, pictures: bool = True, save_maps: bool = False,
+                 resume: bool = False):
         self.output, self.thresholds = output, thresholds
         self.pictures, self.save_maps = pictures, save_maps
         output.mkdir(parents=True, exist_ok=True)
         self.csv_path, self.jsonl_path = output / "predictions.csv", output / "predictions.jsonl"
-        # both files stay open while parts are scored (rows are flushed one by one); close() closes them
-        self._csv_file = open(self.csv_path, "w", newline="")  # noqa: SIM115
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS)
-        self._csv.writeheader()
-        self._jsonl = open(self.jsonl_path, "w")  # noqa: SIM115
+        new = not (resume and self.csv_path.is_file())
+        # both files stay open while parts are scored (unbuffered: a row is on disk once written); close() closes
+        self._csv_file = open(self.csv_path, "wb" if new else "ab", buffering=0)  # noqa: SIM115
+        self._jsonl = open(self.jsonl_path, "wb" if new else "ab", buffering=0)  # noqa: SIM115
+        if new:
+            append_text(self._csv_file, _csv_line(CSV_FIELDS), self.csv_path)
         self.counts = {"pass": 0, "fail": 0, "error": 0}
         self.report_data = None  # m3dm.report.data.PredictionData, for report.html (set by run)
 
     def _row(self, row: dict) -> None:
         full = {field: row.get(field) for field in CSV_FIELDS}
-        self._csv.writerow({k: "" if v is None else v for k, v in full.items()})
-        self._jsonl.write(json.dumps(full) + "\n")
-        self._csv_file.flush()
-        self._jsonl.flush()
+        start = self._csv_file.seek(0, os.SEEK_END)
+        append_text(self._csv_file, _csv_line(["" if v is None else v for v in full.values()]), self.csv_path)
+        try:
+            append_text(self._jsonl, json.dumps(full) + "\n", self.jsonl_path)
+        except BaseException:
+            os.ftruncate(self._csv_file.fileno(), start)  # the part is in neither file
+            raise
         self.counts[full["result"]] += 1
 
     def error(self, part: Part, message: str) -> None:
@@ -158,8 +170,6 @@ class ResultWriter:
         region = thresholds.region(score_map)
         heatmap = map_file = None
         rgb = denormalize_rgb(loaded.rgb.numpy())
-        if self.report_data is not None:
-            self.report_data.add(part.name, score, result == "fail", rgb, loaded.pc.numpy(), loaded.gt, score_map)
         if self.pictures:
             title = f"{part.name}  score {score:.4g} (threshold {thresholds.image:.4g})  {result.upper()}"
             picture = part_picture(rgb, score_map, region, thresholds.colour_range(), title, loaded.gt)
@@ -173,11 +183,41 @@ class ResultWriter:
                    "image_threshold": repr(thresholds.image), "anomalous_pixels": int(region.sum()),
                    "heatmap": _text(heatmap), "map": _text(map_file), "rgb": _text(part.rgb),
                    "xyz": _text(part.xyz)})
+        if self.report_data is not None:  # after the row: the report holds the parts the tables hold
+            self.report_data.add(part.name, score, result == "fail", rgb, loaded.pc.numpy(), loaded.gt, score_map)
         return result
 
     def close(self) -> None:
         self._csv_file.close()
         self._jsonl.close()
+
+
+def _csv_line(values) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(values)
+    return buffer.getvalue()
+
+
+def finished_rows(output: Path, thresholds) -> list[dict]:
+    """``--resume``: the rows an earlier run wrote in ``output`` (``predictions.jsonl``); refused (ValueError) when
+    they were scored with another image threshold, since the two runs' pass/fail would not compare."""
+    path = output / "predictions.jsonl"
+    if not path.is_file():
+        return []
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        names = [row["name"] for row in rows]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--resume: {path} is not a predictions file of m3dm-predict ({type(exc).__name__}: "
+                         f"{exc}): give another --output") from exc
+    other = {row["image_threshold"] for row in rows if row.get("image_threshold") is not None} - \
+        {repr(thresholds.image)}
+    if other:
+        raise ValueError(f"--resume: {path} was scored with image threshold {other.pop()}, this run's is "
+                         f"{thresholds.image!r}: resume with the same model and threshold flags, or give another "
+                         f"--output")
+    log.info("--resume: %d part(s) finished in %s skipped", len(names), path)
+    return rows
 
 
 def write_prediction_report(writer: ResultWriter, model, thresholds, seconds: float) -> None:
@@ -230,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion_module_path", default=None, help="UFF block checkpoint, if moved since fitting")
     p.add_argument("--save_maps", action="store_true", help="also write maps/<name>.npy (224 x 224 float32)")
     p.add_argument("--no_pictures", action="store_true", help="do not write the heatmap PNGs")
+    p.add_argument("--resume", action="store_true",
+                   help="--output holds the predictions of an interrupted run: score only the parts it lacks and "
+                        "add them (same model and thresholds)")
     p.add_argument("--overwrite", action="store_true",
                    help="--output already holds predictions: delete them (tables, heatmaps/, maps/) and write the "
                         "new ones (without it such a folder is refused)")
@@ -272,6 +315,8 @@ def _flush(predictor: Predictor, pending: list, writer: ResultWriter, report) ->
         else:
             try:
                 writer.scored(item, *outcomes[id(item)])
+            except DiskFullError:
+                raise  # no part can be written any more: the run stops, keeping the finished parts
             except OSError as exc:  # e.g. the picture cannot be written: that part is lost, not the run
                 report(item.part, _describe(exc))
                 writer.error(item.part, _describe(exc))
@@ -282,34 +327,38 @@ PREDICTION_OUTPUTS = ("predictions.csv", "predictions.jsonl", "heatmaps", "maps"
 EVALUATION_OUTPUTS = ("results.json", "classes")  # a main.py results folder holds these: never predicted into
 
 
-def earlier_predictions(output: Path, overwrite: bool) -> list[Path]:
-    """What an earlier run wrote in ``output``, to be deleted with ``overwrite``; without it they are refused, so
-    that no table is replaced and no old heatmap kept among the new ones unasked. A main.py results folder is
-    refused even with ``overwrite``: its maps and report are not predictions."""
+def earlier_predictions(output: Path, overwrite: bool, resume: bool = False) -> list[Path]:
+    """What an earlier run wrote in ``output``, to be deleted with ``overwrite`` (kept and added to with
+    ``resume``); without either they are refused, so that no table is replaced and no old heatmap kept among the
+    new ones unasked. A main.py results folder is refused even with ``overwrite``: its maps and report are not
+    predictions."""
     evaluation = [name for name in EVALUATION_OUTPUTS if (output / name).exists()]
     if evaluation:
         raise ValueError(f"--output {output} is a main.py results folder (it holds {', '.join(evaluation)}): give "
                          f"another --output for the predictions")
     earlier = [output / name for name in PREDICTION_OUTPUTS if (output / name).exists()]
+    if resume:
+        return []
     if earlier and not overwrite:
         raise ValueError(f"--output {output} already holds predictions ({', '.join(p.name for p in earlier)}): "
-                         f"give --overwrite to replace them, or another --output")
+                         f"give --overwrite to replace them, --resume to score only the parts they lack, or "
+                         f"another --output")
     return earlier
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     from m3dm.app.outputs import check_writable_folder
     from m3dm.detection.persistence import load_class_model
     from m3dm.errors import CheckpointError, ModelFileError
     from m3dm.runtime import resolve_device
 
     start = time.perf_counter()
+    output = Path(args.output)
     try:
-        earlier = earlier_predictions(Path(args.output), args.overwrite)
+        earlier = earlier_predictions(output, args.overwrite, args.resume)
         model = load_class_model(args.model)
         thresholds = _thresholds(model, args)
+        finished = finished_rows(output, thresholds) if args.resume else []
         parts = discover_parts(args.inputs, args.rgb, args.xyz)
         if not parts:
             raise ValueError("no input parts: give folders and/or --rgb/--xyz pairs")
@@ -317,7 +366,7 @@ def run(args) -> int:
                  model.method_name, model.class_name, thresholds.source, thresholds.image, thresholds.pixel)
         predictor = Predictor(model, resolve_device(args.device), args.rgb_checkpoint, args.xyz_checkpoint,
                               args.fusion_module_path)
-        check_writable_folder(Path(args.output), "--output")
+        check_writable_folder(output, "--output")
     except (ModelFileError, CheckpointError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FATAL
@@ -327,8 +376,37 @@ def run(args) -> int:
             shutil.rmtree(path)
         else:
             path.unlink()
-    writer = ResultWriter(Path(args.output), thresholds, pictures=not args.no_pictures, save_maps=args.save_maps)
+    writer = ResultWriter(output, thresholds, pictures=not args.no_pictures, save_maps=args.save_maps,
+                          resume=args.resume)
     writer.report_data = PredictionData(model.class_name, thresholds.image, thresholds.colour_range())
+    done = {row["name"] for row in finished}
+    if finished:
+        writer.report_data.resume(output, [row["name"] for row in finished if row["result"] != "error"])
+        for row in finished:
+            writer.counts[row["result"]] += 1
+    todo = [part for part in parts if part.name not in done]
+    try:
+        score_parts(predictor, todo, writer, args)
+    except KeyboardInterrupt:
+        write_prediction_report(writer, model, thresholds, time.perf_counter() - start)
+        from m3dm.app.console import interrupted
+
+        return interrupted("m3dm-predict", f"{sum(writer.counts.values())} finished part(s) are kept in "
+                                           f"{writer.csv_path}; run the same command with --resume to score the "
+                                           f"others")
+    counts, seconds = writer.counts, time.perf_counter() - start
+    write_prediction_report(writer, model, thresholds, seconds)
+    skipped = f" ({len(parts) - len(todo)} of them by an earlier run)" if args.resume else ""
+    print(f"{len(parts)} parts{skipped}: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} errors "
+          f"in {seconds:.1f} s; results in {writer.csv_path}", file=sys.stderr)
+    return EXIT_PART_ERRORS if counts["error"] else EXIT_OK
+
+
+def score_parts(predictor: Predictor, parts: list[Part], writer: ResultWriter, args) -> None:
+    """Read, score and write every part in turn, ``--batch_size`` at a time: a part's row is written as its batch
+    ends, and nothing of the finished parts but their report thumbnails stays in memory."""
+    from tqdm import tqdm
+
     bar = tqdm(total=len(parts), desc="parts", unit="part", file=sys.stderr, disable=args.quiet)
 
     def report(part: Part, message: str) -> None:
@@ -351,22 +429,26 @@ def run(args) -> int:
     finally:
         bar.close()
         writer.close()
-    counts, seconds = writer.counts, time.perf_counter() - start
-    write_prediction_report(writer, model, thresholds, seconds)
-    print(f"{len(parts)} parts: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} errors "
-          f"in {seconds:.1f} s; results in {writer.csv_path}", file=sys.stderr)
-    return EXIT_PART_ERRORS if counts["error"] else EXIT_OK
 
 
 def main(argv=None) -> int:
     from m3dm.app.console import configure_logging
+    from m3dm.app.lock import output_lock
+    from m3dm.errors import DiskFullError, OutputInUseError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
-    return run(args)
+    if args.resume and args.overwrite:
+        parser.error("--resume keeps the earlier predictions, --overwrite deletes them: give one of them")
+    try:
+        with output_lock(args.output, "--output"):
+            return run(args)
+    except (DiskFullError, OutputInUseError) as exc:  # one line naming the file or folder
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from m3dm.app.console import add_logging_flags, configure_logging
 
@@ -54,9 +55,10 @@ def _workers_flag(parser: argparse.ArgumentParser) -> None:
                         help="parallel processes (default: all cores)")
 
 
-def _finish(convert) -> int:
-    """Run ``convert()`` and print its summary: 0 when every sample was written, 1 when some failed, 2 when the
-    input cannot be processed at all (reported in one line)."""
+def _finish(convert, output: str) -> int:
+    """Run ``convert()`` (writing into ``output``) and print its summary: 0 when every sample was written, 1 when
+    some failed, 2 when the input cannot be processed at all or the disk is full (reported in one line)."""
+    from m3dm.app.console import interrupted
     from m3dm.errors import DataError
 
     try:
@@ -64,6 +66,9 @@ def _finish(convert) -> int:
     except (DataError, ValueError, OSError) as exc:  # OSError: e.g. an output root that cannot be written
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted(Path(sys.argv[0]).name, f"the samples written so far are kept in {output}; run the "
+                                                   f"same command again to resume")
     print(summary.report())
     return 1 if summary.errors else 0
 
@@ -80,8 +85,9 @@ def mvtec_main(argv=None) -> int:
     configure_logging(args.verbose, args.quiet)
     from m3dm.preprocess.mvtec3d import preprocess_dataset
 
+    output = args.dataset_path if args.inplace else args.output_root or f"{args.dataset_path}_preprocessed"
     return _finish(lambda: preprocess_dataset(args.dataset_path, args.output_root, args.inplace, args.workers,
-                                              args.seed))
+                                              args.seed), output)
 
 
 def eyecandies_main(argv=None) -> int:
@@ -97,7 +103,7 @@ def eyecandies_main(argv=None) -> int:
     from m3dm.preprocess.eyecandies import convert_dataset
 
     return _finish(lambda: convert_dataset(args.dataset_path, args.target_dir, args.workers,
-                                           args.exact_zero_background))
+                                           args.exact_zero_background), args.target_dir)
 
 
 def depth_main(argv=None) -> int:
@@ -127,4 +133,5 @@ def depth_main(argv=None) -> int:
         parser.error("--fx and --fy must be positive")
     return _finish(lambda: convert_depth_dataset(args.dataset_path, args.output_root, intrinsics=intrinsics,
                                                  intrinsics_file=args.intrinsics, depth_scale=args.depth_scale,
-                                                 workers=args.workers))
+                                                 workers=args.workers),
+                   args.output_root or f"{args.dataset_path}_xyz")

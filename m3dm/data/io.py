@@ -1,11 +1,14 @@
 """Reading and writing the on-disk formats, with validation that names the file and what is wrong.
 
 Writes are atomic: the data goes to a temporary file in the destination folder, which is then renamed over
-the destination, so an interrupted run never leaves a half-written file behind.
+the destination, so an interrupted run never leaves a half-written file behind. Every writer of the package goes
+through ``atomic_path`` (whole files) or ``disk_writes`` (files that grow: rows as parts finish, a spool file),
+which turn a full disk into one ``DiskFullError`` naming the file, whatever the library that wrote it raised.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -19,7 +22,11 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from m3dm.errors import DataError
+from m3dm.errors import DataError, DiskFullError
+
+# a failed write with less free space than this in its folder failed because the disk is full (torch.save and
+# tifffile report it without errno: 'unexpected pos', '30000 requested and 22456 written')
+FULL_BELOW_BYTES = 1 << 20
 
 
 class _TiffFileMessages(logging.Filter):
@@ -211,12 +218,54 @@ def atomic_path(destination: str | os.PathLike):
                                dir=destination.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, destination)
+        with disk_writes(destination):
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_current_umask())
+            os.replace(tmp, destination)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def disk_writes(path: str | os.PathLike):
+    """Writes to ``path`` (a file or the folder of an anonymous one): a failure because its disk or the user's
+    quota is full becomes a ``DiskFullError`` naming ``path``; any other error passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not disk_is_full(exc, Path(path)):
+            raise
+        raise DiskFullError(f"{path}: cannot write, the disk is full (no space left on device): free some space "
+                            f"and run again") from exc
+
+
+def disk_is_full(exc: BaseException, path: Path) -> bool:
+    """Whether ``exc``, raised while writing ``path``, means that there is no space left for it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    folder = path if path.is_dir() else path.parent
+    try:  # measured before the temporary file is deleted: it holds what could be written
+        return shutil.disk_usage(folder).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
+
+
+def append_text(handle, text: str, path: str | os.PathLike) -> None:
+    """Append ``text`` to a file opened in binary append mode without buffering (``open(path, "ab",
+    buffering=0)``), whole or not at all: a failed write is cut off again, so that the file ends at its last
+    complete row. A full disk is a ``DiskFullError`` naming ``path``."""
+    data = memoryview(text.encode())
+    start = handle.seek(0, os.SEEK_END)
+    with disk_writes(path):
+        try:
+            while data:
+                data = data[handle.write(data):]
+        except BaseException:
+            os.ftruncate(handle.fileno(), start)
+            raise
 
 
 def _current_umask() -> int:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m3dm.data.io import disk_writes
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -95,7 +97,9 @@ class SampleStore:
                 # kept open across calls (closed by clear): the file has no name to reopen it by
                 self._file = tempfile.TemporaryFile(dir=self.spool_dir, prefix="m3dm-bank-")  # noqa: SIM115
             self._file.seek(0, os.SEEK_END)
-            self._file.write(np.ascontiguousarray(rows.numpy()).tobytes())
+            with disk_writes(self.spool_dir):  # --spool_dir full: one line naming it, not numpy's message
+                self._file.write(np.ascontiguousarray(rows.numpy()).tobytes())
+                self._file.flush()
         else:
             self._tensors.append(rows.clone())
         self._starts.append(self._starts[-1] + rows.shape[0])

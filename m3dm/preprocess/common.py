@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from m3dm.data.io import copy_file
-from m3dm.errors import M3DMError
+from m3dm.errors import DiskFullError, M3DMError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ def _call(job_and_fn):
     fn, job = job_and_fn
     try:
         return fn(job)
+    except DiskFullError:
+        raise  # no other sample can be written either: the run stops
     except Exception as exc:  # one bad sample must not stop the others
         return JobResult(name=getattr(job, "name", str(job)), error=one_line_error(exc),
                          traceback=traceback.format_exc())
@@ -129,6 +132,9 @@ def _outcome(future, job) -> JobResult:
 
 def _init_worker(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # Ctrl-C reaches every process of the terminal: the main process alone stops the run (no worker traceback),
+    # letting the samples being written finish
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_jobs(jobs: Sequence, fn: Callable, workers: int, desc: str) -> list[JobResult]:
@@ -137,23 +143,31 @@ def run_jobs(jobs: Sequence, fn: Callable, workers: int, desc: str) -> list[JobR
     workers = max(1, min(workers, len(jobs)))
     bar = tqdm(total=len(jobs), desc=desc, unit="sample")
     results = []
-    if workers == 1:
-        for job in jobs:
-            results.append(_call((fn, job)))
-            bar.update()
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        # spawn, not fork: Open3D's OpenMP thread pool does not survive a fork reliably. An executor, not a Pool:
-        # when a worker dies (killed, out of memory) its pending jobs fail instead of being waited for forever
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
-            futures = {pool.submit(_call, (fn, job)): job for job in jobs}
-            for future in as_completed(futures):
-                results.append(_outcome(future, futures[future]))
+    try:
+        if workers == 1:
+            for job in jobs:
+                results.append(_call((fn, job)))
                 bar.update()
-    bar.close()
+        else:
+            _run_in_pool(jobs, fn, workers, bar, results)
+    finally:  # closed before the command prints why it stopped (Ctrl-C, a full disk)
+        bar.close()
     return results
+
+
+def _run_in_pool(jobs: Sequence, fn: Callable, workers: int, bar: tqdm, results: list) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn, not fork: Open3D's OpenMP thread pool does not survive a fork reliably. An executor, not a Pool:
+    # when a worker dies (killed, out of memory) its pending jobs fail instead of being waited for forever
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
+    try:
+        futures = {pool.submit(_call, (fn, job)): job for job in jobs}
+        for future in as_completed(futures):
+            results.append(_outcome(future, futures[future]))
+            bar.update()
+    finally:  # after Ctrl-C or a full disk: no new sample starts, those being written finish
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_workers() -> int:

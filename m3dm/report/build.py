@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from m3dm.data.io import write_text
+from m3dm.errors import DiskFullError
 from m3dm.report.runs import load_run
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,13 @@ def build_report(folders: list[str | Path], output: str | Path | None = None) ->
 
 
 def try_build_report(folder: str | Path) -> dict[str, Path]:
-    """The report of a finished run, ``{"report": path}``; a failure is logged, never raised (the results are
-    written already and the report can be built again with ``python -m m3dm.report``)."""
+    """The report of a finished run, ``{"report": path}``; a failure is logged, not raised (the results are
+    written already and the report can be built again with ``python -m m3dm.report``), except a full disk: a run
+    whose report could not be written must not look successful."""
     try:
         return {"report": build_report([folder])}
+    except DiskFullError:
+        raise
     except Exception:
         log.exception("the report could not be built (rebuild it with python -m m3dm.report %s)", folder)
         return {}

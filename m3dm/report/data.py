@@ -275,6 +275,29 @@ class PredictionData:
         self.maps.append(shrink_maps(np.asarray(score_map, dtype=np.float32)[None])[0])
         self.masks.append(None if gt is None else shrink_maps(np.asarray(gt, dtype=bool)[None], reduce=np.any)[0])
 
+    def resume(self, folder: str | Path, names: list[str]) -> None:
+        """Start from the parts ``names`` an earlier run scored into ``folder``, as its report data holds them
+        (parts it lacks, scored by a run that was killed before writing it, are left out of the report)."""
+        path = Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz"
+        if not path.is_file():
+            log.warning("%s not found: the %d part(s) scored earlier are in the tables but not in the report", path,
+                        len(names))
+            return
+        earlier = load_class_data(path)
+        index = {name: i for i, name in enumerate(earlier.names)}
+        kept = [index[name] for name in names if name in index]
+        if len(kept) < len(names):
+            log.warning("%s: %d of the %d part(s) scored earlier have no report data: they are in the tables but "
+                        "not in the report", path, len(names) - len(kept), len(names))
+        for i in kept:
+            self.names.append(earlier.names[i])
+            self.scores.append(float(earlier.scores[i]))
+            self.failed.append(bool(earlier.failed[i]))
+            self.rgb.append(earlier.rgb[i])
+            self.depth.append(earlier.depth[i])
+            self.maps.append(earlier.maps[i])
+            self.masks.append(None if earlier.masks is None else earlier.masks[i])
+
     def save(self, folder: str | Path, record: dict) -> Path | None:
         """``report_data/<class>.npz`` and ``report_data/run.json`` under ``folder``; None without scored parts."""
         if not self.names:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from m3dm.config import setting
 from m3dm.constants import XYZ_FEATURE_DIM
 from m3dm.data.dataset import error_forwarding_loader
-from m3dm.data.io import atomic_path
+from m3dm.data.io import atomic_path, disk_writes
 from m3dm.errors import FeatureDumpError
 from m3dm.features.weights import read_uff_checkpoint
 from m3dm.runtime import Processes, resolve_device, start_processes, stop_processes
@@ -236,7 +236,7 @@ def _train(args: PretrainSettings, processes: Processes, device: torch.device) -
         if processes.is_main:
             last = output_dir / f"checkpoint-{epoch}.pth"
             save_checkpoint(last, block, optimizer, epoch, scaler, run.checkpoint_args(args, start_epoch))
-            with open(output_dir / "log.txt", "a") as f:
+            with disk_writes(output_dir / "log.txt"), open(output_dir / "log.txt", "a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}) + "\n")
             info("epoch %d: loss %.4f, lr %.2e, saved %s", epoch, stats["loss"], stats["lr"], last)
     return last
