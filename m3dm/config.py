@@ -1,6 +1,6 @@
 """The methods as data and every setting of a run, typed, each with its default, choices and help in one place.
 
-One module on purpose (under 500 lines): every setting, its flag and its validation rules (with the bounds of
+One module on purpose: every setting, its flag and its validation rules (with the bounds of
 the numeric flags) side by side.
 
 The command line (m3dm.app.cli), the validation of flag combinations and the fitted-model files all derive from

@@ -145,16 +145,6 @@ class ScreeningStats:
     plain_blocks: int = 0
     blocks: int = 0
 
-    @property
-    def candidates_per_query(self) -> float:
-        return self.candidates / max(1, self.screened_queries)
-
-    @property
-    def mean_union_fraction(self) -> float:
-        if not self.union_rows:
-            return 0.0
-        return sum(self.union_rows) / (len(self.union_rows) * max(1, self.bank_rows))
-
 
 class ScreenedBank:
     """A fitted memory bank prepared once for exact nearest-neighbour search with bfloat16 screening.
@@ -403,13 +393,6 @@ class ScreenedSearch:
         if self._prepared is None:
             self._prepared = ScreenedBank(self.bank, max_rerank_share=self.max_rerank_share)
         return self._prepared.search(queries, chunk_size=self.block_rows)
-
-
-def screened_nearest_neighbours(patches: torch.Tensor, bank: torch.Tensor | ScreenedBank,
-                                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`nearest_neighbours` with bfloat16 screening; pass a :class:`ScreenedBank` to prepare it once."""
-    screened = bank if isinstance(bank, ScreenedBank) else ScreenedBank(bank)
-    return screened.search(patches, chunk_size=chunk_size)
 
 
 def _union(cols: torch.Tensor, bank_rows: int) -> torch.Tensor:

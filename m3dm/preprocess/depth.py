@@ -31,7 +31,6 @@ from m3dm.errors import DataError
 from m3dm.preprocess.common import JobResult, Summary, copy_other_files, resolve_roots, run_jobs, timed
 
 CALIBRATION_FILE = Path("calibration") / "camera_parameters.json"  # MVTec 3D-AD's, per class folder
-DEPTH_SUFFIXES = (".png", ".tiff", ".tif")
 
 
 @dataclass(frozen=True)

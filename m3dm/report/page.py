@@ -21,7 +21,6 @@ from m3dm.report.runs import WEIGHT_KINDS, SavedRun, metric_value
 
 METRIC_NAMES = {"image_rocauc": "Image ROCAUC", "pixel_rocauc": "Pixel ROCAUC", "au_pro": "AU-PRO (FPR 0.3)",
                 "au_pro_0.01": "AU-PRO (FPR 0.01)"}
-PIXEL_METRICS = ("pixel_rocauc", "au_pro", "au_pro_0.01")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1400px; }

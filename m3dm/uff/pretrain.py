@@ -58,7 +58,6 @@ class PretrainSettings:
     batch_size: int = setting(64, "per-process batch (the README uses 16)", group=PRETRAIN_FLAGS)
     epochs: int = setting(3, group=PRETRAIN_FLAGS)
     accum_iter: int = setting(1, "gradient accumulation steps (the README uses 16)", group=PRETRAIN_FLAGS)
-    input_size: int = setting(224, "unused (kept for the reference's CLI)", group=PRETRAIN_FLAGS)
     weight_decay: float | None = setting(
         None, f"AdamW weight decay on every parameter; default: the reference's effective "
               f"{REFERENCE_WEIGHT_DECAY} (its own default 1.5e-6 is parsed but never used)", type=float,
@@ -70,7 +69,6 @@ class PretrainSettings:
     warmup_epochs: float = setting(1.0, "linear warm-up length in (fractional) epochs", group=PRETRAIN_FLAGS)
     data_path: str = setting("", "folder of .pt features written by main.py --save_feature", group=PRETRAIN_FLAGS)
     output_dir: str = setting("./output_dir", "checkpoint-<epoch>.pth and log.txt", group=PRETRAIN_FLAGS)
-    log_dir: str = setting("./output_dir", "unused (the reference's TensorBoard folder)", group=PRETRAIN_FLAGS)
     device: str = setting("cuda", "cuda, cpu or auto (cpu when CUDA is not available)", group=PRETRAIN_FLAGS)
     seed: int = setting(0, group=PRETRAIN_FLAGS)
     resume: str = setting("", "checkpoint to continue from (at its epoch + 1)", group=PRETRAIN_FLAGS)
