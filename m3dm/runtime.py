@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ def start_processes(cuda: bool, init_method: str = "env://", default_local_rank:
     launched = launched_processes(default_local_rank, openmpi)
     if launched is None or launched.world <= 1:
         return launched or Processes(local_rank=max(default_local_rank, 0))
-    import torch.distributed as dist
 
     if cuda:
         torch.cuda.set_device(launched.local_rank)
@@ -102,8 +102,6 @@ def start_processes(cuda: bool, init_method: str = "env://", default_local_rank:
 
 def stop_processes() -> None:
     """Wait for every process, then leave the process group (nothing without one)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

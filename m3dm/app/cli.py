@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from m3dm.app.console import add_logging_flags, configure_logging
+from m3dm.app.demo import prepare_demo
 from m3dm.config import Settings, settings_from_flags
 from m3dm.config import build_parser as settings_parser
 from m3dm.errors import CheckpointError, ConfigError, DataError, ModelFileError
@@ -29,8 +30,6 @@ def parse_settings(argv=None, parser: argparse.ArgumentParser | None = None) -> 
     configure_logging(flags.verbose, flags.quiet)
     settings = settings_from_flags(flags)
     if settings.run.demo:
-        from m3dm.app.demo import prepare_demo
-
         settings = prepare_demo(settings, progress=not flags.quiet)
     try:
         settings.validate()
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
         return data_main(argv)
     parser = build_parser()
     settings, flags = parse_settings(argv, parser)
-    from m3dm.app.run import run_classes
+    from m3dm.app.run import run_classes  # here: the pipeline (torch, timm, ...) loads after the flags are checked
 
     try:
         run_classes(settings, progress=not flags.quiet)

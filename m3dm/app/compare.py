@@ -15,7 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from m3dm.config import METHODS
+from m3dm.app.cli import build_parser as main_parser
+from m3dm.config import METHODS, settings_from_flags
+from m3dm.errors import ConfigError
+from m3dm.evaluation.comparison import comparison_markdown, comparison_record, read_method_run, write_comparison
+from m3dm.report.build import COMPARISON_NAME, build_report
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +70,6 @@ def _without_output_dir(flags: list[str]) -> list[str]:
 def _method_settings(parser: argparse.ArgumentParser, main_flags: list[str], methods: list[str]):
     """The settings of each method's run, checked as main.py checks them before any method runs (the output
     folder, dataset and classes are every method's)."""
-    from m3dm.app.cli import build_parser as main_parser
-    from m3dm.config import settings_from_flags
-    from m3dm.errors import ConfigError
-
     for flag in main_flags:
         name = flag.split("=", 1)[0]
         if name in FORBIDDEN:
@@ -87,9 +87,6 @@ def _method_settings(parser: argparse.ArgumentParser, main_flags: list[str], met
 
 def _shared_settings(main_flags: list[str]):
     """What main.py's flags say about every method's run: output folder, dataset, classes."""
-    from m3dm.app.cli import build_parser as main_parser
-    from m3dm.config import settings_from_flags
-
     return settings_from_flags(main_parser().parse_args(main_flags))
 
 
@@ -101,8 +98,7 @@ def run_method(method: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from m3dm.app.run import dataset_classes
-    from m3dm.evaluation.comparison import comparison_markdown, comparison_record, read_method_run, write_comparison
+    from m3dm.app.run import dataset_classes  # here: the pipeline is heavy to import and the runs are subprocesses
 
     parser = build_parser()
     args, main_flags = parser.parse_known_args(argv)
@@ -135,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 def _side_by_side_report(folders: list[Path], output_dir: Path) -> Path | None:
     """``<output_dir>/comparison.html`` of the methods' results folders; a failure is logged, not raised (the
     tables are written already)."""
-    from m3dm.report.build import COMPARISON_NAME, build_report
-
     try:
         return build_report(folders, output_dir / COMPARISON_NAME)
     except Exception:

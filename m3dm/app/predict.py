@@ -37,9 +37,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from m3dm.app.console import add_logging_flags, configure_logging
+from m3dm.app.outputs import check_writable_folder
 from m3dm.app.parts import LoadedPart, Part, discover_parts, load_part
-from m3dm.report.data import PredictionData
+from m3dm.app.run import weight_records
+from m3dm.config import METHODS, backbone_settings
+from m3dm.data.io import atomic_path
+from m3dm.detection.factory import detector_from_model
+from m3dm.detection.interface import DetectorResources
+from m3dm.detection.persistence import load_class_model, make_setup
+from m3dm.detection.thresholds import false_alarm_threshold
+from m3dm.errors import CheckpointError, DataError, ModelFileError
+from m3dm.evaluation.pictures import compose, denormalize_rgb, heat_overlay, mask_panel, save_panel
+from m3dm.features.extractor import build_extractor
+from m3dm.report.build import try_build_report
+from m3dm.report.data import PredictionData, software_versions
+from m3dm.runtime import resolve_device, seed_everything
+from m3dm.uff.block import load_fusion_block
 
 EXIT_OK, EXIT_PART_ERRORS, EXIT_FATAL = 0, 1, 2
 log = logging.getLogger(__name__)
@@ -54,13 +70,6 @@ class Predictor:
 
     def __init__(self, model, device="cpu", rgb_checkpoint: str | None = None,
                  xyz_checkpoint: str | None = None, fusion_module_path: str | None = None):
-        from m3dm.app.run import weight_records
-        from m3dm.config import METHODS, backbone_settings
-        from m3dm.detection.factory import detector_from_model
-        from m3dm.detection.persistence import make_setup
-        from m3dm.features.extractor import build_extractor
-        from m3dm.runtime import seed_everything
-        from m3dm.uff.block import load_fusion_block
 
         self.model = model
         settings, weights = model.settings, model.weights
@@ -88,7 +97,7 @@ class Predictor:
             fusion_block = load_fusion_block(fusion_path, device, rgb_dim=self.extractor.rgb_backbone.feature_dim)
         current = weight_records(self.extractor, backbones, settings["seed"], fusion_block, fusion_path)
         model.check_setup(make_setup(model.method_name, model.config, settings, current))
-        self.detector = detector_from_model(model, fusion_block, device, progress=False)
+        self.detector = detector_from_model(model, DetectorResources(device, progress=False, fusion_block=fusion_block))
         if model.generator_state is not None:
             self.extractor.set_rng_state(model.generator_state)
 
@@ -112,8 +121,6 @@ class Predictor:
 def part_picture(rgb: np.ndarray, score_map: np.ndarray, region: np.ndarray, colour_range: tuple[float, float],
                  title: str, gt: np.ndarray | None = None):
     """RGB | heatmap over the RGB with the region outlined in white [| ground truth], and a title line."""
-    from m3dm.evaluation.pictures import compose, heat_overlay, mask_panel
-
     panels = [rgb, heat_overlay(rgb, score_map, *colour_range, region)]
     if gt is not None:
         panels.append(mask_panel(gt, rgb.shape))
@@ -149,9 +156,6 @@ class ResultWriter:
                    "error": message})
 
     def scored(self, loaded: LoadedPart, score: float, score_map: np.ndarray) -> str:
-        from m3dm.data.io import atomic_path
-        from m3dm.evaluation.pictures import denormalize_rgb, save_panel
-
         thresholds, part = self.thresholds, loaded.part
         result = "fail" if thresholds.fails(score) else "pass"
         region = thresholds.region(score_map)
@@ -182,9 +186,6 @@ class ResultWriter:
 def write_prediction_report(writer: ResultWriter, model, thresholds, seconds: float) -> None:
     """``report.html`` of the scored parts (gallery and score histogram with the threshold) and the saved data it
     is built from (``python -m m3dm.report`` rebuilds it)."""
-    from m3dm.report.build import try_build_report
-    from m3dm.report.data import software_versions
-
     record = {"kind": "predict", "method": model.method_name, "model": str(model.path), "class": model.class_name,
               "thresholds": f"image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} (from {thresholds.source})",
               "config": dict(model.settings), "weights": model.weights, "versions": software_versions(),
@@ -198,16 +199,12 @@ def _text(path) -> str | None:
 
 
 def _describe(exc: Exception) -> str:
-    from m3dm.errors import DataError
-
     return str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
 
 
 # ------------------------------------------------------------------------------------------------ running
 
 def build_parser() -> argparse.ArgumentParser:
-    from m3dm.app.console import add_logging_flags
-
     p = argparse.ArgumentParser(prog="m3dm-predict",
                                 description="Score new parts with a saved M3DM class model (docs/inference.md).")
     p.add_argument("inputs", nargs="*", metavar="FOLDER",
@@ -236,8 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _thresholds(model, args):
-    from m3dm.detection.thresholds import false_alarm_threshold
-
     thresholds = model.thresholds
     if thresholds is None:
         raise ValueError(f"{model.path} holds no thresholds: give --image_threshold and --pixel_threshold")
@@ -297,12 +292,7 @@ def earlier_predictions(output: Path, overwrite: bool) -> list[Path]:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
 
-    from m3dm.app.outputs import check_writable_folder
-    from m3dm.detection.persistence import load_class_model
-    from m3dm.errors import CheckpointError, ModelFileError
-    from m3dm.runtime import resolve_device
 
     start = time.perf_counter()
     try:
@@ -358,8 +348,6 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from m3dm.app.console import configure_logging
-
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)

@@ -28,8 +28,8 @@ from m3dm.constants import CLASSES_BY_DATASET
 from m3dm.data import available_classes
 from m3dm.data.dataset import AnomalyDataset, make_loader
 from m3dm.data.layout import masks_available
-from m3dm.detection.detector import Detector, ModalityScore
 from m3dm.detection.factory import build_detector, detector_from_model, training_cap
+from m3dm.detection.interface import ClassDetector, DetectorResources, FusionDetector, fusion_pass
 from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup, model_path, weight_record
 from m3dm.detection.thresholds import Thresholds, ThresholdSamples, choose_threshold_samples, threshold_dataset
 from m3dm.evaluation.metrics import metrics_and_pro_curve
@@ -184,7 +184,7 @@ class ClassRun:
         self.timer = timer or StageTimer()
         self.progress = progress
         self.root = Path(settings.run.dataset_path)
-        self.detector: Detector | None = None  # made by fit or load
+        self.detector: ClassDetector | None = None  # made by fit or load
         self.thresholds: Thresholds | None = None  # set by save or load (a model file's pass/fail thresholds)
 
     def run(self, models_dir: Path, setup: dict | None, output_dir: Path) -> ClassOutput:
@@ -231,8 +231,8 @@ class ClassRun:
 
     def fit(self) -> None:
         """Pass 1 into the banks, their coreset, and with decision layer fusion pass 2 and the SVMs."""
-        self.detector = detector = build_detector(self.settings.detector, self.fusion_block, device=self.device,
-                                            progress=self.progress, spool_dir=self.settings.run.spool_folder)
+        self.detector = detector = build_detector(self.settings.detector,
+                                                  self._resources(spool_dir=self.settings.run.spool_folder))
         cap = self._train_cap()
         if self.settings.models.save_model and self.good_parts.train_limit is not None:
             cap = min(cap, self.good_parts.train_limit)  # the threshold parts stay out of the banks
@@ -246,12 +246,16 @@ class ClassRun:
                     if dump:
                         self._dump(sample, detector.n_train)
                     detector.add(sample)
-        with self.timer(getattr(detector, "fit_stage", "coreset")):
+        with self.timer(detector.fit_stage):
             detector.finalize()
-        if detector.uses_dlf:
-            scores = self._pass2_reextracted(loader) if self.settings.run.dlf_reextract else self._pass2_reused()
+        fusing = fusion_pass(detector)
+        if fusing is not None:
+            if self.settings.run.dlf_reextract:
+                scores = self._pass2_reextracted(fusing, loader)
+            else:
+                scores = self._pass2_reused(fusing)
             with self.timer("dlf fit"):
-                detector.fit_fusion(scores)
+                fusing.fit_fusion(scores)
         detector.release_training_samples()
 
     def _dump(self, sample, index: int) -> None:
@@ -260,23 +264,27 @@ class ClassRun:
                                     aligned=self.settings.detector.fix_quirks)
         save_pretraining_features(self.settings.run.save_feature_path, self.class_name, index, rows)
 
-    def _pass2_reused(self) -> list[dict[str, ModalityScore]]:
+    def _resources(self, spool_dir: str | None = None) -> DetectorResources:
+        return DetectorResources(device=self.device, progress=self.progress, fusion_block=self.fusion_block,
+                                 spool_dir=spool_dir)
+
+    def _pass2_reused(self, detector: FusionDetector) -> list:
         """Pass 2 on the pass-1 features kept with the banks (no second extraction)."""
-        detector, scores = self.detector, []
+        scores = []
         for index in tqdm(range(detector.n_train), desc=f"{self.class_name}: pass 2 (decision fusion)",
                           disable=not self.progress, file=sys.stderr, leave=False):
             with self.timer("pass 2 scoring"):
                 scores.append(detector.modality_scores(detector.training_patches(index)))
         return scores
 
-    def _pass2_reextracted(self, loader) -> list[dict[str, ModalityScore]]:
+    def _pass2_reextracted(self, detector: FusionDetector, loader) -> list:
         """Pass 2 as the reference runs it: every training sample extracted again."""
         scores = []
         for batch in self._batches(loader, "pass 2 (decision fusion, re-extracting)"):
             with self.timer("extract"):
                 features = self._extract(batch)
             with self.timer("pass 2 scoring"):
-                scores += [self.detector.modality_scores(self.detector.modality_patches(f)) for f in features]
+                scores += [detector.modality_scores(detector.modality_patches(f)) for f in features]
         return scores
 
     # ----------------------------------------------------------------------------------- saved models
@@ -304,7 +312,7 @@ class ClassRun:
         """``--load_model``: the saved detector, verified against this run's method, class and setup, and the
         extractor's random state as it was right after fitting."""
         model = load_class_model(path, self.settings.detector.method_name, class_name=self.class_name, setup=setup)
-        self.detector = detector_from_model(model, self.fusion_block, self.device, self.progress)
+        self.detector = detector_from_model(model, self._resources())
         self.thresholds = model.thresholds
         if model.generator_state is not None:
             self.extractor.set_rng_state(model.generator_state)

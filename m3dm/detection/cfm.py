@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from m3dm.config import DetectorSettings
+from m3dm.detection.interface import DEFAULT_RESOURCES, DetectorResources
 from m3dm.detection.persistence import ClassModel, save_class_model
 from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
@@ -106,15 +107,14 @@ def normalise(smoothed: Tensor, fix_quirks: bool) -> tuple[float, Tensor]:
 
 class CFMDetector:
     """One class's crossmodal feature mappings: ``add`` each training sample, ``finalize`` trains both MLPs,
-    ``predict`` scores a test sample (the detector surface of ``m3dm.detection.factory``)."""
+    ``predict`` scores a test sample (a ``m3dm.detection.interface.ClassDetector``, without pass 2)."""
 
     uses_dlf = False
     fit_stage = "mapping training"  # what finalize does, as the run's timings name it
     needs_rgb = True
     needs_xyz = True
 
-    def __init__(self, config: DetectorSettings, fusion_block=None, device="cpu", progress: bool = True,
-                 spool_dir=None):
+    def __init__(self, config: DetectorSettings, device: torch.device | str = "cpu", progress: bool = True):
         self.config = config
         self.device = torch.device(device)
         self.progress = progress
@@ -124,6 +124,10 @@ class CFMDetector:
         self.xyz_to_rgb: FeatureMappingMLP | None = None
         self.losses: list[float] = []  # mean training loss (both mappings) per epoch
         self.n_train = 0
+
+    @classmethod
+    def build(cls, config: DetectorSettings, resources: DetectorResources) -> CFMDetector:
+        return cls(config, device=resources.device, progress=resources.progress)
 
     @staticmethod
     def training_cap(config: DetectorSettings, max_sample: int) -> int:
@@ -249,7 +253,7 @@ class CFMDetector:
                 "losses": list(self.losses), "n_train": self.n_train}
 
     @classmethod
-    def from_state(cls, config: DetectorSettings, state: dict, fusion_block=None, device="cpu",
+    def from_state(cls, config: DetectorSettings, state: dict, device: torch.device | str = "cpu",
                    progress: bool = True) -> CFMDetector:
         """A trained detector from ``to_state``; it scores bit-identically to the one it was taken from."""
         if state.get("family") != "cfm":
@@ -271,9 +275,10 @@ class CFMDetector:
                                 generator_state=rng_state, thresholds=thresholds, provenance=provenance)
 
     @classmethod
-    def from_model(cls, model: ClassModel, fusion_block=None, device="cpu", progress: bool = True) -> CFMDetector:
+    def from_model(cls, model: ClassModel, resources: DetectorResources = DEFAULT_RESOURCES) -> CFMDetector:
         try:
-            return cls.from_state(model.detector_settings, model.detector_state, device=device, progress=progress)
+            return cls.from_state(model.detector_settings, model.detector_state, device=resources.device,
+                                  progress=resources.progress)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelFileError(f"{model.path}: the saved CFM detector is incomplete or inconsistent "
                                  f"({type(exc).__name__}: {exc})") from exc

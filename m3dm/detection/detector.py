@@ -16,6 +16,7 @@ import torch
 
 from m3dm.config import BANK_ORDER, CONCAT, DetectorSettings
 from m3dm.detection.dlf import DecisionLayerFusion
+from m3dm.detection.interface import DEFAULT_RESOURCES, DetectorResources
 from m3dm.detection.persistence import ClassModel, save_class_model
 from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
@@ -37,7 +38,10 @@ class ModalityScore:
 
 class Detector:
     """Memory banks of one class: pass 1 (``add``), ``finalize`` (normalise + coreset), pass 2 (``fit_fusion``,
-    decision layer fusion) and ``predict`` (image score and 224 x 224 map of a test sample)."""
+    decision layer fusion) and ``predict`` (image score and 224 x 224 map of a test sample). A
+    ``m3dm.detection.interface.FusionDetector``."""
+
+    fit_stage = "coreset"  # what finalize does, as the run's timings name it
 
     def __init__(self, config: DetectorSettings, fusion_block=None, device="cpu", progress: bool = True,
                  spool_dir=None):
@@ -55,6 +59,11 @@ class Detector:
         self.rgb_grid: int | None = None
         self._late_xyz: dict[int, torch.Tensor] = {}  # xyz patches of samples beyond --asy_memory_bank
         self.n_train = 0
+
+    @classmethod
+    def build(cls, config: DetectorSettings, resources: DetectorResources) -> Detector:
+        return cls(config, resources.fusion_block, device=resources.device, progress=resources.progress,
+                   spool_dir=resources.spool_dir)
 
     @staticmethod
     def training_cap(config: DetectorSettings, max_sample: int) -> int:
@@ -263,11 +272,11 @@ class Detector:
         return path
 
     @classmethod
-    def from_model(cls, model: ClassModel, fusion_block=None, device="cpu", progress: bool = True) -> Detector:
+    def from_model(cls, model: ClassModel, resources: DetectorResources = DEFAULT_RESOURCES) -> Detector:
         """The fitted detector of a loaded and verified class-model file (``persistence.load_class_model``)."""
         try:
-            return cls.from_state(model.detector_settings, model.detector_state, fusion_block=fusion_block,
-                                  device=device, progress=progress)
+            return cls.from_state(model.detector_settings, model.detector_state, fusion_block=resources.fusion_block,
+                                  device=resources.device, progress=resources.progress)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{model.path}: the saved detector is incomplete or inconsistent "
                                  f"({type(exc).__name__}: {exc})") from exc

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
+import sklearn
+import timm
 import torch
 
 from m3dm import __version__
@@ -204,10 +207,6 @@ def _compact(value: Any) -> Any:
 
 
 def _environment() -> dict:
-    import numpy
-    import sklearn
-    import timm
-
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "scikit-learn": sklearn.__version__, "numpy": numpy.__version__}
 

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from m3dm.data.io import atomic_path
+from m3dm.constants import RGB_SIZE
+from m3dm.data.io import atomic_path, read_rgb
+from m3dm.evaluation.pictures import prediction_panel, save_panel
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +75,6 @@ def save_score_maps(result: ClassResult, path: str | Path) -> Path:
 def save_prediction_pictures(result: ClassResult, folder: str | Path) -> Path:
     """One PNG per test sample, ``<folder>/<defect>/<stem>.png``: RGB | GT | heatmap overlay with the image score,
     every heatmap on the colour scale of the class's lowest and highest map values."""
-    from PIL import Image
-
-    from m3dm.constants import RGB_SIZE
-    from m3dm.data.io import read_rgb
-    from m3dm.evaluation.pictures import prediction_panel, save_panel
-
     folder = Path(folder)
     vmin, vmax = float(result.maps.min()), float(result.maps.max())
     for name, path, score_map, mask, score in zip(result.names, result.rgb_paths, result.maps, result.masks,

@@ -52,7 +52,7 @@ def edge_band_points(cloud: np.ndarray, band: int = EDGE_BAND) -> np.ndarray:
 
 def fit_background_plane(points: np.ndarray, seed: int = 0) -> np.ndarray:
     """RANSAC plane ``(a, b, c, d)`` with Open3D's ``segment_plane`` and the reference's parameters."""
-    import open3d as o3d
+    import open3d as o3d  # imported here: heavy, and only the RANSAC plane needs it
 
     if len(points) < RANSAC_N:
         raise DataError(f"only {len(points)} valid points in the {EDGE_BAND}-pixel border band; at least "

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from m3dm.data.io import write_text
+from m3dm.report.page import comparison_page, run_page
 from m3dm.report.runs import load_run
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ def default_output(folders: list[str | Path]) -> Path:
 def build_report(folders: list[str | Path], output: str | Path | None = None) -> Path:
     """Write the report of the saved results in ``folders`` to ``output`` (``default_output``) atomically and
     return its path. Needs only the files the run saved (results.json, per_sample.json, report_data/)."""
-    from m3dm.report.page import comparison_page, run_page
-
     if not folders:
         raise ValueError("no results folder given")
     runs = [load_run(folder) for folder in folders]

@@ -10,13 +10,19 @@ from __future__ import annotations
 import io
 import json
 import logging
+import platform
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from m3dm.data.io import atomic_path
+import m3dm
+from m3dm.data.io import atomic_path, read_organized_pc, read_rgb, write_text
+from m3dm.errors import DataError
+from m3dm.evaluation.metrics import au_pro, image_auroc, pro_curve
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +62,6 @@ class ClassData:
 
 def shrink_rgb(rgb: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
     """``(H, W, 3)`` uint8 -> ``(size, size, 3)`` uint8 (area average)."""
-    from PIL import Image
-
     return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.BOX))
 
 
@@ -95,8 +99,6 @@ def defect_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | N
     """Per defect type: the number of parts, their mean score and the metrics of the good parts with that type's
     parts (image AUROC, AU-PRO); ``good``: its count and mean only. Undefined metrics (no mask, a single label) are
     None. (No pixel AUROC per type: sorting every pixel again per type would cost seconds per class.)"""
-    from m3dm.evaluation.metrics import au_pro, image_auroc
-
     types = np.asarray(defect_types)
     good = labels == 0
     table = {}
@@ -120,8 +122,6 @@ def _finite(value: float) -> float | None:
 
 def read_thumbnails(rgb_paths: list[str], xyz_paths: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
     """RGB ``(N, T, T, 3)`` and depth ``(N, T, T)`` thumbnails of the test parts, read from their files."""
-    from m3dm.data.io import read_organized_pc, read_rgb
-
     rgb = np.stack([shrink_rgb(np.asarray(read_rgb(p))) for p in rgb_paths])
     depth = np.stack([depth_thumbnail(read_organized_pc(p)) if p else np.full((THUMBNAIL,) * 2, np.nan, np.float16)
                       for p in xyz_paths])
@@ -133,8 +133,6 @@ def save_class_data(result, rows: list[dict], path: str | Path,
     """The report data of one evaluated class (``m3dm.evaluation.results.ClassResult`` and its per-sample rows,
     which hold pass/fail with a model's thresholds), written atomically. The RGB and depth ``thumbnails`` are read
     from the test files unless given."""
-    from m3dm.evaluation.metrics import pro_curve
-
     maps = np.asarray(result.maps, dtype=np.float32)
     masks = None if result.masks is None else np.asarray(result.masks) > 0
     if masks is not None and not masks.any():
@@ -193,8 +191,6 @@ def write_data(path: str | Path, *, class_name: str, names, labels, scores, fail
 
 def load_class_data(path: str | Path) -> ClassData:
     """Read a file written by ``write_data``."""
-    from m3dm.errors import DataError
-
     try:
         with np.load(path, allow_pickle=False) as archive:
             a = {key: archive[key] for key in archive.files}
@@ -216,11 +212,6 @@ def load_class_data(path: str | Path) -> ClassData:
 
 def software_versions() -> dict[str, str]:
     """Versions of Python and the packages that change numbers (a report and results.json show them)."""
-    import platform
-    from importlib import metadata
-
-    import m3dm
-
     versions = {"python": platform.python_version(), "m3dm": m3dm.__version__}
     for package in ("torch", "timm", "numpy", "scipy", "scikit-learn"):
         try:
@@ -238,8 +229,6 @@ def run_record(weights: dict) -> dict:
 
 def write_run_record(folder: str | Path, record: dict) -> Path:
     """``<folder>/report_data/run.json``: the record of a run that writes no results.json (predictions)."""
-    from m3dm.data.io import write_text
-
     path = Path(folder) / REPORT_DATA_DIR / "run.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
