@@ -21,22 +21,26 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=12)
 def resolve_device(requested: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
     """``auto``/None: ``cuda:<local rank>`` when GPUs are present, else the CPU. ``cuda`` without an index is the
     local rank's GPU too (under torchrun every process would otherwise share GPU 0). A CUDA device asked for on a
-    machine without CUDA falls back to the CPU with a warning; any other device is taken as given.
-
-    A CUDA device is also made the current one, so that pinned memory and the optional CUDA extensions
-    (pointnet2_ops, KNN_CUDA launch on the current device) use it rather than GPU 0."""
+    machine without CUDA falls back to the CPU with a warning; any other device is taken as given. Changes no
+    global state: a command line then calls ``use_device`` once."""
     if requested is None or str(requested) == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         log.warning("CUDA is not available: running on the CPU")
         return torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def use_device(device: torch.device) -> None:
+    """Once per process, by the command line that chose ``device``: a CUDA device becomes the current one, so
+    that pinned memory and the optional CUDA extensions (pointnet2_ops, KNN_CUDA launch on the current device)
+    use it rather than GPU 0, and its float32 products stay float32 (``exact_float32_on_cuda``)."""
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         exact_float32_on_cuda()
-    return device
 
 
 def exact_float32_on_cuda() -> None:

@@ -38,7 +38,7 @@ from m3dm.evaluation.tables import METRIC_TABLES, class_line, markdown_table, wr
 from m3dm.features.extractor import FeatureExtractor, build_extractor
 from m3dm.report.build import try_build_report
 from m3dm.report.data import REPORT_DATA_DIR, run_record, save_class_data
-from m3dm.runtime import resolve_device, seed_everything, start_processes, stop_processes
+from m3dm.runtime import resolve_device, seed_everything, start_processes, stop_processes, use_device
 from m3dm.uff.block import load_fusion_block
 from m3dm.uff.dumps import pretraining_features, save_pretraining_features
 
@@ -76,6 +76,7 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     """
     workers = start_processes(cuda=False)  # gloo: only the small per-class results travel between processes
     device = resolve_device(settings.run.device, workers.local_rank)
+    use_device(device)
     classes = dataset_classes(settings.run)
     output_dir = Path(settings.run.output_dir)
     done = finished_classes(output_dir, classes, settings) if settings.run.resume else {}

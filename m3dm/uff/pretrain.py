@@ -35,7 +35,7 @@ from m3dm.constants import XYZ_FEATURE_DIM
 from m3dm.data.io import atomic_path
 from m3dm.errors import FeatureDumpError
 from m3dm.features.weights import read_uff_checkpoint
-from m3dm.runtime import Processes, resolve_device, start_processes, stop_processes
+from m3dm.runtime import Processes, resolve_device, start_processes, stop_processes, use_device
 from m3dm.uff.block import FeatureFusionBlock, load_block_state
 from m3dm.uff.dumps import FeatureDumpDataset
 
@@ -176,6 +176,7 @@ def train(args: PretrainSettings) -> Path | None:
                                 openmpi=args.dist_on_itp)
     # several processes: each its local GPU; one process: the device asked for (--device cuda:1 stays cuda:1)
     device = torch.device("cuda", processes.local_rank) if cuda and processes.world > 1 else requested
+    use_device(device)  # this process's device is known only here, after the launcher's set-up
     try:
         last = _train(args, processes, device)
     except BaseException:
