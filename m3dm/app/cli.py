@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from m3dm.app.console import add_logging_flags, configure_logging
+from m3dm.app.dataset_check import main as check_main
 from m3dm.app.demo import prepare_demo
 from m3dm.config import Settings, settings_from_flags
 from m3dm.config import build_parser as settings_parser
@@ -41,9 +42,7 @@ def parse_settings(argv=None, parser: argparse.ArgumentParser | None = None) -> 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["check"]:  # ``m3dm check ROOT``: the dataset check (python -m m3dm.data check)
-        from m3dm.data.__main__ import main as data_main
-
-        return data_main(argv)
+        return check_main(argv)
     parser = build_parser()
     settings, flags = parse_settings(argv, parser)
     from m3dm.app.run import run_classes  # here: the pipeline (torch, timm, ...) loads after the flags are checked
