@@ -150,34 +150,36 @@ def save_class_data(result, rows: list[dict], path: str | Path,
     rgb, depth = thumbnails
     thresholds = {row["image_threshold"] for row in rows}
     failed = None if None in thresholds else np.array([row["result"] == "fail" for row in rows])
-    return write_data(path, class_name=result.names[0].split("/")[0], names=result.names, labels=labels,
-                      scores=scores, failed=failed, image_threshold=None if failed is None else thresholds.pop(),
-                      rgb=rgb, depth=depth, maps=maps, masks=masks, map_range=(float(maps.min()), float(maps.max())),
-                      pro_curve=curve, defect_metrics=defect_metrics(labels, scores, masks, maps, defect_types))
+    data = ClassData(class_name=result.names[0].split("/")[0], names=result.names, labels=labels, scores=scores,
+                     failed=failed, image_threshold=None if failed is None else thresholds.pop(), rgb=rgb, depth=depth,
+                     maps=maps, masks=masks, map_range=(float(maps.min()), float(maps.max())), pro_curve=curve,
+                     defect_metrics=defect_metrics(labels, scores, masks, maps, defect_types))
+    return write_data(path, data)
 
 
-def write_data(path: str | Path, *, class_name: str, names, labels, scores, failed, image_threshold, rgb, depth,
-               maps, masks, map_range, pro_curve=None, defect_metrics=None) -> Path:
+def write_data(path: str | Path, data: ClassData) -> Path:
     """Write one ``ClassData`` file: maps and masks at full size (224) are shrunk to the thumbnails here."""
-    maps = np.asarray(maps, dtype=np.float32)
+    maps, masks, failed = np.asarray(data.maps, dtype=np.float32), data.masks, data.failed
     if maps.shape[-1] != THUMBNAIL:
         maps = shrink_maps(maps)
     if masks is not None and np.asarray(masks).shape[-1] != THUMBNAIL:
         masks = shrink_maps(np.asarray(masks, dtype=bool), reduce=np.any)
-    n = len(names)
+    n = len(data.names)
     arrays = {
-        "class_name": np.asarray(class_name), "names": np.asarray(names, dtype=str),
-        "labels": np.asarray(labels, dtype=np.int8).reshape(n), "scores": np.asarray(scores, np.float64).reshape(n),
+        "class_name": np.asarray(data.class_name), "names": np.asarray(data.names, dtype=str),
+        "labels": np.asarray(data.labels, dtype=np.int8).reshape(n),
+        "scores": np.asarray(data.scores, np.float64).reshape(n),
         "failed": np.asarray([] if failed is None else failed, dtype=bool),
         "has_threshold": np.asarray(failed is not None),
-        "image_threshold": np.asarray(np.nan if image_threshold is None else image_threshold, dtype=np.float64),
-        "rgb": np.asarray(rgb, dtype=np.uint8), "depth": np.asarray(depth, dtype=np.float16),
+        "image_threshold": np.asarray(np.nan if data.image_threshold is None else data.image_threshold,
+                                      dtype=np.float64),
+        "rgb": np.asarray(data.rgb, dtype=np.uint8), "depth": np.asarray(data.depth, dtype=np.float16),
         "maps": maps.astype(np.float16), "has_masks": np.asarray(masks is not None),
         "masks": np.asarray(masks if masks is not None else np.zeros((0,), bool), dtype=bool),
-        "map_range": np.asarray(map_range, dtype=np.float64),
-        "pro_fprs": np.asarray([] if pro_curve is None else pro_curve[0], dtype=np.float64),
-        "pro_pros": np.asarray([] if pro_curve is None else pro_curve[1], dtype=np.float64),
-        "defect_metrics": np.asarray(json.dumps(defect_metrics or {})),
+        "map_range": np.asarray(data.map_range, dtype=np.float64),
+        "pro_fprs": np.asarray([] if data.pro_curve is None else data.pro_curve[0], dtype=np.float64),
+        "pro_pros": np.asarray([] if data.pro_curve is None else data.pro_curve[1], dtype=np.float64),
+        "defect_metrics": np.asarray(json.dumps(data.defect_metrics)),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +271,10 @@ class PredictionData:
             blank = np.zeros((THUMBNAIL, THUMBNAIL), dtype=bool)
             masks = np.stack([blank if m is None else m for m in self.masks])
         write_run_record(folder, record)
-        return write_data(Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz", class_name=self.class_name,
-                          names=self.names, labels=np.full(len(self.names), UNKNOWN_LABEL), scores=self.scores,
-                          failed=self.failed, image_threshold=self.image_threshold, rgb=np.stack(self.rgb),
-                          depth=np.stack(self.depth), maps=np.stack(self.maps), masks=masks, map_range=self.map_range)
+        data = ClassData(class_name=self.class_name, names=self.names,
+                         labels=np.full(len(self.names), UNKNOWN_LABEL, dtype=np.int8),
+                         scores=np.asarray(self.scores, dtype=np.float64), failed=np.asarray(self.failed, dtype=bool),
+                         image_threshold=self.image_threshold, rgb=np.stack(self.rgb), depth=np.stack(self.depth),
+                         maps=np.stack(self.maps), masks=masks, map_range=self.map_range, pro_curve=None,
+                         defect_metrics={})
+        return write_data(Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz", data)
