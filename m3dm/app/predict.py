@@ -78,11 +78,11 @@ class Predictor:
             if override is not None:
                 return override
             record = weights.get(kind)
-            return record["path"] if record is not None and record["source"] == "file" else None
+            return record.path if record is not None and record.from_file else None
 
         backbones = backbone_settings(settings, rgb_checkpoint=recorded("rgb", rgb_checkpoint),
                                       xyz_checkpoint=recorded("xyz", xyz_checkpoint),
-                                      random_init=any(record["source"] == "random" for record in weights.values()))
+                                      random_init=any(not record.from_file for record in weights.values()))
         seed_everything(settings["seed"])  # random-init backbones are rebuilt as main.py built them
         method = METHODS.get(model.method_name)
         if method is not None and method.features == "btf":  # FPFH has no weights: the method says what it needs
@@ -188,7 +188,7 @@ def write_prediction_report(writer: ResultWriter, model, thresholds, seconds: fl
     is built from (``python -m m3dm.report`` rebuilds it)."""
     record = {"kind": "predict", "method": model.method_name, "model": str(model.path), "class": model.class_name,
               "thresholds": f"image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} (from {thresholds.source})",
-              "config": dict(model.settings), "weights": model.weights, "versions": software_versions(),
+              "config": dict(model.settings), "weights": model.setup.plain_weights(), "versions": software_versions(),
               "timings_s": {"predict": seconds}}
     if writer.report_data.save(writer.output, record) is not None:
         try_build_report(writer.output)

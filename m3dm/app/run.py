@@ -30,7 +30,15 @@ from m3dm.data.dataset import AnomalyDataset, make_loader
 from m3dm.data.layout import masks_available
 from m3dm.detection.factory import build_detector, detector_from_model, training_cap
 from m3dm.detection.interface import ClassDetector, DetectorResources, FusionDetector, fusion_pass
-from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup, model_path, weight_record
+from m3dm.detection.persistence import (
+    MODELS_DIR,
+    Setup,
+    WeightRecord,
+    load_class_model,
+    make_setup,
+    model_path,
+    weight_record,
+)
 from m3dm.detection.thresholds import Thresholds, ThresholdSamples, choose_threshold_samples, threshold_dataset
 from m3dm.evaluation.metrics import metrics_and_pro_curve
 from m3dm.evaluation.results import ClassResult, per_sample_rows, save_prediction_pictures, save_score_maps
@@ -116,7 +124,7 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     for metric, title in METRIC_TABLES.items():
         print(f"\n{title}\n{markdown_table(method, per_class, metric)}")
     record = dict(settings.flags(), device_used=str(device), processes=workers.world,
-                  **run_record((setup or run_setup(settings, extractor, fusion_block))["weights"]))
+                  **run_record((setup or run_setup(settings, extractor, fusion_block)).plain_weights()))
     paths = write_results(output_dir, method, per_class, record, dict(total.seconds))
     paths.update(write_per_sample(output_dir, [row for output in outputs.values() for row in output.samples]))
     paths.update(try_build_report(output_dir))  # from the files just written: python -m m3dm.report does the same
@@ -149,7 +157,7 @@ def build_models(settings: Settings, device) -> tuple[FeatureExtractor, torch.nn
 
 
 def weight_records(extractor: FeatureExtractor, backbones: BackboneSettings, seed: int, fusion_block=None,
-                   fusion_path: str | Path | None = None) -> dict:
+                   fusion_path: str | Path | None = None) -> dict[str, WeightRecord]:
     """Where the weights of the extractor's backbones (and the UFF block) came from, by kind (rgb, xyz, fusion):
     what a saved model records and a loaded one must match (``persistence.weight_record``)."""
     records = {}
@@ -164,7 +172,7 @@ def weight_records(extractor: FeatureExtractor, backbones: BackboneSettings, see
     return records
 
 
-def run_setup(settings: Settings, extractor: FeatureExtractor, fusion_block=None) -> dict:
+def run_setup(settings: Settings, extractor: FeatureExtractor, fusion_block=None) -> Setup:
     """The setup of this run: what a model fitted by it records, and what a loaded model must match."""
     weights = weight_records(extractor, settings.backbones, settings.run.seed, fusion_block,
                              settings.uff.fusion_module_path if fusion_block is not None else None)
@@ -188,7 +196,7 @@ class ClassRun:
         self.detector: ClassDetector | None = None  # made by fit or load
         self.thresholds: Thresholds | None = None  # set by save or load (a model file's pass/fail thresholds)
 
-    def run(self, models_dir: Path, setup: dict | None, output_dir: Path) -> ClassOutput:
+    def run(self, models_dir: Path, setup: Setup | None, output_dir: Path) -> ClassOutput:
         """The class as main.py runs it: seed, fit or load, save, evaluate, write outputs; returns the metrics
         and the per-sample rows (pass/fail with a saved or loaded model's thresholds)."""
         settings = self.settings
@@ -290,7 +298,7 @@ class ClassRun:
 
     # ----------------------------------------------------------------------------------- saved models
 
-    def save(self, path: Path, setup: dict) -> Thresholds:
+    def save(self, path: Path, setup: Setup) -> Thresholds:
         """After fitting: set the pass/fail thresholds on the good parts and save the detector to ``path``.
 
         The extractor's random state is restored after scoring the good parts, so the evaluation that follows
@@ -309,7 +317,7 @@ class ClassRun:
         self.thresholds = thresholds
         return thresholds
 
-    def load(self, path: Path, setup: dict) -> None:
+    def load(self, path: Path, setup: Setup | None) -> None:
         """``--load_model``: the saved detector, verified against this run's method, class and setup, and the
         extractor's random state as it was right after fitting."""
         model = load_class_model(path, self.settings.detector.method_name, class_name=self.class_name, setup=setup)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from m3dm.config import DetectorSettings
 from m3dm.detection.interface import DEFAULT_RESOURCES, DetectorResources
-from m3dm.detection.persistence import ClassModel, save_class_model
+from m3dm.detection.persistence import ClassModel, Setup, save_class_model
 from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
 from m3dm.features.dense import PointGroups, dense_points, dense_rgb, valid_pixels
@@ -268,7 +268,7 @@ class CFMDetector:
         detector.n_train = int(state["n_train"])
         return detector
 
-    def save(self, path: str | Path, *, class_name: str, setup: dict, rng_state: Tensor | None = None,
+    def save(self, path: str | Path, *, class_name: str, setup: Setup, rng_state: Tensor | None = None,
              thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
         """Write the trained mappings to a class-model file (``m3dm.detection.persistence``)."""
         return save_class_model(path, class_name=class_name, setup=setup, detector_state=self.to_state(),

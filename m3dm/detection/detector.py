@@ -17,7 +17,7 @@ import torch
 from m3dm.config import BANK_ORDER, CONCAT, DetectorSettings
 from m3dm.detection.dlf import DecisionLayerFusion
 from m3dm.detection.interface import DEFAULT_RESOURCES, DetectorResources
-from m3dm.detection.persistence import ClassModel, save_class_model
+from m3dm.detection.persistence import ClassModel, Setup, save_class_model
 from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
 from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures
@@ -262,7 +262,7 @@ class Detector:
         detector.n_train = state["n_train"]
         return detector
 
-    def save(self, path: str | Path, *, class_name: str, setup: dict, rng_state: torch.Tensor | None = None,
+    def save(self, path: str | Path, *, class_name: str, setup: Setup, rng_state: torch.Tensor | None = None,
              thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
         """Write this fitted detector to a class-model file with the run's setup (``persistence.make_setup``),
         the feature extractor's random state after fitting and the pass/fail thresholds."""

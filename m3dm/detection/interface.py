@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from m3dm.config import DetectorSettings
-from m3dm.detection.persistence import ClassModel
+from m3dm.detection.persistence import ClassModel, Setup
 from m3dm.detection.thresholds import Thresholds
 from m3dm.features.extractor import SampleFeatures
 
@@ -95,7 +95,7 @@ class ClassDetector(Protocol):
         """Everything scoring needs once fitted, as tensors and primitives (what a model file stores)."""
         ...
 
-    def save(self, path: str | Path, *, class_name: str, setup: dict, rng_state: Tensor | None = None,
+    def save(self, path: str | Path, *, class_name: str, setup: Setup, rng_state: Tensor | None = None,
              thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
         """Write the fitted detector to a class-model file (``persistence.save_class_model``)."""
         ...
