@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -319,7 +319,7 @@ class Settings:
 
 # ---------------------------------------------------------------------------------------- the leaves
 
-def _leaves(settings) -> list[tuple[str, Any, dict]]:
+def _leaves(settings) -> list[tuple[str, Any, Mapping[str, Any]]]:
     """``(name, value, metadata)`` of every flag-bearing leaf, depth first in declaration order."""
     out = []
     for f in dataclasses.fields(settings):

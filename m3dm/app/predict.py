@@ -94,6 +94,9 @@ class Predictor:
         fusion_block, fusion_path = None, None
         if "fusion" in weights:
             fusion_path = recorded("fusion", fusion_module_path)
+            if fusion_path is None or self.extractor.rgb_backbone is None:
+                raise ValueError(f"{model.path}: the model's UFF block was not read from a file: give "
+                                 f"--fusion_module_path")
             fusion_block = load_fusion_block(fusion_path, device, rgb_dim=self.extractor.rgb_backbone.feature_dim)
         current = weight_records(self.extractor, backbones, settings["seed"], fusion_block, fusion_path)
         model.check_setup(make_setup(model.method_name, model.config, settings, current))
@@ -141,7 +144,7 @@ class ResultWriter:
         self._csv.writeheader()
         self._jsonl = open(self.jsonl_path, "w")  # noqa: SIM115
         self.counts = {"pass": 0, "fail": 0, "error": 0}
-        self.report_data = None  # m3dm.report.data.PredictionData, for report.html (set by run)
+        self.report_data: PredictionData | None = None  # for report.html (set by run)
 
     def _row(self, row: dict) -> None:
         full = {field: row.get(field) for field in CSV_FIELDS}
@@ -149,7 +152,7 @@ class ResultWriter:
         self._jsonl.write(json.dumps(full) + "\n")
         self._csv_file.flush()
         self._jsonl.flush()
-        self.counts[full["result"]] += 1
+        self.counts[row["result"]] += 1
 
     def error(self, part: Part, message: str) -> None:
         self._row({"name": part.name, "result": "error", "rgb": _text(part.rgb), "xyz": _text(part.xyz),
@@ -190,7 +193,7 @@ def write_prediction_report(writer: ResultWriter, model, thresholds, seconds: fl
               "thresholds": f"image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} (from {thresholds.source})",
               "config": dict(model.settings), "weights": model.setup.plain_weights(), "versions": software_versions(),
               "timings_s": {"predict": seconds}}
-    if writer.report_data.save(writer.output, record) is not None:
+    if writer.report_data is not None and writer.report_data.save(writer.output, record) is not None:
         try_build_report(writer.output)
 
 
@@ -241,11 +244,13 @@ def _thresholds(model, args):
     return thresholds.with_overrides(args.image_threshold, args.pixel_threshold)
 
 
-def _score_with_fallback(predictor: Predictor, loaded: list[LoadedPart]) -> list[tuple | str]:
+def _score_with_fallback(predictor: Predictor, loaded: list[LoadedPart]) -> list[tuple[float, np.ndarray] | str]:
     """``(score, map)`` or an error message per part; a failing batch is scored part by part so that only the
     bad part is lost."""
+    outcomes: list[tuple[float, np.ndarray] | str]
     try:
-        return predictor.score(loaded)
+        outcomes = list(predictor.score(loaded))
+        return outcomes
     except Exception as exc:
         if len(loaded) == 1:
             return [_describe(exc)]
@@ -260,12 +265,14 @@ def _flush(predictor: Predictor, pending: list, writer: ResultWriter, report) ->
     for item in pending:
         if not isinstance(item, LoadedPart):
             writer.error(*item)
-        elif isinstance(outcomes[id(item)], str):
-            report(item.part, outcomes[id(item)])
-            writer.error(item.part, outcomes[id(item)])
+            continue
+        outcome = outcomes[id(item)]
+        if isinstance(outcome, str):
+            report(item.part, outcome)
+            writer.error(item.part, outcome)
         else:
             try:
-                writer.scored(item, *outcomes[id(item)])
+                writer.scored(item, *outcome)
             except OSError as exc:  # e.g. the picture cannot be written: that part is lost, not the run
                 report(item.part, _describe(exc))
                 writer.error(item.part, _describe(exc))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from m3dm.app import processes
@@ -151,6 +151,8 @@ def build_models(settings: Settings, device) -> tuple[FeatureExtractor, torch.nn
                                 method=spec)
     fusion_block = None
     if settings.uff.use_uff:
+        if extractor.rgb_backbone is None:
+            raise ValueError("--use_uff needs a method with the RGB backbone")
         fusion_block = load_fusion_block(settings.uff.fusion_module_path, device,
                                          rgb_dim=extractor.rgb_backbone.feature_dim)
     return extractor, fusion_block
@@ -209,10 +211,12 @@ class ClassRun:
         else:
             self.fit()
         if settings.models.save_model:
+            if setup is None:
+                raise ValueError("--save_model needs the run's setup")
             with self.timer("thresholds and saving"):
-                thresholds = self.save(path, setup)
-            log.info("  model saved: %s (thresholds from %s: image %.6g, pixel %.6g)", path, thresholds.source,
-                     thresholds.image, thresholds.pixel)
+                saved = self.save(path, setup)
+            log.info("  model saved: %s (thresholds from %s: image %.6g, pixel %.6g)", path, saved.source,
+                     saved.image, saved.pixel)
         result = self.evaluate()
         print(class_line(self.class_name, settings.detector.method_name, result.metrics), flush=True)
         if settings.run.save_maps:
@@ -311,8 +315,8 @@ class ClassRun:
         self.extractor.set_rng_state(fitted_state)
         thresholds = Thresholds.from_good_parts(scores, maps, models.far, models.pixel_far, good_parts.description)
         provenance = {"dataset_path": str(self.root.resolve()), "device": str(self.device),
-                      "n_train": self.detector.n_train, "batch_size": self.settings.run.batch_size}
-        self.detector.save(path, class_name=self.class_name, setup=setup, rng_state=fitted_state,
+                      "n_train": self.fitted_detector.n_train, "batch_size": self.settings.run.batch_size}
+        self.fitted_detector.save(path, class_name=self.class_name, setup=setup, rng_state=fitted_state,
                            thresholds=thresholds, provenance=provenance)
         self.thresholds = thresholds
         return thresholds
@@ -328,14 +332,21 @@ class ClassRun:
 
     # ----------------------------------------------------------------------------------------- scoring
 
+    @property
+    def fitted_detector(self) -> ClassDetector:
+        if self.detector is None:
+            raise RuntimeError(f"{self.class_name}: no detector yet (fit or load it first)")
+        return self.detector
+
     def _dataset(self, split: str) -> AnomalyDataset:
         return AnomalyDataset(self.root, self.class_name, split, self.settings.backbones.img_size)
 
     def _loader(self, split: str, cap: int | None = None, dataset: AnomalyDataset | None = None):
         dataset = dataset if dataset is not None else self._dataset(split)
+        samples: Dataset = dataset
         if cap is not None and cap < len(dataset):
-            dataset = Subset(dataset, range(cap))
-        return make_loader(dataset, self.settings.run.batch_size, self.settings.run.num_workers,
+            samples = Subset(dataset, range(cap))
+        return make_loader(samples, self.settings.run.batch_size, self.settings.run.num_workers,
                            pin_memory=torch.device(self.device).type == "cuda")
 
     def _batches(self, loader, desc: str):
@@ -343,8 +354,8 @@ class ClassRun:
                         file=sys.stderr, leave=False)
 
     def _extract(self, batch):
-        return self.extractor(batch["rgb"] if self.detector.needs_rgb else None,
-                              batch["pc"] if self.detector.needs_xyz else None, names=batch["name"])
+        return self.extractor(batch["rgb"] if self.fitted_detector.needs_rgb else None,
+                              batch["pc"] if self.fitted_detector.needs_xyz else None, names=batch["name"])
 
     def _scored_batches(self, loader, desc: str, stage: str, extract_stage: str = "extract"):
         """Yield ``(batch, image scores, (224, 224) float32 maps)`` for every batch of ``loader``."""
@@ -352,13 +363,15 @@ class ClassRun:
             with self.timer(extract_stage):
                 features = self._extract(batch)
             with self.timer(stage):
-                predictions = [self.detector.predict(self.detector.modality_patches(f)) for f in features]
+                detector = self.fitted_detector
+                predictions = [detector.predict(detector.modality_patches(f)) for f in features]
             yield batch, [score for score, _ in predictions], [m.numpy().astype(np.float32) for _, m in predictions]
 
     @torch.no_grad()
     def evaluate(self) -> ClassResult:
         """Scores, maps and metrics of the test split with the fitted (or loaded) detector."""
-        labels, image_scores, maps, masks, names, paths, xyz_paths = [], [], [], [], [], [], []
+        labels: list[int] = []
+        image_scores, maps, masks, names, paths, xyz_paths = [], [], [], [], [], []
         dataset = self._dataset("test")
         for batch, scores, score_maps in self._scored_batches(self._loader("test", dataset=dataset), "test",
                                                                "test scoring",

@@ -165,9 +165,16 @@ class CFMDetector:
             self._cache[index] = rows
         return rows
 
-    def _build_mappings(self, rgb_dim: int, xyz_dim: int) -> None:
+    def _build_mappings(self, rgb_dim: int, xyz_dim: int) -> tuple[FeatureMappingMLP, FeatureMappingMLP]:
         self.rgb_to_xyz = FeatureMappingMLP(rgb_dim, xyz_dim)
         self.xyz_to_rgb = FeatureMappingMLP(xyz_dim, rgb_dim)
+        return self.rgb_to_xyz, self.xyz_to_rgb
+
+    def _mappings(self, missing: str) -> tuple[FeatureMappingMLP, FeatureMappingMLP]:
+        """Both trained mappings (a RuntimeError saying ``missing`` before ``finalize``)."""
+        if self.rgb_to_xyz is None or self.xyz_to_rgb is None:
+            raise RuntimeError(missing)
+        return self.rgb_to_xyz, self.xyz_to_rgb
 
     def _fits_cache(self) -> bool:
         rgb_map, groups = self._samples[0]
@@ -182,12 +189,12 @@ class CFMDetector:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.cfm_seed)
         rgb_map, groups = self._samples[0]
-        self._build_mappings(rgb_map.shape[0], groups.features.shape[1])
-        self.rgb_to_xyz.reset_parameters(generator)
-        self.xyz_to_rgb.reset_parameters(generator)
-        self.rgb_to_xyz.to(self.device).train()
-        self.xyz_to_rgb.to(self.device).train()
-        optimiser = torch.optim.Adam(chain(self.rgb_to_xyz.parameters(), self.xyz_to_rgb.parameters()), lr=cfg.cfm_lr)
+        rgb_to_xyz, xyz_to_rgb = self._build_mappings(rgb_map.shape[0], groups.features.shape[1])
+        rgb_to_xyz.reset_parameters(generator)
+        xyz_to_rgb.reset_parameters(generator)
+        rgb_to_xyz.to(self.device).train()
+        xyz_to_rgb.to(self.device).train()
+        optimiser = torch.optim.Adam(chain(rgb_to_xyz.parameters(), xyz_to_rgb.parameters()), lr=cfg.cfm_lr)
         cache = self._fits_cache()
         epochs = tqdm(range(cfg.cfm_epochs), desc="CFM training", unit="epoch", disable=not self.progress,
                       file=sys.stderr, leave=False)
@@ -200,7 +207,7 @@ class CFMDetector:
                 rgb = torch.cat([r for r, _ in rows])
                 xyz = torch.cat([x for _, x in rows])
                 # one backward through the sum: the same gradients as the reference's two (disjoint parameters)
-                loss = mapping_loss(self.rgb_to_xyz(rgb), xyz) + mapping_loss(self.xyz_to_rgb(xyz), rgb)
+                loss = mapping_loss(rgb_to_xyz(rgb), xyz) + mapping_loss(xyz_to_rgb(xyz), rgb)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"CFM training diverged (loss {value}): lower --cfm_lr")
@@ -211,8 +218,8 @@ class CFMDetector:
                 steps += 1
             self.losses.append(total / steps)
             epochs.set_postfix(loss=f"{self.losses[-1]:.4f}")
-        self.rgb_to_xyz.eval()
-        self.xyz_to_rgb.eval()
+        rgb_to_xyz.eval()
+        xyz_to_rgb.eval()
         self._cache.clear()
         log.debug("CFM: %d samples, %d epochs, final loss %.5f", self.n_train, cfg.cfm_epochs, self.losses[-1])
 
@@ -225,11 +232,10 @@ class CFMDetector:
     @torch.no_grad()
     def product_map(self, rgb_map: Tensor, groups: PointGroups) -> Tensor:
         """The unsmoothed ``(img_size, img_size)`` product of both distances, 0 on invalid pixels."""
-        if self.rgb_to_xyz is None:
-            raise RuntimeError("CFM is not trained: run finalize first")
+        rgb_to_xyz, xyz_to_rgb = self._mappings("CFM is not trained: run finalize first")
         rgb, xyz, valid = self._dense(rgb_map, groups)
         rgb, xyz = rgb[valid], xyz[valid]  # the MLPs run on the valid pixels only: the others are zeroed anyway
-        product = unit_distance(self.xyz_to_rgb(xyz), rgb) * unit_distance(self.rgb_to_xyz(rgb), xyz)
+        product = unit_distance(xyz_to_rgb(xyz), rgb) * unit_distance(rgb_to_xyz(rgb), xyz)
         full = product.new_zeros(valid.shape[0])
         full[valid] = product
         return full.view(groups.img_size, groups.img_size)
@@ -244,12 +250,11 @@ class CFMDetector:
 
     def to_state(self) -> dict:
         """The trained weights of both mappings and their feature sizes (tensors and primitives)."""
-        if self.rgb_to_xyz is None:
-            raise RuntimeError("CFM is not trained: fit the detector first")
-        return {"family": "cfm", "rgb_dim": self.rgb_to_xyz.input.in_features,
-                "xyz_dim": self.xyz_to_rgb.input.in_features,
-                "rgb_to_xyz": {k: v.detach().cpu() for k, v in self.rgb_to_xyz.state_dict().items()},
-                "xyz_to_rgb": {k: v.detach().cpu() for k, v in self.xyz_to_rgb.state_dict().items()},
+        rgb_to_xyz, xyz_to_rgb = self._mappings("CFM is not trained: fit the detector first")
+        return {"family": "cfm", "rgb_dim": rgb_to_xyz.input.in_features,
+                "xyz_dim": xyz_to_rgb.input.in_features,
+                "rgb_to_xyz": {k: v.detach().cpu() for k, v in rgb_to_xyz.state_dict().items()},
+                "xyz_to_rgb": {k: v.detach().cpu() for k, v in xyz_to_rgb.state_dict().items()},
                 "losses": list(self.losses), "n_train": self.n_train}
 
     @classmethod
@@ -259,11 +264,11 @@ class CFMDetector:
         if state.get("family") != "cfm":
             raise ValueError("the saved detector is not a CFM one")
         detector = cls(config, device=device, progress=progress)
-        detector._build_mappings(int(state["rgb_dim"]), int(state["xyz_dim"]))
-        detector.rgb_to_xyz.load_state_dict(state["rgb_to_xyz"])
-        detector.xyz_to_rgb.load_state_dict(state["xyz_to_rgb"])
-        detector.rgb_to_xyz.to(detector.device).eval()
-        detector.xyz_to_rgb.to(detector.device).eval()
+        rgb_to_xyz, xyz_to_rgb = detector._build_mappings(int(state["rgb_dim"]), int(state["xyz_dim"]))
+        rgb_to_xyz.load_state_dict(state["rgb_to_xyz"])
+        xyz_to_rgb.load_state_dict(state["xyz_to_rgb"])
+        rgb_to_xyz.to(detector.device).eval()
+        xyz_to_rgb.to(detector.device).eval()
         detector.losses = [float(v) for v in state["losses"]]
         detector.n_train = int(state["n_train"])
         return detector

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from m3dm.detection.interface import DEFAULT_RESOURCES, DetectorResources
 from m3dm.detection.persistence import ClassModel, Setup, save_class_model
 from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
-from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures
+from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures, required
 from m3dm.memory.bank import BankRecipe, MemoryBank
 from m3dm.memory.defaults import default_coreset
 from m3dm.memory.maps import segmentation_map
@@ -55,7 +56,7 @@ class Detector:
         coreset = default_coreset(self.device, self.config.coreset_fp16, self.config.coreset_shards)
         # banks live on the run's device: every nearest-neighbour search runs where the features are
         self.banks = {m: MemoryBank(self.device, spool_dir=spool_dir, coreset=coreset) for m in self.spec.modalities}
-        self.dlf = None
+        self.dlf: DecisionLayerFusion | None = None
         self.rgb_grid: int | None = None
         self._late_xyz: dict[int, torch.Tensor] = {}  # xyz patches of samples beyond --asy_memory_bank
         self.n_train = 0
@@ -90,13 +91,14 @@ class Detector:
     def modality_patches(self, features: SampleFeatures) -> dict[str, torch.Tensor]:
         patches = {}
         if "xyz" in self.spec.modalities:
-            patches["xyz"] = features.xyz
+            patches["xyz"] = required(features.xyz, "point patches")
         if "rgb" in self.spec.modalities:
-            patches["rgb"] = features.rgb
+            patches["rgb"] = required(features.rgb, "RGB patches")
         if "fusion" in self.spec.modalities:
-            patches["fusion"] = self._fuse(features.xyz, features.rgb_aligned())
+            patches["fusion"] = self._fuse(required(features.xyz, "point patches"), features.rgb_aligned())
         if CONCAT in self.spec.modalities:  # BTF: both on the same grid, RGB channels first
-            patches[CONCAT] = torch.cat((features.rgb, features.xyz), dim=1)
+            patches[CONCAT] = torch.cat((required(features.rgb, "RGB patches"),
+                                         required(features.xyz, "point patches")), dim=1)
         return patches
 
     # --------------------------------------------------------------------------------------------- pass 1
@@ -108,8 +110,8 @@ class Detector:
         cap = self.config.asy_memory_bank
         capped = cap is not None and "xyz" in self.banks and self.banks["xyz"].n_samples >= cap
         if capped:  # the reference keeps xyz and fusion banks to the first `cap` samples (spec §8.7)
-            self.banks["rgb"].add(features.rgb)
-            self._late_xyz[self.n_train] = features.xyz
+            self.banks["rgb"].add(required(features.rgb, "RGB patches"))
+            self._late_xyz[self.n_train] = required(features.xyz, "point patches")
         else:
             for modality, patches in self.modality_patches(features).items():
                 self.banks[modality].add(patches)
@@ -118,14 +120,14 @@ class Detector:
     def finalize(self) -> None:
         """Normalise and subsample every bank (spec §8.2–8.7 'Bank' and 'Coreset' lines)."""
         cfg, spec = self.config, self.spec
-        stats = dict.fromkeys(self.banks, (None, None))
+        stats: dict[str, tuple[Any, Any]] = dict.fromkeys(self.banks, (None, None))
         if spec.own_stats or (spec.shared_stats and cfg.fix_quirks):
             stats = {m: self.banks[m].stats() for m in self.banks}
         elif spec.shared_stats:  # quirk 26: mean of the xyz bank, std of the rgb bank, for every bank
             shared = (self.banks["xyz"].stats()[0], self.banks["rgb"].stats()[1])
             stats = dict.fromkeys(self.banks, shared)
         reduce = cfg.f_coreset < 1
-        n_xyz = None
+        n_xyz: int | None = None
         for modality in BANK_ORDER:  # the reference's order: it shares numpy's global RNG
             if modality not in self.banks:
                 continue
@@ -139,6 +141,7 @@ class Detector:
             elif modality == "xyz" or not spec.shared_stats or cfg.fix_quirks:
                 n = int(cfg.f_coreset * bank.rows)
             else:  # quirk 27: rgb and fusion keep 10 % of the reduced xyz bank
+                assert n_xyz is not None  # shared statistics come with an xyz bank, reduced first (BANK_ORDER)
                 n = int(cfg.f_coreset * n_xyz)
             if modality == "xyz":
                 n_xyz = n if n is not None else bank.rows
@@ -156,7 +159,12 @@ class Detector:
     def _grid(self, modality: str) -> int:
         if self.spec.patch_grid is not None:  # one grid for every bank (BTF)
             return self.spec.patch_grid
-        return self.rgb_grid if modality == "rgb" else XYZ_PATCH_GRID
+        return self._rgb_grid() if modality == "rgb" else XYZ_PATCH_GRID
+
+    def _rgb_grid(self) -> int:
+        if self.rgb_grid is None:
+            raise RuntimeError("the RGB patch grid is known once a sample with RGB features was added")
+        return self.rgb_grid
 
     def modality_scores(self, patches: dict[str, torch.Tensor]) -> dict[str, ModalityScore]:
         out = {}
@@ -194,7 +202,7 @@ class Detector:
                 patches["xyz"] = xyz
             if "fusion" in self.spec.modalities:
                 rgb = patches["rgb"]
-                grid = self.rgb_grid
+                grid = self._rgb_grid()
                 rgb_map = rgb.T.reshape(-1, grid, grid)
                 patches["fusion"] = self._fuse(xyz, SampleFeatures(rgb_map=rgb_map).rgb_aligned())
         return patches
@@ -220,8 +228,9 @@ class Detector:
             (only,) = scores.values()
             return only.score, only.score_map
         if combine == "add":
-            return (sum(s.score for s in scores.values()),
-                    sum(s.score_map for s in scores.values()))
+            # sum() starts from 0: a float and a tensor here, as the modality scores are
+            return (float(sum(s.score for s in scores.values())),
+                    cast(torch.Tensor, sum(s.score_map for s in scores.values())))
         if self.dlf is None:
             raise RuntimeError("decision layer fusion is not fitted: run pass 2 (fit_fusion) first")
         vector, pixels = self._dlf_inputs(scores)

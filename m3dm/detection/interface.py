@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self  # typing.Self from Python 3.11 on
 
 from m3dm.config import DetectorSettings
 from m3dm.detection.persistence import ClassModel, Setup
@@ -48,7 +49,7 @@ DEFAULT_RESOURCES = DetectorResources()
 class ClassDetector(Protocol):
     """The detector of one class of one method: fitted on good training samples, then scoring test samples."""
 
-    fit_stage: ClassVar[str]  # what ``finalize`` does, as the run's timings name it
+    fit_stage: str  # what ``finalize`` does, as the run's timings name it
     n_train: int  # training samples added (or, once loaded, that it was fitted on)
 
     @property
@@ -68,12 +69,12 @@ class ClassDetector(Protocol):
         ...
 
     @classmethod
-    def build(cls, config: DetectorSettings, resources: DetectorResources) -> ClassDetector:
+    def build(cls, config: DetectorSettings, resources: DetectorResources) -> Self:
         """An unfitted detector."""
         ...
 
     @classmethod
-    def from_model(cls, model: ClassModel, resources: DetectorResources) -> ClassDetector:
+    def from_model(cls, model: ClassModel, resources: DetectorResources) -> Self:
         """The fitted detector of a loaded and verified class-model file (errors: ``ModelFileError``)."""
         ...
 

@@ -45,7 +45,7 @@ def per_sample_rows(result: ClassResult, fails: Callable[[float], bool] | None =
     the name's parts, the paths, the label, the image score, the max and mean of the 224 x 224 map, and with a
     model's thresholds (``fails``: image score -> failed) ``result`` "pass"/"fail" and the image threshold (None
     without)."""
-    xyz_paths = result.xyz_paths or [None] * len(result.names)
+    xyz_paths: list[str | None] = list(result.xyz_paths) if result.xyz_paths else [None] * len(result.names)
     rows = []
     for name, rgb, xyz, label, score, score_map in zip(result.names, result.rgb_paths, xyz_paths, result.labels,
                                                        result.image_scores, result.maps, strict=True):
@@ -80,7 +80,7 @@ def save_prediction_pictures(result: ClassResult, folder: str | Path) -> Path:
     for name, path, score_map, mask, score in zip(result.names, result.rgb_paths, result.maps, result.masks,
                                                   result.image_scores):
         _, _, defect, stem = name.split("/")
-        rgb = np.asarray(read_rgb(path).convert("RGB").resize((RGB_SIZE, RGB_SIZE), Image.BICUBIC))
+        rgb = np.asarray(read_rgb(path).convert("RGB").resize((RGB_SIZE, RGB_SIZE), Image.Resampling.BICUBIC))
         panel = prediction_panel(rgb, mask if mask.any() else None, score_map, float(score), vmin, vmax,
                                  title=name)
         save_panel(folder / defect / f"{stem}.png", panel)

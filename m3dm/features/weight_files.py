@@ -54,7 +54,7 @@ def _hf_weights_location(timm_name: str) -> tuple[str, tuple[str, ...]] | None:
     except Exception:  # unknown name or tag
         return None
     repo_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo_id:
+    if cfg is None or not repo_id:
         return None
     if repo_id.endswith("/"):
         repo_id += f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture

@@ -337,7 +337,8 @@ class ScreenedBank:
         upper = self._upper_bound(query_rows, self.padded.index_select(0, nearest))
         # L - e|L| <= U holds for every L < 0 (U >= 0) and means L <= U / (1 - e) for L >= 0
         threshold = _round_up_bf16(upper / (1 - OUTPUT_ROUNDING))
-        return (lower <= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+        rows, cols = (lower <= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+        return rows, cols
 
     def _upper_bound(self, query_rows: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:
         """``U = A + B`` for matching query and bank rows, in float64 (the bfloat16 products are exact there),

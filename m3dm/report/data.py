@@ -62,7 +62,7 @@ class ClassData:
 
 def shrink_rgb(rgb: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
     """``(H, W, 3)`` uint8 -> ``(size, size, 3)`` uint8 (area average)."""
-    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.BOX))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.Resampling.BOX))
 
 
 def shrink_maps(maps: np.ndarray, size: int = THUMBNAIL, reduce=np.mean) -> np.ndarray:
@@ -110,8 +110,10 @@ def defect_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | N
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 row["image_rocauc"] = _finite(image_auroc(labels[subset], scores[subset]))
-                has_masks = masks is not None and masks[chosen].any()
-                row["au_pro"] = _finite(au_pro(masks[subset], maps[subset])) if has_masks else None
+                if masks is not None and masks[chosen].any():
+                    row["au_pro"] = _finite(au_pro(masks[subset], maps[subset]))
+                else:
+                    row["au_pro"] = None
         table[defect] = row
     return table
 
@@ -184,7 +186,7 @@ def write_data(path: str | Path, data: ClassData) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # NumPy's stub types **kwds as allow_pickle
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(buffer.getvalue())
     log.debug("%s: report data of %d parts", path, n)

@@ -194,8 +194,8 @@ def _train(args: PretrainSettings, processes: Processes, device: torch.device) -
     np.random.seed(args.seed + processes.rank)
 
     dataset = FeatureDumpDataset(args.data_path)
-    sampler = DistributedSampler(dataset, num_replicas=processes.world, rank=processes.rank, shuffle=True,
-                                 seed=args.seed)
+    sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=processes.world, rank=processes.rank,
+                                                     shuffle=True, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                         num_workers=min(args.num_workers, os.cpu_count() or 1),
                         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True)
