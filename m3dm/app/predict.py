@@ -54,7 +54,7 @@ from m3dm.evaluation.pictures import compose, denormalize_rgb, heat_overlay, mas
 from m3dm.features.extractor import build_extractor
 from m3dm.report.build import try_build_report
 from m3dm.report.data import PredictionData, software_versions
-from m3dm.runtime import resolve_device, seed_everything
+from m3dm.runtime import resolve_device, seed_everything, use_device
 from m3dm.uff.block import load_fusion_block
 
 EXIT_OK, EXIT_PART_ERRORS, EXIT_FATAL = 0, 1, 2
@@ -311,7 +311,9 @@ def run(args) -> int:
             raise ValueError("no input parts: give folders and/or --rgb/--xyz pairs")
         log.info("model %s: %s, class %s; thresholds from %s: image %.6g, pixel %.6g", model.path,
                  model.method_name, model.class_name, thresholds.source, thresholds.image, thresholds.pixel)
-        predictor = Predictor(model, resolve_device(args.device), args.rgb_checkpoint, args.xyz_checkpoint,
+        device = resolve_device(args.device)
+        use_device(device)
+        predictor = Predictor(model, device, args.rgb_checkpoint, args.xyz_checkpoint,
                               args.fusion_module_path)
         check_writable_folder(Path(args.output), "--output")
     except (ModelFileError, CheckpointError, ValueError, OSError) as exc:
