@@ -223,10 +223,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    from m3dm.runtime import resolve_device
+    from m3dm.runtime import resolve_device, use_device
 
     size = SIZES["tiny" if args.tiny else "full"]
     device = resolve_device(args.device)
+    use_device(device)
     train, test = args.train or size["train"], args.test or size["test"]
     figures: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                      or "cpu", "torch": torch.__version__, "size": "tiny" if args.tiny else "full", "train": train,

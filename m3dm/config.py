@@ -1,6 +1,6 @@
 """The methods as data and every setting of a run, typed, each with its default, choices and help in one place.
 
-One module on purpose (under 500 lines): every setting, its flag and its validation rules (with the bounds of
+One module on purpose: every setting, its flag and its validation rules (with the bounds of
 the numeric flags) side by side.
 
 The command line (m3dm.app.cli), the validation of flag combinations and the fitted-model files all derive from
@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -327,7 +327,7 @@ class Settings:
 
 # ---------------------------------------------------------------------------------------- the leaves
 
-def _leaves(settings) -> list[tuple[str, Any, dict]]:
+def _leaves(settings) -> list[tuple[str, Any, Mapping[str, Any]]]:
     """``(name, value, metadata)`` of every flag-bearing leaf, depth first in declaration order."""
     out = []
     for f in dataclasses.fields(settings):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from m3dm.errors import ConfigError
 
@@ -33,22 +34,26 @@ def import_open3d(purpose: str):
 def resolve_device(requested: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
     """``auto``/None: ``cuda:<local rank>`` when GPUs are present, else the CPU. ``cuda`` without an index is the
     local rank's GPU too (under torchrun every process would otherwise share GPU 0). A CUDA device asked for on a
-    machine without CUDA falls back to the CPU with a warning; any other device is taken as given.
-
-    A CUDA device is also made the current one, so that pinned memory and the optional CUDA extensions
-    (pointnet2_ops, KNN_CUDA launch on the current device) use it rather than GPU 0."""
+    machine without CUDA falls back to the CPU with a warning; any other device is taken as given. Changes no
+    global state: a command line then calls ``use_device`` once."""
     if requested is None or str(requested) == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         log.warning("CUDA is not available: running on the CPU")
         return torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def use_device(device: torch.device) -> None:
+    """Once per process, by the command line that chose ``device``: a CUDA device becomes the current one, so
+    that pinned memory and the optional CUDA extensions (pointnet2_ops, KNN_CUDA launch on the current device)
+    use it rather than GPU 0, and its float32 products stay float32 (``exact_float32_on_cuda``)."""
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         exact_float32_on_cuda()
-    return device
 
 
 def exact_float32_on_cuda() -> None:
@@ -102,7 +107,6 @@ def start_processes(cuda: bool, init_method: str = "env://", default_local_rank:
     launched = launched_processes(default_local_rank, openmpi)
     if launched is None or launched.world <= 1:
         return launched or Processes(local_rank=max(default_local_rank, 0))
-    import torch.distributed as dist
 
     if cuda:
         torch.cuda.set_device(launched.local_rank)
@@ -115,8 +119,6 @@ def start_processes(cuda: bool, init_method: str = "env://", default_local_rank:
 
 def stop_processes() -> None:
     """Wait for every process, then leave the process group (nothing without one)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

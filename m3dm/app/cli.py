@@ -13,6 +13,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from m3dm.app.console import add_logging_flags, configure_logging, interrupted, is_main_process
+from m3dm.app.dataset_check import main as check_main
+from m3dm.app.demo import prepare_demo
+from m3dm.app.lock import output_lock
 from m3dm.config import Settings, settings_from_flags
 from m3dm.config import build_parser as settings_parser
 from m3dm.errors import CheckpointError, ConfigError, DataError, DiskFullError, ModelFileError, OutputInUseError
@@ -31,8 +34,6 @@ def parse_settings(argv=None, parser: argparse.ArgumentParser | None = None) -> 
     configure_logging(flags.verbose, flags.quiet)
     settings = settings_from_flags(flags)
     if settings.run.demo:
-        from m3dm.app.demo import prepare_demo
-
         settings = prepare_demo(settings, progress=not flags.quiet)
     try:
         settings.validate()
@@ -44,13 +45,10 @@ def parse_settings(argv=None, parser: argparse.ArgumentParser | None = None) -> 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["check"]:  # ``m3dm check ROOT``: the dataset check (python -m m3dm.data check)
-        from m3dm.data.__main__ import main as data_main
-
-        return data_main(argv)
+        return check_main(argv)
     parser = build_parser()
     settings, flags = parse_settings(argv, parser)
-    from m3dm.app.lock import output_lock
-    from m3dm.app.run import run_classes
+    from m3dm.app.run import run_classes  # here: the pipeline (torch, timm, ...) loads after the flags are checked
 
     output_dir = settings.run.output_dir
     # one run at a time in --output_dir (process 0 holds the lock for a torchrun launch)

@@ -15,7 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from m3dm.config import METHODS
+from m3dm.app.cli import build_parser as main_parser
+from m3dm.app.console import interrupted
+from m3dm.app.lock import output_lock
+from m3dm.config import METHODS, settings_from_flags
+from m3dm.errors import ConfigError, DiskFullError, OutputInUseError
+from m3dm.evaluation.comparison import comparison_markdown, comparison_record, read_method_run, write_comparison
+from m3dm.report.build import COMPARISON_NAME, build_report
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +72,6 @@ def _without_output_dir(flags: list[str]) -> list[str]:
 def _method_settings(parser: argparse.ArgumentParser, main_flags: list[str], methods: list[str]):
     """The settings of each method's run, checked as main.py checks them before any method runs (the output
     folder, dataset and classes are every method's)."""
-    from m3dm.app.cli import build_parser as main_parser
-    from m3dm.config import settings_from_flags
-    from m3dm.errors import ConfigError
-
     for flag in main_flags:
         name = flag.split("=", 1)[0]
         if name in FORBIDDEN:
@@ -87,9 +89,6 @@ def _method_settings(parser: argparse.ArgumentParser, main_flags: list[str], met
 
 def _shared_settings(main_flags: list[str]):
     """What main.py's flags say about every method's run: output folder, dataset, classes."""
-    from m3dm.app.cli import build_parser as main_parser
-    from m3dm.config import settings_from_flags
-
     return settings_from_flags(main_parser().parse_args(main_flags))
 
 
@@ -101,10 +100,7 @@ def run_method(method: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from m3dm.app.console import interrupted
-    from m3dm.app.lock import output_lock
-    from m3dm.app.run import dataset_classes
-    from m3dm.errors import DiskFullError, OutputInUseError
+    from m3dm.app.run import dataset_classes  # here: the pipeline is heavy to import and the runs are subprocesses
 
     parser = build_parser()
     args, main_flags = parser.parse_known_args(argv)
@@ -128,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(methods: list[str], main_flags: list[str], output_dir: Path, classes: list[str]) -> int:
     """Run every method, then write and print the comparison; 1 when a method failed."""
-    from m3dm.evaluation.comparison import comparison_markdown, comparison_record, read_method_run, write_comparison
 
     runs = []
     for method in methods:
@@ -152,9 +147,6 @@ def compare(methods: list[str], main_flags: list[str], output_dir: Path, classes
 def _side_by_side_report(folders: list[Path], output_dir: Path) -> Path | None:
     """``<output_dir>/comparison.html`` of the methods' results folders; a failure is logged, not raised (the
     tables are written already)."""
-    from m3dm.errors import DiskFullError
-    from m3dm.report.build import COMPARISON_NAME, build_report
-
     try:
         return build_report(folders, output_dir / COMPARISON_NAME)
     except DiskFullError:

@@ -6,6 +6,9 @@ import logging
 from pathlib import Path
 
 from m3dm.config import Settings
+from m3dm.data.synthetic import write_mvtec3d
+from m3dm.features.weights import default_checkpoint_available
+from m3dm.preprocess.mvtec3d import preprocess_dataset
 
 DEMO_CLASSES = ("gadget", "widget")
 
@@ -16,10 +19,6 @@ def prepare_demo(settings: Settings, progress: bool = True) -> Settings:
     """Write the demo data under ``--demo_root`` (kept between runs) and return the demo's settings: its data and
     classes, DINO+Point_MAE, prediction pictures, ``results/demo`` unless another output folder was given, and
     random backbone weights when no pretrained ones are found."""
-    from m3dm.data.synthetic import write_mvtec3d
-    from m3dm.features.weights import default_checkpoint_available
-    from m3dm.preprocess.mvtec3d import preprocess_dataset
-
     raw = write_mvtec3d(Path(settings.run.demo_root) / "synthetic_mvtec3d", classes=DEMO_CLASSES, progress=progress)
     summary = preprocess_dataset(raw, workers=2)
     log.info(summary.report())

@@ -9,6 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from m3dm.app.cli import build_parser
+from m3dm.app.cli import main as run_main
+from m3dm.data.io import write_text
 from m3dm.evaluation.comparison import RESOURCES_FILE
 
 
@@ -21,18 +26,12 @@ def peak_rss_bytes() -> int:
 
 def peak_cuda_bytes() -> int | None:
     """The most CUDA memory torch allocated on any device here (None when CUDA was never used)."""
-    import torch
-
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from m3dm.app.cli import build_parser
-    from m3dm.app.cli import main as run_main
-    from m3dm.data.io import write_text
-
     argv = sys.argv[1:] if argv is None else argv
     sys.argv[0] = "main.py"  # the name main.py's messages give themselves
     output_dir = Path(build_parser().parse_known_args(argv)[0].output_dir)

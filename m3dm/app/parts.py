@@ -11,6 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from m3dm.data.dataset import read_sample, sample_tensors
+from m3dm.data.layout import group_by_stem
+from m3dm.errors import DataError
+from m3dm.preprocess.mvtec3d import preprocess_arrays
 
 
 @dataclass
@@ -28,8 +34,6 @@ def _is_group(folder: Path) -> bool:
 
 def _group_parts(folder: Path, prefix: str) -> list[Part]:
     """The parts of one ``{rgb,xyz[,gt]}`` folder, paired by stem, sorted; an unpaired file is a bad part."""
-    from m3dm.data.layout import group_by_stem
-
     parts = []
     for stem, files in group_by_stem(folder).items():
         if "rgb" not in files and "xyz" not in files:
@@ -89,17 +93,10 @@ class LoadedPart:
 
 def load_part(part: Part, img_size: int = 224, preprocess: bool = False, seed: int = 0) -> LoadedPart:
     """Read (and with ``preprocess`` clean) one part into the tensors ``AnomalyDataset`` builds."""
-    from PIL import Image
-
-    from m3dm.data.dataset import read_sample, sample_tensors
-    from m3dm.errors import DataError
-
     if part.problem:
         raise DataError(part.problem)
     cloud, image, mask = read_sample(part.rgb, part.xyz, part.gt)
     if preprocess:
-        from m3dm.preprocess.mvtec3d import preprocess_arrays
-
         try:
             cloud, rgb, gt, _ = preprocess_arrays(cloud, np.asarray(image), None if mask is None else np.asarray(mask),
                                                   seed=seed)

@@ -40,11 +40,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from m3dm.app.console import add_logging_flags, configure_logging, interrupted
+from m3dm.app.lock import output_lock
+from m3dm.app.outputs import check_writable_folder
 from m3dm.app.parts import LoadedPart, Part, discover_parts, load_part
-from m3dm.data.io import append_text
-from m3dm.errors import DiskFullError
-from m3dm.report.data import PredictionData
+from m3dm.app.run import weight_records
+from m3dm.config import METHODS, backbone_settings
+from m3dm.data.io import append_text, atomic_path
+from m3dm.detection.factory import detector_from_model
+from m3dm.detection.interface import DetectorResources
+from m3dm.detection.persistence import load_class_model, make_setup
+from m3dm.detection.thresholds import false_alarm_threshold
+from m3dm.errors import CheckpointError, DataError, DiskFullError, ModelFileError, OutputInUseError
+from m3dm.evaluation.pictures import compose, denormalize_rgb, heat_overlay, mask_panel, save_panel
+from m3dm.features.extractor import build_extractor
+from m3dm.report.build import try_build_report
+from m3dm.report.data import PredictionData, software_versions
+from m3dm.runtime import resolve_device, seed_everything, use_device
+from m3dm.uff.block import load_fusion_block
 
 EXIT_OK, EXIT_PART_ERRORS, EXIT_FATAL = 0, 1, 2
 log = logging.getLogger(__name__)
@@ -59,13 +74,6 @@ class Predictor:
 
     def __init__(self, model, device="cpu", rgb_checkpoint: str | None = None,
                  xyz_checkpoint: str | None = None, fusion_module_path: str | None = None):
-        from m3dm.app.run import weight_records
-        from m3dm.config import METHODS, backbone_settings
-        from m3dm.detection.factory import detector_from_model
-        from m3dm.detection.persistence import make_setup
-        from m3dm.features.extractor import build_extractor
-        from m3dm.runtime import seed_everything
-        from m3dm.uff.block import load_fusion_block
 
         self.model = model
         settings, weights = model.settings, model.weights
@@ -74,11 +82,11 @@ class Predictor:
             if override is not None:
                 return override
             record = weights.get(kind)
-            return record["path"] if record is not None and record["source"] == "file" else None
+            return record.path if record is not None and record.from_file else None
 
         backbones = backbone_settings(settings, rgb_checkpoint=recorded("rgb", rgb_checkpoint),
                                       xyz_checkpoint=recorded("xyz", xyz_checkpoint),
-                                      random_init=any(record["source"] == "random" for record in weights.values()))
+                                      random_init=any(not record.from_file for record in weights.values()))
         seed_everything(settings["seed"])  # random-init backbones are rebuilt as main.py built them
         method = METHODS.get(model.method_name)
         if method is not None and method.features == "btf":  # FPFH has no weights: the method says what it needs
@@ -90,10 +98,13 @@ class Predictor:
         fusion_block, fusion_path = None, None
         if "fusion" in weights:
             fusion_path = recorded("fusion", fusion_module_path)
+            if fusion_path is None or self.extractor.rgb_backbone is None:
+                raise ValueError(f"{model.path}: the model's UFF block was not read from a file: give "
+                                 f"--fusion_module_path")
             fusion_block = load_fusion_block(fusion_path, device, rgb_dim=self.extractor.rgb_backbone.feature_dim)
         current = weight_records(self.extractor, backbones, settings["seed"], fusion_block, fusion_path)
         model.check_setup(make_setup(model.method_name, model.config, settings, current))
-        self.detector = detector_from_model(model, fusion_block, device, progress=False)
+        self.detector = detector_from_model(model, DetectorResources(device, progress=False, fusion_block=fusion_block))
         if model.generator_state is not None:
             self.extractor.set_rng_state(model.generator_state)
 
@@ -117,8 +128,6 @@ class Predictor:
 def part_picture(rgb: np.ndarray, score_map: np.ndarray, region: np.ndarray, colour_range: tuple[float, float],
                  title: str, gt: np.ndarray | None = None):
     """RGB | heatmap over the RGB with the region outlined in white [| ground truth], and a title line."""
-    from m3dm.evaluation.pictures import compose, heat_overlay, mask_panel
-
     panels = [rgb, heat_overlay(rgb, score_map, *colour_range, region)]
     if gt is not None:
         panels.append(mask_panel(gt, rgb.shape))
@@ -144,7 +153,7 @@ class ResultWriter:
         if new:
             append_text(self._csv_file, _csv_line(CSV_FIELDS), self.csv_path)
         self.counts = {"pass": 0, "fail": 0, "error": 0}
-        self.report_data = None  # m3dm.report.data.PredictionData, for report.html (set by run)
+        self.report_data: PredictionData | None = None  # for report.html (set by run)
 
     def _row(self, row: dict) -> None:
         full = {field: row.get(field) for field in CSV_FIELDS}
@@ -162,9 +171,6 @@ class ResultWriter:
                    "error": message})
 
     def scored(self, loaded: LoadedPart, score: float, score_map: np.ndarray) -> str:
-        from m3dm.data.io import atomic_path
-        from m3dm.evaluation.pictures import denormalize_rgb, save_panel
-
         thresholds, part = self.thresholds, loaded.part
         result = "fail" if thresholds.fails(score) else "pass"
         region = thresholds.region(score_map)
@@ -223,14 +229,11 @@ def finished_rows(output: Path, thresholds) -> list[dict]:
 def write_prediction_report(writer: ResultWriter, model, thresholds, seconds: float) -> None:
     """``report.html`` of the scored parts (gallery and score histogram with the threshold) and the saved data it
     is built from (``python -m m3dm.report`` rebuilds it)."""
-    from m3dm.report.build import try_build_report
-    from m3dm.report.data import software_versions
-
     record = {"kind": "predict", "method": model.method_name, "model": str(model.path), "class": model.class_name,
               "thresholds": f"image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} (from {thresholds.source})",
-              "config": dict(model.settings), "weights": model.weights, "versions": software_versions(),
+              "config": dict(model.settings), "weights": model.setup.plain_weights(), "versions": software_versions(),
               "timings_s": {"predict": seconds}}
-    if writer.report_data.save(writer.output, record) is not None:
+    if writer.report_data is not None and writer.report_data.save(writer.output, record) is not None:
         try_build_report(writer.output)
 
 
@@ -239,16 +242,12 @@ def _text(path) -> str | None:
 
 
 def _describe(exc: Exception) -> str:
-    from m3dm.errors import DataError
-
     return str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
 
 
 # ------------------------------------------------------------------------------------------------ running
 
 def build_parser() -> argparse.ArgumentParser:
-    from m3dm.app.console import add_logging_flags
-
     p = argparse.ArgumentParser(prog="m3dm-predict",
                                 description="Score new parts with a saved M3DM class model (docs/inference.md).")
     p.add_argument("inputs", nargs="*", metavar="FOLDER",
@@ -280,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _thresholds(model, args):
-    from m3dm.detection.thresholds import false_alarm_threshold
-
     thresholds = model.thresholds
     if thresholds is None:
         raise ValueError(f"{model.path} holds no thresholds: give --image_threshold and --pixel_threshold")
@@ -290,11 +287,13 @@ def _thresholds(model, args):
     return thresholds.with_overrides(args.image_threshold, args.pixel_threshold)
 
 
-def _score_with_fallback(predictor: Predictor, loaded: list[LoadedPart]) -> list[tuple | str]:
+def _score_with_fallback(predictor: Predictor, loaded: list[LoadedPart]) -> list[tuple[float, np.ndarray] | str]:
     """``(score, map)`` or an error message per part; a failing batch is scored part by part so that only the
     bad part is lost."""
+    outcomes: list[tuple[float, np.ndarray] | str]
     try:
-        return predictor.score(loaded)
+        outcomes = list(predictor.score(loaded))
+        return outcomes
     except Exception as exc:
         if len(loaded) == 1:
             return [_describe(exc)]
@@ -309,12 +308,14 @@ def _flush(predictor: Predictor, pending: list, writer: ResultWriter, report) ->
     for item in pending:
         if not isinstance(item, LoadedPart):
             writer.error(*item)
-        elif isinstance(outcomes[id(item)], str):
-            report(item.part, outcomes[id(item)])
-            writer.error(item.part, outcomes[id(item)])
+            continue
+        outcome = outcomes[id(item)]
+        if isinstance(outcome, str):
+            report(item.part, outcome)
+            writer.error(item.part, outcome)
         else:
             try:
-                writer.scored(item, *outcomes[id(item)])
+                writer.scored(item, *outcome)
             except DiskFullError:
                 raise  # no part can be written any more: the run stops, keeping the finished parts
             except OSError as exc:  # e.g. the picture cannot be written: that part is lost, not the run
@@ -347,10 +348,7 @@ def earlier_predictions(output: Path, overwrite: bool, resume: bool = False) -> 
 
 
 def run(args) -> int:
-    from m3dm.app.outputs import check_writable_folder
-    from m3dm.detection.persistence import load_class_model
-    from m3dm.errors import CheckpointError, ModelFileError
-    from m3dm.runtime import resolve_device
+
 
     start = time.perf_counter()
     output = Path(args.output)
@@ -364,7 +362,9 @@ def run(args) -> int:
             raise ValueError("no input parts: give folders and/or --rgb/--xyz pairs")
         log.info("model %s: %s, class %s; thresholds from %s: image %.6g, pixel %.6g", model.path,
                  model.method_name, model.class_name, thresholds.source, thresholds.image, thresholds.pixel)
-        predictor = Predictor(model, resolve_device(args.device), args.rgb_checkpoint, args.xyz_checkpoint,
+        device = resolve_device(args.device)
+        use_device(device)
+        predictor = Predictor(model, device, args.rgb_checkpoint, args.xyz_checkpoint,
                               args.fusion_module_path)
         check_writable_folder(output, "--output")
     except (ModelFileError, CheckpointError, ValueError, OSError) as exc:
@@ -389,8 +389,6 @@ def run(args) -> int:
         score_parts(predictor, todo, writer, args)
     except KeyboardInterrupt:
         write_prediction_report(writer, model, thresholds, time.perf_counter() - start)
-        from m3dm.app.console import interrupted
-
         return interrupted("m3dm-predict", f"{sum(writer.counts.values())} finished part(s) are kept in "
                                            f"{writer.csv_path}; run the same command with --resume to score the "
                                            f"others")
@@ -405,7 +403,6 @@ def run(args) -> int:
 def score_parts(predictor: Predictor, parts: list[Part], writer: ResultWriter, args) -> None:
     """Read, score and write every part in turn, ``--batch_size`` at a time: a part's row is written as its batch
     ends, and nothing of the finished parts but their report thumbnails stays in memory."""
-    from tqdm import tqdm
 
     bar = tqdm(total=len(parts), desc="parts", unit="part", file=sys.stderr, disable=args.quiet)
 
@@ -432,10 +429,6 @@ def score_parts(predictor: Predictor, parts: list[Part], writer: ResultWriter, a
 
 
 def main(argv=None) -> int:
-    from m3dm.app.console import configure_logging
-    from m3dm.app.lock import output_lock
-    from m3dm.errors import DiskFullError, OutputInUseError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)

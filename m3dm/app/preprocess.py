@@ -14,7 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from m3dm.app.console import add_logging_flags, configure_logging
+from m3dm.app.console import add_logging_flags, configure_logging, interrupted
+from m3dm.errors import DataError
+from m3dm.preprocess.common import default_workers
+from m3dm.preprocess.depth import Intrinsics, convert_depth_dataset
+from m3dm.preprocess.eyecandies import convert_dataset
+from m3dm.preprocess.mvtec3d import preprocess_dataset
 
 MVTEC_DESCRIPTION = """Preprocess raw MVTec 3D-AD (plane removal, padding, DBSCAN cleaning) into a new dataset root.
 
@@ -49,8 +54,6 @@ def _parser(description: str) -> argparse.ArgumentParser:
 
 
 def _workers_flag(parser: argparse.ArgumentParser) -> None:
-    from m3dm.preprocess.common import default_workers
-
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="parallel processes (default: all cores)")
 
@@ -58,9 +61,6 @@ def _workers_flag(parser: argparse.ArgumentParser) -> None:
 def _finish(convert, output: str) -> int:
     """Run ``convert()`` (writing into ``output``) and print its summary: 0 when every sample was written, 1 when
     some failed, 2 when the input cannot be processed at all or the disk is full (reported in one line)."""
-    from m3dm.app.console import interrupted
-    from m3dm.errors import DataError
-
     try:
         summary = convert()
     except (DataError, ValueError, OSError) as exc:  # OSError: e.g. an output root that cannot be written
@@ -83,7 +83,6 @@ def mvtec_main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="RANSAC seed (the reference is unseeded)")
     args = add_logging_flags(parser, quiet_help="only warnings and errors").parse_args(argv)
     configure_logging(args.verbose, args.quiet)
-    from m3dm.preprocess.mvtec3d import preprocess_dataset
 
     output = args.dataset_path if args.inplace else args.output_root or f"{args.dataset_path}_preprocessed"
     return _finish(lambda: preprocess_dataset(args.dataset_path, args.output_root, args.inplace, args.workers,
@@ -100,7 +99,6 @@ def eyecandies_main(argv=None) -> int:
                              "(no effect on any score)")
     args = add_logging_flags(parser, quiet_help="only warnings and errors").parse_args(argv)
     configure_logging(args.verbose, args.quiet)
-    from m3dm.preprocess.eyecandies import convert_dataset
 
     return _finish(lambda: convert_dataset(args.dataset_path, args.target_dir, args.workers,
                                            args.exact_zero_background), args.target_dir)
@@ -126,7 +124,6 @@ def depth_main(argv=None) -> int:
                      "calibration/camera_parameters.json)")
     if args.depth_scale is not None and not args.depth_scale > 0:
         parser.error(f"--depth_scale must be positive, got {args.depth_scale}")
-    from m3dm.preprocess.depth import Intrinsics, convert_depth_dataset
 
     intrinsics = Intrinsics(*given) if given[0] is not None else None
     if intrinsics is not None and min(intrinsics.fx, intrinsics.fy) <= 0:

@@ -8,6 +8,8 @@ are ``m3dm.runtime``'s (``start_processes``, ``resolve_device``); without a laun
 
 from __future__ import annotations
 
+import torch.distributed as dist
+
 from m3dm.runtime import Processes
 
 
@@ -20,7 +22,6 @@ def gather(value, processes: Processes) -> list:
     """Every process's ``value``, in rank order, on every process."""
     if processes.world == 1:
         return [value]
-    import torch.distributed as dist
 
     values = [None] * processes.world
     dist.all_gather_object(values, value)

@@ -11,10 +11,12 @@ import argparse
 import sys
 import time
 
+from m3dm.app.console import add_logging_flags, configure_logging
+from m3dm.errors import DataError
+from m3dm.report import build_report
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from m3dm.app.console import add_logging_flags
-
     p = argparse.ArgumentParser(prog="m3dm-report", description="Build the HTML report of saved M3DM results "
                                 "(one folder), or compare several results folders side by side.")
     p.add_argument("folders", nargs="+", metavar="RESULTS_DIR",
@@ -25,10 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from m3dm.app.console import configure_logging
-    from m3dm.errors import DataError
-    from m3dm.report import build_report
-
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     start = time.perf_counter()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from m3dm.app import processes
@@ -28,9 +28,17 @@ from m3dm.constants import CLASSES_BY_DATASET
 from m3dm.data import available_classes
 from m3dm.data.dataset import AnomalyDataset, make_loader
 from m3dm.data.layout import masks_available
-from m3dm.detection.detector import Detector, ModalityScore
 from m3dm.detection.factory import build_detector, detector_from_model, training_cap
-from m3dm.detection.persistence import MODELS_DIR, load_class_model, make_setup, model_path, weight_record
+from m3dm.detection.interface import ClassDetector, DetectorResources, FusionDetector, fusion_pass
+from m3dm.detection.persistence import (
+    MODELS_DIR,
+    Setup,
+    WeightRecord,
+    load_class_model,
+    make_setup,
+    model_path,
+    weight_record,
+)
 from m3dm.detection.thresholds import Thresholds, ThresholdSamples, choose_threshold_samples, threshold_dataset
 from m3dm.evaluation.metrics import metrics_and_pro_curve
 from m3dm.evaluation.results import ClassResult, per_sample_rows, save_prediction_pictures, save_score_maps
@@ -38,7 +46,7 @@ from m3dm.evaluation.tables import class_line, results_tables, write_per_sample,
 from m3dm.features.extractor import FeatureExtractor, build_extractor
 from m3dm.report.build import try_build_report
 from m3dm.report.data import REPORT_DATA_DIR, run_record, save_class_data
-from m3dm.runtime import resolve_device, seed_everything, start_processes, stop_processes
+from m3dm.runtime import resolve_device, seed_everything, start_processes, stop_processes, use_device
 from m3dm.uff.block import load_fusion_block
 from m3dm.uff.dumps import pretraining_features, save_pretraining_features
 
@@ -76,6 +84,7 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     """
     workers = start_processes(cuda=False)  # gloo: only the small per-class results travel between processes
     device = resolve_device(settings.run.device, workers.local_rank)
+    use_device(device)
     classes = dataset_classes(settings.run)
     output_dir = Path(settings.run.output_dir)
     done = finished_classes(output_dir, classes, settings) if settings.run.resume else {}
@@ -115,7 +124,7 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     for text in results_tables(method, per_class).values():
         print(f"\n{text}")
     record = dict(settings.flags(), device_used=str(device), processes=workers.world,
-                  **run_record((setup or run_setup(settings, extractor, fusion_block))["weights"]))
+                  **run_record((setup or run_setup(settings, extractor, fusion_block)).plain_weights()))
     paths = write_results(output_dir, method, per_class, record, dict(total.seconds))
     paths.update(write_per_sample(output_dir, [row for output in outputs.values() for row in output.samples]))
     paths.update(try_build_report(output_dir))  # from the files just written: python -m m3dm.report does the same
@@ -142,13 +151,15 @@ def build_models(settings: Settings, device) -> tuple[FeatureExtractor, torch.nn
                                 method=spec)
     fusion_block = None
     if settings.uff.use_uff:
+        if extractor.rgb_backbone is None:
+            raise ValueError("--use_uff needs a method with the RGB backbone")
         fusion_block = load_fusion_block(settings.uff.fusion_module_path, device,
                                          rgb_dim=extractor.rgb_backbone.feature_dim)
     return extractor, fusion_block
 
 
 def weight_records(extractor: FeatureExtractor, backbones: BackboneSettings, seed: int, fusion_block=None,
-                   fusion_path: str | Path | None = None) -> dict:
+                   fusion_path: str | Path | None = None) -> dict[str, WeightRecord]:
     """Where the weights of the extractor's backbones (and the UFF block) came from, by kind (rgb, xyz, fusion):
     what a saved model records and a loaded one must match (``persistence.weight_record``)."""
     records = {}
@@ -163,7 +174,7 @@ def weight_records(extractor: FeatureExtractor, backbones: BackboneSettings, see
     return records
 
 
-def run_setup(settings: Settings, extractor: FeatureExtractor, fusion_block=None) -> dict:
+def run_setup(settings: Settings, extractor: FeatureExtractor, fusion_block=None) -> Setup:
     """The setup of this run: what a model fitted by it records, and what a loaded model must match."""
     weights = weight_records(extractor, settings.backbones, settings.run.seed, fusion_block,
                              settings.uff.fusion_module_path if fusion_block is not None else None)
@@ -184,10 +195,10 @@ class ClassRun:
         self.timer = timer or StageTimer()
         self.progress = progress
         self.root = Path(settings.run.dataset_path)
-        self.detector: Detector | None = None  # made by fit or load
+        self.detector: ClassDetector | None = None  # made by fit or load
         self.thresholds: Thresholds | None = None  # set by save or load (a model file's pass/fail thresholds)
 
-    def run(self, models_dir: Path, setup: dict | None, output_dir: Path) -> ClassOutput:
+    def run(self, models_dir: Path, setup: Setup | None, output_dir: Path) -> ClassOutput:
         """The class as main.py runs it: seed, fit or load, save, evaluate, write outputs; returns the metrics
         and the per-sample rows (pass/fail with a saved or loaded model's thresholds)."""
         settings = self.settings
@@ -200,10 +211,12 @@ class ClassRun:
         else:
             self.fit()
         if settings.models.save_model:
+            if setup is None:
+                raise ValueError("--save_model needs the run's setup")
             with self.timer("thresholds and saving"):
-                thresholds = self.save(path, setup)
-            log.info("  model saved: %s (thresholds from %s: image %.6g, pixel %.6g)", path, thresholds.source,
-                     thresholds.image, thresholds.pixel)
+                saved = self.save(path, setup)
+            log.info("  model saved: %s (thresholds from %s: image %.6g, pixel %.6g)", path, saved.source,
+                     saved.image, saved.pixel)
         result = self.evaluate()
         print(class_line(self.class_name, settings.detector.method_name, result.metrics), flush=True)
         if settings.run.save_maps:
@@ -231,8 +244,8 @@ class ClassRun:
 
     def fit(self) -> None:
         """Pass 1 into the banks, their coreset, and with decision layer fusion pass 2 and the SVMs."""
-        self.detector = detector = build_detector(self.settings.detector, self.fusion_block, device=self.device,
-                                            progress=self.progress, spool_dir=self.settings.run.spool_folder)
+        self.detector = detector = build_detector(self.settings.detector,
+                                                  self._resources(spool_dir=self.settings.run.spool_folder))
         cap = self._train_cap()
         if self.settings.models.save_model and self.good_parts.train_limit is not None:
             cap = min(cap, self.good_parts.train_limit)  # the threshold parts stay out of the banks
@@ -246,12 +259,16 @@ class ClassRun:
                     if dump:
                         self._dump(sample, detector.n_train)
                     detector.add(sample)
-        with self.timer(getattr(detector, "fit_stage", "coreset")):
+        with self.timer(detector.fit_stage):
             detector.finalize()
-        if detector.uses_dlf:
-            scores = self._pass2_reextracted(loader) if self.settings.run.dlf_reextract else self._pass2_reused()
+        fusing = fusion_pass(detector)
+        if fusing is not None:
+            if self.settings.run.dlf_reextract:
+                scores = self._pass2_reextracted(fusing, loader)
+            else:
+                scores = self._pass2_reused(fusing)
             with self.timer("dlf fit"):
-                detector.fit_fusion(scores)
+                fusing.fit_fusion(scores)
         detector.release_training_samples()
 
     def _dump(self, sample, index: int) -> None:
@@ -260,28 +277,32 @@ class ClassRun:
                                     aligned=self.settings.detector.fix_quirks)
         save_pretraining_features(self.settings.run.save_feature_path, self.class_name, index, rows)
 
-    def _pass2_reused(self) -> list[dict[str, ModalityScore]]:
+    def _resources(self, spool_dir: str | None = None) -> DetectorResources:
+        return DetectorResources(device=self.device, progress=self.progress, fusion_block=self.fusion_block,
+                                 spool_dir=spool_dir)
+
+    def _pass2_reused(self, detector: FusionDetector) -> list:
         """Pass 2 on the pass-1 features kept with the banks (no second extraction)."""
-        detector, scores = self.detector, []
+        scores = []
         for index in tqdm(range(detector.n_train), desc=f"{self.class_name}: pass 2 (decision fusion)",
                           disable=not self.progress, file=sys.stderr, leave=False):
             with self.timer("pass 2 scoring"):
                 scores.append(detector.modality_scores(detector.training_patches(index)))
         return scores
 
-    def _pass2_reextracted(self, loader) -> list[dict[str, ModalityScore]]:
+    def _pass2_reextracted(self, detector: FusionDetector, loader) -> list:
         """Pass 2 as the reference runs it: every training sample extracted again."""
         scores = []
         for batch in self._batches(loader, "pass 2 (decision fusion, re-extracting)"):
             with self.timer("extract"):
                 features = self._extract(batch)
             with self.timer("pass 2 scoring"):
-                scores += [self.detector.modality_scores(self.detector.modality_patches(f)) for f in features]
+                scores += [detector.modality_scores(detector.modality_patches(f)) for f in features]
         return scores
 
     # ----------------------------------------------------------------------------------- saved models
 
-    def save(self, path: Path, setup: dict) -> Thresholds:
+    def save(self, path: Path, setup: Setup) -> Thresholds:
         """After fitting: set the pass/fail thresholds on the good parts and save the detector to ``path``.
 
         The extractor's random state is restored after scoring the good parts, so the evaluation that follows
@@ -294,31 +315,38 @@ class ClassRun:
         self.extractor.set_rng_state(fitted_state)
         thresholds = Thresholds.from_good_parts(scores, maps, models.far, models.pixel_far, good_parts.description)
         provenance = {"dataset_path": str(self.root.resolve()), "device": str(self.device),
-                      "n_train": self.detector.n_train, "batch_size": self.settings.run.batch_size}
-        self.detector.save(path, class_name=self.class_name, setup=setup, rng_state=fitted_state,
+                      "n_train": self.fitted_detector.n_train, "batch_size": self.settings.run.batch_size}
+        self.fitted_detector.save(path, class_name=self.class_name, setup=setup, rng_state=fitted_state,
                            thresholds=thresholds, provenance=provenance)
         self.thresholds = thresholds
         return thresholds
 
-    def load(self, path: Path, setup: dict) -> None:
+    def load(self, path: Path, setup: Setup | None) -> None:
         """``--load_model``: the saved detector, verified against this run's method, class and setup, and the
         extractor's random state as it was right after fitting."""
         model = load_class_model(path, self.settings.detector.method_name, class_name=self.class_name, setup=setup)
-        self.detector = detector_from_model(model, self.fusion_block, self.device, self.progress)
+        self.detector = detector_from_model(model, self._resources())
         self.thresholds = model.thresholds
         if model.generator_state is not None:
             self.extractor.set_rng_state(model.generator_state)
 
     # ----------------------------------------------------------------------------------------- scoring
 
+    @property
+    def fitted_detector(self) -> ClassDetector:
+        if self.detector is None:
+            raise RuntimeError(f"{self.class_name}: no detector yet (fit or load it first)")
+        return self.detector
+
     def _dataset(self, split: str) -> AnomalyDataset:
         return AnomalyDataset(self.root, self.class_name, split, self.settings.backbones.img_size)
 
     def _loader(self, split: str, cap: int | None = None, dataset: AnomalyDataset | None = None):
         dataset = dataset if dataset is not None else self._dataset(split)
+        samples: Dataset = dataset
         if cap is not None and cap < len(dataset):
-            dataset = Subset(dataset, range(cap))
-        return make_loader(dataset, self.settings.run.batch_size, self.settings.run.num_workers,
+            samples = Subset(dataset, range(cap))
+        return make_loader(samples, self.settings.run.batch_size, self.settings.run.num_workers,
                            pin_memory=torch.device(self.device).type == "cuda")
 
     def _batches(self, loader, desc: str):
@@ -326,8 +354,8 @@ class ClassRun:
                         file=sys.stderr, leave=False)
 
     def _extract(self, batch):
-        return self.extractor(batch["rgb"] if self.detector.needs_rgb else None,
-                              batch["pc"] if self.detector.needs_xyz else None, names=batch["name"])
+        return self.extractor(batch["rgb"] if self.fitted_detector.needs_rgb else None,
+                              batch["pc"] if self.fitted_detector.needs_xyz else None, names=batch["name"])
 
     def _scored_batches(self, loader, desc: str, stage: str, extract_stage: str = "extract"):
         """Yield ``(batch, image scores, (224, 224) float32 maps)`` for every batch of ``loader``."""
@@ -335,13 +363,15 @@ class ClassRun:
             with self.timer(extract_stage):
                 features = self._extract(batch)
             with self.timer(stage):
-                predictions = [self.detector.predict(self.detector.modality_patches(f)) for f in features]
+                detector = self.fitted_detector
+                predictions = [detector.predict(detector.modality_patches(f)) for f in features]
             yield batch, [score for score, _ in predictions], [m.numpy().astype(np.float32) for _, m in predictions]
 
     @torch.no_grad()
     def evaluate(self) -> ClassResult:
         """Scores, maps and metrics of the test split with the fitted (or loaded) detector."""
-        labels, image_scores, maps, masks, names, paths, xyz_paths = [], [], [], [], [], [], []
+        labels: list[int] = []
+        image_scores, maps, masks, names, paths, xyz_paths = [], [], [], [], [], []
         dataset = self._dataset("test")
         for batch, scores, score_maps in self._scored_batches(self._loader("test", dataset=dataset), "test",
                                                                "test scoring",

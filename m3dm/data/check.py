@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 SPARSE_FRACTION = 0.01  # a cloud with fewer valid points than this share of its pixels is "nearly empty"
-REQUIRED_SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)

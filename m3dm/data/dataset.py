@@ -98,7 +98,7 @@ class _ErrorsAsData(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; these have one
 
     def __getitem__(self, index: int):
         try:

@@ -15,7 +15,7 @@ _STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 
 def rgb_to_tensor(image: Image.Image, size: int = RGB_SIZE) -> torch.Tensor:
     """PIL bicubic resize to ``size``², scale to [0, 1], ImageNet-normalise -> ``(3, size, size)`` float32."""
-    resized = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     pixels = np.asarray(resized, dtype=np.float32) / np.float32(255)
     return torch.from_numpy(((pixels - _MEAN) / _STD).transpose(2, 0, 1).copy())
 
@@ -28,7 +28,7 @@ def organized_pc_to_tensor(cloud: np.ndarray, size: int) -> torch.Tensor:
 
 def mask_to_tensor(mask: Image.Image, size: int = RGB_SIZE) -> torch.Tensor:
     """Grey mask -> nearest resize -> ``(1, size, size)`` float32 of 0/1 (value/255 > 0.5)."""
-    resized = np.asarray(mask.convert("L").resize((size, size), Image.NEAREST), dtype=np.float32) / 255
+    resized = np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST), dtype=np.float32) / 255
     return torch.from_numpy((resized > 0.5).astype(np.float32))[None]
 
 

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from m3dm.config import DetectorSettings
-from m3dm.detection.persistence import ClassModel, save_class_model
+from m3dm.detection.interface import DEFAULT_RESOURCES, DetectorResources
+from m3dm.detection.persistence import ClassModel, Setup, save_class_model
 from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
 from m3dm.features.dense import PointGroups, dense_points, dense_rgb, valid_pixels
@@ -106,15 +107,14 @@ def normalise(smoothed: Tensor, fix_quirks: bool) -> tuple[float, Tensor]:
 
 class CFMDetector:
     """One class's crossmodal feature mappings: ``add`` each training sample, ``finalize`` trains both MLPs,
-    ``predict`` scores a test sample (the detector surface of ``m3dm.detection.factory``)."""
+    ``predict`` scores a test sample (a ``m3dm.detection.interface.ClassDetector``, without pass 2)."""
 
     uses_dlf = False
     fit_stage = "mapping training"  # what finalize does, as the run's timings name it
     needs_rgb = True
     needs_xyz = True
 
-    def __init__(self, config: DetectorSettings, fusion_block=None, device="cpu", progress: bool = True,
-                 spool_dir=None):
+    def __init__(self, config: DetectorSettings, device: torch.device | str = "cpu", progress: bool = True):
         self.config = config
         self.device = torch.device(device)
         self.progress = progress
@@ -124,6 +124,10 @@ class CFMDetector:
         self.xyz_to_rgb: FeatureMappingMLP | None = None
         self.losses: list[float] = []  # mean training loss (both mappings) per epoch
         self.n_train = 0
+
+    @classmethod
+    def build(cls, config: DetectorSettings, resources: DetectorResources) -> CFMDetector:
+        return cls(config, device=resources.device, progress=resources.progress)
 
     @staticmethod
     def training_cap(config: DetectorSettings, max_sample: int) -> int:
@@ -161,9 +165,16 @@ class CFMDetector:
             self._cache[index] = rows
         return rows
 
-    def _build_mappings(self, rgb_dim: int, xyz_dim: int) -> None:
+    def _build_mappings(self, rgb_dim: int, xyz_dim: int) -> tuple[FeatureMappingMLP, FeatureMappingMLP]:
         self.rgb_to_xyz = FeatureMappingMLP(rgb_dim, xyz_dim)
         self.xyz_to_rgb = FeatureMappingMLP(xyz_dim, rgb_dim)
+        return self.rgb_to_xyz, self.xyz_to_rgb
+
+    def _mappings(self, missing: str) -> tuple[FeatureMappingMLP, FeatureMappingMLP]:
+        """Both trained mappings (a RuntimeError saying ``missing`` before ``finalize``)."""
+        if self.rgb_to_xyz is None or self.xyz_to_rgb is None:
+            raise RuntimeError(missing)
+        return self.rgb_to_xyz, self.xyz_to_rgb
 
     def _fits_cache(self) -> bool:
         rgb_map, groups = self._samples[0]
@@ -178,12 +189,12 @@ class CFMDetector:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.cfm_seed)
         rgb_map, groups = self._samples[0]
-        self._build_mappings(rgb_map.shape[0], groups.features.shape[1])
-        self.rgb_to_xyz.reset_parameters(generator)
-        self.xyz_to_rgb.reset_parameters(generator)
-        self.rgb_to_xyz.to(self.device).train()
-        self.xyz_to_rgb.to(self.device).train()
-        optimiser = torch.optim.Adam(chain(self.rgb_to_xyz.parameters(), self.xyz_to_rgb.parameters()), lr=cfg.cfm_lr)
+        rgb_to_xyz, xyz_to_rgb = self._build_mappings(rgb_map.shape[0], groups.features.shape[1])
+        rgb_to_xyz.reset_parameters(generator)
+        xyz_to_rgb.reset_parameters(generator)
+        rgb_to_xyz.to(self.device).train()
+        xyz_to_rgb.to(self.device).train()
+        optimiser = torch.optim.Adam(chain(rgb_to_xyz.parameters(), xyz_to_rgb.parameters()), lr=cfg.cfm_lr)
         cache = self._fits_cache()
         epochs = tqdm(range(cfg.cfm_epochs), desc="CFM training", unit="epoch", disable=not self.progress,
                       file=sys.stderr, leave=False)
@@ -196,7 +207,7 @@ class CFMDetector:
                 rgb = torch.cat([r for r, _ in rows])
                 xyz = torch.cat([x for _, x in rows])
                 # one backward through the sum: the same gradients as the reference's two (disjoint parameters)
-                loss = mapping_loss(self.rgb_to_xyz(rgb), xyz) + mapping_loss(self.xyz_to_rgb(xyz), rgb)
+                loss = mapping_loss(rgb_to_xyz(rgb), xyz) + mapping_loss(xyz_to_rgb(xyz), rgb)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"CFM training diverged (loss {value}): lower --cfm_lr")
@@ -207,8 +218,8 @@ class CFMDetector:
                 steps += 1
             self.losses.append(total / steps)
             epochs.set_postfix(loss=f"{self.losses[-1]:.4f}")
-        self.rgb_to_xyz.eval()
-        self.xyz_to_rgb.eval()
+        rgb_to_xyz.eval()
+        xyz_to_rgb.eval()
         self._cache.clear()
         log.debug("CFM: %d samples, %d epochs, final loss %.5f", self.n_train, cfg.cfm_epochs, self.losses[-1])
 
@@ -221,11 +232,10 @@ class CFMDetector:
     @torch.no_grad()
     def product_map(self, rgb_map: Tensor, groups: PointGroups) -> Tensor:
         """The unsmoothed ``(img_size, img_size)`` product of both distances, 0 on invalid pixels."""
-        if self.rgb_to_xyz is None:
-            raise RuntimeError("CFM is not trained: run finalize first")
+        rgb_to_xyz, xyz_to_rgb = self._mappings("CFM is not trained: run finalize first")
         rgb, xyz, valid = self._dense(rgb_map, groups)
         rgb, xyz = rgb[valid], xyz[valid]  # the MLPs run on the valid pixels only: the others are zeroed anyway
-        product = unit_distance(self.xyz_to_rgb(xyz), rgb) * unit_distance(self.rgb_to_xyz(rgb), xyz)
+        product = unit_distance(xyz_to_rgb(xyz), rgb) * unit_distance(rgb_to_xyz(rgb), xyz)
         full = product.new_zeros(valid.shape[0])
         full[valid] = product
         return full.view(groups.img_size, groups.img_size)
@@ -240,40 +250,40 @@ class CFMDetector:
 
     def to_state(self) -> dict:
         """The trained weights of both mappings and their feature sizes (tensors and primitives)."""
-        if self.rgb_to_xyz is None:
-            raise RuntimeError("CFM is not trained: fit the detector first")
-        return {"family": "cfm", "rgb_dim": self.rgb_to_xyz.input.in_features,
-                "xyz_dim": self.xyz_to_rgb.input.in_features,
-                "rgb_to_xyz": {k: v.detach().cpu() for k, v in self.rgb_to_xyz.state_dict().items()},
-                "xyz_to_rgb": {k: v.detach().cpu() for k, v in self.xyz_to_rgb.state_dict().items()},
+        rgb_to_xyz, xyz_to_rgb = self._mappings("CFM is not trained: fit the detector first")
+        return {"family": "cfm", "rgb_dim": rgb_to_xyz.input.in_features,
+                "xyz_dim": xyz_to_rgb.input.in_features,
+                "rgb_to_xyz": {k: v.detach().cpu() for k, v in rgb_to_xyz.state_dict().items()},
+                "xyz_to_rgb": {k: v.detach().cpu() for k, v in xyz_to_rgb.state_dict().items()},
                 "losses": list(self.losses), "n_train": self.n_train}
 
     @classmethod
-    def from_state(cls, config: DetectorSettings, state: dict, fusion_block=None, device="cpu",
+    def from_state(cls, config: DetectorSettings, state: dict, device: torch.device | str = "cpu",
                    progress: bool = True) -> CFMDetector:
         """A trained detector from ``to_state``; it scores bit-identically to the one it was taken from."""
         if state.get("family") != "cfm":
             raise ValueError("the saved detector is not a CFM one")
         detector = cls(config, device=device, progress=progress)
-        detector._build_mappings(int(state["rgb_dim"]), int(state["xyz_dim"]))
-        detector.rgb_to_xyz.load_state_dict(state["rgb_to_xyz"])
-        detector.xyz_to_rgb.load_state_dict(state["xyz_to_rgb"])
-        detector.rgb_to_xyz.to(detector.device).eval()
-        detector.xyz_to_rgb.to(detector.device).eval()
+        rgb_to_xyz, xyz_to_rgb = detector._build_mappings(int(state["rgb_dim"]), int(state["xyz_dim"]))
+        rgb_to_xyz.load_state_dict(state["rgb_to_xyz"])
+        xyz_to_rgb.load_state_dict(state["xyz_to_rgb"])
+        rgb_to_xyz.to(detector.device).eval()
+        xyz_to_rgb.to(detector.device).eval()
         detector.losses = [float(v) for v in state["losses"]]
         detector.n_train = int(state["n_train"])
         return detector
 
-    def save(self, path: str | Path, *, class_name: str, setup: dict, rng_state: Tensor | None = None,
+    def save(self, path: str | Path, *, class_name: str, setup: Setup, rng_state: Tensor | None = None,
              thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
         """Write the trained mappings to a class-model file (``m3dm.detection.persistence``)."""
         return save_class_model(path, class_name=class_name, setup=setup, detector_state=self.to_state(),
                                 generator_state=rng_state, thresholds=thresholds, provenance=provenance)
 
     @classmethod
-    def from_model(cls, model: ClassModel, fusion_block=None, device="cpu", progress: bool = True) -> CFMDetector:
+    def from_model(cls, model: ClassModel, resources: DetectorResources = DEFAULT_RESOURCES) -> CFMDetector:
         try:
-            return cls.from_state(model.detector_settings, model.detector_state, device=device, progress=progress)
+            return cls.from_state(model.detector_settings, model.detector_state, device=resources.device,
+                                  progress=resources.progress)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelFileError(f"{model.path}: the saved CFM detector is incomplete or inconsistent "
                                  f"({type(exc).__name__}: {exc})") from exc

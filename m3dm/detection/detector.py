@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from m3dm.config import BANK_ORDER, CONCAT, DetectorSettings
 from m3dm.detection.dlf import DecisionLayerFusion
-from m3dm.detection.persistence import ClassModel, save_class_model
+from m3dm.detection.interface import DEFAULT_RESOURCES, DetectorResources
+from m3dm.detection.persistence import ClassModel, Setup, save_class_model
 from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
-from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures
+from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures, required
 from m3dm.memory.bank import BankRecipe, MemoryBank
 from m3dm.memory.defaults import default_coreset
 from m3dm.memory.maps import segmentation_map
@@ -37,7 +39,10 @@ class ModalityScore:
 
 class Detector:
     """Memory banks of one class: pass 1 (``add``), ``finalize`` (normalise + coreset), pass 2 (``fit_fusion``,
-    decision layer fusion) and ``predict`` (image score and 224 x 224 map of a test sample)."""
+    decision layer fusion) and ``predict`` (image score and 224 x 224 map of a test sample). A
+    ``m3dm.detection.interface.FusionDetector``."""
+
+    fit_stage = "coreset"  # what finalize does, as the run's timings name it
 
     def __init__(self, config: DetectorSettings, fusion_block=None, device="cpu", progress: bool = True,
                  spool_dir=None):
@@ -51,10 +56,15 @@ class Detector:
         coreset = default_coreset(self.device, self.config.coreset_fp16, self.config.coreset_shards)
         # banks live on the run's device: every nearest-neighbour search runs where the features are
         self.banks = {m: MemoryBank(self.device, spool_dir=spool_dir, coreset=coreset) for m in self.spec.modalities}
-        self.dlf = None
+        self.dlf: DecisionLayerFusion | None = None
         self.rgb_grid: int | None = None
         self._late_xyz: dict[int, torch.Tensor] = {}  # xyz patches of samples beyond --asy_memory_bank
         self.n_train = 0
+
+    @classmethod
+    def build(cls, config: DetectorSettings, resources: DetectorResources) -> Detector:
+        return cls(config, resources.fusion_block, device=resources.device, progress=resources.progress,
+                   spool_dir=resources.spool_dir)
 
     @staticmethod
     def training_cap(config: DetectorSettings, max_sample: int) -> int:
@@ -81,13 +91,14 @@ class Detector:
     def modality_patches(self, features: SampleFeatures) -> dict[str, torch.Tensor]:
         patches = {}
         if "xyz" in self.spec.modalities:
-            patches["xyz"] = features.xyz
+            patches["xyz"] = required(features.xyz, "point patches")
         if "rgb" in self.spec.modalities:
-            patches["rgb"] = features.rgb
+            patches["rgb"] = required(features.rgb, "RGB patches")
         if "fusion" in self.spec.modalities:
-            patches["fusion"] = self._fuse(features.xyz, features.rgb_aligned())
+            patches["fusion"] = self._fuse(required(features.xyz, "point patches"), features.rgb_aligned())
         if CONCAT in self.spec.modalities:  # BTF: both on the same grid, RGB channels first
-            patches[CONCAT] = torch.cat((features.rgb, features.xyz), dim=1)
+            patches[CONCAT] = torch.cat((required(features.rgb, "RGB patches"),
+                                         required(features.xyz, "point patches")), dim=1)
         return patches
 
     # --------------------------------------------------------------------------------------------- pass 1
@@ -99,8 +110,8 @@ class Detector:
         cap = self.config.asy_memory_bank
         capped = cap is not None and "xyz" in self.banks and self.banks["xyz"].n_samples >= cap
         if capped:  # the reference keeps xyz and fusion banks to the first `cap` samples
-            self.banks["rgb"].add(features.rgb)
-            self._late_xyz[self.n_train] = features.xyz
+            self.banks["rgb"].add(required(features.rgb, "RGB patches"))
+            self._late_xyz[self.n_train] = required(features.xyz, "point patches")
         else:
             for modality, patches in self.modality_patches(features).items():
                 self.banks[modality].add(patches)
@@ -109,14 +120,14 @@ class Detector:
     def finalize(self) -> None:
         """Normalise and subsample every bank (docs/original.md: Methods)."""
         cfg, spec = self.config, self.spec
-        stats = dict.fromkeys(self.banks, (None, None))
+        stats: dict[str, tuple[Any, Any]] = dict.fromkeys(self.banks, (None, None))
         if spec.own_stats or (spec.shared_stats and cfg.fix_quirks):
             stats = {m: self.banks[m].stats() for m in self.banks}
         elif spec.shared_stats:  # quirk 26: mean of the xyz bank, std of the rgb bank, for every bank
             shared = (self.banks["xyz"].stats()[0], self.banks["rgb"].stats()[1])
             stats = dict.fromkeys(self.banks, shared)
         reduce = cfg.f_coreset < 1
-        n_xyz = None
+        n_xyz: int | None = None
         for modality in BANK_ORDER:  # the reference's order: it shares numpy's global RNG
             if modality not in self.banks:
                 continue
@@ -130,6 +141,7 @@ class Detector:
             elif modality == "xyz" or not spec.shared_stats or cfg.fix_quirks:
                 n = int(cfg.f_coreset * bank.rows)
             else:  # quirk 27: rgb and fusion keep 10 % of the reduced xyz bank
+                assert n_xyz is not None  # shared statistics come with an xyz bank, reduced first (BANK_ORDER)
                 n = int(cfg.f_coreset * n_xyz)
             if modality == "xyz":
                 n_xyz = n if n is not None else bank.rows
@@ -147,7 +159,12 @@ class Detector:
     def _grid(self, modality: str) -> int:
         if self.spec.patch_grid is not None:  # one grid for every bank (BTF)
             return self.spec.patch_grid
-        return self.rgb_grid if modality == "rgb" else XYZ_PATCH_GRID
+        return self._rgb_grid() if modality == "rgb" else XYZ_PATCH_GRID
+
+    def _rgb_grid(self) -> int:
+        if self.rgb_grid is None:
+            raise RuntimeError("the RGB patch grid is known once a sample with RGB features was added")
+        return self.rgb_grid
 
     def modality_scores(self, patches: dict[str, torch.Tensor]) -> dict[str, ModalityScore]:
         out = {}
@@ -185,7 +202,7 @@ class Detector:
                 patches["xyz"] = xyz
             if "fusion" in self.spec.modalities:
                 rgb = patches["rgb"]
-                grid = self.rgb_grid
+                grid = self._rgb_grid()
                 rgb_map = rgb.T.reshape(-1, grid, grid)
                 patches["fusion"] = self._fuse(xyz, SampleFeatures(rgb_map=rgb_map).rgb_aligned())
         return patches
@@ -211,8 +228,9 @@ class Detector:
             (only,) = scores.values()
             return only.score, only.score_map
         if combine == "add":
-            return (sum(s.score for s in scores.values()),
-                    sum(s.score_map for s in scores.values()))
+            # sum() starts from 0: a float and a tensor here, as the modality scores are
+            return (float(sum(s.score for s in scores.values())),
+                    cast(torch.Tensor, sum(s.score_map for s in scores.values())))
         if self.dlf is None:
             raise RuntimeError("decision layer fusion is not fitted: run pass 2 (fit_fusion) first")
         vector, pixels = self._dlf_inputs(scores)
@@ -253,7 +271,7 @@ class Detector:
         detector.n_train = state["n_train"]
         return detector
 
-    def save(self, path: str | Path, *, class_name: str, setup: dict, rng_state: torch.Tensor | None = None,
+    def save(self, path: str | Path, *, class_name: str, setup: Setup, rng_state: torch.Tensor | None = None,
              thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
         """Write this fitted detector to a class-model file with the run's setup (``persistence.make_setup``),
         the feature extractor's random state after fitting and the pass/fail thresholds."""
@@ -263,11 +281,11 @@ class Detector:
         return path
 
     @classmethod
-    def from_model(cls, model: ClassModel, fusion_block=None, device="cpu", progress: bool = True) -> Detector:
+    def from_model(cls, model: ClassModel, resources: DetectorResources = DEFAULT_RESOURCES) -> Detector:
         """The fitted detector of a loaded and verified class-model file (``persistence.load_class_model``)."""
         try:
-            return cls.from_state(model.detector_settings, model.detector_state, fusion_block=fusion_block,
-                                  device=device, progress=progress)
+            return cls.from_state(model.detector_settings, model.detector_state, fusion_block=resources.fusion_block,
+                                  device=resources.device, progress=resources.progress)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{model.path}: the saved detector is incomplete or inconsistent "
                                  f"({type(exc).__name__}: {exc})") from exc

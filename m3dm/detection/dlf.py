@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 from sklearn.linear_model import SGDOneClassSVM
 
 ArrayLike = np.ndarray | torch.Tensor
 
 
-def _as_matrix(values: ArrayLike, dtype: np.dtype | None = None) -> np.ndarray:
+def _as_matrix(values: ArrayLike, dtype: DTypeLike | None = None) -> np.ndarray:
     """A 2-D C-contiguous NumPy view or copy (a copy only when the dtype or layout requires it)."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()

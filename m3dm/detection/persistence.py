@@ -27,6 +27,7 @@ and the run's (settings, weight files, rebuilt parameters).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import pickle
@@ -36,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
+import sklearn
+import timm
 import torch
 
 from m3dm import __version__
@@ -126,66 +130,105 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def weight_record(module: torch.nn.Module, name: str, seed: int, path: str | Path | None) -> dict:
+@dataclass(frozen=True)
+class WeightRecord:
+    """Where a module's weights came from: a file (``source`` ``"file"``: path and SHA-256) or ``"random"`` (and the
+    seed), and a SHA-256 of the parameters built. Saved in a model file as a plain dict (``to_dict``)."""
+
+    name: str
+    source: str
+    path: str | None
+    sha256: str | None
+    seed: int | None
+    parameters_sha256: str
+
+    @property
+    def from_file(self) -> bool:
+        return self.source == "file"
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, record: dict) -> WeightRecord:
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
+
+
+def weight_record(module: torch.nn.Module, name: str, seed: int, path: str | Path | None) -> WeightRecord:
     """Where a module's weights came from: a file (path and SHA-256) or ``random`` (and the seed)."""
-    return {"name": name, "source": "random" if path is None else "file",
-            "path": None if path is None else str(Path(path).resolve()),
-            "sha256": None if path is None else file_sha256(path),
-            "seed": seed if path is None else None,
-            "parameters_sha256": parameters_sha256(module)}
+    return WeightRecord(name=name, source="random" if path is None else "file",
+                        path=None if path is None else str(Path(path).resolve()),
+                        sha256=None if path is None else file_sha256(path),
+                        seed=seed if path is None else None, parameters_sha256=parameters_sha256(module))
 
 
-def make_setup(method_name: str, config: dict, settings: dict, weights: dict) -> dict:
+@dataclass(frozen=True)
+class Setup:
     """What a fitted model records and a run loading it must match: the detector's settings (``config``:
     ``DetectorSettings.to_record()``), the other recorded settings (``Settings.recorded()``) and the weight
-    records (``weight_record`` by kind: ``rgb``, ``xyz``, ``fusion``)."""
-    return _plain({"method_name": method_name, "config": config, "settings": settings, "weights": weights})
+    records by kind (``rgb``, ``xyz``, ``fusion``). Saved in a model file as plain values (``to_dict``)."""
+
+    method_name: str
+    config: dict
+    settings: dict
+    weights: dict[str, WeightRecord]
+
+    def plain_weights(self) -> dict[str, dict]:
+        return {kind: record.to_dict() for kind, record in self.weights.items()}
+
+    def to_dict(self) -> dict:
+        return _plain({"method_name": self.method_name, "config": self.config, "settings": self.settings,
+                       "weights": self.plain_weights()})
+
+
+def make_setup(method_name: str, config: dict, settings: dict, weights: dict[str, WeightRecord]) -> Setup:
+    """The setup of a run or a model, its values in the form a saved file gives them (``_plain``)."""
+    return Setup(str(method_name), _plain(config), _plain(settings), dict(weights))
 
 
 def _short(sha: str | None) -> str:
     return "-" if sha is None else sha[:12] + "…"
 
 
-def _weight_source(record: dict) -> str:
-    if record["source"] == "random":
-        return f"RANDOM weights (seed {record['seed']})"
-    return f"weight file {record['path']}"
+def _weight_source(record: WeightRecord) -> str:
+    if not record.from_file:
+        return f"RANDOM weights (seed {record.seed})"
+    return f"weight file {record.path}"
 
 
-def _weight_differences(saved: dict, current: dict) -> list[str]:
+def _weight_differences(saved: dict[str, WeightRecord], current: dict[str, WeightRecord]) -> list[str]:
     lines = []
     for kind in sorted(set(saved) | set(current)):
         what = WEIGHT_KINDS.get(kind, kind)
         old, new = saved.get(kind), current.get(kind)
         if old is None or new is None:
             lines.append(f"{what}: {'used by this run but not by the model' if old is None else 'missing'}")
-        elif old["source"] != new["source"]:
+        elif old.source != new.source:
             lines.append(f"{what}: the model was fitted with {_weight_source(old)}, this run uses "
                          f"{_weight_source(new)}")
-        elif old["sha256"] != new["sha256"]:
-            lines.append(f"{what}: weight file {new['path']} has SHA-256 {_short(new['sha256'])}, the model was "
-                         f"fitted with {old['path']} (SHA-256 {_short(old['sha256'])}): other weights")
-        elif old["parameters_sha256"] != new["parameters_sha256"]:
-            cause = (f"random weights rebuilt from seed {new['seed']} (another seed, timm or torch version?)"
-                     if new["source"] == "random" else f"weights loaded from {new['path']} (another loader?)")
+        elif old.sha256 != new.sha256:
+            lines.append(f"{what}: weight file {new.path} has SHA-256 {_short(new.sha256)}, the model was "
+                         f"fitted with {old.path} (SHA-256 {_short(old.sha256)}): other weights")
+        elif old.parameters_sha256 != new.parameters_sha256:
+            cause = (f"random weights rebuilt from seed {new.seed} (another seed, timm or torch version?)"
+                     if not new.from_file else f"weights loaded from {new.path} (another loader?)")
             lines.append(f"{what}: the {cause} differ from those the model was fitted with")
     return lines
 
 
-def setup_differences(saved: dict, current: dict) -> list[str]:
+def setup_differences(saved: Setup, current: Setup) -> list[str]:
     """Human-readable differences between a model's setup and a run's (empty when they match)."""
     lines = []
-    if saved["method_name"] != current["method_name"]:
-        lines.append(f"--method_name: the model is {saved['method_name']}, this run asks for "
-                     f"{current['method_name']}")
+    if saved.method_name != current.method_name:
+        lines.append(f"--method_name: the model is {saved.method_name}, this run asks for "
+                     f"{current.method_name}")
     reported = {"method_name"}
-    for section in ("config", "settings"):
-        old, new = saved[section], current[section]
+    for old, new in ((saved.config, current.config), (saved.settings, current.settings)):
         for key in sorted(set(old) | set(new)):
             if key not in reported and old.get(key) != new.get(key):
                 lines.append(f"{key}: the model has {old.get(key)!r}, this run {new.get(key)!r}")
                 reported.add(key)
-    return lines + _weight_differences(saved["weights"], current["weights"])
+    return lines + _weight_differences(saved.weights, current.weights)
 
 
 # ----------------------------------------------------------------------------------------------- the file
@@ -204,20 +247,16 @@ def _compact(value: Any) -> Any:
 
 
 def _environment() -> dict:
-    import numpy
-    import sklearn
-    import timm
-
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "scikit-learn": sklearn.__version__, "numpy": numpy.__version__}
 
 
-def save_class_model(path: str | Path, *, class_name: str, setup: dict, detector_state: dict,
+def save_class_model(path: str | Path, *, class_name: str, setup: Setup, detector_state: dict,
                      generator_state=None, thresholds: Thresholds | None = None,
                      provenance: dict | None = None) -> Path:
     """Write a fitted detector's state and its setup (``make_setup``) to ``path``, atomically."""
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "m3dm_version": __version__,
-              "class_name": class_name, **setup, "detector": detector_state,
+              "class_name": class_name, **setup.to_dict(), "detector": detector_state,
               "generator_state": generator_state,
               "thresholds": None if thresholds is None else thresholds.to_dict(),
               "environment": _environment(),
@@ -257,8 +296,11 @@ class ClassModel:
         return {**_plain(recorded_defaults()), **self.record["settings"]}
 
     @property
-    def weights(self) -> dict:
-        return self.record["weights"]
+    def weights(self) -> dict[str, WeightRecord]:
+        try:
+            return {kind: WeightRecord.from_dict(record) for kind, record in self.record["weights"].items()}
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise ModelFileError(f"{self.path}: unexpected weight records ({type(exc).__name__}: {exc})") from exc
 
     @property
     def detector_settings(self) -> DetectorSettings:
@@ -273,7 +315,7 @@ class ClassModel:
         return self.record["detector"]
 
     @property
-    def setup(self) -> dict:
+    def setup(self) -> Setup:
         return make_setup(self.method_name, self.config, self.settings, self.weights)
 
     @property
@@ -294,7 +336,7 @@ class ClassModel:
         if class_name != self.class_name:
             raise ModelFileError(f"{self.path}: holds a model of class {self.class_name!r}, not {class_name!r}")
 
-    def check_setup(self, current: dict) -> None:
+    def check_setup(self, current: Setup) -> None:
         """Refuse when the run's setup (``make_setup``) differs from the model's."""
         differences = setup_differences(self.setup, current)
         if differences:
@@ -324,7 +366,7 @@ def _read_archive(path: Path):
 
 
 def load_class_model(path: str | Path, method_name: str | None = None, *, class_name: str | None = None,
-                     setup: dict | None = None) -> ClassModel:
+                     setup: Setup | None = None) -> ClassModel:
     """Read and verify a model file: format, version, content checksum and, when given, the method, the class
     and the run's setup (``make_setup``)."""
     path = Path(path)

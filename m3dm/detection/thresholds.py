@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import Subset
 
+from m3dm.data.dataset import AnomalyDataset
 from m3dm.data.layout import GOOD, discover_samples
 from m3dm.errors import DataError
 
@@ -136,9 +138,5 @@ def choose_threshold_samples(root: str | Path, class_name: str, train_cap: int,
 
 def threshold_dataset(samples: ThresholdSamples, root: str | Path, class_name: str, img_size: int = 224):
     """The torch dataset of the chosen good parts."""
-    from torch.utils.data import Subset
-
-    from m3dm.data.dataset import AnomalyDataset
-
     dataset = AnomalyDataset(root, class_name, samples.split, img_size)
     return dataset if samples.indices is None else Subset(dataset, list(samples.indices))

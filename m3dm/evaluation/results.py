@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from m3dm.constants import PRO_THRESHOLDS
-from m3dm.data.io import atomic_path
+from m3dm.constants import PRO_THRESHOLDS, RGB_SIZE
+from m3dm.data.io import atomic_path, read_rgb
+from m3dm.evaluation.pictures import prediction_panel, save_panel
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def per_sample_rows(result: ClassResult, fails: Callable[[float], bool] | None =
     the name's parts, the paths, the label, the image score, the max and mean of the 224 x 224 map, and with a
     model's thresholds (``fails``: image score -> failed) ``result`` "pass"/"fail" and the image threshold (None
     without)."""
-    xyz_paths = result.xyz_paths or [None] * len(result.names)
+    xyz_paths: list[str | None] = list(result.xyz_paths) if result.xyz_paths else [None] * len(result.names)
     rows = []
     for name, rgb, xyz, label, score, score_map in zip(result.names, result.rgb_paths, xyz_paths, result.labels,
                                                        result.image_scores, result.maps, strict=True):
@@ -74,18 +76,12 @@ def save_score_maps(result: ClassResult, path: str | Path) -> Path:
 def save_prediction_pictures(result: ClassResult, folder: str | Path) -> Path:
     """One PNG per test sample, ``<folder>/<defect>/<stem>.png``: RGB | GT | heatmap overlay with the image score,
     every heatmap on the colour scale of the class's lowest and highest map values."""
-    from PIL import Image
-
-    from m3dm.constants import RGB_SIZE
-    from m3dm.data.io import read_rgb
-    from m3dm.evaluation.pictures import prediction_panel, save_panel
-
     folder = Path(folder)
     vmin, vmax = float(result.maps.min()), float(result.maps.max())
     for name, path, score_map, mask, score in zip(result.names, result.rgb_paths, result.maps, result.masks,
                                                   result.image_scores):
         _, _, defect, stem = name.split("/")
-        rgb = np.asarray(read_rgb(path).convert("RGB").resize((RGB_SIZE, RGB_SIZE), Image.BICUBIC))
+        rgb = np.asarray(read_rgb(path).convert("RGB").resize((RGB_SIZE, RGB_SIZE), Image.Resampling.BICUBIC))
         panel = prediction_panel(rgb, mask if mask.any() else None, score_map, float(score), vmin, vmax,
                                  title=name)
         save_panel(folder / defect / f"{stem}.png", panel)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -23,6 +24,16 @@ XYZ_PATCH_GRID = 56  # PFA output grid: 56 x 56 = 3136 patches
 POINT_OUTPUTS = ("patches", "groups")
 
 
+T = TypeVar("T")
+
+
+def required(value: T | None, what: str) -> T:
+    """A part of the features (or of a batch) that the method needs; a ValueError names it when it is missing."""
+    if value is None:
+        raise ValueError(f"no {what}: the feature extractor was built for, or given the inputs of, another method")
+    return value
+
+
 @dataclass
 class SampleFeatures:
     """Features of one sample, on the CPU, float32. Patches are row-major over their grid."""
@@ -34,7 +45,7 @@ class SampleFeatures:
 
     def rgb_aligned(self, grid: int = XYZ_PATCH_GRID) -> torch.Tensor:
         """RGB patches pooled to the xyz grid, spatially aligned with ``xyz``: ``(grid², C)``."""
-        return rgb_to_patch_grid(self.rgb_map[None], grid)[0]
+        return rgb_to_patch_grid(required(self.rgb_map, "RGB map")[None], grid)[0]
 
 
 class FeatureExtractor:
@@ -79,20 +90,23 @@ class FeatureExtractor:
         self._generator.manual_seed(seed)
 
     @torch.no_grad()
-    def __call__(self, rgb: torch.Tensor, pc: torch.Tensor, names: list[str] | None = None) -> list[SampleFeatures]:
-        """``rgb (B, 3, 224, 224)``, ``pc (B, 3, S, S)`` organized clouds -> one ``SampleFeatures`` per sample."""
-        batch = rgb.shape[0] if rgb is not None else pc.shape[0]
+    def __call__(self, rgb: torch.Tensor | None, pc: torch.Tensor | None,
+                 names: list[str] | None = None) -> list[SampleFeatures]:
+        """``rgb (B, 3, 224, 224)``, ``pc (B, 3, S, S)`` organized clouds -> one ``SampleFeatures`` per sample (None:
+        the method does not use that modality)."""
+        batch = rgb.shape[0] if rgb is not None else required(pc, "point clouds").shape[0]
         out = [SampleFeatures() for _ in range(batch)]
         if self.rgb_backbone is not None:
             with self._autocast():
-                rgb_maps = self.rgb_backbone(rgb.to(self.device, non_blocking=True)).float().cpu()
+                rgb_maps = self.rgb_backbone(required(rgb, "RGB images").to(self.device, non_blocking=True))
+                rgb_maps = rgb_maps.float().cpu()
             for sample, rgb_map in zip(out, rgb_maps):
                 sample.rgb_map = rgb_map
                 sample.rgb = rgb_map.flatten(1).T.contiguous()
         if self.point_backbone is not None:
-            self._add_point_features(out, pc, names)
+            self._add_point_features(self.point_backbone, out, required(pc, "point clouds"), names)
         if self.point_features is not None:
-            for sample, cloud in zip(out, pc):
+            for sample, cloud in zip(out, required(pc, "point clouds")):
                 sample.xyz = self.point_features(cloud)
         return out
 
@@ -104,7 +118,7 @@ class FeatureExtractor:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _add_point_features(self, out: list[SampleFeatures], pc: torch.Tensor, names) -> None:
+    def _add_point_features(self, backbone, out: list[SampleFeatures], pc: torch.Tensor, names) -> None:
         pc = pc.to(self.device, non_blocking=True)
         clouds, flat_indices = [], []
         for i in range(pc.shape[0]):
@@ -112,13 +126,13 @@ class FeatureExtractor:
             name = names[i] if names else f"sample {i} of the batch"
             if len(points) == 0:
                 raise DataError(f"{name}: the point cloud has no valid point")
-            if len(points) < self.point_backbone.group_size:  # a group is that many nearest points
+            if len(points) < backbone.group_size:  # a group is that many nearest points
                 raise DataError(f"{name}: the point cloud has {len(points)} valid points, fewer than the "
-                                f"{self.point_backbone.group_size} of one group (lower --group_size)")
+                                f"{backbone.group_size} of one group (lower --group_size)")
             clouds.append(points)
             flat_indices.append(flat_index)
         with self._autocast():
-            group_features, centres = self.point_backbone(clouds, generator=self._generator)
+            group_features, centres = backbone(clouds, generator=self._generator)
         group_features, centres = group_features.float(), centres.float()
         for i, sample in enumerate(out):
             if "patches" in self.point_outputs:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +61,18 @@ def _batch_norm_relu_(bn: nn.BatchNorm1d, x: Tensor) -> Tensor:
         mean = x.mean(dim=1, keepdim=True)
         var = (x - mean).square_().mean(dim=1, keepdim=True)
     else:
-        var, mean = bn.running_var, bn.running_mean
+        var, mean = cast(Tensor, bn.running_var), cast(Tensor, bn.running_mean)  # BatchNorm1d tracks them
     scale = bn.weight * torch.rsqrt(var + bn.eps)
     shift = bn.bias - mean * scale
     if torch.is_grad_enabled():  # autograd cannot record out=; same values
         return F.relu(torch.addcmul(shift, x, scale))
     return torch.addcmul(shift, x, scale, out=x).relu_()
+
+
+def _conv_bn_conv(layers: nn.Sequential) -> tuple[nn.Conv1d, nn.BatchNorm1d, nn.Conv1d]:
+    """The reference's ``Conv1d, BatchNorm1d, ReLU, Conv1d`` block as its three layers with weights."""
+    conv_a, bn, _, conv_b = layers
+    return cast(nn.Conv1d, conv_a), cast(nn.BatchNorm1d, bn), cast(nn.Conv1d, conv_b)
 
 
 def _pointwise(conv: nn.Conv1d, x: Tensor, bias: bool = True) -> Tensor:
@@ -93,12 +100,12 @@ class MiniPointNet(nn.Module):
     def forward(self, neighbourhoods: Tensor) -> Tensor:
         """`(B, G, K, 3)` relative neighbourhoods -> `(B, G, encoder_channel)` tokens."""
         batch, groups, size, _ = neighbourhoods.shape
-        conv_a, bn_a, _, conv_b = self.first_conv
+        conv_a, bn_a, conv_b = _conv_bn_conv(self.first_conv)
         x = neighbourhoods.reshape(batch, groups * size, 3)
         x = _pointwise(conv_b, _batch_norm_relu_(bn_a, _pointwise(conv_a, x)))
         local = x.view(batch, groups, size, -1)
         pooled = local.amax(dim=2)  # (B, G, 256)
-        conv_c, bn_c, _, conv_d = self.second_conv
+        conv_c, bn_c, conv_d = _conv_bn_conv(self.second_conv)
         width = pooled.shape[-1]
         weight = conv_c.weight[:, :, 0]
         x = F.linear(local, weight[:, width:]).add_(F.linear(pooled, weight[:, :width], conv_c.bias)[:, :, None])

@@ -109,7 +109,7 @@ def knn(query: Tensor, points: Tensor, k: int, chunk_size: int | None = None,
     if chunk_size is None:
         chunk_size = _default_knn_chunk(batch, points.shape[1], points.element_size())
     dists, indices = [], []
-    if padded:
+    if padded and lengths is not None:
         padding = torch.arange(points.shape[1], device=points.device)[None, :] >= lengths.to(points.device)[:, None]
     for start in range(0, n_queries, chunk_size):
         dist = _squared_distances(query[:, start : start + chunk_size], points)

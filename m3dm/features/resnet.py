@@ -5,6 +5,9 @@ Architecture only: the weights are loaded by ``m3dm.features.weights.build_wide_
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import timm
 import torch
 from torch import nn
@@ -26,11 +29,13 @@ class WideResNetFeatures(nn.Module):
 
     def __init__(self, grid: int = 28, aligned: bool = False):
         super().__init__()
-        self.body = timm.create_model(WIDE_RESNET, pretrained=False, features_only=True,
+        # Any: timm types its models as a plain nn.Module; this one is a FeatureListNet (feature_info, channels)
+        body: Any = timm.create_model(WIDE_RESNET, pretrained=False, features_only=True,
                                       out_indices=WIDE_RESNET_LAYERS)
+        self.body = body
         self.grid, self.aligned = grid, aligned
-        self.feature_dim = sum(self.body.feature_info.channels())
-        self.checkpoint_path = None  # set by the builder
+        self.feature_dim = sum(body.feature_info.channels())
+        self.checkpoint_path: Path | None = None  # set by the builder
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.body(images)

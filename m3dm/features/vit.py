@@ -36,8 +36,9 @@ def timm_model_name(name: str) -> str:
     return REFERENCE_RGB_NAMES.get(name, name)
 
 
-def create_vit(name: str, **timm_kwargs: Any) -> nn.Module:
-    """Randomly initialised timm ViT without classifier head; never downloads anything."""
+def create_vit(name: str, **timm_kwargs: Any) -> Any:
+    """Randomly initialised timm ViT without classifier head; never downloads anything. Typed ``Any``: the model is
+    checked for the attributes used here (timm's ViT-like models share no typed interface)."""
     timm_name = timm_model_name(name)
     if not timm.is_model(timm_name.split(".")[0]):
         raise ValueError(f"unknown timm model {name!r}")

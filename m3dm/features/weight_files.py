@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from timm.models import get_pretrained_cfg
+
 from m3dm.errors import CheckpointError
 from m3dm.features.vit import DEFAULT_RGB_BACKBONE, timm_model_name
 
@@ -48,12 +50,11 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 def _hf_weights_location(timm_name: str) -> tuple[str, tuple[str, ...]] | None:
     """(Hugging Face repository id, candidate weight file names) from timm's pretrained config, or None."""
     try:
-        from timm.models import get_pretrained_cfg
         cfg = get_pretrained_cfg(timm_model_name(timm_name))
     except Exception:  # unknown name or tag
         return None
     repo_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo_id:
+    if cfg is None or not repo_id:
         return None
     if repo_id.endswith("/"):
         repo_id += f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
@@ -64,7 +65,7 @@ def _hf_weights_location(timm_name: str) -> tuple[str, tuple[str, ...]] | None:
 def find_hf_cache_file(timm_name: str, cache_dir: str | Path | None = None) -> Path | None:
     """Weights of a timm model already in the Hugging Face cache (offline lookup only), else None."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # optional: without it, no cache lookup
     except ImportError:
         return None
     location = _hf_weights_location(timm_name)

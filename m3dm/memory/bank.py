@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -161,7 +162,8 @@ class MemoryBank:
         # the stored rows are on the host, so they are normalised there (IEEE float32 subtract and divide give the
         # same bits on any device); the coreset moves its chunks to its own device
         host = (lambda t: None if t is None else t.cpu())
-        rows = NormalisedRows(self._store, host(self.mean), host(self.std))
+        # NormalisedRows stands in for the normalised bank tensor wherever it is sliced (read lazily)
+        rows = cast(torch.Tensor, NormalisedRows(self._store, host(self.mean), host(self.std)))
         if recipe.drop_zero_rows_before:
             rows = rows_without_zeros(rows[0:rows.shape[0]])
         n_coreset = recipe.coreset_size(rows.shape[0])
@@ -186,7 +188,7 @@ class MemoryBank:
     def normalise(self, patches: ArrayLike) -> torch.Tensor:
         """Patches as float32 on the bank's device, normalised with finalize's statistics when it had any."""
         patches = as_tensor(patches).to(self.storage_device, torch.float32)
-        return patches if self.mean is None else (patches - self.mean) / self.std
+        return patches if self.mean is None or self.std is None else (patches - self.mean) / self.std
 
     def score(self, patches: ArrayLike, normalise: bool = True, eps: float = 0.0, divisor: float = 1.0,
               n_reweight: int = 3) -> tuple[float, torch.Tensor]:

@@ -336,7 +336,7 @@ class GreedyCoreset:
 
 
 def _project_for_coreset(features: torch.Tensor, projector: SparseRandomProjection | None,
-                         store_dtype: torch.dtype | None, device: torch.device):
+                         store_dtype: torch.dtype | None, device: torch.device | str):
     """Projected bank and the distances of every row to row 0, both in ``store_dtype`` on ``device``.
 
     The distances to row 0 are taken in the projection's precision before the cast, as in the reference.

@@ -15,8 +15,6 @@ import torch
 from scipy import sparse
 from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
 
-from m3dm.memory.storage import ArrayLike, as_tensor
-
 log = logging.getLogger(__name__)
 
 PROJECTION_CHUNK_BYTES = 64 * 2**20  # float64 input per projection chunk
@@ -59,16 +57,3 @@ def projection_chunks(features: torch.Tensor, projector: SparseRandomProjection 
     rows = max(1, PROJECTION_CHUNK_BYTES // (8 * max(1, features.shape[1])))
     for start in range(0, features.shape[0], rows):
         yield start, project_rows(features[start:start + rows], projector)
-
-
-def sparse_random_projection(features: ArrayLike, eps: float, random_state=None) -> torch.Tensor:
-    """Project a bank with ``SparseRandomProjection(eps, random_state, n_components='auto')``.
-
-    ``random_state=None`` draws from NumPy's global generator, as the reference (the caller seeds it). Returns
-    float64 projected rows, or the unprojected features when the target dimension would exceed the input one.
-    """
-    features = as_tensor(features)
-    projector = fit_sparse_random_projection(features.shape[0], features.shape[1], eps, random_state)
-    if projector is None:
-        return features
-    return torch.cat([chunk for _, chunk in projection_chunks(features, projector)])

@@ -145,16 +145,6 @@ class ScreeningStats:
     plain_blocks: int = 0
     blocks: int = 0
 
-    @property
-    def candidates_per_query(self) -> float:
-        return self.candidates / max(1, self.screened_queries)
-
-    @property
-    def mean_union_fraction(self) -> float:
-        if not self.union_rows:
-            return 0.0
-        return sum(self.union_rows) / (len(self.union_rows) * max(1, self.bank_rows))
-
 
 class ScreenedBank:
     """A fitted memory bank prepared once for exact nearest-neighbour search with bfloat16 screening.
@@ -347,7 +337,8 @@ class ScreenedBank:
         upper = self._upper_bound(query_rows, self.padded.index_select(0, nearest))
         # L - e|L| <= U holds for every L < 0 (U >= 0) and means L <= U / (1 - e) for L >= 0
         threshold = _round_up_bf16(upper / (1 - OUTPUT_ROUNDING))
-        return (lower <= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+        rows, cols = (lower <= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+        return rows, cols
 
     def _upper_bound(self, query_rows: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:
         """``U = A + B`` for matching query and bank rows, in float64 (the bfloat16 products are exact there),
@@ -403,13 +394,6 @@ class ScreenedSearch:
         if self._prepared is None:
             self._prepared = ScreenedBank(self.bank, max_rerank_share=self.max_rerank_share)
         return self._prepared.search(queries, chunk_size=self.block_rows)
-
-
-def screened_nearest_neighbours(patches: torch.Tensor, bank: torch.Tensor | ScreenedBank,
-                                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`nearest_neighbours` with bfloat16 screening; pass a :class:`ScreenedBank` to prepare it once."""
-    screened = bank if isinstance(bank, ScreenedBank) else ScreenedBank(bank)
-    return screened.search(patches, chunk_size=chunk_size)
 
 
 def _union(cols: torch.Tensor, bank_rows: int) -> torch.Tensor:

@@ -158,7 +158,7 @@ class SharedEmptyRows:
             raise RuntimeError("SharedEmptyRows.search before fit")
         n_empty = 0 if empty is None else int(empty.sum())
         n_filled = queries.shape[0] - n_empty
-        if (n_empty < 2 or n_filled < MIN_GEMM_SIDE
+        if (empty is None or n_empty < 2 or n_filled < MIN_GEMM_SIDE
                 or self.bank.shape[0] <= max(MIN_GEMM_SIDE, CDIST_MM_THRESHOLD)):
             return self.inner.search(queries)
         filled = (~empty).nonzero().squeeze(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import io
 import math
 import os
 import tempfile
@@ -64,7 +65,7 @@ class SampleStore:
     def __init__(self, spool_dir: str | Path | None = None) -> None:
         self.spool_dir = None if spool_dir is None else Path(spool_dir)
         self._tensors: list[torch.Tensor] = []
-        self._file = None
+        self._file: io.BufferedRandom | None = None
         self._starts = [0]  # first row of every sample, then the total
         self._dim = 0
 
@@ -91,7 +92,7 @@ class SampleStore:
     def append(self, rows: torch.Tensor) -> None:
         rows = rows.detach().to("cpu", torch.float32)
         self._dim = rows.shape[1]
-        if self.on_disk:
+        if self.spool_dir is not None:
             if self._file is None:
                 self.spool_dir.mkdir(parents=True, exist_ok=True)
                 # kept open across calls (closed by clear): the file has no name to reopen it by
@@ -113,10 +114,10 @@ class SampleStore:
         out = torch.empty((max(0, stop - start), self._dim), dtype=torch.float32)
         if out.shape[0] == 0:
             return out
-        if self.on_disk:
+        if self._file is not None:  # on disk (the file exists from the first row on)
             self._file.flush()
             self._file.seek(start * self._dim * 4)
-            if self._file.readinto(memoryview(out.numpy()).cast("B")) != out.numel() * 4:
+            if self._file.readinto(out.numpy().data.cast("B")) != out.numel() * 4:
                 raise OSError(f"the memory-bank spool file in {self.spool_dir} was truncated")
             return out
         first = bisect.bisect_right(self._starts, start) - 1
@@ -170,6 +171,6 @@ class NormalisedRows:
             rows = self.store.read(start, stop)
         else:
             rows = self.store.take(torch.as_tensor(key))
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:  # both or neither
             rows.sub_(self.mean).div_(self.std)  # same float32 ops as the reference's (x - mean) / std
         return rows

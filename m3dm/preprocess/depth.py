@@ -31,7 +31,6 @@ from m3dm.errors import DataError
 from m3dm.preprocess.common import JobResult, Summary, copy_other_files, resolve_roots, run_jobs, timed
 
 CALIBRATION_FILE = Path("calibration") / "camera_parameters.json"  # MVTec 3D-AD's, per class folder
-DEPTH_SUFFIXES = (".png", ".tiff", ".tif")
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def intrinsics_from_mapping(values: dict, where: str) -> Intrinsics:
             raise DataError(f"{where}: camera_type {camera_type!r} is not supported (area_scan_division or "
                             f"area_scan_pinhole)")
         division = kappa * focus**2 if camera_type == "area_scan_division" else 0.0
-        return Intrinsics(focus / sx, focus / sy, cx, cy, division, **size)
+        return Intrinsics(focus / sx, focus / sy, cx, cy, division, width=size["width"], height=size["height"])
     matrix = values.get("K", values.get("camera_matrix"))
     if matrix is not None:
         if isinstance(matrix, dict):
@@ -85,7 +84,7 @@ def intrinsics_from_mapping(values: dict, where: str) -> Intrinsics:
             k = np.asarray(matrix, dtype=np.float64).reshape(3, 3)
         except (TypeError, ValueError):
             raise DataError(f"{where}: the camera matrix must hold 9 numbers (3 x 3), got {matrix!r}") from None
-        return Intrinsics(k[0, 0], k[1, 1], k[0, 2], k[1, 2], **size)
+        return Intrinsics(k[0, 0], k[1, 1], k[0, 2], k[1, 2], width=size["width"], height=size["height"])
     if not {"fx", "fy", "cx", "cy"} <= set(values):
         raise DataError(f"{where}: no camera intrinsics found: expected fx, fy, cx, cy, or a 3x3 matrix K, or "
                         f"MVTec 3D-AD's focus/kappa/sx/sy/cx/cy (keys present: {', '.join(map(str, values))})")
@@ -232,7 +231,7 @@ class DepthJob:
 def convert_depth_sample(job: DepthJob) -> JobResult:
     cloud = convert_depth_image(job.depth, job.intrinsics, job.depth_scale, job.rgb)
     copy_file(job.rgb, job.out_rgb)
-    if job.gt is not None:
+    if job.gt is not None and job.out_gt is not None:  # set together
         copy_file(job.gt, job.out_gt)
     write_tiff(job.out_xyz, cloud)  # written last: its presence marks the sample as done
     return JobResult(job.name, valid_points=int((cloud != 0).all(-1).sum()))
@@ -256,7 +255,9 @@ def _depth_jobs(source: Path, output: Path, intrinsics: Intrinsics | None, intri
                 depth_scale: float | None) -> tuple[list[DepthJob], set[Path]]:
     """Every sample of the tree (pairing checked up front, every problem at once) and the set of their files."""
     class_dirs = [p for p in sorted(source.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-    jobs, files, problems = [], set(), []
+    jobs: list[DepthJob] = []
+    files: set[Path] = set()
+    problems: list[str] = []
     for class_dir in class_dirs:
         split_dirs = [class_dir / s for s in SPLITS if (class_dir / s).is_dir()]
         if not split_dirs:

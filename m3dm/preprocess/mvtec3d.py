@@ -209,7 +209,7 @@ def process_sample(job: SampleJob) -> JobResult:
             check_same_size(cloud, mask, job.xyz, job.gt)
             gt = np.array(mask)
     cloud, rgb, gt, n_labels = preprocess_arrays(cloud, rgb, gt, job.seed)
-    if gt is not None:
+    if gt is not None and job.out_gt is not None:  # set together with job.gt, where the ground truth comes from
         write_png(job.out_gt, gt)
     write_png(job.out_rgb, rgb)
     write_tiff(job.out_xyz, cloud)  # written last: its presence marks the sample as done
@@ -253,10 +253,11 @@ def preprocess_dataset(source, output=None, inplace: bool = False, workers: int 
     remove_stale_temporaries(output)
     done = set()
     done_log = output / DONE_LOG if inplace else None
-    if inplace and done_log.exists():
+    if done_log is not None and done_log.exists():
         done = set(done_log.read_text().split())
 
-    jobs, already = [], []
+    jobs: list[SampleJob] = []
+    already: list[SampleJob] = []
     for s in samples:
         gt = s.gt_path or _good_gt(s)
         rel = lambda p: output / p.relative_to(source)

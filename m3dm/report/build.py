@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from m3dm.data.io import write_text
 from m3dm.errors import DiskFullError
+from m3dm.report.page import comparison_page, run_page
 from m3dm.report.runs import load_run
 
 log = logging.getLogger(__name__)
@@ -16,7 +18,7 @@ REPORT_NAME = "report.html"
 COMPARISON_NAME = "comparison.html"
 
 
-def default_output(folders: list[str | Path]) -> Path:
+def default_output(folders: Sequence[str | Path]) -> Path:
     """``<folder>/report.html`` for one folder; ``comparison.html`` in the folders' common parent for several."""
     if len(folders) == 1:
         return Path(folders[0]) / REPORT_NAME
@@ -24,11 +26,9 @@ def default_output(folders: list[str | Path]) -> Path:
     return parent / COMPARISON_NAME
 
 
-def build_report(folders: list[str | Path], output: str | Path | None = None) -> Path:
+def build_report(folders: Sequence[str | Path], output: str | Path | None = None) -> Path:
     """Write the report of the saved results in ``folders`` to ``output`` (``default_output``) atomically and
     return its path. Needs only the files the run saved (results.json, per_sample.json, report_data/)."""
-    from m3dm.report.page import comparison_page, run_page
-
     if not folders:
         raise ValueError("no results folder given")
     runs = [load_run(folder) for folder in folders]

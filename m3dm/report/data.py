@@ -10,14 +10,20 @@ from __future__ import annotations
 import io
 import json
 import logging
+import platform
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+import m3dm
 from m3dm.constants import PRO_THRESHOLDS
-from m3dm.data.io import atomic_path
+from m3dm.data.io import atomic_path, read_organized_pc, read_rgb, write_text
+from m3dm.errors import DataError
+from m3dm.evaluation.metrics import au_pro, image_auroc, pro_curve
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +63,7 @@ class ClassData:
 
 def shrink_rgb(rgb: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
     """``(H, W, 3)`` uint8 -> ``(size, size, 3)`` uint8 (area average)."""
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.BOX))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.Resampling.BOX))
 
 
 def shrink_maps(maps: np.ndarray, size: int = THUMBNAIL, reduce=np.mean) -> np.ndarray:
@@ -97,8 +101,6 @@ def defect_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | N
     parts (image AUROC, AU-PRO up to FPR 0.3 with the method's ``pro_thresholds``); ``good``: its count and mean
     only. Undefined metrics (no mask, a single label) are None. (No pixel AUROC per type: sorting every pixel again
     per type would cost seconds per class.)"""
-    from m3dm.evaluation.metrics import au_pro, image_auroc
-
     types = np.asarray(defect_types)
     good = labels == 0
     table = {}
@@ -123,8 +125,6 @@ def _finite(value: float) -> float | None:
 
 def read_thumbnails(rgb_paths: list[str], xyz_paths: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
     """RGB ``(N, T, T, 3)`` and depth ``(N, T, T)`` thumbnails of the test parts, read from their files."""
-    from m3dm.data.io import read_organized_pc, read_rgb
-
     rgb = np.stack([shrink_rgb(np.asarray(read_rgb(p))) for p in rgb_paths])
     depth = np.stack([depth_thumbnail(read_organized_pc(p)) if p else np.full((THUMBNAIL,) * 2, np.nan, np.float16)
                       for p in xyz_paths])
@@ -136,8 +136,6 @@ def save_class_data(result, rows: list[dict], path: str | Path,
     """The report data of one evaluated class (``m3dm.evaluation.results.ClassResult`` and its per-sample rows,
     which hold pass/fail with a model's thresholds), written atomically. The RGB and depth ``thumbnails`` are read
     from the test files unless given."""
-    from m3dm.evaluation.metrics import pro_curve
-
     maps = np.asarray(result.maps, dtype=np.float32)
     masks = None if result.masks is None else np.asarray(result.masks) > 0
     if masks is not None and not masks.any():
@@ -155,40 +153,41 @@ def save_class_data(result, rows: list[dict], path: str | Path,
     rgb, depth = thumbnails
     thresholds = {row["image_threshold"] for row in rows}
     failed = None if None in thresholds else np.array([row["result"] == "fail" for row in rows])
-    return write_data(path, class_name=result.names[0].split("/")[0], names=result.names, labels=labels,
-                      scores=scores, failed=failed, image_threshold=None if failed is None else thresholds.pop(),
-                      rgb=rgb, depth=depth, maps=maps, masks=masks, map_range=(float(maps.min()), float(maps.max())),
-                      pro_curve=curve,
-                      defect_metrics=defect_metrics(labels, scores, masks, maps, defect_types, result.pro_thresholds))
+    data = ClassData(class_name=result.names[0].split("/")[0], names=result.names, labels=labels, scores=scores,
+                     failed=failed, image_threshold=None if failed is None else thresholds.pop(), rgb=rgb, depth=depth,
+                     maps=maps, masks=masks, map_range=(float(maps.min()), float(maps.max())), pro_curve=curve,
+                     defect_metrics=defect_metrics(labels, scores, masks, maps, defect_types, result.pro_thresholds))
+    return write_data(path, data)
 
 
-def write_data(path: str | Path, *, class_name: str, names, labels, scores, failed, image_threshold, rgb, depth,
-               maps, masks, map_range, pro_curve=None, defect_metrics=None) -> Path:
+def write_data(path: str | Path, data: ClassData) -> Path:
     """Write one ``ClassData`` file: maps and masks at full size (224) are shrunk to the thumbnails here."""
-    maps = np.asarray(maps, dtype=np.float32)
+    maps, masks, failed = np.asarray(data.maps, dtype=np.float32), data.masks, data.failed
     if maps.shape[-1] != THUMBNAIL:
         maps = shrink_maps(maps)
     if masks is not None and np.asarray(masks).shape[-1] != THUMBNAIL:
         masks = shrink_maps(np.asarray(masks, dtype=bool), reduce=np.any)
-    n = len(names)
+    n = len(data.names)
     arrays = {
-        "class_name": np.asarray(class_name), "names": np.asarray(names, dtype=str),
-        "labels": np.asarray(labels, dtype=np.int8).reshape(n), "scores": np.asarray(scores, np.float64).reshape(n),
+        "class_name": np.asarray(data.class_name), "names": np.asarray(data.names, dtype=str),
+        "labels": np.asarray(data.labels, dtype=np.int8).reshape(n),
+        "scores": np.asarray(data.scores, np.float64).reshape(n),
         "failed": np.asarray([] if failed is None else failed, dtype=bool),
         "has_threshold": np.asarray(failed is not None),
-        "image_threshold": np.asarray(np.nan if image_threshold is None else image_threshold, dtype=np.float64),
-        "rgb": np.asarray(rgb, dtype=np.uint8), "depth": np.asarray(depth, dtype=np.float16),
+        "image_threshold": np.asarray(np.nan if data.image_threshold is None else data.image_threshold,
+                                      dtype=np.float64),
+        "rgb": np.asarray(data.rgb, dtype=np.uint8), "depth": np.asarray(data.depth, dtype=np.float16),
         "maps": maps.astype(np.float16), "has_masks": np.asarray(masks is not None),
         "masks": np.asarray(masks if masks is not None else np.zeros((0,), bool), dtype=bool),
-        "map_range": np.asarray(map_range, dtype=np.float64),
-        "pro_fprs": np.asarray([] if pro_curve is None else pro_curve[0], dtype=np.float64),
-        "pro_pros": np.asarray([] if pro_curve is None else pro_curve[1], dtype=np.float64),
-        "defect_metrics": np.asarray(json.dumps(defect_metrics or {})),
+        "map_range": np.asarray(data.map_range, dtype=np.float64),
+        "pro_fprs": np.asarray([] if data.pro_curve is None else data.pro_curve[0], dtype=np.float64),
+        "pro_pros": np.asarray([] if data.pro_curve is None else data.pro_curve[1], dtype=np.float64),
+        "defect_metrics": np.asarray(json.dumps(data.defect_metrics)),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # NumPy's stub types **kwds as allow_pickle
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(buffer.getvalue())
     log.debug("%s: report data of %d parts", path, n)
@@ -197,8 +196,6 @@ def write_data(path: str | Path, *, class_name: str, names, labels, scores, fail
 
 def load_class_data(path: str | Path) -> ClassData:
     """Read a file written by ``write_data``."""
-    from m3dm.errors import DataError
-
     try:
         with np.load(path, allow_pickle=False) as archive:
             a = {key: archive[key] for key in archive.files}
@@ -220,11 +217,6 @@ def load_class_data(path: str | Path) -> ClassData:
 
 def software_versions() -> dict[str, str]:
     """Versions of Python and the packages that change numbers (a report and results.json show them)."""
-    import platform
-    from importlib import metadata
-
-    import m3dm
-
     versions = {"python": platform.python_version(), "m3dm": m3dm.__version__}
     for package in ("torch", "timm", "numpy", "scipy", "scikit-learn"):
         try:
@@ -242,8 +234,6 @@ def run_record(weights: dict) -> dict:
 
 def write_run_record(folder: str | Path, record: dict) -> Path:
     """``<folder>/report_data/run.json``: the record of a run that writes no results.json (predictions)."""
-    from m3dm.data.io import write_text
-
     path = Path(folder) / REPORT_DATA_DIR / "run.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
@@ -307,7 +297,10 @@ class PredictionData:
             blank = np.zeros((THUMBNAIL, THUMBNAIL), dtype=bool)
             masks = np.stack([blank if m is None else m for m in self.masks])
         write_run_record(folder, record)
-        return write_data(Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz", class_name=self.class_name,
-                          names=self.names, labels=np.full(len(self.names), UNKNOWN_LABEL), scores=self.scores,
-                          failed=self.failed, image_threshold=self.image_threshold, rgb=np.stack(self.rgb),
-                          depth=np.stack(self.depth), maps=np.stack(self.maps), masks=masks, map_range=self.map_range)
+        data = ClassData(class_name=self.class_name, names=self.names,
+                         labels=np.full(len(self.names), UNKNOWN_LABEL, dtype=np.int8),
+                         scores=np.asarray(self.scores, dtype=np.float64), failed=np.asarray(self.failed, dtype=bool),
+                         image_threshold=self.image_threshold, rgb=np.stack(self.rgb), depth=np.stack(self.depth),
+                         maps=np.stack(self.maps), masks=masks, map_range=self.map_range, pro_curve=None,
+                         defect_metrics={})
+        return write_data(Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz", data)

@@ -10,8 +10,9 @@ import io
 
 import numpy as np
 from PIL import Image
+from sklearn.metrics import roc_auc_score, roc_curve
 
-from m3dm.evaluation.metrics import DEFAULT_INTEGRATION_LIMIT
+from m3dm.evaluation.metrics import DEFAULT_INTEGRATION_LIMIT, au_pro_from_curve
 from m3dm.evaluation.pictures import heat_overlay, outline
 
 FIGURE_SIZE = (3.4, 2.6)  # inches, at FIGURE_DPI
@@ -22,6 +23,7 @@ GAP = 2  # white pixels between the panels of a gallery thumbnail
 
 
 def _figure():
+    # matplotlib is imported only when a plot is drawn: predict and the run import this package for its data
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -43,8 +45,6 @@ def _png(figure) -> bytes:
 
 def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
     """Image-level ROC curves, one per ``(label, 0/1 labels, scores)``, with the AUROC in the legend."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     figure, axes = _figure()
     axes.plot([0, 1], [0, 1], color="0.7", linewidth=0.8, linestyle="--")
     for label, labels, scores in curves:
@@ -58,8 +58,6 @@ def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
 
 def pro_figure(curves: list[tuple[str, np.ndarray, np.ndarray]], limit: float = DEFAULT_INTEGRATION_LIMIT) -> bytes:
     """PRO curves up to ``limit`` FPR (pixel level), one per ``(label, FPRs, PROs)``, with the AU-PRO."""
-    from m3dm.evaluation.metrics import au_pro_from_curve
-
     figure, axes = _figure()
     for label, fprs, pros in curves:
         inside = fprs <= limit
@@ -93,7 +91,7 @@ def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | 
 
 @functools.cache
 def _viridis() -> np.ndarray:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # imported when a picture is drawn, as in _figure
 
     return (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 

@@ -11,6 +11,7 @@ import base64
 import datetime
 import html
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,6 @@ from m3dm.report.runs import WEIGHT_KINDS, SavedRun, metric_value
 METRIC_NAMES = {"image_rocauc": "Image ROCAUC", "pixel_rocauc": "Pixel ROCAUC", "au_pro": "AU-PRO (FPR 0.3)",
                 "au_pro_0.1": "AU-PRO (FPR 0.1)", "au_pro_0.05": "AU-PRO (FPR 0.05)",
                 "au_pro_0.01": "AU-PRO (FPR 0.01)"}  # a run's metrics, those an older run lacks left out
-PIXEL_METRICS = ("pixel_rocauc", "au_pro", "au_pro_0.1", "au_pro_0.05", "au_pro_0.01")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1400px; }
@@ -59,11 +59,11 @@ def png_img(data: bytes, alt: str, cls: str = "") -> str:
     return f'<img class="{esc(cls)}" alt="{esc(alt)}" src="data:image/png;base64,{source}">'
 
 
-def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+def table(header: list[str], rows: Sequence[Sequence[object]], cls: str = "") -> str:
     """An HTML table; cells are HTML already (``esc`` text cells), a cell ``(html, attributes)`` adds attributes."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
 
-    def cell(c) -> str:
+    def cell(c: object) -> str:
         return f"<td {c[1]}>{c[0]}</td>" if isinstance(c, tuple) else f"<td>{c}</td>"
 
     body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
@@ -131,8 +131,8 @@ def metrics_section(run: SavedRun) -> str:
     means = []
     for m in metrics:
         values = [metric_value(run.per_class[c].get(m)) for c in run.per_class]
-        values = [round(v, 3) for v in values if v is not None]  # as the result tables: mean of rounded values
-        means.append(num(sum(values) / len(values) if values else None))
+        rounded = [round(v, 3) for v in values if v is not None]  # as the result tables: mean of rounded values
+        means.append(num(sum(rounded) / len(rounded) if rounded else None))
     rows.append(["<b>mean</b>"] + means)
     header = ["class"] + [METRIC_NAMES[m] for m in metrics]
     return (f'<section id="metrics"><h2>Metrics</h2>{table(header, rows, "metrics")}<p class="note">n/a: undefined '
@@ -150,7 +150,7 @@ def defect_table(data: ClassData) -> str:
     for defect, m in data.defect_metrics.items():
         row = [esc(defect), num(m.get("n"), 0), score(m.get("mean_score")), num(m.get("image_rocauc")),
                num(m.get("au_pro"))]
-        if threshold:
+        if threshold and data.failed is not None:
             chosen = types == defect
             row.append(num(int(data.failed[chosen].sum()), 0))
         rows.append(row)
@@ -279,8 +279,8 @@ def comparison_samples(runs: list[SavedRun], labels: list[str], class_name: str)
         return '<p class="note">no test part in common</p>'
     rank = [ranks({n: s[n] for n in common}) for s in scores]
     header = ["part", "label", f"score {labels[0]}", f"rank {labels[0]}"]
-    for label in labels[1:]:
-        header += [f"score {label}", "Δ score", f"rank {label}", "Δ rank"]
+    for other in labels[1:]:
+        header += [f"score {other}", "Δ score", f"rank {other}", "Δ rank"]
     ordered = sorted(common, key=lambda n: (-max(abs(r[n] - rank[0][n]) for r in rank), rank[0][n]))
     rows = []
     for name in ordered:
@@ -313,9 +313,10 @@ def comparison_page(runs: list[SavedRun], output: Path) -> str:
             comparison_metrics(runs, labels)]
     shared = [c for c in runs[0].classes if all(c in r.classes for r in runs[1:])]
     for class_name in shared:
-        datas = [run.class_data(class_name) for run in runs]
+        found = [run.class_data(class_name) for run in runs]
+        datas = [d for d in found if d is not None]
         plots = []
-        if all(d is not None and d.has_labels and len(set(d.labels.tolist())) == 2 for d in datas):
+        if len(datas) == len(found) and all(d.has_labels and len(set(d.labels.tolist())) == 2 for d in datas):
             plots.append(png_img(figures.roc_figure([(lab, d.labels, d.scores) for lab, d in zip(labels, datas)]),
                                  "ROC curves", "roc"))
             curves = [(lab, *d.pro_curve) for lab, d in zip(labels, datas) if d.pro_curve is not None]

@@ -83,7 +83,8 @@ class FeatureDumpDataset(Dataset):
         if expected is not None and tuple(features.shape) != expected:
             raise FeatureDumpError(f"{path}: shape {tuple(features.shape)} differs from {expected} of "
                                    f"{self.files[0]} (mixed backbones or layouts in '{self.folder}'?)")
-        return tuple(features.shape)
+        rows, width = features.shape
+        return rows, width
 
     def __len__(self) -> int:
         return len(self.files)

@@ -47,9 +47,9 @@ def gather_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     world = distributed_world_size()
     if world == 1:
         return rows, 0, len(rows)
-    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([len(rows)], dtype=torch.long, device=rows.device))
-    counts = [int(c) for c in counts]
+    gathered_counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world)]
+    dist.all_gather(gathered_counts, torch.tensor([len(rows)], dtype=torch.long, device=rows.device))
+    counts = [int(c) for c in gathered_counts]
     padded = F.pad(rows, (0, 0, 0, max(counts) - len(rows)))  # all_gather needs equal shapes
     gathered = _AllGatherWithGradient.apply(padded)
     rank = dist.get_rank()
@@ -74,7 +74,8 @@ def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: flo
         # the logits grow with the world size (queries x the keys of every process): past MAX_LOGIT_ELEMENTS they
         # are made one block of query rows at a time and made again in the backward pass, so only one block is
         # ever held; the per-row cross-entropies are the same, their sum is taken in another order
-        summed = sum(checkpoint(_summed_cross_entropy, queries[start:start + rows], all_keys,
+        # ignore: sum() of tensors is typed int | Tensor (it starts from 0)
+        summed = sum(checkpoint(_summed_cross_entropy, queries[start:start + rows], all_keys,  # type: ignore[assignment]
                                 targets[start:start + rows], temperature, use_reentrant=False)
                      for start in range(0, len(queries), rows))
     return summed * (distributed_world_size() / max(total, 1) * 2 * temperature)

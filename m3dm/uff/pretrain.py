@@ -35,7 +35,7 @@ from m3dm.data.dataset import error_forwarding_loader
 from m3dm.data.io import atomic_path, disk_writes
 from m3dm.errors import FeatureDumpError
 from m3dm.features.weights import read_uff_checkpoint
-from m3dm.runtime import Processes, resolve_device, start_processes, stop_processes
+from m3dm.runtime import Processes, resolve_device, start_processes, stop_processes, use_device
 from m3dm.uff.block import FeatureFusionBlock, load_block_state
 from m3dm.uff.dumps import FeatureDumpDataset
 
@@ -58,7 +58,6 @@ class PretrainSettings:
     batch_size: int = setting(64, "per-process batch (the README uses 16)", group=PRETRAIN_FLAGS)
     epochs: int = setting(3, group=PRETRAIN_FLAGS)
     accum_iter: int = setting(1, "gradient accumulation steps (the README uses 16)", group=PRETRAIN_FLAGS)
-    input_size: int = setting(224, "unused (kept for the reference's CLI)", group=PRETRAIN_FLAGS)
     weight_decay: float | None = setting(
         None, f"AdamW weight decay on every parameter; default: the reference's effective "
               f"{REFERENCE_WEIGHT_DECAY} (its own default 1.5e-6 is parsed but never used)", type=float,
@@ -70,7 +69,6 @@ class PretrainSettings:
     warmup_epochs: float = setting(1.0, "linear warm-up length in (fractional) epochs", group=PRETRAIN_FLAGS)
     data_path: str = setting("", "folder of .pt features written by main.py --save_feature", group=PRETRAIN_FLAGS)
     output_dir: str = setting("./output_dir", "checkpoint-<epoch>.pth and log.txt", group=PRETRAIN_FLAGS)
-    log_dir: str = setting("./output_dir", "unused (the reference's TensorBoard folder)", group=PRETRAIN_FLAGS)
     device: str = setting("cuda", "cuda, cpu or auto (cpu when CUDA is not available)", group=PRETRAIN_FLAGS)
     seed: int = setting(0, group=PRETRAIN_FLAGS)
     resume: str = setting("", "checkpoint to continue from (at its epoch + 1)", group=PRETRAIN_FLAGS)
@@ -178,6 +176,7 @@ def train(args: PretrainSettings) -> Path | None:
                                 openmpi=args.dist_on_itp)
     # several processes: each its local GPU; one process: the device asked for (--device cuda:1 stays cuda:1)
     device = torch.device("cuda", processes.local_rank) if cuda and processes.world > 1 else requested
+    use_device(device)  # this process's device is known only here, after the launcher's set-up
     try:
         last = _train(args, processes, device)
     except BaseException:
@@ -195,8 +194,8 @@ def _train(args: PretrainSettings, processes: Processes, device: torch.device) -
     np.random.seed(args.seed + processes.rank)
 
     dataset = FeatureDumpDataset(args.data_path)
-    sampler = DistributedSampler(dataset, num_replicas=processes.world, rank=processes.rank, shuffle=True,
-                                 seed=args.seed)
+    sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=processes.world, rank=processes.rank,
+                                                     shuffle=True, seed=args.seed)
     # a bad dump read by a worker process is raised here with its own one-line message
     loader = error_forwarding_loader(dataset, batch_size=args.batch_size, sampler=sampler,
                                      num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",

@@ -20,6 +20,8 @@ import pytest
 import torch
 from conftest import preprocessed_mvtec, random_uff_checkpoint
 
+from m3dm.runtime import use_device
+
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
                                  reason="needs a CUDA GPU (none on this machine): run `pytest -m cuda` on a GPU "
@@ -30,6 +32,12 @@ SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--
          "--random_init", "--batch_size", "2", "-q"]
 METHODS = {"DINO": "single", "Point_MAE": "single", "DINO+Point_MAE": "multiple", "DINO+Point_MAE+add": "single",
            "Fusion": "single", "DINO+Point_MAE+Fusion": "multiple"}
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """What the command lines do once (``runtime.use_device``): the in-process comparisons below need it too."""
+    use_device(torch.device("cuda"))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from m3dm.app.cli import main as m3dm_main
-from m3dm.data.__main__ import main as check_main
+from m3dm.app.dataset_check import main as check_main
 from m3dm.data.check import check_dataset, require_usable_dataset
 from m3dm.data.synthetic import MVTEC_DEFECTS
 from m3dm.errors import DataError

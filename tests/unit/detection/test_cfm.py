@@ -15,6 +15,7 @@ from m3dm.config import FEATURE_DUMP_METHODS, DetectorSettings, Settings, record
 from m3dm.detection import cfm
 from m3dm.detection.cfm import CFMDetector, FeatureMappingMLP
 from m3dm.detection.factory import detector_class, detector_from_model, training_cap
+from m3dm.detection.interface import DetectorResources
 from m3dm.detection.persistence import load_class_model, make_setup
 from m3dm.errors import ConfigError
 from m3dm.features.alignment import pfa_patches
@@ -197,7 +198,8 @@ def test_state_and_model_file_score_bit_identically(detector, tmp_path):
     config = detector.config
     setup = make_setup("CFM", config.to_record(), recorded_defaults(), {})
     path = detector.save(tmp_path / "gadget.pt", class_name="gadget", setup=setup)
-    loaded = detector_from_model(load_class_model(path, "CFM", class_name="gadget", setup=setup), progress=False)
+    loaded = detector_from_model(load_class_model(path, "CFM", class_name="gadget", setup=setup),
+                                 DetectorResources(progress=False))
     from_state = CFMDetector.from_state(config, detector.to_state(), progress=False)
     assert loaded.n_train == 5 and loaded.losses == detector.losses
     for seed in (30, 31):

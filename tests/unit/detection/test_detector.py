@@ -8,7 +8,14 @@ import torch
 
 from m3dm.config import DetectorSettings, Settings, recorded_defaults
 from m3dm.detection.detector import MAP_SIZE, Detector
-from m3dm.detection.persistence import load_class_model, make_setup
+from m3dm.detection.persistence import (
+    Setup,
+    WeightRecord,
+    load_class_model,
+    make_setup,
+    parameters_sha256,
+    weight_record,
+)
 from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
 from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures
@@ -54,7 +61,7 @@ def assert_same(a, b) -> None:
         assert score_a == score_b and torch.equal(map_a, map_b) and map_a.shape == (MAP_SIZE, MAP_SIZE)
 
 
-def setup_of(settings: DetectorSettings, **recorded) -> dict:
+def setup_of(settings: DetectorSettings, **recorded) -> Setup:
     return make_setup(settings.method_name, settings.to_record(), {**recorded_defaults(), **recorded}, {})
 
 
@@ -102,7 +109,7 @@ def test_record_layout_is_that_of_version_1():
 def test_keys_missing_from_an_older_file_read_as_their_defaults(detectors, tmp_path):
     detector = detectors["Point_MAE"]
     older = setup_of(detector.config)
-    del older["config"]["coreset_shards"], older["settings"]["dlf_reextract"]
+    del older.config["coreset_shards"], older.settings["dlf_reextract"]
     path = detector.save(tmp_path / "gadget.pt", class_name="gadget", setup=older)
     model = load_class_model(path, setup=setup_of(detector.config))  # today's defaults: accepted
     assert model.detector_settings == detector.config and model.settings["dlf_reextract"] is False
@@ -119,3 +126,29 @@ def test_a_detector_of_another_method_is_refused(detectors, tmp_path):
     path = detector.save(tmp_path / "gadget.pt", class_name="gadget", setup=setup_of(detector.config))
     with pytest.raises(ModelFileError, match=r"holds a DINO model, but Point_MAE was asked for"):
         load_class_model(path, "Point_MAE")
+
+
+def test_weight_records_are_saved_as_the_plain_dicts_of_version_1(detectors, tmp_path):
+    detector = detectors["Point_MAE"]
+    module = torch.nn.Linear(3, 2)
+    checkpoint = tmp_path / "point.pth"
+    checkpoint.write_bytes(b"weights")
+    records = {"xyz": weight_record(module, "Point_MAE", 0, checkpoint),
+               "rgb": weight_record(module, "vit_base_patch8_224_dino", 7, None)}
+    setup = make_setup(detector.config.method_name, detector.config.to_record(), recorded_defaults(), records)
+    path = detector.save(tmp_path / "gadget.pt", class_name="gadget", setup=setup)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    parameters = parameters_sha256(module)
+    # the layout files had before the records were typed: they load as records, and compare equal
+    assert raw["weights"] == {
+        "xyz": {"name": "Point_MAE", "source": "file", "path": str(checkpoint.resolve()),
+                "sha256": records["xyz"].sha256, "seed": None, "parameters_sha256": parameters},
+        "rgb": {"name": "vit_base_patch8_224_dino", "source": "random", "path": None, "sha256": None, "seed": 7,
+                "parameters_sha256": parameters}}
+    model = load_class_model(path, setup=setup)
+    assert model.weights == records and model.weights["xyz"].from_file and not model.weights["rgb"].from_file
+    assert isinstance(model.setup.weights["rgb"], WeightRecord)
+    other = make_setup(detector.config.method_name, detector.config.to_record(), recorded_defaults(),
+                       {**records, "rgb": weight_record(torch.nn.Linear(3, 2), "vit_base_patch8_224_dino", 8, None)})
+    with pytest.raises(ModelFileError, match="RGB backbone: the random weights rebuilt from seed 8"):
+        load_class_model(path, setup=other)

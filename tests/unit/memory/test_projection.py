@@ -10,7 +10,18 @@ from memory_oracles import clustered
 from sklearn.random_projection import SparseRandomProjection
 
 from m3dm.memory import projection
-from m3dm.memory.projection import sparse_random_projection
+from m3dm.memory.projection import fit_sparse_random_projection, projection_chunks
+from m3dm.memory.storage import as_tensor
+
+
+def sparse_random_projection(features, eps: float, random_state=None) -> torch.Tensor:
+    """The whole bank projected the way the coreset does it: float64 rows, chunk by chunk, or the unprojected
+    features when the target dimension would exceed the input one."""
+    features = as_tensor(features)
+    projector = fit_sparse_random_projection(features.shape[0], features.shape[1], eps, random_state)
+    if projector is None:
+        return features
+    return torch.cat([chunk for _, chunk in projection_chunks(features, projector)])
 
 
 def test_projection_equals_sklearn_fit_transform(monkeypatch):
