@@ -39,8 +39,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     classes = [class_name(name) for name in args.classes] if args.classes else None
-    if class_names_problem(classes):  # main.py's rule
-        parser.error(class_names_problem(classes))
+    problem = class_names_problem(classes)
+    if problem:  # main.py's rule
+        parser.error(problem)
     report = check_dataset(args.root, classes, contents=not args.headers_only, fitting=not args.no_train,
                            workers=args.workers, progress=not args.quiet)
     print(report.summary(shown_per_kind=max(1, args.show)))

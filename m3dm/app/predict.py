@@ -164,7 +164,7 @@ class ResultWriter:
         except BaseException:
             os.ftruncate(self._csv_file.fileno(), start)  # the part is in neither file
             raise
-        self.counts[full["result"]] += 1
+        self.counts[str(full["result"])] += 1
 
     def error(self, part: Part, message: str) -> None:
         self._row({"name": part.name, "result": "error", "rgb": _text(part.rgb), "xyz": _text(part.xyz),

@@ -241,7 +241,7 @@ def _check_sample(sample: Sample, contents: bool) -> list[Problem]:
     return problems
 
 
-def _check_mask_values(mask: Image.Image, path: Path, defective: bool, add) -> None:
+def _check_mask_values(mask: Image.Image, path: Path, defective: int, add) -> None:
     """A mask of a defective part without a defect pixel, and any mask whose values are not only 0 and 255: a
     warning where the original M3DM's rule (the grey value above 127) reads some defect pixels as good, else a
     note (this project counts every non-zero pixel as a defect)."""
@@ -280,8 +280,8 @@ def _check_cloud(path: Path, contents: bool, add) -> tuple[int, ...] | None:
         return shape
     if dtype != np.float32:
         add(WARNING, "dtype", path, f"coordinates are {dtype}, float32 expected (MVTec 3D-AD stores float32)")
-    if contents:
-        finite = np.isfinite(cloud).all(axis=2)
+    if cloud is not None:  # the values were read (contents)
+        finite = np.asarray(np.isfinite(cloud).all(axis=2))
         if not finite.all():
             add(ERROR, "nonfinite", path, f"{int((~finite).sum())} pixels hold NaN or infinite coordinates")
         huge = huge_pixels(np.where(finite[..., None], cloud, 0))

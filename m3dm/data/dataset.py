@@ -77,7 +77,7 @@ def make_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0, pin
 def error_forwarding_loader(dataset: Dataset, num_workers: int = 0, **options) -> DataLoader:
     """A DataLoader (``options`` as DataLoader's) with at most one worker process per CPU core and per item, whose
     workers hand an error of ours back as data, raised in the main process with its own message."""
-    num_workers = min(num_workers, os.cpu_count() or 1, len(dataset))
+    num_workers = min(num_workers, os.cpu_count() or 1, len(dataset))  # type: ignore[arg-type]  # as above
     if num_workers > 0:
         return SampleLoader(_ErrorsAsData(dataset), num_workers=num_workers, collate_fn=_collate, **options)
     return DataLoader(dataset, num_workers=0, **options)

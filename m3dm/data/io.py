@@ -87,6 +87,7 @@ def read_organized_pc(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: point cloud file not found")
     cloud = read_tiff(path)[0]
+    assert cloud is not None  # read_tiff returns the array unless asked for the header only
     if cloud.ndim != 3 or cloud.shape[2] != 3:
         raise DataError(f"{path}: expected an organized point cloud of shape (H, W, 3), got {cloud.shape}")
     if not np.issubdtype(cloud.dtype, np.floating):
@@ -186,7 +187,7 @@ def defect_pixels(mask: Image.Image, path: str | os.PathLike) -> np.ndarray:
         return np.asarray(mask) != 0
     if mask.mode in ("LA", "La"):
         return np.asarray(mask.getchannel(0)) != 0
-    return np.asarray(to_rgb(mask, path)).any(axis=2)
+    return np.asarray(np.asarray(to_rgb(mask, path)).any(axis=2))
 
 
 def read_mask(path: str | os.PathLike) -> Image.Image:

@@ -44,8 +44,7 @@ def fpfh_of_points(points: np.ndarray, params: FPFHParams = FPFHParams()) -> np.
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))
     cloud.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=params.normal_radius,
                                                                 max_nn=params.normal_max_nn))
-    # Open3D's stub lists an ``indices`` argument that the binding does not require
-    feature = o3d.pipelines.registration.compute_fpfh_feature(  # type: ignore[call-arg]
+    feature = o3d.pipelines.registration.compute_fpfh_feature(
         cloud, o3d.geometry.KDTreeSearchParamHybrid(radius=params.feature_radius, max_nn=params.feature_max_nn))
     return np.array(feature.data).T  # a copy: Open3D's buffer is read-only
 

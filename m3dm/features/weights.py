@@ -34,6 +34,7 @@ record the file in the module's `checkpoint_path` (None for random weights).
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import pickle
 import pickletools
@@ -63,10 +64,9 @@ LISTED_KEYS = 10
 
 def _numpy_scalar_reconstructor() -> Callable:
     try:
-        from numpy._core.multiarray import scalar  # NumPy 2
+        return importlib.import_module("numpy._core.multiarray").scalar  # NumPy 2
     except ImportError:  # NumPy 1
-        from numpy.core.multiarray import scalar
-    return scalar
+        return importlib.import_module("numpy.core.multiarray").scalar
 
 
 _SCALAR = _numpy_scalar_reconstructor()
@@ -79,7 +79,7 @@ _SCALAR = _numpy_scalar_reconstructor()
 #   and the scalar built from it (the module is `numpy.core` in files pickled by NumPy 1, `numpy._core` by NumPy 2).
 # DINO's released backbone, Point-MAE's `pretrain.pth` (its `metrics` hold a plain 0.0) and timm files hold tensors
 # and plain values only.
-OFFICIAL_CHECKPOINT_GLOBALS = [
+OFFICIAL_CHECKPOINT_GLOBALS: list[Any] = [
     argparse.Namespace,
     np.dtype,
     type(np.dtype(np.float64)),
@@ -169,7 +169,8 @@ def _add_globals_of_one_pickle(stream: io.BytesIO, names: list[str]) -> None:
     strings: list[str] = []  # the strings pushed so far: STACK_GLOBAL takes its module and name from the last two
     memo: dict[int, str] = {}  # memo index -> the string stored there
     memo_size, top = 0, None  # top: the string the previous instruction pushed, if it pushed one
-    for opcode, argument, _ in pickletools.genops(stream):
+    for opcode, raw_argument, _ in pickletools.genops(stream):
+        argument: Any = raw_argument  # its type depends on the opcode
         pushed = None
         if opcode.name == "GLOBAL":
             names.append(argument.replace(" ", "."))

@@ -112,9 +112,10 @@ def defect_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | N
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 row["image_rocauc"] = _finite(image_auroc(labels[subset], scores[subset]))
-                has_masks = masks is not None and masks[chosen].any()
-                row["au_pro"] = (_finite(au_pro(masks[subset], maps[subset], num_thresholds=pro_thresholds))
-                                 if has_masks else None)
+                if masks is not None and masks[chosen].any():
+                    row["au_pro"] = _finite(au_pro(masks[subset], maps[subset], num_thresholds=pro_thresholds))
+                else:
+                    row["au_pro"] = None
         table[defect] = row
     return table
 
@@ -282,7 +283,7 @@ class PredictionData:
         for i in kept:
             self.names.append(earlier.names[i])
             self.scores.append(float(earlier.scores[i]))
-            self.failed.append(bool(earlier.failed[i]))
+            self.failed.append(earlier.failed is not None and bool(earlier.failed[i]))
             self.rgb.append(earlier.rgb[i])
             self.depth.append(earlier.depth[i])
             self.maps.append(earlier.maps[i])
