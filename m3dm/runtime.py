@@ -6,6 +6,8 @@ import datetime
 import logging
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,24 @@ def import_open3d(purpose: str):
         raise ConfigError(f"{purpose} cannot run: Open3D is not installed here (pip install open3d; the other "
                           f"methods on a preprocessed dataset, m3dm.predict and the report run without it)") from exc
     return open3d
+
+
+
+@contextmanager
+def cpu_threads(count: int, device: torch.device | None = None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, restored after it (also on an exception),
+    for work on ``device`` (None: the CPU; nothing changes for a GPU). For loops of many small steps (FPS, the
+    greedy coreset): each step split across threads waits for a descheduled thread on a busy machine, so they run
+    on one thread."""
+    if device is not None and device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(requested: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:

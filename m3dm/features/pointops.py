@@ -7,10 +7,10 @@ is on a CUDA device they are used instead (they are not required).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor
+
+from m3dm.runtime import cpu_threads
 
 try:  # optional CUDA extensions used by the reference
     from pointnet2_ops import pointnet2_utils as _pointnet2_utils
@@ -25,21 +25,6 @@ except Exception:
 FPS_INITIAL_DISTANCE = 1e10
 FPS_MIN_SQUARED_NORM = 1e-3  # points this close to the origin are never chosen by the kernel
 KNN_CHUNK_BYTES = 64 * 2**20
-
-
-@contextmanager
-def _single_thread_on_cpu(device: torch.device):
-    """FPS is a long chain of small element-wise steps: on the CPU one thread is as fast, and immune to the
-    synchronisation stalls that multi-threaded tiny kernels suffer when another process shares the cores."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def farthest_point_sample(points: Tensor, n_samples: int) -> Tensor:
@@ -61,7 +46,7 @@ def farthest_point_sample(points: Tensor, n_samples: int) -> Tensor:
     chosen = torch.zeros(batch, n_samples, dtype=torch.long, device=points.device)
     current = torch.zeros(batch, 1, dtype=torch.long, device=points.device)
     dist, part = torch.empty_like(x), torch.empty_like(x)  # reused: a thousand short steps, no allocations
-    with _single_thread_on_cpu(points.device):
+    with cpu_threads(1, points.device):  # a thousand tiny steps: one thread (runtime.cpu_threads)
         for j in range(1, n_samples):
             # ((dx² + dy²) + dz²), in the kernel's order
             torch.sub(x, x.gather(1, current), out=dist).square_()

@@ -19,8 +19,6 @@ which is below the reproducibility of the reference itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +28,7 @@ from tqdm import tqdm
 
 from m3dm.memory.projection import fit_sparse_random_projection, project_rows, projection_chunks
 from m3dm.memory.storage import ArrayLike, as_tensor
+from m3dm.runtime import cpu_threads
 
 CPU_DISTANCE_CHUNK_ROWS = 8192  # rows per coreset distance block on the CPU (cache friendly)
 PRUNE_SLACK = 0.01  # relative safety margin of the triangle-inequality test (float16 rounding is ~5e-4)
@@ -38,17 +37,6 @@ SCREEN_MIN_CENTRES = 512  # smaller selections compute every distance between ce
 SCREEN_ALLOWANCE = 1e-3  # float32 rounding allowance of that bound, relative to a centre's offset (worst case ~1e-4)
 MIN_COPY_SHARE = 0.05  # drop exact copies of earlier rows before the selection when at least this share are copies
 LOOP_THREADS = 1  # torch threads in the CPU selection loops: their steps are too small to share (PrunedGreedy)
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``count`` inside the block, restored after it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class Selection(Protocol):
@@ -88,7 +76,7 @@ class PlainGreedy:
         # the rounded precise ones; it can change the selection, so it is kept. Indices stay on the device (no sync).
         # On the CPU one thread, as the pruned loop: a few block-sized steps per row chosen, each waiting for a
         # descheduled second thread on a busy machine (2.5x the wall time on 6,000 rows, 1.6-2.5x on 57,860).
-        with torch_threads(LOOP_THREADS) if reduced.device.type == "cpu" else nullcontext():
+        with cpu_threads(LOOP_THREADS, reduced.device):
             for step in tqdm(range(1, n), desc="coreset", disable=not progress, leave=False):
                 self._lower_min_distances(reduced, last, min_dist)
                 index = torch.argmax(min_dist).view(1)
@@ -182,7 +170,7 @@ class PrunedGreedy:
         if reduced.device.type != "cpu" or reduced.dtype != torch.float16:
             raise ValueError(f"PrunedGreedy reproduces the CPU float16 selection only, got {reduced.dtype} rows on "
                              f"{reduced.device}; use PlainGreedy there")
-        with torch_threads(LOOP_THREADS):
+        with cpu_threads(LOOP_THREADS):
             return self._select(reduced, min_dist, n, progress)
 
     @staticmethod

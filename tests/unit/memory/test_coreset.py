@@ -11,6 +11,7 @@ from sklearn.random_projection import SparseRandomProjection
 import m3dm.memory.coreset as coreset_module
 from m3dm.memory.coreset import DropCopies, GreedyCoreset, PlainGreedy, PrunedGreedy, ShardedGreedy, first_occurrences
 from m3dm.memory.defaults import default_coreset
+from m3dm.runtime import cpu_threads
 
 
 def test_half_conversion_goes_through_float32():
@@ -175,10 +176,12 @@ def test_cpu_selection_loops_run_on_one_thread_and_restore_the_callers_count(mon
             GreedyCoreset(selection, "cpu").select(x, 20, random_state=0, progress=False)
             assert torch.get_num_threads() == 2
         assert seen and set(seen) == {coreset_module.LOOP_THREADS}  # the pruned loop's distances
-        with pytest.raises(RuntimeError), coreset_module.torch_threads(1):
+        with pytest.raises(RuntimeError), cpu_threads(1):
             assert torch.get_num_threads() == 1
             raise RuntimeError
         assert torch.get_num_threads() == 2
+        with cpu_threads(1, torch.device("cuda")):  # a GPU's work leaves the CPU threads alone
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
