@@ -82,6 +82,7 @@ REFUSED = "{kind} file {path} is refused: it pickles {system}, which is not a te
 SYSTEM = f"{os.system.__module__}.system"  # posix.system on Linux and macOS
 
 
+@pytest.mark.slow  # a process of the command: its imports alone cost seconds
 @pytest.mark.parametrize("flag", ["--rgb_checkpoint", "--xyz_checkpoint", "--fusion_module_path"])
 def test_main_refuses_a_checkpoint_that_would_run_code(dataset, tmp_path, flag):
     path, target = crafted_checkpoint(tmp_path, {"model": {}, "base_model": {}})
@@ -95,6 +96,7 @@ def test_main_refuses_a_checkpoint_that_would_run_code(dataset, tmp_path, flag):
     assert not any(output.rglob("*.json"))  # nothing fitted, no result written
 
 
+@pytest.mark.slow  # a process of the command: its imports alone cost seconds
 def test_fusion_pretrain_refuses_to_resume_from_a_checkpoint_that_would_run_code(tmp_path):
     dumps = write_dumps(tmp_path / "dumps", files=2, rows=16)
     before = {p: p.read_bytes() for p in dumps.iterdir()}
@@ -147,6 +149,7 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # a process of the command: its imports alone cost seconds
 def test_main_names_a_cut_short_cloud_in_one_line_before_fitting(dataset, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
@@ -199,6 +202,7 @@ def test_the_dataset_check_reports_images_masks_and_clouds_by_file(dataset, tmp_
     assert snapshot(data) == before
 
 
+@pytest.mark.slow  # a process of the command: its imports alone cost seconds
 def test_class_names_with_a_path_separator_are_refused_before_anything_is_made(dataset, tmp_path):
     output = tmp_path / "out"
     result = run("main.py", "--dataset_path", str(dataset), "--output_dir", str(output), *SMALL, "--classes",
@@ -289,6 +293,7 @@ NO_OPEN3D = "cannot run: Open3D is not installed here (pip install open3d; the o
             "dataset, m3dm.predict and the report run without it)"
 
 
+@pytest.mark.slow  # a process of the command: its imports alone cost seconds
 def test_without_open3d_the_steps_that_need_it_say_so_in_one_line(dataset, raw_mvtec, tmp_path):
     env = without_open3d(tmp_path)
     probe = run("-c", "import open3d", env=env)
@@ -316,6 +321,7 @@ def pretrain(dumps: Path, output: Path, *flags: str) -> subprocess.CompletedProc
                "--batch_size", "2", "--epochs", "1", "-q", *flags)
 
 
+@pytest.mark.slow  # a process of the command: its imports alone cost seconds
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_fusion_pretrain_names_a_dump_with_nan_features_in_one_line(tmp_path, workers):
     dumps = write_dumps(tmp_path / "dumps", files=4, rows=16)
@@ -331,6 +337,7 @@ def test_fusion_pretrain_names_a_dump_with_nan_features_in_one_line(tmp_path, wo
     assert not any(output.glob("checkpoint-*.pth")) and snapshot(dumps) == before
 
 
+@pytest.mark.slow  # a process of the command: its imports alone cost seconds
 def test_fusion_pretrain_refuses_dumps_of_mixed_widths_naming_the_file(tmp_path):
     dumps = write_dumps(tmp_path / "dumps", files=2, rows=16)
     torch.save(torch.randn(16, 1152 + 32), dumps / "widget.pt")  # another backbone's RGB width
