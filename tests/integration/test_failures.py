@@ -49,11 +49,19 @@ def command(*argv: str, timeout: int = 900) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child, before Python starts: SIGINT at its default, as in a terminal. A test runner started as a
+    background job of a non-interactive shell (``nohup ... &``) ignores SIGINT, and a Python started with SIGINT
+    ignored never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted(argv: list[str], ready, timeout: int = 900) -> subprocess.CompletedProcess:
     """Start a command, press Ctrl-C (SIGINT to its whole process group, as a terminal does) once ``ready()``,
     and return how it ended."""
     process = subprocess.Popen([sys.executable, *argv], cwd=PROJECT_ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=_ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + timeout
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
