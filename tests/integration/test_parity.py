@@ -1,10 +1,16 @@
 """Scores and maps pinned to the recording made before the architecture refactor (a small benchmarks/parity.py).
 
-``parity_small.json`` was written by ``record_parity`` running the code as it was before the refactor, on the
-dataset and weights this file builds (the weights are filled from a seeded generator by key and shape, so they do
-not depend on how any module initialises itself). On the environment of that recording (same torch, NumPy,
-scikit-learn and timm versions, same CPU capabilities) every image score and map must be bit-identical; elsewhere
-the BLAS may round differently, so scores and map sums must agree to 1e-4 relative.
+``parity_small.json`` holds recordings written by ``record_parity`` running the code as it was before the
+refactor (commit 4d70d0d), on the dataset and weights this file builds (the weights are filled from a seeded
+generator by key and shape, so they do not depend on how any module initialises itself), one recording per
+environment. On an environment that has a recording (same torch, NumPy, scikit-learn and timm versions, same CPU
+capabilities) every image score and map must be bit-identical to it.
+
+Elsewhere the kernels round differently. Between the two recorded CPUs (with and without AVX-512 BF16) image scores
+differ by up to 1e-4 and map sums by up to 1e-3 relative: DINO+Point_MAE's decision layer and the sum of its two
+banks' maps amplify float32 rounding. There, scores must agree to 1e-3 and map sums to 1e-2 relative with every
+recording: ten times the spread measured between CPUs, far below what a change of algorithm moves. To record a new
+environment, run ``record_parity`` with the code of 4d70d0d and append the result to ``recordings``.
 """
 
 from __future__ import annotations
@@ -116,19 +122,20 @@ def test_scores_and_maps_equal_the_pre_refactor_recording(tmp_path):
     from m3dm.features.point_transformer import PointTransformer
     from m3dm.preprocess.mvtec3d import preprocess_dataset
 
-    golden = json.loads(GOLDEN.read_text())
+    recordings = json.loads(GOLDEN.read_text())["recordings"]
     shapes = {k: tuple(v.shape) for k, v in
               PointTransformer("Point_MAE", num_group=NUM_GROUP, group_size=GROUP_SIZE).state_dict().items()}
     runs = record_parity(tmp_path, write_mvtec3d, preprocess_dataset, shapes, main_module.main)
-    exact = golden["environment"] == environment()
-    for name, expected in golden["runs"].items():
-        got = runs[name]
-        assert got["names"] == expected["names"], name
-        if exact:
-            assert got["scores"] == expected["scores"], f"{name}: image scores differ from the recording"
-            assert got["map_sha256"] == expected["map_sha256"], f"{name}: maps differ from the recording"
-        else:
-            scores = [float.fromhex(s) for s in got["scores"]]
-            np.testing.assert_allclose(scores, [float.fromhex(s) for s in expected["scores"]], rtol=1e-4,
-                                       err_msg=name)
-            np.testing.assert_allclose(got["map_sums"], expected["map_sums"], rtol=1e-4, err_msg=name)
+    same_environment = [r for r in recordings if r["environment"] == environment()]
+    for recording in same_environment or recordings:
+        for name, expected in recording["runs"].items():
+            got = runs[name]
+            assert got["names"] == expected["names"], name
+            if same_environment:
+                assert got["scores"] == expected["scores"], f"{name}: image scores differ from the recording"
+                assert got["map_sha256"] == expected["map_sha256"], f"{name}: maps differ from the recording"
+            else:
+                scores = [float.fromhex(s) for s in got["scores"]]
+                np.testing.assert_allclose(scores, [float.fromhex(s) for s in expected["scores"]], rtol=1e-3,
+                                           err_msg=name)
+                np.testing.assert_allclose(got["map_sums"], expected["map_sums"], rtol=1e-2, err_msg=name)
