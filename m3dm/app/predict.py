@@ -44,7 +44,7 @@ import torch
 from m3dm.app.parts import LoadedPart, Part, discover_parts, load_part
 from m3dm.data.io import append_text
 from m3dm.errors import DiskFullError
-from m3dm.report.data import PredictionData
+from m3dm.report.data import REPORT_DATA_DIR, PredictionData
 
 EXIT_OK, EXIT_PART_ERRORS, EXIT_FATAL = 0, 1, 2
 log = logging.getLogger(__name__)
@@ -230,7 +230,11 @@ def write_prediction_report(writer: ResultWriter, model, thresholds, seconds: fl
               "thresholds": f"image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} (from {thresholds.source})",
               "config": dict(model.settings), "weights": model.weights, "versions": software_versions(),
               "timings_s": {"predict": seconds}}
-    if writer.report_data.save(writer.output, record) is not None:
+    try:
+        saved = writer.report_data.save(writer.output, record)
+    finally:
+        writer.report_data.close()  # the thumbnails' spool file
+    if saved is not None:
         try_build_report(writer.output)
 
 
@@ -378,7 +382,8 @@ def run(args) -> int:
             path.unlink()
     writer = ResultWriter(output, thresholds, pictures=not args.no_pictures, save_maps=args.save_maps,
                           resume=args.resume)
-    writer.report_data = PredictionData(model.class_name, thresholds.image, thresholds.colour_range())
+    writer.report_data = PredictionData(model.class_name, thresholds.image, thresholds.colour_range(),
+                                        spool_folder=output / REPORT_DATA_DIR)
     done = {row["name"] for row in finished}
     if finished:
         writer.report_data.resume(output, [row["name"] for row in finished if row["result"] != "error"])
@@ -404,7 +409,8 @@ def run(args) -> int:
 
 def score_parts(predictor: Predictor, parts: list[Part], writer: ResultWriter, args) -> None:
     """Read, score and write every part in turn, ``--batch_size`` at a time: a part's row is written as its batch
-    ends, and nothing of the finished parts but their report thumbnails stays in memory."""
+    ends, and nothing of the finished parts but their names and scores stays in memory (their report thumbnails go to
+    a spool file: ``m3dm.report.data.PredictionData``)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(parts), desc="parts", unit="part", file=sys.stderr, disable=args.quiet)

@@ -7,17 +7,19 @@ per class the PRO curve and the metrics by defect type, both computed from the f
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import tempfile
 import warnings
+import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from m3dm.constants import PRO_THRESHOLDS
-from m3dm.data.io import atomic_path
+from m3dm.data.io import atomic_path, disk_writes
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +164,24 @@ def save_class_data(result, rows: list[dict], path: str | Path,
                       defect_metrics=defect_metrics(labels, scores, masks, maps, defect_types, result.pro_thresholds))
 
 
+@dataclass
+class StreamedArray:
+    """An array written to a data file chunk by chunk (``chunks``: ``dtype`` arrays whose rows add up to
+    ``shape``), so that the whole array never has to be in memory."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    chunks: Iterable[np.ndarray]
+
+
 def write_data(path: str | Path, *, class_name: str, names, labels, scores, failed, image_threshold, rgb, depth,
                maps, masks, map_range, pro_curve=None, defect_metrics=None) -> Path:
-    """Write one ``ClassData`` file: maps and masks at full size (224) are shrunk to the thumbnails here."""
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.shape[-1] != THUMBNAIL:
-        maps = shrink_maps(maps)
-    if masks is not None and np.asarray(masks).shape[-1] != THUMBNAIL:
+    """Write one ``ClassData`` file: maps and masks at full size (224) are shrunk to the thumbnails here. The
+    thumbnails may be ``StreamedArray`` (already at the thumbnail size)."""
+    if not isinstance(maps, StreamedArray):
+        maps = np.asarray(maps, dtype=np.float32)
+        maps = (maps if maps.shape[-1] == THUMBNAIL else shrink_maps(maps)).astype(np.float16)
+    if masks is not None and not isinstance(masks, StreamedArray) and np.asarray(masks).shape[-1] != THUMBNAIL:
         masks = shrink_maps(np.asarray(masks, dtype=bool), reduce=np.any)
     n = len(names)
     arrays = {
@@ -177,9 +190,9 @@ def write_data(path: str | Path, *, class_name: str, names, labels, scores, fail
         "failed": np.asarray([] if failed is None else failed, dtype=bool),
         "has_threshold": np.asarray(failed is not None),
         "image_threshold": np.asarray(np.nan if image_threshold is None else image_threshold, dtype=np.float64),
-        "rgb": np.asarray(rgb, dtype=np.uint8), "depth": np.asarray(depth, dtype=np.float16),
-        "maps": maps.astype(np.float16), "has_masks": np.asarray(masks is not None),
-        "masks": np.asarray(masks if masks is not None else np.zeros((0,), bool), dtype=bool),
+        "rgb": _typed(rgb, np.uint8), "depth": _typed(depth, np.float16),
+        "maps": maps, "has_masks": np.asarray(masks is not None),
+        "masks": _typed(masks if masks is not None else np.zeros((0,), bool), bool),
         "map_range": np.asarray(map_range, dtype=np.float64),
         "pro_fprs": np.asarray([] if pro_curve is None else pro_curve[0], dtype=np.float64),
         "pro_pros": np.asarray([] if pro_curve is None else pro_curve[1], dtype=np.float64),
@@ -187,12 +200,45 @@ def write_data(path: str | Path, *, class_name: str, names, labels, scores, fail
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
     with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buffer.getvalue())
+        _write_npz(tmp, arrays)
     log.debug("%s: report data of %d parts", path, n)
     return path
+
+
+def _typed(values, dtype) -> np.ndarray | StreamedArray:
+    return values if isinstance(values, StreamedArray) else np.asarray(values, dtype=dtype)
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    """What ``np.savez_compressed`` writes, with ``StreamedArray`` members written chunk by chunk."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                if not isinstance(value, StreamedArray):
+                    np.lib.format.write_array(member, value, allow_pickle=False)
+                    continue
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(value.dtype)), "fortran_order": False,
+                          "shape": tuple(value.shape)}
+                np.lib.format.write_array_header_1_0(member, header)
+                for chunk in value.chunks:
+                    member.write(np.ascontiguousarray(chunk, dtype=value.dtype).tobytes())
+
+
+def read_member_chunks(archive: zipfile.ZipFile, key: str, size: int) -> Iterator[np.ndarray]:
+    """The array ``key`` of an open data file, ``size`` rows at a time (its other rows are not in memory)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(f"{key}.npy") as member:
+        shape, fortran_order, dtype = readers[np.lib.format.read_magic(member)](member)
+        if fortran_order and len(shape) > 1:
+            raise ValueError(f"{key}: Fortran-ordered array")
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        for start in range(0, shape[0] if shape else 0, size):
+            count = min(size, shape[0] - start)
+            data = member.read(count * row)
+            if len(data) != count * row:
+                raise ValueError(f"{key}: truncated array")
+            yield np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
 
 
 def load_class_data(path: str | Path) -> ClassData:
@@ -252,62 +298,139 @@ def write_run_record(folder: str | Path, record: dict) -> Path:
 
 # ------------------------------------------------------------------------------------------- predictions
 
+# one part's thumbnails in the spool file of ``PredictionData`` (fixed size: part i starts at i x itemsize)
+SPOOL_RECORD = np.dtype([("rgb", np.uint8, (THUMBNAIL, THUMBNAIL, 3)), ("depth", np.float16, (THUMBNAIL, THUMBNAIL)),
+                         ("maps", np.float16, (THUMBNAIL, THUMBNAIL)), ("masks", np.bool_, (THUMBNAIL, THUMBNAIL))])
+SPOOL_CHUNK = 64  # parts read back at a time
+
+
+class ThumbnailSpool:
+    """Thumbnails appended to an anonymous file in ``folder`` as parts finish, read back ``SPOOL_CHUNK`` parts at a
+    time: what a run keeps per part in memory does not grow with its thumbnails. The file has no name (the system
+    deletes it when it is closed or the process ends, even killed), so no run leaves it behind."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.count = 0
+        self._file = None
+
+    def append(self, record: np.ndarray) -> None:
+        """One ``SPOOL_RECORD``; written at the end of the last whole record (a write cut short is overwritten)."""
+        with disk_writes(self.folder):
+            if self._file is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._file = tempfile.TemporaryFile(dir=self.folder, prefix="m3dm-thumbnails-")  # noqa: SIM115
+            self._file.seek(self.count * SPOOL_RECORD.itemsize)
+            self._file.write(record.tobytes())
+            self._file.flush()
+        self.count += 1
+
+    def chunks(self, name: str) -> Iterator[np.ndarray]:
+        """Field ``name`` of every record, in order."""
+        for start in range(0, self.count, SPOOL_CHUNK):
+            count = min(SPOOL_CHUNK, self.count - start)
+            self._file.seek(start * SPOOL_RECORD.itemsize)
+            data = self._file.read(count * SPOOL_RECORD.itemsize)
+            if len(data) != count * SPOOL_RECORD.itemsize:
+                raise OSError(f"the report thumbnails' spool file in {self.folder} was truncated")
+            yield np.frombuffer(data, dtype=SPOOL_RECORD)[name]
+
+    def streamed(self, name: str) -> StreamedArray:
+        dtype, shape = SPOOL_RECORD.fields[name][0].base, SPOOL_RECORD.fields[name][0].shape
+        return StreamedArray(dtype, (self.count, *shape), self.chunks(name))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.count = 0
+
+
 @dataclass
 class PredictionData:
-    """The report data of ``m3dm.predict``, gathered part by part (no labels: new parts)."""
+    """The report data of ``m3dm.predict``, gathered part by part (no labels: new parts). Names, scores and
+    pass/fail stay in memory; the thumbnails go to a spool file in ``spool_folder`` (the system's temporary folder
+    when None) until ``save``, so memory stays flat over any number of parts. ``close`` deletes the spool."""
 
     class_name: str
     image_threshold: float
     map_range: tuple[float, float]
+    spool_folder: str | Path | None = None
 
     def __post_init__(self):
         self.names, self.scores, self.failed = [], [], []
-        self.rgb, self.depth, self.maps, self.masks = [], [], [], []
+        self.has_masks = False  # any part with a ground truth: the file then holds a mask per part (blank if none)
+        self.spool = ThumbnailSpool(tempfile.gettempdir() if self.spool_folder is None else self.spool_folder)
 
     def add(self, name: str, score: float, failed: bool, rgb: np.ndarray, cloud: np.ndarray, gt: np.ndarray | None,
             score_map: np.ndarray) -> None:
         """One scored part: ``rgb (224, 224, 3)`` uint8, ``cloud (3, S, S)``, ``gt (224, 224)`` or None, the map."""
+        record = np.zeros((), dtype=SPOOL_RECORD)
+        record["rgb"] = shrink_rgb(rgb)
+        record["depth"] = depth_thumbnail(cloud)
+        record["maps"] = shrink_maps(np.asarray(score_map, dtype=np.float32)[None])[0]
+        if gt is not None:
+            record["masks"] = shrink_maps(np.asarray(gt, dtype=bool)[None], reduce=np.any)[0]
+        self._append(record, name, score, failed, gt is not None)
+
+    def _append(self, record: np.ndarray, name: str, score: float, failed: bool, has_mask: bool) -> None:
+        self.spool.append(record)  # first: a part whose thumbnails could not be written is not listed
         self.names.append(name)
         self.scores.append(float(score))
         self.failed.append(bool(failed))
-        self.rgb.append(shrink_rgb(rgb))
-        self.depth.append(depth_thumbnail(cloud))
-        self.maps.append(shrink_maps(np.asarray(score_map, dtype=np.float32)[None])[0])
-        self.masks.append(None if gt is None else shrink_maps(np.asarray(gt, dtype=bool)[None], reduce=np.any)[0])
+        self.has_masks = self.has_masks or has_mask
 
     def resume(self, folder: str | Path, names: list[str]) -> None:
         """Start from the parts ``names`` an earlier run scored into ``folder``, as its report data holds them
-        (parts it lacks, scored by a run that was killed before writing it, are left out of the report)."""
+        (parts it lacks, scored by a run that was killed before writing it, are left out of the report). The
+        earlier thumbnails are copied to the spool a chunk at a time."""
         path = Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz"
         if not path.is_file():
             log.warning("%s not found: the %d part(s) scored earlier are in the tables but not in the report", path,
                         len(names))
             return
-        earlier = load_class_data(path)
-        index = {name: i for i, name in enumerate(earlier.names)}
-        kept = [index[name] for name in names if name in index]
-        if len(kept) < len(names):
-            log.warning("%s: %d of the %d part(s) scored earlier have no report data: they are in the tables but "
-                        "not in the report", path, len(names) - len(kept), len(names))
-        for i in kept:
-            self.names.append(earlier.names[i])
-            self.scores.append(float(earlier.scores[i]))
-            self.failed.append(bool(earlier.failed[i]))
-            self.rgb.append(earlier.rgb[i])
-            self.depth.append(earlier.depth[i])
-            self.maps.append(earlier.maps[i])
-            self.masks.append(None if earlier.masks is None else earlier.masks[i])
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                earlier = {key: archive[key] for key in ("names", "scores", "failed", "has_masks")}
+                index = {str(name): i for i, name in enumerate(earlier["names"])}
+                kept = sorted(index[name] for name in names if name in index)
+                if len(kept) < len(names):
+                    log.warning("%s: %d of the %d part(s) scored earlier have no report data: they are in the "
+                                "tables but not in the report", path, len(names) - len(kept), len(names))
+                self._copy_earlier(archive.zip, earlier, set(kept))
+        except (OSError, KeyError, ValueError) as exc:
+            from m3dm.errors import DataError
+
+            raise DataError(f"{path}: not a readable report data file ({type(exc).__name__}: {exc})") from exc
+
+    def _copy_earlier(self, archive: zipfile.ZipFile, earlier: dict, kept: set[int]) -> None:
+        has_masks = bool(earlier["has_masks"])
+        fields = ("rgb", "depth", "maps", "masks") if has_masks else ("rgb", "depth", "maps")
+        streams = [read_member_chunks(archive, key, SPOOL_CHUNK) for key in fields]
+        start = 0
+        for chunks in zip(*streams):
+            for row in range(len(chunks[0])):
+                if start + row in kept:
+                    record = np.zeros((), dtype=SPOOL_RECORD)
+                    for key, chunk in zip(fields, chunks):
+                        record[key] = chunk[row]
+                    i = start + row
+                    self._append(record, str(earlier["names"][i]), earlier["scores"][i], earlier["failed"][i],
+                                 has_masks)
+            start += len(chunks[0])
 
     def save(self, folder: str | Path, record: dict) -> Path | None:
         """``report_data/<class>.npz`` and ``report_data/run.json`` under ``folder``; None without scored parts."""
         if not self.names:
             return None
-        masks = None
-        if any(m is not None for m in self.masks):
-            blank = np.zeros((THUMBNAIL, THUMBNAIL), dtype=bool)
-            masks = np.stack([blank if m is None else m for m in self.masks])
         write_run_record(folder, record)
+        spool = self.spool
         return write_data(Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz", class_name=self.class_name,
                           names=self.names, labels=np.full(len(self.names), UNKNOWN_LABEL), scores=self.scores,
-                          failed=self.failed, image_threshold=self.image_threshold, rgb=np.stack(self.rgb),
-                          depth=np.stack(self.depth), maps=np.stack(self.maps), masks=masks, map_range=self.map_range)
+                          failed=self.failed, image_threshold=self.image_threshold, rgb=spool.streamed("rgb"),
+                          depth=spool.streamed("depth"), maps=spool.streamed("maps"),
+                          masks=spool.streamed("masks") if self.has_masks else None, map_range=self.map_range)
+
+    def close(self) -> None:
+        """Delete the spool file (the data is lost unless saved)."""
+        self.spool.close()
