@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from m3dm.data.io import write_text
+from m3dm.data.io import atomic_path, write_text
 from m3dm.errors import DiskFullError
 from m3dm.report.runs import load_run
 
@@ -27,15 +27,18 @@ def default_output(folders: list[str | Path]) -> Path:
 def build_report(folders: list[str | Path], output: str | Path | None = None) -> Path:
     """Write the report of the saved results in ``folders`` to ``output`` (``default_output``) atomically and
     return its path. Needs only the files the run saved (results.json, per_sample.json, report_data/)."""
-    from m3dm.report.page import comparison_page, run_page
+    from m3dm.report.page import comparison_page, run_page_pieces
 
     if not folders:
         raise ValueError("no results folder given")
     runs = [load_run(folder) for folder in folders]
     output = Path(output) if output is not None else default_output(folders)
-    page = run_page(runs[0]) if len(runs) == 1 else comparison_page(runs, output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text(output, page)
+    if len(runs) == 1:  # written as it is made: a gallery of any size is never in memory whole
+        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as page:
+            page.writelines(run_page_pieces(runs[0]))
+    else:
+        write_text(output, comparison_page(runs, output))
     log.debug("report: %s (%.1f MB)", output, output.stat().st_size / 1e6)
     return output
 

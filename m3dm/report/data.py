@@ -241,20 +241,28 @@ def read_member_chunks(archive: zipfile.ZipFile, key: str, size: int) -> Iterato
             yield np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
 
 
-def load_class_data(path: str | Path) -> ClassData:
-    """Read a file written by ``write_data``."""
+THUMBNAIL_KEYS = ("rgb.npy", "depth.npy", "maps.npy", "masks.npy")
+
+
+def load_class_data(path: str | Path, spool: bool = False) -> ClassData:
+    """Read a file written by ``write_data``; with ``spool`` the thumbnails stay on disk (``spool_thumbnails``):
+    what a report of any number of parts holds in memory at once is one part's."""
     from m3dm.errors import DataError
 
     try:
         with np.load(path, allow_pickle=False) as archive:
-            a = {key: archive[key] for key in archive.files}
+            keys = [key for key in archive.files if not (spool and f"{key}.npy" in THUMBNAIL_KEYS)]
+            a = {key: archive[key] for key in keys}
+            if spool:
+                a.update(spool_thumbnails(archive.zip, bool(a["has_masks"])))
         has_threshold = bool(a["has_threshold"])
         fprs, pros = a["pro_fprs"], a["pro_pros"]
         return ClassData(
             class_name=str(a["class_name"]), names=[str(n) for n in a["names"]], labels=a["labels"],
             scores=a["scores"], failed=a["failed"] if has_threshold else None,
             image_threshold=float(a["image_threshold"]) if has_threshold else None, rgb=a["rgb"], depth=a["depth"],
-            maps=a["maps"].astype(np.float32), masks=a["masks"] if bool(a["has_masks"]) else None,
+            maps=a["maps"] if spool else a["maps"].astype(np.float32),
+            masks=a["masks"] if bool(a["has_masks"]) else None,
             map_range=(float(a["map_range"][0]), float(a["map_range"][1])),
             pro_curve=(fprs, pros) if fprs.size and np.isfinite(pros).all() else None,
             defect_metrics=json.loads(str(a["defect_metrics"])))
@@ -325,6 +333,13 @@ class ThumbnailSpool:
             self._file.flush()
         self.count += 1
 
+    def record(self, index: int) -> np.ndarray:
+        """The ``SPOOL_RECORD`` of part ``index``."""
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        self._file.seek(index * SPOOL_RECORD.itemsize)
+        return np.frombuffer(self._file.read(SPOOL_RECORD.itemsize), dtype=SPOOL_RECORD)[0]
+
     def chunks(self, name: str) -> Iterator[np.ndarray]:
         """Field ``name`` of every record, in order."""
         for start in range(0, self.count, SPOOL_CHUNK):
@@ -344,6 +359,44 @@ class ThumbnailSpool:
             self._file.close()
             self._file = None
         self.count = 0
+
+
+class SpooledThumbnails:
+    """One kind of thumbnail of a class's parts, read from a ``ThumbnailSpool`` when indexed (``[i]``, as the
+    arrays of ``load_class_data``)."""
+
+    def __init__(self, spool: ThumbnailSpool, name: str, dtype):
+        self.spool, self.name, self.dtype = spool, name, dtype
+
+    def __len__(self) -> int:
+        return self.spool.count
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.spool.record(index)[self.name].astype(self.dtype)
+
+
+def thumbnail_records(archive: zipfile.ZipFile, has_masks: bool) -> Iterator[np.ndarray]:
+    """The thumbnails of an open data file as ``SPOOL_RECORD`` arrays of up to ``SPOOL_CHUNK`` parts, in order."""
+    fields = ("rgb", "depth", "maps", "masks") if has_masks else ("rgb", "depth", "maps")
+    for chunks in zip(*(read_member_chunks(archive, key, SPOOL_CHUNK) for key in fields)):
+        records = np.zeros(len(chunks[0]), dtype=SPOOL_RECORD)
+        for key, chunk in zip(fields, chunks):
+            records[key] = chunk
+        yield records
+
+
+def spool_thumbnails(archive: zipfile.ZipFile, has_masks: bool) -> dict[str, SpooledThumbnails | None]:
+    """The thumbnails of an open data file copied to a spool file in the system's temporary folder a chunk at a
+    time: ``rgb``, ``depth``, ``maps`` (float32) and ``masks`` (None without) as ``load_class_data`` gives them."""
+    spool = ThumbnailSpool(tempfile.gettempdir())
+    for records in thumbnail_records(archive, has_masks):
+        for record in records:
+            spool.append(record)
+    views = {"rgb": SpooledThumbnails(spool, "rgb", np.uint8), "depth": SpooledThumbnails(spool, "depth", np.float16),
+             "maps": SpooledThumbnails(spool, "maps", np.float32), "masks": SpooledThumbnails(spool, "masks", bool)}
+    if not has_masks:
+        views["masks"] = None
+    return views
 
 
 @dataclass
@@ -405,19 +458,13 @@ class PredictionData:
 
     def _copy_earlier(self, archive: zipfile.ZipFile, earlier: dict, kept: set[int]) -> None:
         has_masks = bool(earlier["has_masks"])
-        fields = ("rgb", "depth", "maps", "masks") if has_masks else ("rgb", "depth", "maps")
-        streams = [read_member_chunks(archive, key, SPOOL_CHUNK) for key in fields]
         start = 0
-        for chunks in zip(*streams):
-            for row in range(len(chunks[0])):
-                if start + row in kept:
-                    record = np.zeros((), dtype=SPOOL_RECORD)
-                    for key, chunk in zip(fields, chunks):
-                        record[key] = chunk[row]
-                    i = start + row
-                    self._append(record, str(earlier["names"][i]), earlier["scores"][i], earlier["failed"][i],
-                                 has_masks)
-            start += len(chunks[0])
+        for records in thumbnail_records(archive, has_masks):
+            for i in range(start, start + len(records)):
+                if i in kept:
+                    self._append(records[i - start], str(earlier["names"][i]), earlier["scores"][i],
+                                 earlier["failed"][i], has_masks)
+            start += len(records)
 
     def save(self, folder: str | Path, record: dict) -> Path | None:
         """``report_data/<class>.npz`` and ``report_data/run.json`` under ``folder``; None without scored parts."""

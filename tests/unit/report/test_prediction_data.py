@@ -5,8 +5,17 @@ hold (``write_data`` from whole arrays), also across chunk boundaries, with and 
 import numpy as np
 import pytest
 
-from m3dm.report.data import (REPORT_DATA_DIR, SPOOL_CHUNK, UNKNOWN_LABEL, PredictionData, depth_thumbnail,
-                              load_class_data, shrink_maps, shrink_rgb, write_data)
+from m3dm.report.data import (
+    REPORT_DATA_DIR,
+    SPOOL_CHUNK,
+    UNKNOWN_LABEL,
+    PredictionData,
+    depth_thumbnail,
+    load_class_data,
+    shrink_maps,
+    shrink_rgb,
+    write_data,
+)
 
 RANGE = (0.1, 2.5)
 
