@@ -368,8 +368,8 @@ def peak_rss_mb(argv: list[str]) -> float:
 @pytest.mark.slow
 def test_memory_does_not_grow_with_the_number_of_parts(dataset, fitted, tmp_path):
     # each part's report thumbnails (RGB, depth, map, mask: ~125 KB in memory) used to stay in memory until the
-    # report was written: measured +200 KB per part (benchmarks/README.md); 280 more parts would add > 50 MB
-    small, large = 20, 300
+    # report was written: measured +200 KB per part (benchmarks/README.md); 200 more parts would add 40 MB
+    small, large = 20, 220
     peaks, rows = {}, {}
     for count in (small, large):
         parts, out = linked_parts(dataset / "gadget" / "test", tmp_path / f"in{count}", count), tmp_path / f"{count}"
