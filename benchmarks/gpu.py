@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -189,7 +192,8 @@ def measure(figures: dict, args, size: dict, device: torch.device, tmp: Path) ->
     done("data_s")
     extractor, fusion_block = build(size, device, tmp)
     figures["extract_per_s"] = {}
-    for b in size["batches"]:
+    # a batch larger than the training samples would measure the same batch again (the rehearsal's few samples)
+    for b in sorted({min(b, figures["train"]) for b in size["batches"]}):
         figures["extract_per_s"][b] = extraction_rate(extractor, data, size, b, size["extract_samples"],
                                                       size["workers"])
         print(f"  extraction samples/s at batch {b} = {figures['extract_per_s'][b]:.3g}", flush=True)
@@ -208,7 +212,7 @@ def measure(figures: dict, args, size: dict, device: torch.device, tmp: Path) ->
         figures["cpu_extract_per_s"] = extraction_rate(cpu_extractor, data, size, 1, size["cpu_samples"], 0)
         figures["gpu_over_cpu"] = figures["extract_per_s"][1] / figures["cpu_extract_per_s"]
     else:
-        figures["cpu_extract_per_s"] = figures["extract_per_s"][size["batches"][0]]
+        figures["cpu_extract_per_s"] = figures["extract_per_s"][min(figures["extract_per_s"])]
         figures["gpu_over_cpu"] = None
     done("cpu_extract_per_s", "gpu_over_cpu")
 
@@ -232,21 +236,29 @@ def main() -> None:
     figures: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                      or "cpu", "torch": torch.__version__, "size": "tiny" if args.tiny else "full", "train": train,
                      "test": test, "batch_size": args.batch_size}
-    stopped = False
     with tempfile.TemporaryDirectory() as tmp:
         try:
             measure(figures, args, size, device, Path(tmp))
-        except KeyboardInterrupt:  # a time limit (timeout -s INT): report what was measured
-            stopped = True
+        except KeyboardInterrupt:  # a time limit (timeout -s INT): report what was measured, then leave at once
             figures["stopped"] = "interrupted before the end (time limit?)"
-    print(f"\n{figures['device']}, torch {figures['torch']}, {figures['size']} size, {train} training / {test} test "
-          f"samples, batch {args.batch_size}\n")
+            report(figures, args)
+            print("stopped before every figure was measured", file=sys.stderr, flush=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            # Freeing the interrupted frames would shut the data loaders' worker processes down one by one, each
+            # join waiting up to 5 s: longer than the grace before `timeout -k` kills. The figures are written.
+            os._exit(1)
+    report(figures, args)
+
+
+def report(figures: dict, args) -> None:
+    """Print the table of the figures measured so far, and write them to ``--json``."""
+    print(f"\n{figures['device']}, torch {figures['torch']}, {figures['size']} size, {figures['train']} training / "
+          f"{figures['test']} test samples, batch {args.batch_size}\n")
     print(table(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str))
         print(f"\nfigures written to {args.json}")
-    if stopped:
-        raise SystemExit("stopped before every figure was measured")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

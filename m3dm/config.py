@@ -395,8 +395,9 @@ def add_flags(parser: argparse.ArgumentParser, settings_class=Settings) -> argpa
 
 def build_parser() -> argparse.ArgumentParser:
     """``main.py``'s command line: every flag of the reference with its name and default, and the added ones."""
+    # prog: the same "main.py: error: ..." however the parser is started (a test runner's worker, a wrapper)
     return add_flags(argparse.ArgumentParser(
-        description="M3DM: fit and evaluate per class (MVTec 3D-AD / Eyecandies)."))
+        prog="main.py", description="M3DM: fit and evaluate per class (MVTec 3D-AD / Eyecandies)."))
 
 
 # ---------------------------------------------------------------------------------------- validation

@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic datasets (built once per test session) and the real-data location."""
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,16 @@ import pytest
 from m3dm.data.synthetic import write_eyecandies, write_mvtec3d
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """With pytest-xdist (``-n``), each worker process gets its share of the cores for torch's intra-op threads:
+    two workers each running two threads on two cores would spend their time waiting for each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 REAL_MVTEC_SUBSET = PROJECT_ROOT.parent / "shared" / "data" / "mvtec3d_cable_gland_subset"
 
 

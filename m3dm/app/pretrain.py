@@ -28,7 +28,8 @@ from m3dm.uff import pretrain
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="UFF contrastive fusion pretraining on main.py --save_feature "
+    parser = argparse.ArgumentParser(prog="fusion_pretrain.py",
+                                     description="UFF contrastive fusion pretraining on main.py --save_feature "
                                                  "dumps (single process, torchrun or torch.distributed.launch).")
     add_flags(parser, pretrain.PretrainSettings)
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="no pinned host memory")
