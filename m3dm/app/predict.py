@@ -57,7 +57,7 @@ from m3dm.errors import CheckpointError, DataError, DiskFullError, ModelFileErro
 from m3dm.evaluation.pictures import compose, denormalize_rgb, heat_overlay, mask_panel, save_panel
 from m3dm.features.extractor import build_extractor
 from m3dm.report.build import try_build_report
-from m3dm.report.data import PredictionData, software_versions
+from m3dm.report.data import REPORT_DATA_DIR, PredictionData, software_versions
 from m3dm.runtime import resolve_device, seed_everything, use_device
 from m3dm.uff.block import load_fusion_block
 
@@ -229,11 +229,17 @@ def finished_rows(output: Path, thresholds) -> list[dict]:
 def write_prediction_report(writer: ResultWriter, model, thresholds, seconds: float) -> None:
     """``report.html`` of the scored parts (gallery and score histogram with the threshold) and the saved data it
     is built from (``python -m m3dm.report`` rebuilds it)."""
+    if writer.report_data is None:
+        return
     record = {"kind": "predict", "method": model.method_name, "model": str(model.path), "class": model.class_name,
               "thresholds": f"image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} (from {thresholds.source})",
               "config": dict(model.settings), "weights": model.setup.plain_weights(), "versions": software_versions(),
               "timings_s": {"predict": seconds}}
-    if writer.report_data is not None and writer.report_data.save(writer.output, record) is not None:
+    try:
+        saved = writer.report_data.save(writer.output, record)
+    finally:
+        writer.report_data.close()  # the thumbnails' spool file
+    if saved is not None:
         try_build_report(writer.output)
 
 
@@ -378,7 +384,8 @@ def run(args) -> int:
             path.unlink()
     writer = ResultWriter(output, thresholds, pictures=not args.no_pictures, save_maps=args.save_maps,
                           resume=args.resume)
-    writer.report_data = PredictionData(model.class_name, thresholds.image, thresholds.colour_range())
+    writer.report_data = PredictionData(model.class_name, thresholds.image, thresholds.colour_range(),
+                                        spool_folder=output / REPORT_DATA_DIR)
     done = {row["name"] for row in finished}
     if finished:
         writer.report_data.resume(output, [row["name"] for row in finished if row["result"] != "error"])
@@ -402,7 +409,8 @@ def run(args) -> int:
 
 def score_parts(predictor: Predictor, parts: list[Part], writer: ResultWriter, args) -> None:
     """Read, score and write every part in turn, ``--batch_size`` at a time: a part's row is written as its batch
-    ends, and nothing of the finished parts but their report thumbnails stays in memory."""
+    ends, and nothing of the finished parts but their names and scores stays in memory (their report thumbnails go to
+    a spool file: ``m3dm.report.data.PredictionData``)."""
 
     bar = tqdm(total=len(parts), desc="parts", unit="part", file=sys.stderr, disable=args.quiet)
 

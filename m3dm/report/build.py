@@ -7,9 +7,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from m3dm.data.io import write_text
+from m3dm.data.io import atomic_path, write_text
 from m3dm.errors import DiskFullError
-from m3dm.report.page import comparison_page, run_page
+from m3dm.report.page import comparison_page, run_page_pieces
 from m3dm.report.runs import load_run
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,12 @@ def build_report(folders: Sequence[str | Path], output: str | Path | None = None
         raise ValueError("no results folder given")
     runs = [load_run(folder) for folder in folders]
     output = Path(output) if output is not None else default_output(folders)
-    page = run_page(runs[0]) if len(runs) == 1 else comparison_page(runs, output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text(output, page)
+    if len(runs) == 1:  # written as it is made: a gallery of any size is never in memory whole
+        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as page:
+            page.writelines(run_page_pieces(runs[0]))
+    else:
+        write_text(output, comparison_page(runs, output))
     log.debug("report: %s (%.1f MB)", output, output.stat().st_size / 1e6)
     return output
 

@@ -7,21 +7,24 @@ per class the PRO curve and the metrics by defect type, both computed from the f
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import platform
+import tempfile
 import warnings
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import IO, TypeAlias
 
 import numpy as np
 from PIL import Image
 
 import m3dm
 from m3dm.constants import PRO_THRESHOLDS
-from m3dm.data.io import atomic_path, read_organized_pc, read_rgb, write_text
+from m3dm.data.io import atomic_path, disk_writes, read_organized_pc, read_rgb, write_text
 from m3dm.errors import DataError
 from m3dm.evaluation.metrics import au_pro, image_auroc, pro_curve
 
@@ -31,10 +34,14 @@ REPORT_DATA_DIR = "report_data"  # under the output folder: <class>.npz, and run
 THUMBNAIL = 112  # pixels per side of every saved thumbnail (224 / 2: maps and masks shrink by 2 x 2 blocks)
 UNKNOWN_LABEL = -1  # parts without a label (predictions on new parts)
 
+# a class's thumbnails of one kind: an array, or a spool file read part by part (``SpooledThumbnails``)
+Thumbnails: TypeAlias = "np.ndarray | SpooledThumbnails"
+
 
 @dataclass
 class ClassData:
-    """One class's saved report data (``save_class_data``), thumbnails ``(N, T, T[, 3])`` in the test order."""
+    """One class's saved report data (``save_class_data``), thumbnails ``(N, T, T[, 3])`` in the test order (or
+    ``SpooledThumbnails``: on disk, read one part at a time)."""
 
     class_name: str
     names: list[str]
@@ -42,10 +49,10 @@ class ClassData:
     scores: np.ndarray  # float64 image scores
     failed: np.ndarray | None  # bool per part with a model's threshold, else None
     image_threshold: float | None
-    rgb: np.ndarray  # uint8 (N, T, T, 3)
-    depth: np.ndarray  # float16 (N, T, T): z of the cloud, NaN where no point
-    maps: np.ndarray  # float16 (N, T, T)
-    masks: np.ndarray | None  # bool (N, T, T); None without ground truth masks
+    rgb: Thumbnails  # uint8 (N, T, T, 3)
+    depth: Thumbnails  # float16 (N, T, T): z of the cloud, NaN where no point
+    maps: Thumbnails  # float16 (N, T, T)
+    masks: Thumbnails | None  # bool (N, T, T); None without ground truth masks
     map_range: tuple[float, float]  # the heatmaps' colour scale
     pro_curve: tuple[np.ndarray, np.ndarray] | None  # (FPRs, PROs) of the whole test split
     defect_metrics: dict  # defect type -> {"n": ..., metric: value or None}
@@ -162,11 +169,13 @@ def save_class_data(result, rows: list[dict], path: str | Path,
 
 
 def write_data(path: str | Path, data: ClassData) -> Path:
-    """Write one ``ClassData`` file: maps and masks at full size (224) are shrunk to the thumbnails here."""
-    maps, masks, failed = np.asarray(data.maps, dtype=np.float32), data.masks, data.failed
-    if maps.shape[-1] != THUMBNAIL:
-        maps = shrink_maps(maps)
-    if masks is not None and np.asarray(masks).shape[-1] != THUMBNAIL:
+    """Write one ``ClassData`` file: maps and masks at full size (224) are shrunk to the thumbnails here; spooled
+    thumbnails (``SpooledThumbnails``, at the thumbnail size) are written chunk by chunk, never whole in memory."""
+    maps, masks, failed = data.maps, data.masks, data.failed
+    if not isinstance(maps, SpooledThumbnails):
+        maps = np.asarray(maps, dtype=np.float32)
+        maps = (maps if maps.shape[-1] == THUMBNAIL else shrink_maps(maps)).astype(np.float16)
+    if masks is not None and not isinstance(masks, SpooledThumbnails) and np.asarray(masks).shape[-1] != THUMBNAIL:
         masks = shrink_maps(np.asarray(masks, dtype=bool), reduce=np.any)
     n = len(data.names)
     arrays = {
@@ -177,9 +186,9 @@ def write_data(path: str | Path, data: ClassData) -> Path:
         "has_threshold": np.asarray(failed is not None),
         "image_threshold": np.asarray(np.nan if data.image_threshold is None else data.image_threshold,
                                       dtype=np.float64),
-        "rgb": np.asarray(data.rgb, dtype=np.uint8), "depth": np.asarray(data.depth, dtype=np.float16),
-        "maps": maps.astype(np.float16), "has_masks": np.asarray(masks is not None),
-        "masks": np.asarray(masks if masks is not None else np.zeros((0,), bool), dtype=bool),
+        "rgb": _typed(data.rgb, np.uint8), "depth": _typed(data.depth, np.float16),
+        "maps": maps, "has_masks": np.asarray(masks is not None),
+        "masks": _typed(masks if masks is not None else np.zeros((0,), bool), np.bool_),
         "map_range": np.asarray(data.map_range, dtype=np.float64),
         "pro_fprs": np.asarray([] if data.pro_curve is None else data.pro_curve[0], dtype=np.float64),
         "pro_pros": np.asarray([] if data.pro_curve is None else data.pro_curve[1], dtype=np.float64),
@@ -187,27 +196,71 @@ def write_data(path: str | Path, data: ClassData) -> Path:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # NumPy's stub types **kwds as allow_pickle
     with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buffer.getvalue())
+        _write_npz(tmp, arrays)
     log.debug("%s: report data of %d parts", path, n)
     return path
 
 
-def load_class_data(path: str | Path) -> ClassData:
-    """Read a file written by ``write_data``."""
+def _typed(values: Thumbnails, dtype: type[np.generic]) -> Thumbnails:
+    """An array as ``dtype``; spooled thumbnails as they are (they are written as the spool stores them)."""
+    return values if isinstance(values, SpooledThumbnails) else np.asarray(values, dtype=dtype)
+
+
+def _write_npz(path: Path, arrays: dict[str, Thumbnails]) -> None:
+    """What ``np.savez_compressed`` writes, with ``SpooledThumbnails`` members written chunk by chunk."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                if not isinstance(value, SpooledThumbnails):
+                    np.lib.format.write_array(member, value, allow_pickle=False)
+                    continue
+                header = {"descr": np.lib.format.dtype_to_descr(value.stored_dtype), "fortran_order": False,
+                          "shape": value.shape}
+                np.lib.format.write_array_header_1_0(member, header)
+                for chunk in value.chunks():
+                    member.write(np.ascontiguousarray(chunk, dtype=value.stored_dtype).tobytes())
+
+
+def read_member_chunks(archive: zipfile.ZipFile, key: str, size: int) -> Iterator[np.ndarray]:
+    """The array ``key`` of an open data file, ``size`` rows at a time (its other rows are not in memory)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(f"{key}.npy") as member:
+        shape, fortran_order, dtype = readers[np.lib.format.read_magic(member)](member)
+        if fortran_order and len(shape) > 1:
+            raise ValueError(f"{key}: Fortran-ordered array")
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        for start in range(0, shape[0] if shape else 0, size):
+            count = min(size, shape[0] - start)
+            data = member.read(count * row)
+            if len(data) != count * row:
+                raise ValueError(f"{key}: truncated array")
+            yield np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
+
+
+THUMBNAIL_KEYS = ("rgb", "depth", "maps", "masks")  # the arrays of a data file that ``spool`` keeps on disk
+
+
+def load_class_data(path: str | Path, spool: bool = False) -> ClassData:
+    """Read a file written by ``write_data``; with ``spool`` the thumbnails stay on disk (``spool_thumbnails``):
+    what a report of any number of parts holds in memory at once is one part's."""
+    thumbnails: tuple[Thumbnails, Thumbnails, Thumbnails, Thumbnails | None]
     try:
         with np.load(path, allow_pickle=False) as archive:
-            a = {key: archive[key] for key in archive.files}
+            a = {key: archive[key] for key in archive.files if not (spool and key in THUMBNAIL_KEYS)}
+            has_masks = bool(a["has_masks"])
+            if spool:
+                thumbnails = spool_thumbnails(archive.zip, has_masks)
+            else:
+                thumbnails = (a["rgb"], a["depth"], a["maps"].astype(np.float32), a["masks"] if has_masks else None)
         has_threshold = bool(a["has_threshold"])
         fprs, pros = a["pro_fprs"], a["pro_pros"]
+        rgb, depth, maps, masks = thumbnails
         return ClassData(
             class_name=str(a["class_name"]), names=[str(n) for n in a["names"]], labels=a["labels"],
             scores=a["scores"], failed=a["failed"] if has_threshold else None,
-            image_threshold=float(a["image_threshold"]) if has_threshold else None, rgb=a["rgb"], depth=a["depth"],
-            maps=a["maps"].astype(np.float32), masks=a["masks"] if bool(a["has_masks"]) else None,
-            map_range=(float(a["map_range"][0]), float(a["map_range"][1])),
+            image_threshold=float(a["image_threshold"]) if has_threshold else None, rgb=rgb, depth=depth,
+            maps=maps, masks=masks, map_range=(float(a["map_range"][0]), float(a["map_range"][1])),
             pro_curve=(fprs, pros) if fprs.size and np.isfinite(pros).all() else None,
             defect_metrics=json.loads(str(a["defect_metrics"])))
     except (OSError, KeyError, ValueError) as exc:
@@ -243,65 +296,188 @@ def write_run_record(folder: str | Path, record: dict) -> Path:
 
 # ------------------------------------------------------------------------------------------- predictions
 
+# one part's thumbnails in the spool file of ``PredictionData`` (fixed size: part i starts at i x itemsize)
+SPOOL_RECORD = np.dtype([("rgb", np.uint8, (THUMBNAIL, THUMBNAIL, 3)), ("depth", np.float16, (THUMBNAIL, THUMBNAIL)),
+                         ("maps", np.float16, (THUMBNAIL, THUMBNAIL)), ("masks", np.bool_, (THUMBNAIL, THUMBNAIL))])
+SPOOL_CHUNK = 64  # parts read back at a time
+
+
+class ThumbnailSpool:
+    """Thumbnails appended to an anonymous file in ``folder`` as parts finish, read back ``SPOOL_CHUNK`` parts at a
+    time: what a run keeps per part in memory does not grow with its thumbnails. The file has no name (the system
+    deletes it when it is closed or the process ends, even killed), so no run leaves it behind."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.count = 0
+        self._file: IO[bytes] | None = None
+
+    def append(self, record: np.ndarray) -> None:
+        """One ``SPOOL_RECORD``; written at the end of the last whole record (a write cut short is overwritten)."""
+        with disk_writes(self.folder):
+            if self._file is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._file = tempfile.TemporaryFile(dir=self.folder, prefix="m3dm-thumbnails-")  # noqa: SIM115
+            self._file.seek(self.count * SPOOL_RECORD.itemsize)
+            self._file.write(record.tobytes())
+            self._file.flush()
+        self.count += 1
+
+    def record(self, index: int) -> np.ndarray:
+        """The ``SPOOL_RECORD`` of part ``index``."""
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self._read(index, 1)[0]
+
+    def chunks(self, name: str) -> Iterator[np.ndarray]:
+        """Field ``name`` of every record, in order."""
+        for start in range(0, self.count, SPOOL_CHUNK):
+            yield self._read(start, min(SPOOL_CHUNK, self.count - start))[name]
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        """Records ``start`` to ``start + count`` (appended ones)."""
+        if self._file is None or start + count > self.count:
+            raise IndexError(f"records {start} to {start + count} of a spool of {self.count}")
+        self._file.seek(start * SPOOL_RECORD.itemsize)
+        data = self._file.read(count * SPOOL_RECORD.itemsize)
+        if len(data) != count * SPOOL_RECORD.itemsize:
+            raise OSError(f"the report thumbnails' spool file in {self.folder} was truncated")
+        return np.frombuffer(data, dtype=SPOOL_RECORD)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.count = 0
+
+
+class SpooledThumbnails:
+    """One kind of thumbnail (``name``: a field of ``SPOOL_RECORD``) of a class's parts in a ``ThumbnailSpool``, in
+    place of its array in a ``ClassData``: indexed (``[i]``, as ``dtype``) to draw one part, as the arrays of
+    ``load_class_data``; read in order a chunk at a time (``chunks``, as ``stored_dtype``) to be written."""
+
+    def __init__(self, spool: ThumbnailSpool, name: str, dtype: type[np.generic] | None = None):
+        self.spool, self.name = spool, name
+        self.stored_dtype = SPOOL_RECORD[name].base
+        self.dtype = self.stored_dtype if dtype is None else np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.spool.count
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.spool.record(index)[self.name].astype(self.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.spool.count, *SPOOL_RECORD[self.name].shape)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        return self.spool.chunks(self.name)
+
+
+def thumbnail_records(archive: zipfile.ZipFile, has_masks: bool) -> Iterator[np.ndarray]:
+    """The thumbnails of an open data file as ``SPOOL_RECORD`` arrays of up to ``SPOOL_CHUNK`` parts, in order."""
+    fields = ("rgb", "depth", "maps", "masks") if has_masks else ("rgb", "depth", "maps")
+    for chunks in zip(*(read_member_chunks(archive, key, SPOOL_CHUNK) for key in fields)):
+        records = np.zeros(len(chunks[0]), dtype=SPOOL_RECORD)
+        for key, chunk in zip(fields, chunks):
+            records[key] = chunk
+        yield records
+
+
+def spool_thumbnails(archive: zipfile.ZipFile, has_masks: bool) \
+        -> tuple[SpooledThumbnails, SpooledThumbnails, SpooledThumbnails, SpooledThumbnails | None]:
+    """The thumbnails of an open data file copied to a spool file in the system's temporary folder a chunk at a
+    time: ``rgb``, ``depth``, ``maps`` (float32) and ``masks`` (None without) as ``load_class_data`` gives them."""
+    spool = ThumbnailSpool(tempfile.gettempdir())
+    for records in thumbnail_records(archive, has_masks):
+        for record in records:
+            spool.append(record)
+    return (SpooledThumbnails(spool, "rgb"), SpooledThumbnails(spool, "depth"),
+            SpooledThumbnails(spool, "maps", np.float32), SpooledThumbnails(spool, "masks") if has_masks else None)
+
+
 @dataclass
 class PredictionData:
-    """The report data of ``m3dm.predict``, gathered part by part (no labels: new parts)."""
+    """The report data of ``m3dm.predict``, gathered part by part (no labels: new parts). Names, scores and
+    pass/fail stay in memory; the thumbnails go to a spool file in ``spool_folder`` (the system's temporary folder
+    when None) until ``save``, so memory stays flat over any number of parts. ``close`` deletes the spool."""
 
     class_name: str
     image_threshold: float
     map_range: tuple[float, float]
+    spool_folder: str | Path | None = None
 
     def __post_init__(self):
         self.names, self.scores, self.failed = [], [], []
-        self.rgb, self.depth, self.maps, self.masks = [], [], [], []
+        self.has_masks = False  # any part with a ground truth: the file then holds a mask per part (blank if none)
+        self.spool = ThumbnailSpool(tempfile.gettempdir() if self.spool_folder is None else self.spool_folder)
 
     def add(self, name: str, score: float, failed: bool, rgb: np.ndarray, cloud: np.ndarray, gt: np.ndarray | None,
             score_map: np.ndarray) -> None:
         """One scored part: ``rgb (224, 224, 3)`` uint8, ``cloud (3, S, S)``, ``gt (224, 224)`` or None, the map."""
+        record = np.zeros((), dtype=SPOOL_RECORD)
+        record["rgb"] = shrink_rgb(rgb)
+        record["depth"] = depth_thumbnail(cloud)
+        record["maps"] = shrink_maps(np.asarray(score_map, dtype=np.float32)[None])[0]
+        if gt is not None:
+            record["masks"] = shrink_maps(np.asarray(gt, dtype=bool)[None], reduce=np.any)[0]
+        self._append(record, name, score, failed, gt is not None)
+
+    def _append(self, record: np.ndarray, name: str, score: float, failed: bool, has_mask: bool) -> None:
+        self.spool.append(record)  # first: a part whose thumbnails could not be written is not listed
         self.names.append(name)
         self.scores.append(float(score))
         self.failed.append(bool(failed))
-        self.rgb.append(shrink_rgb(rgb))
-        self.depth.append(depth_thumbnail(cloud))
-        self.maps.append(shrink_maps(np.asarray(score_map, dtype=np.float32)[None])[0])
-        self.masks.append(None if gt is None else shrink_maps(np.asarray(gt, dtype=bool)[None], reduce=np.any)[0])
+        self.has_masks = self.has_masks or has_mask
 
     def resume(self, folder: str | Path, names: list[str]) -> None:
         """Start from the parts ``names`` an earlier run scored into ``folder``, as its report data holds them
-        (parts it lacks, scored by a run that was killed before writing it, are left out of the report)."""
+        (parts it lacks, scored by a run that was killed before writing it, are left out of the report). The
+        earlier thumbnails are copied to the spool a chunk at a time."""
         path = Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz"
         if not path.is_file():
             log.warning("%s not found: the %d part(s) scored earlier are in the tables but not in the report", path,
                         len(names))
             return
-        earlier = load_class_data(path)
-        index = {name: i for i, name in enumerate(earlier.names)}
-        kept = [index[name] for name in names if name in index]
-        if len(kept) < len(names):
-            log.warning("%s: %d of the %d part(s) scored earlier have no report data: they are in the tables but "
-                        "not in the report", path, len(names) - len(kept), len(names))
-        for i in kept:
-            self.names.append(earlier.names[i])
-            self.scores.append(float(earlier.scores[i]))
-            self.failed.append(earlier.failed is not None and bool(earlier.failed[i]))
-            self.rgb.append(earlier.rgb[i])
-            self.depth.append(earlier.depth[i])
-            self.maps.append(earlier.maps[i])
-            self.masks.append(None if earlier.masks is None else earlier.masks[i])
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                earlier = {key: archive[key] for key in ("names", "scores", "failed", "has_threshold", "has_masks")}
+                index = {str(name): i for i, name in enumerate(earlier["names"])}
+                kept = sorted(index[name] for name in names if name in index)
+                if len(kept) < len(names):
+                    log.warning("%s: %d of the %d part(s) scored earlier have no report data: they are in the "
+                                "tables but not in the report", path, len(names) - len(kept), len(names))
+                self._copy_earlier(archive.zip, earlier, set(kept))
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable report data file ({type(exc).__name__}: {exc})") from exc
+
+    def _copy_earlier(self, archive: zipfile.ZipFile, earlier: dict, kept: set[int]) -> None:
+        has_masks = bool(earlier["has_masks"])
+        failed = earlier["failed"] if bool(earlier["has_threshold"]) else np.zeros(len(earlier["names"]), bool)
+        start = 0
+        for records in thumbnail_records(archive, has_masks):
+            for i in range(start, start + len(records)):
+                if i in kept:
+                    self._append(records[i - start], str(earlier["names"][i]), earlier["scores"][i], failed[i],
+                                 has_masks)
+            start += len(records)
 
     def save(self, folder: str | Path, record: dict) -> Path | None:
         """``report_data/<class>.npz`` and ``report_data/run.json`` under ``folder``; None without scored parts."""
         if not self.names:
             return None
-        masks = None
-        if any(m is not None for m in self.masks):
-            blank = np.zeros((THUMBNAIL, THUMBNAIL), dtype=bool)
-            masks = np.stack([blank if m is None else m for m in self.masks])
         write_run_record(folder, record)
+        spool = self.spool
         data = ClassData(class_name=self.class_name, names=self.names,
                          labels=np.full(len(self.names), UNKNOWN_LABEL, dtype=np.int8),
                          scores=np.asarray(self.scores, dtype=np.float64), failed=np.asarray(self.failed, dtype=bool),
-                         image_threshold=self.image_threshold, rgb=np.stack(self.rgb), depth=np.stack(self.depth),
-                         maps=np.stack(self.maps), masks=masks, map_range=self.map_range, pro_curve=None,
-                         defect_metrics={})
+                         image_threshold=self.image_threshold, rgb=SpooledThumbnails(spool, "rgb"),
+                         depth=SpooledThumbnails(spool, "depth"), maps=SpooledThumbnails(spool, "maps"),
+                         masks=SpooledThumbnails(spool, "masks") if self.has_masks else None,
+                         map_range=self.map_range, pro_curve=None, defect_metrics={})
         return write_data(Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz", data)
+
+    def close(self) -> None:
+        """Delete the spool file (the data is lost unless saved)."""
+        self.spool.close()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +82,21 @@ def score(value) -> tuple[str, str]:
 
 
 def document(title: str, body: list[str]) -> str:
+    return "".join(document_pieces(title, body))
+
+
+def document_pieces(title: str, body: Iterable[str | Iterable[str]]) -> Iterator[str]:
+    """The page in pieces, to be written one after the other (``document``); a body item that is not a string is
+    one item in pieces (a section with its gallery cards)."""
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n"
-            f'<p class="note">Generated {generated} by m3dm.report; self-contained (no network).</p>\n'
-            + "\n".join(body) + "\n</body></html>\n")
+    yield (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+           f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n"
+           f'<p class="note">Generated {generated} by m3dm.report; self-contained (no network).</p>\n')
+    for number, item in enumerate(body):
+        if number:
+            yield "\n"
+        yield from ([item] if isinstance(item, str) else item)
+    yield "\n</body></html>\n"
 
 
 def random_note(runs: list[SavedRun]) -> str:
@@ -168,9 +179,14 @@ def gallery_order(data: ClassData) -> tuple[list[int], np.ndarray]:
     return order, wrong
 
 
-def gallery(data: ClassData) -> str:
+def gallery(data: ClassData) -> Iterator[str]:
+    """The gallery in pieces: one per part card (a class of any size is never in memory whole)."""
     order, wrong = gallery_order(data)
-    cards = []
+    threshold = "" if data.image_threshold is None else f", image threshold {data.image_threshold:.5g}"
+    yield (f'<h3>Gallery ({len(order)} parts{threshold})</h3><p class="note">Sorted by image score'
+           f'{", misclassified first" if wrong.any() else ""}. Each: RGB with the ground truth outlined in red | '
+           f"heatmap over the RGB (colour scale {data.map_range[0]:.3g} to {data.map_range[1]:.3g}) | point cloud "
+           f'coloured by depth (near bright, no point grey).</p><div class="gallery">')
     for rank, i in enumerate(order, 1):
         label = {0: "good", 1: "defective"}.get(int(data.labels[i]), "unlabelled")
         verdict = "" if data.failed is None else ("fail" if data.failed[i] else "pass")
@@ -179,24 +195,22 @@ def gallery(data: ClassData) -> str:
         cls = " ".join(filter(None, ["part", label, "wrong" if wrong[i] else ""]))
         tags = f' <span class="tag {verdict}">{verdict.upper()}</span>' if verdict else ""
         tags += ' <span class="tag fail">misclassified</span>' if wrong[i] else ""
-        cards.append(f'<figure class="{cls}" data-name="{esc(data.names[i])}" data-score="{float(data.scores[i])!r}">'
-                     f"{png_img(picture, 'RGB with ground truth | heatmap | point cloud depth', 'thumb')}"
-                     f"<figcaption>#{rank} <b>{esc(data.names[i])}</b><br>score {data.scores[i]:.5g} · {label}"
-                     f"{tags}</figcaption></figure>")
-    threshold = "" if data.image_threshold is None else f", image threshold {data.image_threshold:.5g}"
-    return (f'<h3>Gallery ({len(order)} parts{threshold})</h3><p class="note">Sorted by image score'
-            f'{", misclassified first" if wrong.any() else ""}. Each: RGB with the ground truth outlined in red | '
-            f"heatmap over the RGB (colour scale {data.map_range[0]:.3g} to {data.map_range[1]:.3g}) | point cloud "
-            f'coloured by depth (near bright, no point grey).</p><div class="gallery">{"".join(cards)}</div>')
+        yield (f'<figure class="{cls}" data-name="{esc(data.names[i])}" data-score="{float(data.scores[i])!r}">'
+               f"{png_img(picture, 'RGB with ground truth | heatmap | point cloud depth', 'thumb')}"
+               f"<figcaption>#{rank} <b>{esc(data.names[i])}</b><br>score {data.scores[i]:.5g} · {label}"
+               f"{tags}</figcaption></figure>")
+    yield "</div>"
 
 
-def class_section(run: SavedRun, class_name: str, data: ClassData | None) -> str:
+def class_section(run: SavedRun, class_name: str, data: ClassData | None) -> Iterator[str]:
+    """The section of one class in pieces (its gallery card by card)."""
     metrics = run.per_class.get(class_name, {})
     head = f'<section class="class" id="class-{esc(class_name)}"><h2>{esc(class_name)}</h2>'
     if metrics:
         head += "<p>" + " · ".join(f"{METRIC_NAMES.get(m, m)} {fmt(v)}" for m, v in metrics.items()) + "</p>"
     if data is None:
-        return head + '<p class="note">no report data saved for this class</p></section>'
+        yield head + '<p class="note">no report data saved for this class</p></section>'
+        return
     plots = []
     if data.has_labels and len(set(data.labels.tolist())) == 2:
         plots.append(png_img(figures.roc_figure([(run.method, data.labels, data.scores)]), "ROC curve", "roc"))
@@ -213,19 +227,27 @@ def class_section(run: SavedRun, class_name: str, data: ClassData | None) -> str
     body += "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     if data.has_labels:
         body += f"<h3>By defect type</h3>{defect_table(data)}"
-    return head + body + gallery(data) + "</section>"
+    yield head + body
+    yield from gallery(data)
+    yield "</section>"
 
 
 def run_page(run: SavedRun) -> str:
+    return "".join(run_page_pieces(run))
+
+
+def run_page_pieces(run: SavedRun) -> Iterator[str]:
+    """The page of one run in pieces (``document_pieces``): one class's data is read at a time, its thumbnails
+    from a spool file (``load_class_data(spool=True)``), so that no run is too large for memory."""
     classes = run.classes
     nav = "<nav>" + '<a href="#run">run</a>' + ('<a href="#metrics">metrics</a>' if run.per_class else "") + \
         "".join(f'<a href="#class-{esc(c)}">{esc(c)}</a>' for c in classes) + "</nav>"
     body = [nav, random_note([run]), run_section(run)]
     if run.per_class:
         body.append(metrics_section(run))
-    body += [class_section(run, c, run.class_data(c)) for c in classes]
+    sections = (class_section(run, c, run.class_data(c, spool=True)) for c in classes)
     title = f"M3DM {'predictions' if run.kind == 'predict' else 'report'}: {run.method}"
-    return document(title, body)
+    return document_pieces(title, itertools.chain(body, sections))
 
 
 # ------------------------------------------------------------------------------------------- comparison

@@ -68,9 +68,9 @@ class SavedRun:
         order = list(dict.fromkeys([row["class"] for row in self.samples] + list(self.per_class)))
         return order or sorted(self.data_files)
 
-    def class_data(self, class_name: str) -> ClassData | None:
+    def class_data(self, class_name: str, spool: bool = False) -> ClassData | None:
         path = self.data_files.get(class_name)
-        return None if path is None else load_class_data(path)
+        return None if path is None else load_class_data(path, spool)
 
     def sample_scores(self, class_name: str) -> dict[str, tuple[int, float]]:
         """``name -> (label, image score)`` of the class's test parts (per-sample rows, else the report data)."""

@@ -339,3 +339,44 @@ def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, capsys):
                                                f"other than tensors and plain values (a checkpoint of another "
                                                f"program?)")
     assert not out.exists()
+
+
+PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+def linked_parts(split: Path, folder: Path, count: int) -> Path:
+    """``folder/{rgb,xyz}`` with ``count`` parts: links to the split's samples in turn, under new names."""
+    samples = sorted(split.glob("*/rgb/*.png"))
+    for kind in ("rgb", "xyz"):
+        (folder / kind).mkdir(parents=True)
+    for i in range(count):
+        rgb = samples[i % len(samples)]
+        (folder / "rgb" / f"{i:04d}.png").symlink_to(rgb)
+        (folder / "xyz" / f"{i:04d}.tiff").symlink_to(rgb.parent.parent / "xyz" / f"{rgb.stem}.tiff")
+    return folder
+
+
+def peak_rss_mb(argv: list[str]) -> float:
+    """Peak resident memory of one ``python -m m3dm.predict`` process (``ru_maxrss`` of a wrapper's only child)."""
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "m3dm.predict", *argv],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split()[-1]) / 1024
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_number_of_parts(dataset, fitted, tmp_path):
+    # each part's report thumbnails (RGB, depth, map, mask: ~125 KB in memory) used to stay in memory until the
+    # report was written: measured +200 KB per part (benchmarks/README.md); 200 more parts would add 40 MB
+    small, large = 20, 220
+    peaks, rows = {}, {}
+    for count in (small, large):
+        parts, out = linked_parts(dataset / "gadget" / "test", tmp_path / f"in{count}", count), tmp_path / f"{count}"
+        peaks[count] = peak_rss_mb(["--model", str(fitted["model"]), str(parts), "--output", str(out),
+                                    "--batch_size", "4", "--no_pictures", "-q"])
+        rows[count] = read_rows(out)
+    assert len(rows[large]) == large and {r["result"] for r in rows[large]} <= {"pass", "fail"}
+    assert peaks[large] - peaks[small] < 20, peaks  # MB; what is left is noise and the report page itself
+    report = (tmp_path / f"{large}" / "report.html").read_text()
+    assert report.count('<figure class="part') == large
