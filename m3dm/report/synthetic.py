@@ -12,7 +12,7 @@ from m3dm.constants import RGB_SIZE
 from m3dm.evaluation.metrics import compute_metrics
 from m3dm.evaluation.results import ClassResult, per_sample_rows
 from m3dm.evaluation.tables import write_per_sample, write_results
-from m3dm.report.data import REPORT_DATA_DIR, THUMBNAIL, run_record, save_class_data, shrink_maps
+from m3dm.report.data import REPORT_DATA_DIR, cloud_sample, depth_thumbnail, run_record, save_class_data, shrink_rgb
 
 DEFECTS = ("good", "crack", "hole", "color")
 
@@ -40,17 +40,21 @@ def synthetic_class(class_name: str, n_parts: int, rng: np.random.Generator, mas
     return ClassResult(metrics, labels, scores, maps, gts, names, paths, [p.replace(".png", ".tiff") for p in paths])
 
 
-def synthetic_thumbnails(result: ClassResult, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """RGB and depth thumbnails: a tilted plane with a bump, the defect tinted."""
+def synthetic_thumbnails(result: ClassResult, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The pictures ``read_thumbnails`` would read: a tilted plane with a bump where the defect is, the defect
+    tinted, no points along one edge."""
     n = len(result.names)
-    yy, xx = np.mgrid[:THUMBNAIL, :THUMBNAIL] / THUMBNAIL
-    depth = np.stack([0.5 + 0.2 * xx + 0.1 * yy + 0.05 * rng.standard_normal() for _ in range(n)])
-    depth[:, :8] = np.nan  # no points along one edge
-    rgb = np.empty((n, THUMBNAIL, THUMBNAIL, 3), dtype=np.uint8)
-    rgb[:] = rng.integers(90, 160, size=(n, 1, 1, 3))
-    small = shrink_maps(result.masks.astype(bool), reduce=np.any)
-    rgb[small] = (200, 60, 40)
-    return rgb, depth.astype(np.float16)
+    yy, xx = np.mgrid[:RGB_SIZE, :RGB_SIZE] / RGB_SIZE
+    defects = result.masks.astype(bool)
+    clouds = np.stack([np.stack([xx - 0.5, yy - 0.5, 0.5 + 0.2 * xx + 0.1 * yy + 0.05 * rng.standard_normal()
+                                 - 0.03 * defect], axis=-1) for defect in defects])
+    clouds[:, :, :16] = 0  # no point
+    detail_rgb = np.empty((n, RGB_SIZE, RGB_SIZE, 3), dtype=np.uint8)
+    detail_rgb[:] = rng.integers(90, 160, size=(n, 1, 1, 3))
+    detail_rgb[defects] = (200, 60, 40)
+    return {"rgb": np.stack([shrink_rgb(picture) for picture in detail_rgb]), "detail_rgb": detail_rgb,
+            "depth": np.stack([depth_thumbnail(cloud) for cloud in clouds]),
+            "cloud": np.stack([cloud_sample(cloud) for cloud in clouds])}
 
 
 def write_synthetic_results(folder: str | Path, classes: list[str], n_parts: int, method: str = "DINO+Point_MAE",
