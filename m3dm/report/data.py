@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shlex
+import subprocess
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -350,10 +353,30 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
+def git_commit() -> str | None:
+    """The commit of the m3dm checkout that runs (with "+ local changes" when its tracked files differ from it);
+    None outside a git checkout (an installed package) or without git."""
+    folder = str(Path(m3dm.__file__).resolve().parent)
+    try:
+        head = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        changed = subprocess.run(["git", "-C", folder, "diff", "--quiet", "HEAD", "--", "."], capture_output=True,
+                                 timeout=10).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + (" + local changes" if changed else "")
+
+
+def provenance() -> dict[str, str | None]:
+    """Where a run comes from, for results.json and the report: its command line, the git commit, the host."""
+    return {"command": shlex.join(sys.argv), "git_commit": git_commit(), "host": platform.node()}
+
+
 def run_record(weights: dict) -> dict:
-    """The fields a run adds to its results.json record for the report: software versions and the weights used
-    (``persistence.weight_record`` by kind)."""
-    return {"versions": software_versions(), "weights": weights}
+    """The fields a run adds to its results.json record for the report: software versions, the weights used
+    (``persistence.weight_record`` by kind) and the ``provenance``."""
+    return {"versions": software_versions(), "weights": weights, **provenance()}
 
 
 def write_run_record(folder: str | Path, record: dict) -> Path:

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -51,16 +52,34 @@ class Page(HTMLParser):
         elif tag == "td" and "data-value" in attrs:
             self.cells.append(attrs)
 
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self.section = None
+
     def handle_data(self, data):
         self.text.append(data)
 
 
-def decoded(image: dict) -> np.ndarray:
+def decoded(image: dict, folder: Path) -> np.ndarray:
+    """A picture of the page: inline, or a file of its asset folder (``folder``: the page's)."""
     prefix = "data:image/png;base64,"
-    assert image["src"].startswith(prefix)
-    picture = Image.open(io.BytesIO(base64.b64decode(image["src"][len(prefix):])))
+    source = io.BytesIO(base64.b64decode(image["src"][len(prefix):])) if image["src"].startswith(prefix) else \
+        folder / image["src"]
+    picture = Image.open(source)
     assert picture.format == "PNG"
     return np.asarray(picture.convert("RGB"))
+
+
+def svg_texts(image: dict) -> list[tuple[str, float]]:
+    """``(text, font size in CSS pixels)`` of an inline SVG plot (its text is text, not paths)."""
+    prefix = "data:image/svg+xml;base64,"
+    assert image["src"].startswith(prefix)
+    svg = base64.b64decode(image["src"][len(prefix):]).decode()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    width, view = re.search(r'<svg[^>]* width="([0-9.]+)pt"[^>]* viewBox="0 0 ([0-9.]+)', svg).groups()
+    scale = float(width) * 4 / 3 / float(view)  # CSS pixels per SVG unit at the plot's own size (1 pt = 4/3 px)
+    texts = re.findall(r'<text style="font-size: ([0-9.]+)px[^>]*>([^<]+)</text>', svg)
+    return [(text, float(size) * scale) for size, text in texts]
 
 
 N_PARTS = 10  # test parts per class
@@ -98,7 +117,7 @@ def test_every_test_part_is_in_its_class_gallery_misclassified_first(saved, page
             assert scores == sorted(scores, reverse=True)
 
 
-def test_every_section_has_real_content(page):
+def test_every_section_has_real_content(saved, page):
     run = page.sections["run"]
     assert run["tables"] == 4  # weights, time per stage, versions, configuration
     assert page.sections["metrics"]["tables"] == 1
@@ -112,9 +131,12 @@ def test_every_section_has_real_content(page):
         assert kinds.count("thumb") == N_PARTS
         assert section["tables"] == 1  # by defect type
         for image in section["images"]:
-            pixels = decoded(image)
-            assert non_trivial(pixels), image["class"]
-        thumb = decoded(next(i for i in section["images"] if i["class"] == "thumb"))
+            if image["class"] == "thumb":
+                assert non_trivial(decoded(image, saved)), image["src"]
+            else:  # plots: SVG, every text at least 10 px
+                texts = svg_texts(image)
+                assert len(texts) > 10 and min(size for _, size in texts) >= 10, texts
+        thumb = decoded(next(i for i in section["images"] if i["class"] == "thumb"), saved)
         assert thumb.shape[0] == 112 and thumb.shape[1] == 3 * 112 + 4  # three panels side by side
 
 
