@@ -40,7 +40,8 @@ table { border-collapse: collapse; margin: .5em 0 1em; font-size: .85em; }
 th, td { border: 1px solid #ddd; padding: 2px 7px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.up { color: #0a7a2f; } td.down { color: #b3261e; } tr.mean td { font-weight: bold; background: #fafafa; }
-tr.changed td { background: #fff3c4; } tr.changed td:first-child::after { content: " (changed)"; color: #8a6d00; }
+tr.changed td { background: #fff3c4; } tr.disagree td { background: #fdecea; }
+tr.changed td:first-child::after { content: " (changed)"; color: #8a6d00; }
 code { overflow-wrap: anywhere; }
 .loud { background: #b3261e; color: white; font-weight: bold; padding: .8em 1em; font-size: 1.1em;
         border-radius: 4px; margin: 1em 0; }
@@ -435,6 +436,8 @@ def delta_cell(value: float | None, reference: float | None, attributes: str) ->
 
 
 def comparison_metrics(runs: list[SavedRun], labels: list[str]) -> str:
+    """Per metric: each run's value per class (deltas to the first run: the same metric, the same scale) and the
+    mean of each run over the classes they share."""
     classes = list(dict.fromkeys(c for r in runs for c in r.classes if c in r.per_class))
     metrics = [m for m in METRIC_NAMES if any(m in v for r in runs for v in r.per_class.values())]
     parts = []
@@ -443,16 +446,25 @@ def comparison_metrics(runs: list[SavedRun], labels: list[str]) -> str:
         for label in labels[1:]:
             header += [label, f"Δ {label} − {labels[0]}"]
         rows = []
-        for c in classes:
-            reference = metric_value(runs[0].per_class.get(c, {}).get(metric))
+        values = [[metric_value(run.per_class.get(c, {}).get(metric)) for c in classes] for run in runs]
+        for k, c in enumerate(classes):
+            reference = values[0][k]
             row = [esc(c), num(reference)]
-            for run, label in zip(runs[1:], labels[1:]):
-                value = metric_value(run.per_class.get(c, {}).get(metric))
+            for run_values, label in zip(values[1:], labels[1:]):
                 attributes = f'data-metric="{esc(metric)}" data-class="{esc(c)}" data-run="{esc(label)}"'
-                row += [num(value), delta_cell(value, reference, attributes)]
+                row += [num(run_values[k]), delta_cell(run_values[k], reference, attributes)]
             rows.append(row)
-        parts.append(f"<h3>{esc(METRIC_NAMES[metric])}</h3>{table(header, rows, 'comparison')}")
-    return f'<section id="metrics"><h2>Metrics side by side</h2>{"".join(parts)}</section>'
+        shared = [k for k in range(len(classes)) if all(v[k] is not None for v in values)]
+        means = [sum(round(v[k], 3) for k in shared) / len(shared) if shared else None for v in values]
+        mean_row = ["<b>mean</b>", num(means[0])]
+        for mean in means[1:]:
+            mean_row += [num(mean), delta_cell(mean, means[0], "")]
+        rows.append(mean_row)
+        parts.append(f"<h3>{esc(METRIC_NAMES[metric])}</h3>"
+                     f"{table(header, rows, 'comparison', [''] * (len(rows) - 1) + ['mean'])}")
+    return (f'<section id="metrics"><h2>Metrics side by side</h2>{"".join(parts)}<p class="note">mean: over the '
+            "classes where every run has the metric (of the values rounded to 3 digits, as the result tables).</p>"
+            "</section>")
 
 
 def ranks(scores: dict[str, tuple[int, float]]) -> dict[str, int]:
@@ -461,35 +473,75 @@ def ranks(scores: dict[str, tuple[int, float]]) -> dict[str, int]:
     return {name: rank for rank, name in enumerate(ordered, 1)}
 
 
-def comparison_samples(runs: list[SavedRun], labels: list[str], class_name: str) -> str:
-    """Per part present in every run: its score in each, the score delta and the rank change to the first run."""
+def verdicts(run: SavedRun, class_name: str) -> dict[str, str]:
+    """``name -> "pass" | "fail"`` of a class's parts where the run had a threshold (per-sample rows)."""
+    return {"/".join((r["class"], r["split"], r["defect_type"], r["stem"])): r["result"] for r in run.samples
+            if r["class"] == class_name and r.get("result") in ("pass", "fail")}
+
+
+def comparison_thumbnails(runs: list[SavedRun], class_name: str, names: list[str], assets: AssetFolder,
+                          prefix: str) -> list[dict[str, str]]:
+    """Per run, ``name -> address`` of the thumbnail strip of each part of ``names`` (one run's class data read
+    at a time, its thumbnails from a spool file)."""
+    wanted = set(names)
+    found: list[dict[str, str]] = []
+    for k, run in enumerate(runs):
+        data = run.class_data(class_name, spool=True)
+        addresses = {}
+        if data is not None:
+            for i, name in enumerate(data.names):
+                if name in wanted:
+                    mask = None if data.masks is None else data.masks[i]
+                    strip = figures.part_thumbnail(data.rgb[i], data.maps[i], mask, data.depth[i], data.map_range)
+                    addresses[name] = assets.write(f"runs/{k}/{prefix}-{i}.png", strip)
+        found.append(addresses)
+    return found
+
+
+def comparison_samples(runs: list[SavedRun], labels: list[str], class_name: str, assets: AssetFolder,
+                       prefix: str) -> str:
+    """Per part present in every run: its rank in each run (scores of different methods are on unrelated scales,
+    their ranks are not), the rank's percentile, the verdict and the thumbnails side by side; the parts whose
+    verdicts differ first, then by how far their ranks differ."""
     scores = [run.sample_scores(class_name) for run in runs]
     common = [name for name in scores[0] if all(name in s for s in scores[1:])]
     if not common:
         return '<p class="note">no test part in common</p>'
     rank = [ranks({n: s[n] for n in common}) for s in scores]
-    header = ["part", "label", f"score {labels[0]}", f"rank {labels[0]}"]
-    for other in labels[1:]:
-        header += [f"score {other}", "Δ score", f"rank {other}", "Δ rank"]
-    ordered = sorted(common, key=lambda n: (-max(abs(r[n] - rank[0][n]) for r in rank), rank[0][n]))
-    rows = []
+    said = [verdicts(run, class_name) for run in runs]
+    disagree = {n: len({v.get(n) for v in said}) > 1 for n in common}
+    spread = {n: max(r[n] for r in rank) - min(r[n] for r in rank) for n in common}
+    ordered = sorted(common, key=lambda n: (not disagree[n], -spread[n], rank[0][n]))
+    thumbs = comparison_thumbnails(runs, class_name, common, assets, prefix)
+    header = ["part", "label"]
+    for label in labels:
+        header += [f"rank {label}", f"{label}"]
+    header.append("rank spread")
+    rows, classes = [], []
     for name in ordered:
-        label, reference = scores[0][name]
-        row = [esc(name), esc({0: "good", 1: "defective"}.get(label, "?")), score(reference), num(rank[0][name], 0)]
-        for k, label_k in enumerate(labels[1:], 1):
-            value = scores[k][name][1]
-            attributes = f'data-sample="{esc(name)}" data-run="{esc(label_k)}"'
-            row += [score(value), (f"{value - reference:+.5g}", f'class="num score-delta" {attributes} '
-                                                                  f'data-value="{value - reference!r}"'),
-                    num(rank[k][name], 0), (f"{rank[k][name] - rank[0][name]:+d}", f'class="num rank-delta" '
-                                                                                   f"{attributes}")]
+        truth = {0: "good", 1: "defective"}.get(scores[0][name][0], "?")
+        row = [esc(name), esc(truth)]
+        for k, label in enumerate(labels):
+            attributes = f'data-sample="{esc(name)}" data-run="{esc(label)}" data-rank="{rank[k][name]}"'
+            row.append((f"{rank[k][name]}<br><small>top {100 * rank[k][name] / len(common):.0f} %</small><br>"
+                        f"{verdict_tag(truth, said[k].get(name, ''))}", f'class="num rank" {attributes}'))
+            thumb = thumbs[k].get(name)
+            row.append(f'<img class="thumb" loading="lazy" width="340" height="112" src="{esc(thumb)}" '
+                       f'alt="{esc(label)}: {esc(name)}">' if thumb else "-")
+        row.append((str(spread[name]), f'class="num spread" data-sample="{esc(name)}" data-value="{spread[name]}"'))
         rows.append(row)
-    return (f'<p class="note">{len(common)} parts in every run; rank 1 = highest score of the class; largest rank '
-            f"changes first.</p>{table(header, rows, 'samples')}")
+        classes.append("disagree" if disagree[name] else "")
+    n_disagree = sum(disagree.values())
+    return (f'<p class="note">{len(common)} parts in every run; rank 1 = highest score of the class in that run '
+            f"(scores of different methods are on unrelated scales: their ranks compare, the raw scores do not). "
+            f"{n_disagree} part(s) with different pass/fail verdicts first (highlighted), then the largest rank "
+            f"spreads.</p>{table(header, rows, 'samples', classes)}")
 
 
-def comparison_page(runs: list[SavedRun], output: Path) -> str:
+def comparison_page_pieces(runs: list[SavedRun], assets: AssetFolder) -> Iterator[str]:
+    """The comparison page in pieces, the thumbnails written to ``assets`` class by class."""
     labels = run_labels(runs)
+    output = assets.page
     run_rows = []
     for run, label in zip(runs, labels):
         link = Path(os.path.relpath(run.folder / "report.html", output.parent)).as_posix()
@@ -497,22 +549,29 @@ def comparison_page(runs: list[SavedRun], output: Path) -> str:
         run_rows.append([f"<b>{esc(label)}</b>", f"<code>{esc(run.folder.resolve())}</code>", report,
                          esc(", ".join(run.random_weights) or "no"), num(sum(run.timings.values()), 1),
                          esc(", ".join(run.classes))])
-    body = [random_note(runs), '<section id="runs"><h2>Runs</h2>'
-            + table(["run", "folder", "own report", "random weights", "total s", "classes"], run_rows, "runs")
-            + f'<p class="note">Deltas are each run minus {esc(labels[0])}.</p></section>',
-            comparison_metrics(runs, labels)]
+    body: list[str | Iterable[str]] = [
+        random_note(runs), comparison_metrics(runs, labels),
+        '<section id="runs"><h2>Runs</h2>'
+        + table(["run", "folder", "own report", "random weights", "total s", "classes"], run_rows, "runs")
+        + f'<p class="note">Metric deltas are each run minus {esc(labels[0])}.</p></section>']
     shared = [c for c in runs[0].classes if all(c in r.classes for r in runs[1:])]
-    for class_name in shared:
-        found = [run.class_data(class_name) for run in runs]
-        datas = [d for d in found if d is not None]
-        plots = []
-        if len(datas) == len(found) and all(d.has_labels and len(set(d.labels.tolist())) == 2 for d in datas):
-            plots.append(svg_img(figures.roc_figure([(lab, d.labels, d.scores) for lab, d in zip(labels, datas)]),
-                                 "ROC curves", "roc"))
-            curves = [(lab, *d.pro_curve) for lab, d in zip(labels, datas) if d.pro_curve is not None]
-            if curves:
-                plots.append(svg_img(figures.pro_figure(curves), "PRO curves", "pro"))
-        body.append(f'<section class="class" id="class-{esc(class_name)}"><h2>{esc(class_name)}</h2>'
-                    f'<div class="figures">{"".join(plots)}</div><h3>Per part</h3>'
-                    f"{comparison_samples(runs, labels, class_name)}</section>")
-    return document("M3DM comparison: " + " vs ".join(labels), body)
+    body += (comparison_class(runs, labels, c, assets, f"c{k}") for k, c in enumerate(shared))
+    return document_pieces("M3DM comparison: " + " vs ".join(labels), body)
+
+
+def comparison_class(runs: list[SavedRun], labels: list[str], class_name: str, assets: AssetFolder,
+                     prefix: str) -> Iterator[str]:
+    found = [run.class_data(class_name) for run in runs]
+    datas = [d for d in found if d is not None]
+    plots = []
+    if len(datas) == len(found) and all(d.has_labels and len(set(d.labels.tolist())) == 2 for d in datas):
+        plots.append(svg_img(figures.roc_figure([(lab, d.labels, d.scores) for lab, d in zip(labels, datas)]),
+                             "ROC curves", "roc"))
+        curves = [(lab, *d.pro_curve) for lab, d in zip(labels, datas) if d.pro_curve is not None]
+        if curves:
+            plots.append(svg_img(figures.pro_figure(curves), "PRO curves", "pro"))
+    del found, datas
+    yield (f'<section class="class" id="class-{esc(class_name)}"><h2>{esc(class_name)}</h2>'
+           f'<div class="figures">{"".join(plots)}</div><h3>Per part</h3>')
+    yield comparison_samples(runs, labels, class_name, assets, prefix)
+    yield "</section>"

@@ -31,6 +31,7 @@ class Page(HTMLParser):
         self.section = None
         self.sections: dict[str, dict] = {}
         self.cells: list[dict] = []
+        self.rank_cells: list[dict] = []
         self.text: list[str] = []
         self.source = text
         self.feed(text)
@@ -51,6 +52,8 @@ class Page(HTMLParser):
             current["tables"] += 1
         elif tag == "td" and "data-value" in attrs:
             self.cells.append(attrs)
+        elif tag == "td" and "data-rank" in attrs:
+            self.rank_cells.append(attrs)
 
     def handle_endtag(self, tag):
         if tag == "section":
@@ -185,14 +188,23 @@ def test_the_command_rebuilds_the_report_and_compares_folders(saved, tmp_path, c
     for cell in metric_cells:
         c, m = cell["data-class"], cell["data-metric"]
         assert float(cell["data-value"]) == second["per_class"][c][m] - first["per_class"][c][m]
-    scores = [{(r["class"], r["defect_type"], r["stem"]): r["image_score"]
-               for r in json.loads((f / "per_sample.json").read_text())} for f in (saved, other)]
-    sample_cells = [c for c in page.cells if "data-sample" in c]
-    assert len(sample_cells) == 2 * N_PARTS
-    for cell in sample_cells:
-        class_name, _, defect, stem = cell["data-sample"].split("/")
-        key = (class_name, defect, stem)
-        assert float(cell["data-value"]) == scores[1][key] - scores[0][key]
+    rows = [json.loads((f / "per_sample.json").read_text()) for f in (saved, other)]
+    for class_name in ("alpha", "beta"):  # per part: each run's rank of its score in the class, never a raw delta
+        ranks = {}
+        for label, run_rows in zip(("DINO+Point_MAE", "Point_MAE"), rows):
+            mine = sorted((r for r in run_rows if r["class"] == class_name), key=lambda r: -r["image_score"])
+            ranks.update({(label, "/".join((r["class"], r["split"], r["defect_type"], r["stem"]))): k
+                          for k, r in enumerate(mine, 1)})
+        cells = [c for c in page.rank_cells if c["data-sample"].startswith(f"{class_name}/")]
+        assert len(cells) == 2 * N_PARTS
+        assert {(c["data-run"], c["data-sample"]): int(c["data-rank"]) for c in cells} == ranks
+        spreads = [c for c in page.cells if c.get("data-sample", "").startswith(f"{class_name}/")]
+        assert len(spreads) == N_PARTS
+        assert [int(c["data-value"]) for c in spreads] == [abs(ranks[("DINO+Point_MAE", c["data-sample"])]
+                                                              - ranks[("Point_MAE", c["data-sample"])])
+                                                          for c in spreads]
+        thumbs = [i for i in page.sections[f"class-{class_name}"]["images"] if i["class"] == "thumb"]
+        assert len(thumbs) == 2 * N_PARTS and all(non_trivial(decoded(i, output.parent)) for i in thumbs)
     assert "M3DM comparison: DINO+Point_MAE vs Point_MAE" in " ".join(page.text)
     assert {f"class-{c}" for c in ("alpha", "beta")} <= set(page.sections) and "class-gamma" not in page.sections
 
