@@ -9,6 +9,7 @@ disk (``file://``), unlike ``fetch``. The viewer is plotly.js as the ``plotly`` 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -82,9 +83,10 @@ class AssetFolder:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def png(pixels: np.ndarray) -> bytes:
+def jpeg(pixels: np.ndarray) -> bytes:
+    """A detail picture: JPEG at quality 92 (a tenth of the time and of the bytes of a PNG, for 1,000s of parts)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=92)
     return buffer.getvalue()
 
 
@@ -102,18 +104,19 @@ def detail_panels(rgb: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) ->
 
 
 def cloud_script(key: str, cloud: np.ndarray, scores: np.ndarray, rgb: np.ndarray, mask: np.ndarray | None) -> str:
-    """``<key>.js``: the part's decimated cloud for the 3D view, ``m3dmCloud(key, {...})``: coordinates (the image
-    rows downwards as in the picture, the near side up), the score, the RGB colour and the ground truth of each
-    point with one (RGB and ground truth sampled from the detail pictures at the cloud's grid)."""
+    """``<key>.js``: the part's decimated cloud for the 3D view, ``m3dmCloud(key, {...})``, each field the base64 of
+    a little-endian array with one value per point: ``x``, ``y``, ``z`` (float16, from the cloud's centre, so
+    that half precision keeps a hundredth of a millimetre on a part of centimetres; the image rows downwards as in
+    the picture, the near side up), ``s`` (float16 score), ``rgb`` (3 uint8) and ``gt`` (uint8 0/1), the RGB and the
+    ground truth sampled from the detail pictures at the cloud's grid. (Binary: encoding 4,096 points as decimal
+    text took longer than all the rest of a part's files; half precision halves the files.)"""
     size = cloud.shape[0]
     picks = ((np.arange(size) + 0.5) * rgb.shape[0] / size).astype(int)
     valid = np.isfinite(cloud).all(axis=2)
     points = cloud[valid].astype(np.float64)
-    colours = rgb[picks][:, picks][valid]
-    truth = np.zeros(len(points), dtype=int) if mask is None else mask[picks][:, picks][valid].astype(int)
-    values = {"x": points[:, 0], "y": -points[:, 1], "z": -points[:, 2],
-              "s": scores[valid].astype(np.float64)}
-    body = {k: [float(f"{v:.5g}") for v in column] for k, column in values.items()}
-    body["rgb"] = "".join(f"{r:02x}{g:02x}{b:02x}" for r, g, b in colours.tolist())
-    body["gt"] = truth.tolist()
+    points = (points - (points.min(axis=0) + points.max(axis=0)) / 2 if len(points) else points).astype("<f2")
+    truth = np.zeros(len(points), np.uint8) if mask is None else mask[picks][:, picks][valid].astype(np.uint8)
+    fields = {"x": points[:, 0], "y": -points[:, 1], "z": -points[:, 2], "s": scores[valid].astype("<f2"),
+              "rgb": rgb[picks][:, picks][valid].astype(np.uint8), "gt": truth}
+    body = {k: base64.b64encode(np.ascontiguousarray(v).tobytes()).decode("ascii") for k, v in fields.items()}
     return f"m3dmCloud({json.dumps(key)},{json.dumps(body, separators=(',', ':'))});\n"

@@ -77,6 +77,14 @@ class ClassData:
     def has_detail(self) -> bool:
         return self.cloud is not None
 
+    def detail(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray] | None:
+        """Part ``i``'s detail RGB, heatmap levels, ground truth (None without), cloud and cloud scores; None where
+        the file has no detail pictures (an older run's)."""
+        if self.detail_rgb is None or self.detail_heat is None or self.cloud is None or self.cloud_scores is None:
+            return None
+        mask = None if self.detail_mask is None else self.detail_mask[i]
+        return self.detail_rgb[i], self.detail_heat[i], mask, self.cloud[i], self.cloud_scores[i]
+
     @property
     def has_labels(self) -> bool:
         return bool(len(self.labels)) and bool((self.labels != UNKNOWN_LABEL).all())
@@ -309,7 +317,7 @@ THUMBNAIL_KEYS = ("rgb", "depth", "maps", "masks") + DETAIL_KEYS  # the arrays o
 def stored_pictures(archive: dict, has_masks: bool) -> tuple[str, ...]:
     """The per-part arrays a data file holds (``archive``: its small arrays): the thumbnails, and the detail
     pictures where it has them; the masks only with ground truth."""
-    keys = ("rgb", "depth", "maps", "masks")
+    keys: tuple[str, ...] = ("rgb", "depth", "maps", "masks")
     if "has_detail" in archive and bool(archive["has_detail"]):
         keys += DETAIL_KEYS
     return tuple(k for k in keys if has_masks or k not in ("masks", "detail_mask"))
@@ -325,10 +333,10 @@ def load_class_data(path: str | Path, spool: bool = False) -> ClassData:
             keys = stored_pictures(a, bool(a["has_masks"]))
             pictures = spool_thumbnails(archive.zip, keys) if spool else {k: a[k] for k in keys}
         if not spool:
-            pictures["maps"] = pictures["maps"].astype(np.float32)
+            pictures["maps"] = np.asarray(pictures["maps"], dtype=np.float32)
         has_threshold = bool(a["has_threshold"])
         fprs, pros = a["pro_fprs"], a["pro_pros"]
-        rgb, depth, maps, masks = (pictures.get(k) for k in ("rgb", "depth", "maps", "masks"))
+        rgb, depth, maps, masks = pictures["rgb"], pictures["depth"], pictures["maps"], pictures.get("masks")
         return ClassData(
             class_name=str(a["class_name"]), names=[str(n) for n in a["names"]], labels=a["labels"],
             scores=a["scores"], failed=a["failed"] if has_threshold else None,
@@ -407,6 +415,7 @@ class ThumbnailSpool:
         self.folder = Path(folder)
         self.count = 0
         self._file: IO[bytes] | None = None
+        self._last: tuple[int, np.ndarray] | None = None  # (index, record) of the last ``record`` read
 
     def append(self, record: np.ndarray) -> None:
         """One ``SPOOL_RECORD``; written at the end of the last whole record (a write cut short is overwritten)."""
@@ -415,15 +424,19 @@ class ThumbnailSpool:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 self._file = tempfile.TemporaryFile(dir=self.folder, prefix="m3dm-thumbnails-")  # noqa: SIM115
             self._file.seek(self.count * SPOOL_RECORD.itemsize)
+            self._last = None
             self._file.write(record.tobytes())
             self._file.flush()
         self.count += 1
 
     def record(self, index: int) -> np.ndarray:
-        """The ``SPOOL_RECORD`` of part ``index``."""
+        """The ``SPOOL_RECORD`` of part ``index`` (the last one read is kept: a part's fields are read one after
+        the other, from one read of the file)."""
         if not 0 <= index < self.count:
             raise IndexError(index)
-        return self._read(index, 1)[0]
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self._read(index, 1)[0])
+        return self._last[1]
 
     def chunks(self, name: str) -> Iterator[np.ndarray]:
         """Field ``name`` of every record, in order."""
@@ -445,6 +458,7 @@ class ThumbnailSpool:
             self._file.close()
             self._file = None
         self.count = 0
+        self._last = None
 
 
 class SpooledThumbnails:
@@ -481,7 +495,7 @@ def thumbnail_records(archive: zipfile.ZipFile, fields: tuple[str, ...]) -> Iter
         yield records
 
 
-def spool_thumbnails(archive: zipfile.ZipFile, fields: tuple[str, ...]) -> dict[str, SpooledThumbnails]:
+def spool_thumbnails(archive: zipfile.ZipFile, fields: tuple[str, ...]) -> dict[str, Thumbnails]:
     """The per-part arrays ``fields`` of an open data file copied to a spool file in the system's temporary folder a
     chunk at a time, as ``load_class_data`` gives them (``maps`` as float32)."""
     spool = ThumbnailSpool(tempfile.gettempdir())

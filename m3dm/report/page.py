@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from m3dm.report import figures
-from m3dm.report.assets import AssetFolder, cloud_script, detail_panels, heat_colour_stops, png
+from m3dm.report.assets import AssetFolder, cloud_script, detail_panels, heat_colour_stops, jpeg
 from m3dm.report.data import ClassData
 from m3dm.report.runs import WEIGHT_KINDS, SavedRun, method_settings, metric_value
 from m3dm.report.script import DETAIL_VIEW, SCRIPT
@@ -207,15 +207,17 @@ def run_section(run: SavedRun) -> str:
             f"<h3>Settings of {esc(run.method)}</h3>{config}<h3>Versions</h3>{versions}</details></section>")
 
 
+def rounded_mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the defined values rounded to 3 digits, as the result tables make it; None if none is."""
+    rounded = [round(v, 3) for v in values if v is not None]
+    return sum(rounded) / len(rounded) if rounded else None
+
+
 def metrics_section(run: SavedRun) -> str:
     metrics = [m for m in METRIC_NAMES if any(m in v for v in run.per_class.values())]
     rows = [[f'<a href="#class-{esc(c)}">{esc(c)}</a>'] + [num(run.per_class[c].get(m)) for m in metrics]
             for c in run.classes if c in run.per_class]
-    means = []
-    for m in metrics:
-        values = [metric_value(run.per_class[c].get(m)) for c in run.per_class]
-        rounded = [round(v, 3) for v in values if v is not None]  # as the result tables: mean of rounded values
-        means.append(num(sum(rounded) / len(rounded) if rounded else None))
+    means = [num(rounded_mean([metric_value(run.per_class[c].get(m)) for c in run.per_class])) for m in metrics]
     rows.append(["<b>mean</b>"] + means)
     header = ["class"] + [METRIC_NAMES[m] for m in metrics]
     return (f'<section id="metrics"><h2>Metrics</h2>{table(header, rows, "metrics", [""] * (len(rows) - 1) + ["mean"])}'
@@ -263,18 +265,19 @@ def verdict_tag(label: str, verdict: str) -> str:
     return f' <span class="tag {verdict}">{verdict.upper()}{right}</span>'
 
 
-def write_part_assets(assets: AssetFolder, key: str, data: ClassData, i: int) -> str:
+def write_part_assets(assets: AssetFolder, key: str, data: ClassData, i: int) -> tuple[str, bool]:
     """The thumbnail strip of part ``i``, and its detail pictures and cloud where the data has them; the
-    thumbnail's address."""
+    thumbnail's address, and whether the part has a ground-truth region in its detail pictures."""
     mask = None if data.masks is None else data.masks[i]
     strip = figures.part_thumbnail(data.rgb[i], data.maps[i], mask, data.depth[i], data.map_range)
-    if data.has_detail:
-        detail_mask = None if data.detail_mask is None else data.detail_mask[i]
-        rgb = data.detail_rgb[i]
-        for kind, pixels in detail_panels(rgb, data.detail_heat[i], detail_mask).items():
-            assets.write(f"parts/{key}-{kind}.png", png(pixels))
-        assets.write(f"parts/{key}.js", cloud_script(key, data.cloud[i], data.cloud_scores[i], rgb, detail_mask))
-    return assets.write(f"parts/{key}.png", strip)
+    detail = data.detail(i)
+    if detail is not None:
+        rgb, heat, detail_mask, cloud, cloud_scores = detail
+        for kind, pixels in detail_panels(rgb, heat, detail_mask).items():
+            assets.write(f"parts/{key}-{kind}.jpg", jpeg(pixels))
+        assets.write(f"parts/{key}.js", cloud_script(key, cloud, cloud_scores, rgb, detail_mask))
+    has_gt = detail is not None and detail[2] is not None and bool(detail[2].any())
+    return assets.write(f"parts/{key}.png", strip), has_gt
 
 
 def prediction_picture(run: SavedRun, name: str, page: Path) -> str | None:
@@ -291,11 +294,10 @@ def prediction_picture(run: SavedRun, name: str, page: Path) -> str | None:
 
 
 def part_card(run: SavedRun, data: ClassData, i: int, rank: int, wrong: bool, key: str, thumb: str,
-              page: Path) -> str:
+              has_gt: bool, page: Path) -> str:
     label = {0: "good", 1: "defective"}.get(int(data.labels[i]), "unlabelled")
     verdict = "" if data.failed is None else ("fail" if data.failed[i] else "pass")
     cls = " ".join(filter(None, ["part", label, "wrong" if wrong else ""]))
-    has_gt = data.has_detail and data.detail_mask is not None and bool(data.detail_mask[i].any())
     attributes = {"key": key, "name": data.names[i], "class": data.class_name, "defect": data.defect_types[i],
                   "score": repr(float(data.scores[i])), "label": label, "verdict": verdict,
                   "wrong": int(wrong), "rank": rank, "detail": int(data.has_detail), "gt": int(has_gt),
@@ -305,8 +307,8 @@ def part_card(run: SavedRun, data: ClassData, i: int, rank: int, wrong: bool, ke
     return (f'<figure class="{cls}" tabindex="0" {data_attributes}>'
             f'<img class="thumb" loading="lazy" width="340" height="112" src="{esc(thumb)}" '
             f'alt="{esc(data.names[i])}: RGB with ground truth | heatmap | point cloud depth">'
-            f"<figcaption>#{rank} <b>{esc(data.names[i])}</b><br>score {data.scores[i]:.5g} · {label}"
-            f"{verdict_tag(label, verdict)}</figcaption></figure>")
+            f'<figcaption>#{rank} <b>{esc(data.names[i])}</b><br><span class="facts-line">score '
+            f"{data.scores[i]:.5g} · {label}{verdict_tag(label, verdict)}</span></figcaption></figure>")
 
 
 def gallery(run: SavedRun, data: ClassData, assets: AssetFolder, prefix: str, page: Path) -> Iterator[str]:
@@ -321,8 +323,8 @@ def gallery(run: SavedRun, data: ClassData, assets: AssetFolder, prefix: str, pa
            '<div class="gallery">')
     for rank, i in enumerate(order, 1):
         key = f"{prefix}-{i}"
-        thumb = write_part_assets(assets, key, data, i)
-        yield part_card(run, data, i, rank, bool(wrong[i]), key, thumb, page)
+        thumb, has_gt = write_part_assets(assets, key, data, i)
+        yield part_card(run, data, i, rank, bool(wrong[i]), key, thumb, has_gt, page)
     yield "</div>"
 
 
@@ -455,7 +457,7 @@ def comparison_metrics(runs: list[SavedRun], labels: list[str]) -> str:
                 row += [num(run_values[k]), delta_cell(run_values[k], reference, attributes)]
             rows.append(row)
         shared = [k for k in range(len(classes)) if all(v[k] is not None for v in values)]
-        means = [sum(round(v[k], 3) for k in shared) / len(shared) if shared else None for v in values]
+        means = [rounded_mean([v[k] for k in shared]) for v in values]
         mean_row = ["<b>mean</b>", num(means[0])]
         for mean in means[1:]:
             mean_row += [num(mean), delta_cell(mean, means[0], "")]
@@ -520,7 +522,7 @@ def comparison_samples(runs: list[SavedRun], labels: list[str], class_name: str,
     rows, classes = [], []
     for name in ordered:
         truth = {0: "good", 1: "defective"}.get(scores[0][name][0], "?")
-        row = [esc(name), esc(truth)]
+        row: list[object] = [esc(name), esc(truth)]
         for k, label in enumerate(labels):
             attributes = f'data-sample="{esc(name)}" data-run="{esc(label)}" data-rank="{rank[k][name]}"'
             row.append((f"{rank[k][name]}<br><small>top {100 * rank[k][name] / len(common):.0f} %</small><br>"

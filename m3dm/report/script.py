@@ -113,17 +113,37 @@ function withViewer(then) {
   loadScript(config.viewer, failed).onload = () => { viewer = "ready"; waiting.splice(0).forEach((f) => f()); };
 }
 
-window.m3dmCloud = function (key, cloud) {
+function bytes(text) {
+  const raw = atob(text);
+  const out = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i);
+  return out;
+}
+
+function halves(text) {  // little-endian IEEE half floats -> numbers
+  const raw = bytes(text);
+  const out = new Array(raw.length / 2);
+  for (let i = 0; i < out.length; i++) {
+    const h = raw[2 * i] | (raw[2 * i + 1] << 8);
+    const exponent = (h >> 10) & 31, fraction = h & 1023, sign = h & 32768 ? -1 : 1;
+    out[i] = exponent === 0 ? sign * fraction * Math.pow(2, -24)
+      : exponent === 31 ? (fraction ? NaN : sign * Infinity)
+      : sign * (1 + fraction / 1024) * Math.pow(2, exponent - 15);
+  }
+  return out;
+}
+
+window.m3dmCloud = function (key, packed) {
+  const rgb = bytes(packed.rgb);
+  const cloud = { x: halves(packed.x), y: halves(packed.y), z: halves(packed.z), s: halves(packed.s),
+                  gt: Array.from(bytes(packed.gt)), rgb: [] };
+  for (let i = 0; i < rgb.length; i += 3) cloud.rgb.push("rgb(" + rgb[i] + "," + rgb[i + 1] + "," + rgb[i + 2] + ")");
   clouds[key] = cloud;
   if (current && current.dataset.key === key) draw();
 };
 
 function colours(cloud) {
-  if (mode === "rgb") {
-    const out = [];
-    for (let i = 0; i < cloud.rgb.length; i += 6) out.push("#" + cloud.rgb.slice(i, i + 6));
-    return { color: out };
-  }
+  if (mode === "rgb") return { color: cloud.rgb };
   if (mode === "gt") return { color: cloud.gt.map((g) => (g ? "#ff2828" : "#b4b4b4")) };
   const d = current.dataset;
   return { color: cloud.s, cmin: number(d.low), cmax: number(d.high), colorscale: config.stops, showscale: true,
@@ -135,7 +155,7 @@ function draw() {
   if (!cloud || viewer !== "ready") return;
   const marker = Object.assign({ size: 2.2 }, colours(cloud));
   const trace = { type: "scatter3d", mode: "markers", x: cloud.x, y: cloud.y, z: cloud.z, marker: marker,
-                  text: cloud.s.map((s) => "score " + s), hoverinfo: "text" };
+                  text: cloud.s.map((s) => "score " + s.toPrecision(4)), hoverinfo: "text" };
   const axis = { visible: false };
   const layout = { margin: { l: 0, r: 0, t: 0, b: 0 }, showlegend: false, uirevision: current.dataset.key,
                    scene: { aspectmode: "data", xaxis: axis, yaxis: axis, zaxis: axis,
@@ -148,12 +168,12 @@ function show(card) {
   current = card;
   const d = card.dataset;
   $("detail-title").textContent = d.name;
-  $("detail-info").innerHTML = card.querySelector("figcaption").innerHTML;
+  $("detail-info").innerHTML = "#" + d.rank + " of the class · " + card.querySelector(".facts-line").innerHTML;
   const has = d.detail === "1";
   for (const kind of ["rgb", "gt", "heat"]) {
     const img = $("detail-" + kind);
     img.hidden = !has;
-    if (has) img.src = config.parts + d.key + "-" + kind + ".png";
+    if (has) img.src = config.parts + d.key + "-" + kind + ".jpg";
   }
   $("detail-gt-caption").textContent = d.gt === "1" ? "ground truth (red)" : "ground truth: none for this part";
   $("detail-low").textContent = Number(d.low).toPrecision(3);
