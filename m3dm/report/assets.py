@@ -23,6 +23,7 @@ from PIL import Image
 from m3dm.data.io import disk_writes
 from m3dm.evaluation.pictures import jet, outline
 from m3dm.report import figures
+from m3dm.report.data import sample_grid
 
 VIEWER = "plotly.min.js"
 HEAT_STOPS = 11  # colour stops of the heatmap's colour bar (the same in 2D and in the 3D view)
@@ -103,20 +104,20 @@ def detail_panels(rgb: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) ->
     return {"rgb": rgb, "gt": truth, "heat": overlay}
 
 
-def cloud_script(key: str, cloud: np.ndarray, scores: np.ndarray, rgb: np.ndarray, mask: np.ndarray | None) -> str:
+def cloud_script(key: str, cloud: np.ndarray, at: np.ndarray, scores: np.ndarray, rgb: np.ndarray,
+                 mask: np.ndarray | None) -> str:
     """``<key>.js``: the part's decimated cloud for the 3D view, ``m3dmCloud(key, {...})``, each field the base64 of
     a little-endian array with one value per point: ``x``, ``y``, ``z`` (float16, from the cloud's centre, so
     that half precision keeps a hundredth of a millimetre on a part of centimetres; the image rows downwards as in
     the picture, the near side up), ``s`` (float16 score), ``rgb`` (3 uint8) and ``gt`` (uint8 0/1), the RGB and the
-    ground truth sampled from the detail pictures at the cloud's grid. (Binary: encoding 4,096 points as decimal
-    text took longer than all the rest of a part's files; half precision halves the files.)"""
-    size = cloud.shape[0]
-    picks = ((np.arange(size) + 0.5) * rgb.shape[0] / size).astype(int)
+    ground truth sampled from the detail pictures at the cloud's grid ``at`` (``m3dm.report.data.cloud_sample``).
+    (Binary: encoding 4,096 points as decimal text took longer than all the rest of a part's files; half precision
+    halves the files.)"""
     valid = np.isfinite(cloud).all(axis=2)
     points = cloud[valid].astype(np.float64)
     points = (points - (points.min(axis=0) + points.max(axis=0)) / 2 if len(points) else points).astype("<f2")
-    truth = np.zeros(len(points), np.uint8) if mask is None else mask[picks][:, picks][valid].astype(np.uint8)
+    truth = np.zeros(len(points), np.uint8) if mask is None else sample_grid(mask, at)[valid].astype(np.uint8)
     fields = {"x": points[:, 0], "y": -points[:, 1], "z": -points[:, 2], "s": scores[valid].astype("<f2"),
-              "rgb": rgb[picks][:, picks][valid].astype(np.uint8), "gt": truth}
+              "rgb": sample_grid(rgb, at)[valid].astype(np.uint8), "gt": truth}
     body = {k: base64.b64encode(np.ascontiguousarray(v).tobytes()).decode("ascii") for k, v in fields.items()}
     return f"m3dmCloud({json.dumps(key)},{json.dumps(body, separators=(',', ':'))});\n"

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import IO, TypeAlias
+from typing import IO, Any, TypeAlias
 
 import numpy as np
 from PIL import Image
@@ -66,24 +66,27 @@ class ClassData:
     defect_metrics: dict  # defect type -> {"n": ..., metric: value or None}
     # the detail view (None in files of older runs): (N, D, D, 3) uint8 RGB, (N, D, D) uint8 heatmap colour levels
     # over ``map_range``, (N, D, D) bool ground truth (None without masks), (N, C, C, 3) float32 cloud (NaN: no
-    # point) and (N, C, C) float16 scores at its points
+    # point), (N, 2, C) float32 where its grid lies in the frame (``cloud_sample``) and (N, C, C) float16 scores at
+    # its points
     detail_rgb: Thumbnails | None = None
     detail_heat: Thumbnails | None = None
     detail_mask: Thumbnails | None = None
     cloud: Thumbnails | None = None
+    cloud_at: Thumbnails | None = None
     cloud_scores: Thumbnails | None = None
 
     @property
     def has_detail(self) -> bool:
         return self.cloud is not None
 
-    def detail(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray] | None:
-        """Part ``i``'s detail RGB, heatmap levels, ground truth (None without), cloud and cloud scores; None where
-        the file has no detail pictures (an older run's)."""
-        if self.detail_rgb is None or self.detail_heat is None or self.cloud is None or self.cloud_scores is None:
+    def detail(self, i: int) -> dict[str, Any] | None:
+        """Part ``i``'s detail pictures by their field names without ``detail_`` (``rgb``, ``heat``, ``mask``: None
+        without ground truth) and its ``cloud``, ``cloud_at`` and ``cloud_scores``; None where the file has none (an
+        older run's)."""
+        if not self.has_detail:
             return None
-        mask = None if self.detail_mask is None else self.detail_mask[i]
-        return self.detail_rgb[i], self.detail_heat[i], mask, self.cloud[i], self.cloud_scores[i]
+        return {key.removeprefix("detail_"): None if getattr(self, key) is None else getattr(self, key)[i]
+                for key in DETAIL_KEYS}
 
     @property
     def has_labels(self) -> bool:
@@ -113,15 +116,15 @@ def shrink_maps(maps: np.ndarray, size: int = THUMBNAIL, reduce=np.mean) -> np.n
     return maps[:, rows][:, :, cols]
 
 
-def cloud_sample(cloud: np.ndarray, size: int = CLOUD) -> np.ndarray:
-    """An organized cloud ``(H, W, 3)`` (or ``(3, H, W)``) -> its points at ``size x size`` nearest pixels
-    ``(size, size, 3)`` float32, NaN where there is no point (all-zero coordinates)."""
+def _organized(cloud: np.ndarray) -> np.ndarray:
+    """An organized cloud as ``(H, W, 3)`` (given so or as ``(3, H, W)``)."""
     cloud = np.asarray(cloud)
-    if cloud.shape[0] == 3 and cloud.shape[-1] != 3:
-        cloud = cloud.transpose(1, 2, 0)
-    height, width = cloud.shape[:2]
-    rows = ((np.arange(size) + 0.5) * height / size).astype(int)
-    cols = ((np.arange(size) + 0.5) * width / size).astype(int)
+    return cloud.transpose(1, 2, 0) if cloud.shape[0] == 3 and cloud.shape[-1] != 3 else cloud
+
+
+def _points_at(cloud: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The points of an ``(H, W, 3)`` cloud at ``rows`` x ``cols`` as float32, NaN where there is no point
+    (all-zero coordinates)."""
     points = cloud[rows][:, cols].astype(np.float32)
     points[~(points != 0).any(axis=2)] = np.nan
     return points
@@ -130,7 +133,37 @@ def cloud_sample(cloud: np.ndarray, size: int = CLOUD) -> np.ndarray:
 def depth_thumbnail(cloud: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
     """An organized cloud ``(H, W, 3)`` (or ``(3, H, W)``) -> its z at ``size x size`` nearest pixels, float16,
     NaN where there is no point (all-zero coordinates)."""
-    return cloud_sample(cloud, size)[..., 2].astype(np.float16)
+    cloud = _organized(cloud)
+    height, width = cloud.shape[:2]
+    rows = ((np.arange(size) + 0.5) * height / size).astype(int)
+    cols = ((np.arange(size) + 0.5) * width / size).astype(int)
+    return _points_at(cloud, rows, cols)[..., 2].astype(np.float16)
+
+
+def cloud_sample(cloud: np.ndarray, size: int = CLOUD) -> tuple[np.ndarray, np.ndarray]:
+    """The 3D view's decimation of an organized cloud ``(H, W, 3)`` (or ``(3, H, W)``): its points on a ``size x
+    size`` grid over the bounding box of its points, so that a part small in the frame gets as many points as a
+    large one, ``(size, size, 3)`` float32 (NaN: no point); and where the grid lies, ``(2, size)`` rows and columns
+    as fractions of the frame (``sample_grid`` picks the pixels of a picture or map there)."""
+    cloud = _organized(cloud)
+    height, width = cloud.shape[:2]
+    valid = (cloud != 0).any(axis=2)
+    spans = []
+    for axis, length in ((1, height), (0, width)):
+        present = np.flatnonzero(valid.any(axis=axis))
+        low, high = (present[0], present[-1] + 1) if present.size else (0, length)
+        spans.append(low + ((np.arange(size) + 0.5) * (high - low) / size).astype(int))
+    rows, cols = spans
+    at = np.stack([(rows + 0.5) / height, (cols + 0.5) / width]).astype(np.float32)
+    return _points_at(cloud, rows, cols), at
+
+
+def sample_grid(picture: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The nearest pixels of ``picture`` ``(h, w, ...)`` at a grid ``at`` of ``cloud_sample``."""
+    height, width = picture.shape[:2]
+    rows = np.minimum((at[0] * height).astype(int), height - 1)
+    cols = np.minimum((at[1] * width).astype(int), width - 1)
+    return picture[rows][:, cols]
 
 
 def heat_levels(maps: np.ndarray, map_range: tuple[float, float]) -> np.ndarray:
@@ -141,14 +174,15 @@ def heat_levels(maps: np.ndarray, map_range: tuple[float, float]) -> np.ndarray:
 
 
 def detail_pictures(rgb: np.ndarray, maps: np.ndarray, masks: np.ndarray | None, clouds: np.ndarray,
-                    map_range: tuple[float, float]) -> dict[str, np.ndarray]:
+                    cloud_at: np.ndarray, map_range: tuple[float, float]) -> dict[str, np.ndarray]:
     """The detail-view arrays of ``N`` parts (``ClassData``'s ``detail_*`` and ``cloud*`` fields) from their RGB
-    ``(N, DETAIL, DETAIL, 3)``, full-size maps ``(N, H, W)``, masks (or None) and decimated clouds."""
+    ``(N, DETAIL, DETAIL, 3)``, full-size maps ``(N, H, W)``, masks (or None) and decimated clouds with their grids
+    (``cloud_sample``)."""
     maps = np.asarray(maps, dtype=np.float32)
     pictures = {"detail_rgb": np.asarray(rgb, dtype=np.uint8),
                 "detail_heat": heat_levels(maps if maps.shape[-1] == DETAIL else shrink_maps(maps, DETAIL), map_range),
-                "cloud": np.asarray(clouds, dtype=np.float32),
-                "cloud_scores": shrink_maps(maps, CLOUD).astype(np.float16)}
+                "cloud": np.asarray(clouds, dtype=np.float32), "cloud_at": np.asarray(cloud_at, dtype=np.float32),
+                "cloud_scores": np.stack([sample_grid(m, at) for m, at in zip(maps, cloud_at)]).astype(np.float16)}
     if masks is not None:
         masks = np.asarray(masks, dtype=bool)
         pictures["detail_mask"] = masks if masks.shape[-1] == DETAIL else shrink_maps(masks, DETAIL, reduce=np.any)
@@ -188,9 +222,9 @@ def _finite(value: float) -> float | None:
 
 def read_thumbnails(rgb_paths: list[str], xyz_paths: list[str | None]) -> dict[str, np.ndarray]:
     """The pictures of the test parts read from their files, one part at a time: ``rgb`` ``(N, T, T, 3)`` and
-    ``depth`` ``(N, T, T)`` thumbnails, ``detail_rgb`` ``(N, DETAIL, DETAIL, 3)`` and ``cloud`` ``(N, CLOUD, CLOUD,
-    3)`` (NaN without a cloud file)."""
-    pictures: dict[str, list[np.ndarray]] = {"rgb": [], "depth": [], "detail_rgb": [], "cloud": []}
+    ``depth`` ``(N, T, T)`` thumbnails, ``detail_rgb`` ``(N, DETAIL, DETAIL, 3)``, ``cloud`` ``(N, CLOUD, CLOUD,
+    3)`` (NaN without a cloud file) and ``cloud_at`` (``cloud_sample``)."""
+    pictures: dict[str, list[np.ndarray]] = {"rgb": [], "depth": [], "detail_rgb": [], "cloud": [], "cloud_at": []}
     for rgb_path, xyz_path in zip(rgb_paths, xyz_paths):
         rgb = np.asarray(read_rgb(rgb_path))
         cloud = read_organized_pc(xyz_path) if xyz_path else None
@@ -198,8 +232,9 @@ def read_thumbnails(rgb_paths: list[str], xyz_paths: list[str | None]) -> dict[s
         pictures["detail_rgb"].append(shrink_rgb(rgb, DETAIL))
         pictures["depth"].append(depth_thumbnail(cloud) if cloud is not None else
                                  np.full((THUMBNAIL,) * 2, np.nan, np.float16))
-        pictures["cloud"].append(cloud_sample(cloud) if cloud is not None else
-                                 np.full((CLOUD, CLOUD, 3), np.nan, np.float32))
+        points, at = cloud_sample(cloud if cloud is not None else np.zeros((DETAIL, DETAIL, 3), np.float32))
+        pictures["cloud"].append(points)
+        pictures["cloud_at"].append(at)
     return {key: np.stack(values) for key, values in pictures.items()}
 
 
@@ -225,7 +260,8 @@ def save_class_data(result, rows: list[dict], path: str | Path,
     thresholds = {row["image_threshold"] for row in rows}
     failed = None if None in thresholds else np.array([row["result"] == "fail" for row in rows])
     map_range = (float(maps.min()), float(maps.max()))
-    detail = detail_pictures(thumbnails["detail_rgb"], maps, masks, thumbnails["cloud"], map_range)
+    detail = detail_pictures(thumbnails["detail_rgb"], maps, masks, thumbnails["cloud"], thumbnails["cloud_at"],
+                             map_range)
     data = ClassData(class_name=result.names[0].split("/")[0], names=result.names, labels=labels, scores=scores,
                      failed=failed, image_threshold=None if failed is None else thresholds.pop(),
                      rgb=thumbnails["rgb"], depth=thumbnails["depth"], maps=maps, masks=masks, map_range=map_range,
@@ -310,7 +346,7 @@ def read_member_chunks(archive: zipfile.ZipFile, key: str, size: int) -> Iterato
             yield np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
 
 
-DETAIL_KEYS = ("detail_rgb", "detail_heat", "detail_mask", "cloud", "cloud_scores")  # ClassData's detail fields
+DETAIL_KEYS = ("detail_rgb", "detail_heat", "detail_mask", "cloud", "cloud_at", "cloud_scores")  # ClassData's
 THUMBNAIL_KEYS = ("rgb", "depth", "maps", "masks") + DETAIL_KEYS  # the arrays of a data file ``spool`` keeps on disk
 
 
@@ -402,7 +438,7 @@ SPOOL_RECORD = np.dtype([("rgb", np.uint8, (THUMBNAIL, THUMBNAIL, 3)), ("depth",
                          ("maps", np.float16, (THUMBNAIL, THUMBNAIL)), ("masks", np.bool_, (THUMBNAIL, THUMBNAIL)),
                          ("detail_rgb", np.uint8, (DETAIL, DETAIL, 3)), ("detail_heat", np.uint8, (DETAIL, DETAIL)),
                          ("detail_mask", np.bool_, (DETAIL, DETAIL)), ("cloud", np.float32, (CLOUD, CLOUD, 3)),
-                         ("cloud_scores", np.float16, (CLOUD, CLOUD))])
+                         ("cloud_at", np.float32, (2, CLOUD)), ("cloud_scores", np.float16, (CLOUD, CLOUD))])
 SPOOL_CHUNK = 64  # parts read back at a time
 
 
@@ -533,7 +569,8 @@ class PredictionData:
         if masks is not None:
             record["masks"] = shrink_maps(masks, reduce=np.any)[0]
         detail_rgb = rgb if rgb.shape[0] == DETAIL else shrink_rgb(rgb, DETAIL)
-        for key, value in detail_pictures(detail_rgb[None], score_map, masks, cloud_sample(cloud)[None],
+        points, at = cloud_sample(cloud)
+        for key, value in detail_pictures(detail_rgb[None], score_map, masks, points[None], at[None],
                                           self.map_range).items():
             record[key] = value[0]
         self._append(record, name, score, failed, gt is not None)

@@ -271,12 +271,14 @@ def write_part_assets(assets: AssetFolder, key: str, data: ClassData, i: int) ->
     mask = None if data.masks is None else data.masks[i]
     strip = figures.part_thumbnail(data.rgb[i], data.maps[i], mask, data.depth[i], data.map_range)
     detail = data.detail(i)
+    has_gt = False
     if detail is not None:
-        rgb, heat, detail_mask, cloud, cloud_scores = detail
-        for kind, pixels in detail_panels(rgb, heat, detail_mask).items():
+        rgb, mask = detail["rgb"], detail["mask"]
+        for kind, pixels in detail_panels(rgb, detail["heat"], mask).items():
             assets.write(f"parts/{key}-{kind}.jpg", jpeg(pixels))
-        assets.write(f"parts/{key}.js", cloud_script(key, cloud, cloud_scores, rgb, detail_mask))
-    has_gt = detail is not None and detail[2] is not None and bool(detail[2].any())
+        assets.write(f"parts/{key}.js", cloud_script(key, detail["cloud"], detail["cloud_at"],
+                                                     detail["cloud_scores"], rgb, mask))
+        has_gt = mask is not None and bool(mask.any())
     return assets.write(f"parts/{key}.png", strip), has_gt
 
 

@@ -16,8 +16,8 @@ WEIGHT_KINDS = {"rgb": "RGB backbone", "xyz": "point backbone", "fusion": "UFF f
 PROVENANCE = ("command", "git_commit", "host")  # where a run comes from (``m3dm.report.data.provenance``)
 # the stages a run times, in the order of the pipeline (stages not listed, e.g. of a newer method, come after)
 STAGE_ORDER = ("extract", "memory", "coreset", "mapping training", "dlf fit", "pass 2 scoring", "load model",
-               "thresholds and saving", "test extract", "test scoring", "metrics", "pictures", "report data",
-               "predict")
+               "threshold scoring", "thresholds and saving", "test extract", "test scoring", "metrics", "pictures",
+               "report data", "predict")
 
 
 @dataclass

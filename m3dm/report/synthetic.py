@@ -68,7 +68,7 @@ def synthetic_thumbnails(result: ClassResult, rng: np.random.Generator) -> dict[
     rgb, clouds = synthetic_parts(result, rng)
     return {"rgb": np.stack([shrink_rgb(picture) for picture in rgb]), "detail_rgb": rgb,
             "depth": np.stack([depth_thumbnail(cloud) for cloud in clouds]),
-            "cloud": np.stack([cloud_sample(cloud) for cloud in clouds])}
+            **dict(zip(("cloud", "cloud_at"), map(np.stack, zip(*(cloud_sample(cloud) for cloud in clouds)))))}
 
 
 def write_synthetic_predictions(folder: str | Path, n_parts: int, class_name: str = "gadget", seed: int = 0,
