@@ -300,13 +300,13 @@ def part_card(run: SavedRun, data: ClassData, i: int, rank: int, wrong: bool, ke
     label = {0: "good", 1: "defective"}.get(int(data.labels[i]), "unlabelled")
     verdict = "" if data.failed is None else ("fail" if data.failed[i] else "pass")
     cls = " ".join(filter(None, ["part", label, "wrong" if wrong else ""]))
-    attributes = {"key": key, "name": data.names[i], "class": data.class_name, "defect": data.defect_types[i],
-                  "score": repr(float(data.scores[i])), "label": label, "verdict": verdict,
+    attributes = {"name": data.names[i], "score": repr(float(data.scores[i])), "key": key,
+                  "class": data.class_name, "defect": data.defect_types[i], "label": label, "verdict": verdict,
                   "wrong": int(wrong), "rank": rank, "detail": int(data.has_detail), "gt": int(has_gt),
                   "low": repr(data.map_range[0]), "high": repr(data.map_range[1]),
                   "pred": prediction_picture(run, data.names[i], page)}
     data_attributes = " ".join(f'data-{k}="{esc(v)}"' for k, v in attributes.items() if v is not None)
-    return (f'<figure class="{cls}" tabindex="0" {data_attributes}>'
+    return (f'<figure class="{cls}" {data_attributes} tabindex="0">'
             f'<img class="thumb" loading="lazy" width="340" height="112" src="{esc(thumb)}" '
             f'alt="{esc(data.names[i])}: RGB with ground truth | heatmap | point cloud depth">'
             f'<figcaption>#{rank} <b>{esc(data.names[i])}</b><br><span class="facts-line">score '
