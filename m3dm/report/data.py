@@ -439,7 +439,7 @@ SPOOL_RECORD = np.dtype([("rgb", np.uint8, (THUMBNAIL, THUMBNAIL, 3)), ("depth",
                          ("detail_rgb", np.uint8, (DETAIL, DETAIL, 3)), ("detail_heat", np.uint8, (DETAIL, DETAIL)),
                          ("detail_mask", np.bool_, (DETAIL, DETAIL)), ("cloud", np.float32, (CLOUD, CLOUD, 3)),
                          ("cloud_at", np.float32, (2, CLOUD)), ("cloud_scores", np.float16, (CLOUD, CLOUD))])
-SPOOL_CHUNK = 64  # parts read back at a time
+SPOOL_CHUNK = 16  # parts read back at a time (~6.5 MB: a part's record is ~410 KB)
 
 
 class ThumbnailSpool:
