@@ -179,7 +179,23 @@ def run_summary(run: SavedRun) -> str:
     pairs = [("method", f"<b>{esc(run.method)}</b>"), ("results", f"<code>{esc(run.folder.resolve())}</code>")]
     pairs += [(names[k], f"<code>{esc(v)}</code>") for k, v in run.provenance.items()]
     pairs += [(k, esc(run.record[k])) for k in ("model", "class", "thresholds") if k in run.record]
+    outcomes = [result for _, result, _ in run.prediction_outcomes]
+    if outcomes:
+        errors = outcomes.count("error")
+        counts = (f"{len(outcomes)}: {outcomes.count('pass')} PASS, {outcomes.count('fail')} FAIL, "
+                  f"{errors} could not be scored")
+        pairs.append(("parts", esc(counts) + (' (<a href="#errors">listed below</a>)' if errors else "")))
     return f'<section id="summary">{facts(pairs)}</section>'
+
+
+def errors_section(run: SavedRun) -> str:
+    """The parts of a predictions run that could not be scored, with their errors (they have no card)."""
+    failed = [(name, error) for name, result, error in run.prediction_outcomes if result == "error"]
+    if not failed:
+        return ""
+    rows = [[esc(name), esc(error)] for name, error in failed]
+    return (f'<section id="errors"><h2>Parts that could not be scored ({len(failed)})</h2>'
+            f'{table(["part", "error"], rows, "errors")}</section>')
 
 
 def run_section(run: SavedRun) -> str:
@@ -415,7 +431,7 @@ def run_page_pieces(run: SavedRun, assets: AssetFolder) -> Iterator[str]:
     body = [nav, random_note([run])]
     if run.per_class:
         body.append(metrics_section(run))
-    body += [run_summary(run), run_section(run), filter_section(run)]
+    body += [run_summary(run), errors_section(run), run_section(run), filter_section(run)]
     sections = (class_section(run, c, run.class_data(c, spool=True), assets, f"c{k}", assets.page)
                 for k, c in enumerate(classes))
     title = f"M3DM {'predictions' if run.kind == 'predict' else 'report'}: {run.method}"

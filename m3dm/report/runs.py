@@ -84,6 +84,22 @@ class SavedRun:
         order = list(dict.fromkeys([row["class"] for row in self.samples] + list(self.per_class)))
         return order or sorted(self.data_files)
 
+    @cached_property
+    def prediction_outcomes(self) -> list[tuple[str, str, str]]:
+        """``(name, result, error)`` of every part of a predictions folder, as ``predictions.jsonl`` lists them
+        (parts that could not be scored included, with their error); empty for an evaluation."""
+        path = self.folder / "predictions.jsonl"
+        if self.kind != "predict" or not path.is_file():
+            return []
+        outcomes = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                outcomes.append((str(row["name"]), str(row["result"]), str(row.get("error") or "")))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}: not a predictions file of m3dm-predict ({exc})") from exc
+        return outcomes
+
     def class_data(self, class_name: str, spool: bool = False) -> ClassData | None:
         path = self.data_files.get(class_name)
         return None if path is None else load_class_data(path, spool)

@@ -3,6 +3,7 @@ per_sample.csv/.json, report_data/<class>.npz), written by the run's own writers
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -72,8 +73,9 @@ def synthetic_thumbnails(result: ClassResult, rng: np.random.Generator) -> dict[
 
 
 def write_synthetic_predictions(folder: str | Path, n_parts: int, class_name: str = "gadget", seed: int = 0,
-                                method: str = "DINO+Point_MAE") -> Path:
-    """The output folder of a made-up ``m3dm.predict`` batch (its report data and run record; no tables)."""
+                                method: str = "DINO+Point_MAE", errors: int = 2) -> Path:
+    """The output folder of a made-up ``m3dm.predict`` batch: its report data, run record and ``predictions.jsonl``
+    (the scored parts and ``errors`` parts that could not be read; no heatmaps)."""
     rng = np.random.default_rng(seed)
     result = synthetic_class(class_name, n_parts, rng)
     rgb, clouds = synthetic_parts(result, rng)
@@ -90,6 +92,11 @@ def write_synthetic_predictions(folder: str | Path, n_parts: int, class_name: st
         data.save(folder, record)
     finally:
         data.close()
+    rows = [{"name": name, "result": "fail" if failed else "pass", "error": None}
+            for name, failed in zip(data.names, data.failed)]
+    rows += [{"name": f"unreadable/{i:03d}", "result": "error", "error": f"unreadable/{i:03d}.tiff: not a TIFF file"}
+             for i in range(errors)]
+    (Path(folder) / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return Path(folder)
 
 

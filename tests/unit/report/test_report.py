@@ -20,7 +20,7 @@ from PIL import Image
 from m3dm.app.report import main as report_main
 from m3dm.report import build_report
 from m3dm.report.data import REPORT_DATA_DIR, load_class_data
-from m3dm.report.synthetic import write_synthetic_results
+from m3dm.report.synthetic import write_synthetic_predictions, write_synthetic_results
 
 
 class Page(HTMLParser):
@@ -223,6 +223,20 @@ def test_results_of_a_run_before_the_10_and_5_percent_au_pros_still_make_a_repor
     assert "AU-PRO (FPR 0.05)" in " ".join(compared.text)
     deltas = {c["data-metric"] for c in compared.cells if "data-metric" in c}  # cells with a number only
     assert deltas == {"image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.01"}
+
+
+def test_a_predictions_report_counts_and_lists_the_parts_that_could_not_be_scored(tmp_path):
+    folder = write_synthetic_predictions(tmp_path / "predictions", 4, errors=2)
+    page = Page(build_report([folder]).read_text())
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if r["result"] != "error"]
+    assert sorted(c["data-name"] for c in page.sections["class-gadget"]["parts"]) == sorted(r["name"] for r in scored)
+    text = " ".join(page.text)
+    counts = [sum(r["result"] == kind for r in rows) for kind in ("pass", "fail", "error")]
+    assert f"6: {counts[0]} PASS, {counts[1]} FAIL, 2 could not be scored" in text
+    assert page.sections["errors"]["tables"] == 1
+    for row in rows[-2:]:
+        assert row["name"] in text and row["error"] in text
 
 
 def test_a_folder_without_results_is_one_clear_error(tmp_path, capsys):
