@@ -63,7 +63,7 @@ details { margin: .6em 0; } summary { cursor: pointer; font-weight: bold; }
 .tag.miss { color: white; background: #b3261e; padding: 0 .3em; border-radius: 2px; }
 nav { display: flex; flex-wrap: wrap; gap: .2em .8em; }
 #filters { display: flex; flex-wrap: wrap; gap: .4em 1em; align-items: end; padding: .5em; background: #f6f6f6;
-           border-radius: 4px; position: sticky; top: 0; z-index: 2; }
+           border-radius: 4px; }
 #filters label { display: flex; flex-direction: column; font-size: .85em; }
 #filters input { width: 7em; } #filter-count { font-weight: bold; }
 .count { font-weight: normal; font-size: .8em; color: #555; }
@@ -91,11 +91,6 @@ def esc(value) -> str:
 def fmt(value, digits: int = 3) -> str:
     value = metric_value(value)
     return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def png_img(data: bytes, alt: str, cls: str = "") -> str:
-    source = base64.b64encode(data).decode("ascii")
-    return f'<img class="{esc(cls)}" alt="{esc(alt)}" src="data:image/png;base64,{source}">'
 
 
 def svg_img(data: bytes, alt: str, cls: str = "") -> str:
@@ -130,12 +125,8 @@ def score(value) -> tuple[str, str]:
     return "n/a" if value is None else f"{value:.5g}", 'class="num"'
 
 
-def document(title: str, body: list[str]) -> str:
-    return "".join(document_pieces(title, body))
-
-
 def document_pieces(title: str, body: Iterable[str | Iterable[str]], script: dict | None = None) -> Iterator[str]:
-    """The page in pieces, to be written one after the other (``document``); a body item that is not a string is
+    """The page in pieces, to be written one after the other; a body item that is not a string is
     one item in pieces (a section with its gallery cards). ``script``: the settings of the inspection script
     (``m3dm.report.script``), which is then added with its detail view."""
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -406,18 +397,6 @@ def filter_section(run: SavedRun) -> str:
             '<label>score to<input name="high" type="number" step="any" inputmode="decimal"></label>'
             f'<label>sort<select name="sort">{sort_options}</select></label><button type="reset">clear</button>'
             '<span id="filter-count" aria-live="polite"></span></form></section>')
-
-
-def run_page(run: SavedRun, output: Path) -> str:
-    """The whole page (``run_page_pieces``), for tests and small runs."""
-    assets = AssetFolder(output)
-    try:
-        text = "".join(run_page_pieces(run, assets))
-    except BaseException:
-        assets.discard()
-        raise
-    assets.commit()
-    return text
 
 
 def run_page_pieces(run: SavedRun, assets: AssetFolder) -> Iterator[str]:
