@@ -10,6 +10,7 @@ disk (``file://``), unlike ``fetch``. The viewer is plotly.js as the ``plotly`` 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -91,10 +92,16 @@ def jpeg(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@functools.cache
+def heat_colours() -> np.ndarray:
+    """The heatmap's colour of each of the 256 levels of ``m3dm.report.data.heat_levels``."""
+    return jet(np.arange(256, dtype=np.float32) / 255)
+
+
 def detail_panels(rgb: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> dict[str, np.ndarray]:
     """The detail view's pictures of one part: its RGB, the ground truth (red over the RGB; the RGB alone when it
     has none) and the heatmap over the RGB, the ground truth outlined in white."""
-    overlay = (0.5 * rgb + 0.5 * jet(heat.astype(np.float32) / 255)).astype(np.uint8)
+    overlay = (0.5 * rgb + 0.5 * heat_colours()[heat]).astype(np.uint8)
     truth = rgb.copy()
     if mask is not None and mask.any():
         truth[mask] = (0.4 * rgb[mask] + 0.6 * np.asarray(figures.GT_COLOUR)).astype(np.uint8)
