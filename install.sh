@@ -19,6 +19,15 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so'; then
   fi
 fi
 
+# The report's browser tests (tests/unit/report/test_browser.py) drive the system's Chromium through playwright; on
+# Debian/Ubuntu it is installed here when missing and we are root (elsewhere those tests skip, saying why).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  echo "installing chromium (for the report's browser tests)"
+  apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+    || echo "warning: chromium could not be installed: the report's browser tests will skip" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt

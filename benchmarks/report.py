@@ -1,4 +1,6 @@
-"""Time to build report.html of a 10-class x 100-part run from its saved results (target: under 10 s on 2 cores).
+"""Time to build report.html of a 10-class x 100-part run from its saved results (target: under 10 s on 2 cores),
+and the time to its first view in headless Chromium (target: under 2 s) where /usr/bin/chromium and playwright are
+installed.
 
     python benchmarks/report.py [--classes 10] [--parts 100] [--repeat 3]
 
@@ -32,6 +34,29 @@ def timed_builds(folders: list[Path], output: Path, repeat: int) -> tuple[list[f
     return walls, cpus
 
 
+def first_view(page: Path) -> str:
+    """Seconds from opening the page in headless Chromium to its load event and to its first contentful paint."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return "first view: not measured (playwright is not installed)"
+    if not Path("/usr/bin/chromium").is_file():
+        return "first view: not measured (no /usr/bin/chromium)"
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        start = time.perf_counter()
+        tab.goto(page.resolve().as_uri())
+        loaded = time.perf_counter() - start
+        paint = tab.evaluate("performance.getEntriesByName('first-contentful-paint')[0].startTime") / 1000
+        cards = tab.evaluate("document.querySelectorAll('figure.part').length")
+        browser.close()
+    return (f"first view in headless Chromium: load event {loaded:.2f} s, first contentful paint {paint:.2f} s "
+            f"({cards} cards)")
+
+
 def describe(walls: list[float], cpus: list[float]) -> str:
     return (f"best {min(walls):.2f} s wall ({', '.join(f'{t:.2f}' for t in walls)}), "
             f"CPU {min(cpus):.2f} s ({', '.join(f'{t:.2f}' for t in cpus)})")
@@ -55,8 +80,10 @@ def main() -> None:
         print(f"report data of one run: {data / 1e6:.1f} MB")
         report = first / "report.html"
         times = timed_builds([first], report, args.repeat)
+        assets = sum(p.stat().st_size for p in (first / "report_files").rglob("*") if p.is_file())
         print(f"report.html of {args.classes} x {args.parts} parts: {describe(*times)}, "
-              f"{report.stat().st_size / 1e6:.1f} MB")
+              f"{report.stat().st_size / 1e6:.1f} MB, report_files/ {assets / 1e6:.1f} MB")
+        print(first_view(report))
         comparison = Path(tmp) / "comparison.html"
         times = timed_builds([first, second], comparison, args.repeat)
         print(f"comparison.html of two runs: {describe(*times)}, {comparison.stat().st_size / 1e6:.1f} MB")

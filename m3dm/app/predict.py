@@ -57,7 +57,7 @@ from m3dm.errors import CheckpointError, DataError, DiskFullError, ModelFileErro
 from m3dm.evaluation.pictures import compose, denormalize_rgb, heat_overlay, mask_panel, save_panel
 from m3dm.features.extractor import build_extractor
 from m3dm.report.build import try_build_report
-from m3dm.report.data import REPORT_DATA_DIR, PredictionData, software_versions
+from m3dm.report.data import REPORT_DATA_DIR, PredictionData, provenance, software_versions
 from m3dm.runtime import resolve_device, seed_everything, use_device
 from m3dm.uff.block import load_fusion_block
 
@@ -234,6 +234,7 @@ def write_prediction_report(writer: ResultWriter, model, thresholds, seconds: fl
     record = {"kind": "predict", "method": model.method_name, "model": str(model.path), "class": model.class_name,
               "thresholds": f"image {thresholds.image:.6g}, pixel {thresholds.pixel:.6g} (from {thresholds.source})",
               "config": dict(model.settings), "weights": model.setup.plain_weights(), "versions": software_versions(),
+              **provenance(),
               "timings_s": {"predict": seconds}}
     try:
         saved = writer.report_data.save(writer.output, record)
@@ -330,7 +331,8 @@ def _flush(predictor: Predictor, pending: list, writer: ResultWriter, report) ->
 
 
 # what a run writes in --output
-PREDICTION_OUTPUTS = ("predictions.csv", "predictions.jsonl", "heatmaps", "maps", "report.html", "report_data")
+PREDICTION_OUTPUTS = ("predictions.csv", "predictions.jsonl", "heatmaps", "maps", "report.html", "report_files",
+                      "report_data")
 EVALUATION_OUTPUTS = ("results.json", "classes")  # a main.py results folder holds these: never predicted into
 
 

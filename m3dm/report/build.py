@@ -7,9 +7,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from m3dm.data.io import atomic_path, write_text
+from m3dm.data.io import atomic_path
 from m3dm.errors import DiskFullError
-from m3dm.report.page import comparison_page, run_page_pieces
+from m3dm.report.assets import AssetFolder
+from m3dm.report.page import comparison_page_pieces, run_page_pieces
 from m3dm.report.runs import load_run
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,16 @@ def build_report(folders: Sequence[str | Path], output: str | Path | None = None
     runs = [load_run(folder) for folder in folders]
     output = Path(output) if output is not None else default_output(folders)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if len(runs) == 1:  # written as it is made: a gallery of any size is never in memory whole
+    assets = AssetFolder(output)  # written as the page is made: a gallery of any size is never in memory whole
+    pieces = run_page_pieces(runs[0], assets) if len(runs) == 1 else comparison_page_pieces(runs, assets)
+    try:
         with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as page:
-            page.writelines(run_page_pieces(runs[0]))
-    else:
-        write_text(output, comparison_page(runs, output))
+            page.writelines(pieces)
+            page.flush()
+            assets.commit()  # before the page is renamed into place: the page never points to missing files
+    except BaseException:
+        assets.discard()
+        raise
     log.debug("report: %s (%.1f MB)", output, output.stat().st_size / 1e6)
     return output
 

@@ -1,4 +1,5 @@
-"""The report's pictures as PNG bytes: ROC, PRO and score histograms (matplotlib, Agg) and gallery thumbnails.
+"""The report's pictures: ROC, PRO and score histograms as SVG (matplotlib; sharp at any zoom, text of at least
+10 px) and gallery thumbnails as PNG.
 
 The figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot state, no display.
 """
@@ -15,8 +16,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from m3dm.evaluation.metrics import DEFAULT_INTEGRATION_LIMIT, au_pro_from_curve
 from m3dm.evaluation.pictures import heat_overlay, outline
 
-FIGURE_SIZE = (3.4, 2.6)  # inches, at FIGURE_DPI
-FIGURE_DPI = 80
+FIGURE_SIZE = (4.0, 3.0)  # inches: 384 x 288 CSS pixels (SVG points are 4/3 px)
+FIGURE_DPI = 72
+TEXT = 8  # points: 10.7 CSS pixels, the smallest text of a plot
 GT_COLOUR = (255, 40, 40)
 NO_POINT_COLOUR = (225, 225, 225)
 GAP = 2  # white pixels between the panels of a gallery thumbnail
@@ -28,18 +30,22 @@ def _figure():
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
-    figure.subplots_adjust(left=0.17, right=0.97, bottom=0.17, top=0.9)  # fixed: a layout engine costs more
+    figure.subplots_adjust(left=0.16, right=0.97, bottom=0.16, top=0.9)  # fixed: a layout engine costs more
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.tick_params(labelsize=7)
-    axes.xaxis.label.set_size(8)
-    axes.yaxis.label.set_size(8)
+    axes.tick_params(labelsize=TEXT)
+    axes.xaxis.label.set_size(TEXT + 1)
+    axes.yaxis.label.set_size(TEXT + 1)
     return figure, axes
 
 
-def _png(figure) -> bytes:
+def _svg(figure) -> bytes:
+    """The figure as SVG with its text as text (not paths): small files, and text the browser renders sharply."""
+    from matplotlib import rc_context
+
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "m3dm"}):  # fixed ids: the same plot, the same bytes
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
     return buffer.getvalue()
 
 
@@ -51,9 +57,9 @@ def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
         fpr, tpr, _ = roc_curve(labels, scores)
         axes.plot(fpr, tpr, linewidth=1.4, label=f"{label} (AUROC {roc_auc_score(labels, scores):.3f})")
     axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate", ylabel="true positive rate")
-    axes.set_title("ROC (image level)", fontsize=9)
-    axes.legend(fontsize=6, loc="lower right")
-    return _png(figure)
+    axes.set_title("ROC (image level)", fontsize=TEXT + 2)
+    axes.legend(fontsize=TEXT, loc="lower right")
+    return _svg(figure)
 
 
 def pro_figure(curves: list[tuple[str, np.ndarray, np.ndarray]], limit: float = DEFAULT_INTEGRATION_LIMIT) -> bytes:
@@ -64,9 +70,9 @@ def pro_figure(curves: list[tuple[str, np.ndarray, np.ndarray]], limit: float = 
         axes.plot(fprs[inside], pros[inside], linewidth=1.4,
                   label=f"{label} (AU-PRO {au_pro_from_curve(fprs, pros, limit):.3f})")
     axes.set(xlim=(0, limit), ylim=(0, 1.02), xlabel="false positive rate (pixels)", ylabel="per-region overlap")
-    axes.set_title(f"PRO (pixel level, FPR ≤ {limit:g})", fontsize=9)
-    axes.legend(fontsize=6, loc="lower right")
-    return _png(figure)
+    axes.set_title(f"PRO (pixel level, FPR ≤ {limit:g})", fontsize=TEXT + 2)
+    axes.legend(fontsize=TEXT, loc="lower right")
+    return _svg(figure)
 
 
 def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> bytes:
@@ -82,9 +88,9 @@ def histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | 
     if threshold is not None:
         axes.axvline(threshold, color="black", linewidth=1.2, linestyle="--", label=f"threshold {threshold:.4g}")
     axes.set(xlabel="image score", ylabel="parts")
-    axes.set_title("Image scores", fontsize=9)
-    axes.legend(fontsize=6)
-    return _png(figure)
+    axes.set_title("Image scores", fontsize=TEXT + 2)
+    axes.legend(fontsize=TEXT)
+    return _svg(figure)
 
 
 # -------------------------------------------------------------------------------------------- thumbnails

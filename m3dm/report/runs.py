@@ -8,10 +8,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from m3dm.config import FEATURE_DUMP_METHODS, METHODS, MODALITIES, Settings
 from m3dm.errors import DataError
 from m3dm.report.data import REPORT_DATA_DIR, ClassData, load_class_data
 
 WEIGHT_KINDS = {"rgb": "RGB backbone", "xyz": "point backbone", "fusion": "UFF fusion block"}
+PROVENANCE = ("command", "git_commit", "host")  # where a run comes from (``m3dm.report.data.provenance``)
+# the stages a run times, in the order of the pipeline (stages not listed, e.g. of a newer method, come after)
+STAGE_ORDER = ("extract", "memory", "coreset", "mapping training", "dlf fit", "pass 2 scoring", "load model",
+               "threshold scoring", "thresholds and saving", "test extract", "test scoring", "metrics", "pictures",
+               "report data", "predict")
 
 
 @dataclass
@@ -31,7 +37,8 @@ class SavedRun:
 
     @property
     def config(self) -> dict:
-        return {k: v for k, v in self.record.get("config", {}).items() if k not in ("versions", "weights")}
+        return {k: v for k, v in self.record.get("config", {}).items()
+                if k not in ("versions", "weights", *PROVENANCE)}
 
     def _field(self, key: str) -> dict:
         return self.record.get(key) or self.record.get("config", {}).get(key) or {}
@@ -43,6 +50,12 @@ class SavedRun:
     @property
     def weights(self) -> dict:
         return self._field("weights")
+
+    @property
+    def provenance(self) -> dict[str, str]:
+        """Command line, git commit and host of the run (absent from the results of older runs)."""
+        found = {key: self.record.get(key, self.record.get("config", {}).get(key)) for key in PROVENANCE}
+        return {key: str(value) for key, value in found.items() if value is not None}
 
     @property
     def random_weights(self) -> list[str]:
@@ -58,7 +71,10 @@ class SavedRun:
 
     @property
     def timings(self) -> dict[str, float]:
-        return self.record.get("timings_s", {})
+        """Seconds per stage, in the order of the pipeline."""
+        timings = self.record.get("timings_s", {})
+        rank = {stage: i for i, stage in enumerate(STAGE_ORDER)}
+        return {stage: timings[stage] for stage in sorted(timings, key=lambda s: rank.get(s, len(rank)))}
 
     @cached_property
     def classes(self) -> list[str]:
@@ -67,6 +83,22 @@ class SavedRun:
         out."""
         order = list(dict.fromkeys([row["class"] for row in self.samples] + list(self.per_class)))
         return order or sorted(self.data_files)
+
+    @cached_property
+    def prediction_outcomes(self) -> list[tuple[str, str, str]]:
+        """``(name, result, error)`` of every part of a predictions folder, as ``predictions.jsonl`` lists them
+        (parts that could not be scored included, with their error); empty for an evaluation."""
+        path = self.folder / "predictions.jsonl"
+        if self.kind != "predict" or not path.is_file():
+            return []
+        outcomes = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                outcomes.append((str(row["name"]), str(row["result"]), str(row.get("error") or "")))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}: not a predictions file of m3dm-predict ({exc})") from exc
+        return outcomes
 
     def class_data(self, class_name: str, spool: bool = False) -> ClassData | None:
         path = self.data_files.get(class_name)
@@ -116,3 +148,39 @@ def metric_value(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def applies(name: str, method: str) -> bool:
+    """Whether the setting ``name`` (a flag) has an effect on a run of ``method`` (settings of other methods, of
+    modalities and backbones it does not use, are left out of its report)."""
+    spec = METHODS.get(method)
+    if spec is None:
+        return True
+    m3dm_features = spec.features == "m3dm"
+    rules = {"cfm_": spec.family == "cfm", "ocsvm_": spec.combine == "dlf",
+             "rgb_backbone_name": spec.needs_rgb and m3dm_features, "rgb_checkpoint": spec.needs_rgb and m3dm_features,
+             "xyz_": spec.needs_xyz and m3dm_features, "group_size": spec.needs_xyz and m3dm_features,
+             "num_group": spec.needs_xyz and m3dm_features, "backbone_eval": spec.needs_xyz and m3dm_features,
+             "asy_memory_bank": spec.needs_uff, "use_uff": spec.needs_uff, "fusion_module_path": spec.needs_uff,
+             "rm_zero_for_project": method == "Point_MAE", "save_feature": method in FEATURE_DUMP_METHODS,
+             "max_sample": spec.family != "cfm"}
+    for modality in MODALITIES:
+        rules[f"{modality}_s_lambda"] = rules[f"{modality}_smap_lambda"] = modality in spec.modalities and \
+            spec.combine == "dlf"
+    for prefix in ("f_coreset", "coreset_", "random_state"):
+        rules[prefix] = spec.family != "cfm"
+    return next((rule for prefix, rule in rules.items() if name.startswith(prefix)), True)
+
+
+def method_settings(method: str, config: dict) -> list[tuple[str, object, bool]]:
+    """``(name, value, changed from the default)`` of the settings of a run's record that apply to its ``method``,
+    in the order of the command line's flags (what the record has besides, e.g. the device used, after them)."""
+    defaults = {name: _plain(value) for name, value in Settings().flags().items()}
+    names = [n for n in defaults if n in config] + sorted(n for n in config if n not in defaults)
+    return [(name, config[name], name in defaults and _plain(config[name]) != defaults[name]) for name in names
+            if applies(name, method)]
+
+
+def _plain(value):
+    """A setting as results.json holds it (tuples are lists there)."""
+    return list(value) if isinstance(value, tuple) else value

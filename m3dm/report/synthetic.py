@@ -3,6 +3,7 @@ per_sample.csv/.json, report_data/<class>.npz), written by the run's own writers
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,15 @@ from m3dm.constants import RGB_SIZE
 from m3dm.evaluation.metrics import compute_metrics
 from m3dm.evaluation.results import ClassResult, per_sample_rows
 from m3dm.evaluation.tables import write_per_sample, write_results
-from m3dm.report.data import REPORT_DATA_DIR, THUMBNAIL, run_record, save_class_data, shrink_maps
+from m3dm.report.data import (
+    REPORT_DATA_DIR,
+    PredictionData,
+    cloud_sample,
+    depth_thumbnail,
+    run_record,
+    save_class_data,
+    shrink_rgb,
+)
 
 DEFECTS = ("good", "crack", "hole", "color")
 
@@ -40,17 +49,55 @@ def synthetic_class(class_name: str, n_parts: int, rng: np.random.Generator, mas
     return ClassResult(metrics, labels, scores, maps, gts, names, paths, [p.replace(".png", ".tiff") for p in paths])
 
 
-def synthetic_thumbnails(result: ClassResult, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """RGB and depth thumbnails: a tilted plane with a bump, the defect tinted."""
+def synthetic_parts(result: ClassResult, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """RGB pictures ``(N, 224, 224, 3)`` and organized clouds ``(N, 224, 224, 3)`` of the parts: a tilted plane
+    with a dent where the defect is, the defect tinted, no points along one edge."""
     n = len(result.names)
-    yy, xx = np.mgrid[:THUMBNAIL, :THUMBNAIL] / THUMBNAIL
-    depth = np.stack([0.5 + 0.2 * xx + 0.1 * yy + 0.05 * rng.standard_normal() for _ in range(n)])
-    depth[:, :8] = np.nan  # no points along one edge
-    rgb = np.empty((n, THUMBNAIL, THUMBNAIL, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:RGB_SIZE, :RGB_SIZE] / RGB_SIZE
+    defects = result.masks.astype(bool)
+    clouds = np.stack([np.stack([xx - 0.5, yy - 0.5, 0.5 + 0.2 * xx + 0.1 * yy + 0.05 * rng.standard_normal()
+                                 + 0.03 * defect], axis=-1) for defect in defects]).astype(np.float32)
+    clouds[:, :, :16] = 0  # no point
+    rgb = np.empty((n, RGB_SIZE, RGB_SIZE, 3), dtype=np.uint8)
     rgb[:] = rng.integers(90, 160, size=(n, 1, 1, 3))
-    small = shrink_maps(result.masks.astype(bool), reduce=np.any)
-    rgb[small] = (200, 60, 40)
-    return rgb, depth.astype(np.float16)
+    rgb[defects] = (200, 60, 40)
+    return rgb, clouds
+
+
+def synthetic_thumbnails(result: ClassResult, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The pictures ``read_thumbnails`` would read of ``synthetic_parts``."""
+    rgb, clouds = synthetic_parts(result, rng)
+    return {"rgb": np.stack([shrink_rgb(picture) for picture in rgb]), "detail_rgb": rgb,
+            "depth": np.stack([depth_thumbnail(cloud) for cloud in clouds]),
+            **dict(zip(("cloud", "cloud_at"), map(np.stack, zip(*(cloud_sample(cloud) for cloud in clouds)))))}
+
+
+def write_synthetic_predictions(folder: str | Path, n_parts: int, class_name: str = "gadget", seed: int = 0,
+                                method: str = "DINO+Point_MAE", errors: int = 2) -> Path:
+    """The output folder of a made-up ``m3dm.predict`` batch: its report data, run record and ``predictions.jsonl``
+    (the scored parts and ``errors`` parts that could not be read; no heatmaps)."""
+    rng = np.random.default_rng(seed)
+    result = synthetic_class(class_name, n_parts, rng)
+    rgb, clouds = synthetic_parts(result, rng)
+    threshold = float(np.median(result.image_scores))
+    data = PredictionData(class_name, threshold, (float(result.maps.min()), float(result.maps.max())))
+    try:
+        for i, name in enumerate(result.names):
+            gt = result.masks[i] > 0
+            data.add(name.split("/", 1)[1], result.image_scores[i], result.image_scores[i] > threshold, rgb[i],
+                     clouds[i], gt if gt.any() else None, result.maps[i])
+        record = {"kind": "predict", "method": method, "model": f"/models/{class_name}.pt", "class": class_name,
+                  "thresholds": f"image {threshold:.6g}", "config": {"method_name": method},
+                  "timings_s": {"predict": 1.5 * n_parts}, **run_record({})}
+        data.save(folder, record)
+    finally:
+        data.close()
+    rows = [{"name": name, "result": "fail" if failed else "pass", "error": None}
+            for name, failed in zip(data.names, data.failed)]
+    rows += [{"name": f"unreadable/{i:03d}", "result": "error", "error": f"unreadable/{i:03d}.tiff: not a TIFF file"}
+             for i in range(errors)]
+    (Path(folder) / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return Path(folder)
 
 
 def write_synthetic_results(folder: str | Path, classes: list[str], n_parts: int, method: str = "DINO+Point_MAE",

@@ -7,6 +7,7 @@ part once, in order, with its paths) and the saved model's thresholds (pass/fail
 """
 
 import csv
+import html
 import json
 import re
 import shutil
@@ -127,6 +128,8 @@ def test_the_run_writes_its_report_and_it_builds_again_without_the_dataset(datas
     assert {w["source"] for w in record["config"]["weights"].values()} == {"random"}
     assert set(record["config"]["versions"]) >= {"python", "torch", "timm", "m3dm"}
     assert "report data" in record["timings_s"]
+    assert record["config"]["host"] and record["config"]["command"]  # where the run comes from (the process's)
+    assert record["config"]["command"] in html.unescape(page) and record["config"]["host"] in page
     assert "RANDOM WEIGHTS" in page and 'alt="ROC curve"' in page and 'alt="PRO curve"' in page
     assert f"image threshold {rows[0]['image_threshold']:.5g}" in page  # the saved model's threshold
     assert load_class_data(fitted / REPORT_DATA_DIR / "gadget.npz").scores.tolist() == [r["image_score"]

@@ -293,7 +293,8 @@ def test_an_output_with_earlier_predictions_is_refused_unless_overwrite(dataset,
     capsys.readouterr()
     assert predict.main([*common, str(split / "good")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --output {out} already holds predictions (predictions.csv, "
-                                               f"predictions.jsonl, heatmaps, maps, report.html, report_data): give "
+                                               f"predictions.jsonl, heatmaps, maps, report.html, report_files, "
+                                               f"report_data): give "
                                                f"--overwrite to replace them, --resume to score only the parts they "
                                                f"lack, or another --output")
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # nothing touched

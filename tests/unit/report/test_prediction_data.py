@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from m3dm.report.data import (
+    CLOUD,
+    DETAIL_KEYS,
     REPORT_DATA_DIR,
     SPOOL_CHUNK,
     UNKNOWN_LABEL,
     ClassData,
     PredictionData,
     depth_thumbnail,
+    heat_levels,
     load_class_data,
     shrink_maps,
     shrink_rgb,
@@ -62,7 +65,7 @@ def assert_same(ours, theirs) -> None:
 
 def assert_spooled_same(spooled_data, loaded) -> None:
     """What the report reads part by part from the spool (``load_class_data(spool=True)``) is the loaded arrays."""
-    for key in ("rgb", "depth", "maps", "masks"):
+    for key in ("rgb", "depth", "maps", "masks", *DETAIL_KEYS):
         ours, theirs = getattr(spooled_data, key), getattr(loaded, key)
         assert (ours is None) == (theirs is None), key
         if ours is not None:
@@ -109,3 +112,24 @@ def test_nothing_scored_saves_nothing(tmp_path):
     data = PredictionData("gadget", 0.5, RANGE, spool_folder=tmp_path / REPORT_DATA_DIR)
     assert data.save(tmp_path, {}) is None
     data.close()
+
+
+def test_the_detail_view_keeps_the_pictures_and_the_cloud_on_a_grid_over_the_part(tmp_path):
+    """A part in a corner of the frame: its cloud is sampled over the part alone (as many points as a part that
+    fills the frame), with the score of the map and the RGB at each point; the pictures at full size."""
+    name, score, failed, rgb, cloud, gt, score_map = parts(1, seed=3, masks_every=1)[0]
+    cloud[:] = 0
+    cloud[:, 150:214, 20:84] = np.random.default_rng(4).normal(size=(3, 64, 64))  # 64 x 64 pixels with a point
+    cloud[:, 150:214, 20:84][:, cloud[2, 150:214, 20:84] == 0] = 1.0
+    data = spooled([(name, score, failed, rgb, cloud, gt, score_map)], tmp_path)
+    loaded = load_class_data(data.save(tmp_path, {"kind": "predict"}))
+    data.close()
+    detail = loaded.detail(0)
+    np.testing.assert_array_equal(detail["rgb"], rgb)
+    np.testing.assert_array_equal(detail["mask"], gt)
+    np.testing.assert_array_equal(detail["heat"], heat_levels(score_map, RANGE))
+    rows, cols = (np.floor(at * 224).astype(int) for at in detail["cloud_at"])
+    assert rows.tolist() == list(range(150, 214)) and cols.tolist() == list(range(20, 84))  # the part, pixel by pixel
+    assert detail["cloud"].shape == (CLOUD, CLOUD, 3) and np.isfinite(detail["cloud"]).all()
+    np.testing.assert_array_equal(detail["cloud"], cloud.transpose(1, 2, 0)[150:214, 20:84])
+    np.testing.assert_array_equal(detail["cloud_scores"], score_map[150:214, 20:84].astype(np.float16))

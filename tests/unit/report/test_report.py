@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from PIL import Image
 from m3dm.app.report import main as report_main
 from m3dm.report import build_report
 from m3dm.report.data import REPORT_DATA_DIR, load_class_data
-from m3dm.report.synthetic import write_synthetic_results
+from m3dm.report.synthetic import write_synthetic_predictions, write_synthetic_results
 
 
 class Page(HTMLParser):
@@ -30,6 +31,7 @@ class Page(HTMLParser):
         self.section = None
         self.sections: dict[str, dict] = {}
         self.cells: list[dict] = []
+        self.rank_cells: list[dict] = []
         self.text: list[str] = []
         self.source = text
         self.feed(text)
@@ -50,17 +52,37 @@ class Page(HTMLParser):
             current["tables"] += 1
         elif tag == "td" and "data-value" in attrs:
             self.cells.append(attrs)
+        elif tag == "td" and "data-rank" in attrs:
+            self.rank_cells.append(attrs)
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self.section = None
 
     def handle_data(self, data):
         self.text.append(data)
 
 
-def decoded(image: dict) -> np.ndarray:
+def decoded(image: dict, folder: Path) -> np.ndarray:
+    """A picture of the page: inline, or a file of its asset folder (``folder``: the page's)."""
     prefix = "data:image/png;base64,"
-    assert image["src"].startswith(prefix)
-    picture = Image.open(io.BytesIO(base64.b64decode(image["src"][len(prefix):])))
+    source = io.BytesIO(base64.b64decode(image["src"][len(prefix):])) if image["src"].startswith(prefix) else \
+        folder / image["src"]
+    picture = Image.open(source)
     assert picture.format == "PNG"
     return np.asarray(picture.convert("RGB"))
+
+
+def svg_texts(image: dict) -> list[tuple[str, float]]:
+    """``(text, font size in CSS pixels)`` of an inline SVG plot (its text is text, not paths)."""
+    prefix = "data:image/svg+xml;base64,"
+    assert image["src"].startswith(prefix)
+    svg = base64.b64decode(image["src"][len(prefix):]).decode()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    width, view = re.search(r'<svg[^>]* width="([0-9.]+)pt"[^>]* viewBox="0 0 ([0-9.]+)', svg).groups()
+    scale = float(width) * 4 / 3 / float(view)  # CSS pixels per SVG unit at the plot's own size (1 pt = 4/3 px)
+    texts = re.findall(r'<text style="font-size: ([0-9.]+)px[^>]*>([^<]+)</text>', svg)
+    return [(text, float(size) * scale) for size, text in texts]
 
 
 N_PARTS = 10  # test parts per class
@@ -98,7 +120,7 @@ def test_every_test_part_is_in_its_class_gallery_misclassified_first(saved, page
             assert scores == sorted(scores, reverse=True)
 
 
-def test_every_section_has_real_content(page):
+def test_every_section_has_real_content(saved, page):
     run = page.sections["run"]
     assert run["tables"] == 4  # weights, time per stage, versions, configuration
     assert page.sections["metrics"]["tables"] == 1
@@ -112,9 +134,12 @@ def test_every_section_has_real_content(page):
         assert kinds.count("thumb") == N_PARTS
         assert section["tables"] == 1  # by defect type
         for image in section["images"]:
-            pixels = decoded(image)
-            assert non_trivial(pixels), image["class"]
-        thumb = decoded(next(i for i in section["images"] if i["class"] == "thumb"))
+            if image["class"] == "thumb":
+                assert non_trivial(decoded(image, saved)), image["src"]
+            else:  # plots: SVG, every text at least 10 px
+                texts = svg_texts(image)
+                assert len(texts) > 10 and min(size for _, size in texts) >= 10, texts
+        thumb = decoded(next(i for i in section["images"] if i["class"] == "thumb"), saved)
         assert thumb.shape[0] == 112 and thumb.shape[1] == 3 * 112 + 4  # three panels side by side
 
 
@@ -163,14 +188,23 @@ def test_the_command_rebuilds_the_report_and_compares_folders(saved, tmp_path, c
     for cell in metric_cells:
         c, m = cell["data-class"], cell["data-metric"]
         assert float(cell["data-value"]) == second["per_class"][c][m] - first["per_class"][c][m]
-    scores = [{(r["class"], r["defect_type"], r["stem"]): r["image_score"]
-               for r in json.loads((f / "per_sample.json").read_text())} for f in (saved, other)]
-    sample_cells = [c for c in page.cells if "data-sample" in c]
-    assert len(sample_cells) == 2 * N_PARTS
-    for cell in sample_cells:
-        class_name, _, defect, stem = cell["data-sample"].split("/")
-        key = (class_name, defect, stem)
-        assert float(cell["data-value"]) == scores[1][key] - scores[0][key]
+    rows = [json.loads((f / "per_sample.json").read_text()) for f in (saved, other)]
+    for class_name in ("alpha", "beta"):  # per part: each run's rank of its score in the class, never a raw delta
+        ranks = {}
+        for label, run_rows in zip(("DINO+Point_MAE", "Point_MAE"), rows):
+            mine = sorted((r for r in run_rows if r["class"] == class_name), key=lambda r: -r["image_score"])
+            ranks.update({(label, "/".join((r["class"], r["split"], r["defect_type"], r["stem"]))): k
+                          for k, r in enumerate(mine, 1)})
+        cells = [c for c in page.rank_cells if c["data-sample"].startswith(f"{class_name}/")]
+        assert len(cells) == 2 * N_PARTS
+        assert {(c["data-run"], c["data-sample"]): int(c["data-rank"]) for c in cells} == ranks
+        spreads = [c for c in page.cells if c.get("data-sample", "").startswith(f"{class_name}/")]
+        assert len(spreads) == N_PARTS
+        assert [int(c["data-value"]) for c in spreads] == [abs(ranks[("DINO+Point_MAE", c["data-sample"])]
+                                                              - ranks[("Point_MAE", c["data-sample"])])
+                                                          for c in spreads]
+        thumbs = [i for i in page.sections[f"class-{class_name}"]["images"] if i["class"] == "thumb"]
+        assert len(thumbs) == 2 * N_PARTS and all(non_trivial(decoded(i, output.parent)) for i in thumbs)
     assert "M3DM comparison: DINO+Point_MAE vs Point_MAE" in " ".join(page.text)
     assert {f"class-{c}" for c in ("alpha", "beta")} <= set(page.sections) and "class-gamma" not in page.sections
 
@@ -189,6 +223,20 @@ def test_results_of_a_run_before_the_10_and_5_percent_au_pros_still_make_a_repor
     assert "AU-PRO (FPR 0.05)" in " ".join(compared.text)
     deltas = {c["data-metric"] for c in compared.cells if "data-metric" in c}  # cells with a number only
     assert deltas == {"image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.01"}
+
+
+def test_a_predictions_report_counts_and_lists_the_parts_that_could_not_be_scored(tmp_path):
+    folder = write_synthetic_predictions(tmp_path / "predictions", 4, errors=2)
+    page = Page(build_report([folder]).read_text())
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if r["result"] != "error"]
+    assert sorted(c["data-name"] for c in page.sections["class-gadget"]["parts"]) == sorted(r["name"] for r in scored)
+    text = " ".join(page.text)
+    counts = [sum(r["result"] == kind for r in rows) for kind in ("pass", "fail", "error")]
+    assert f"6: {counts[0]} PASS, {counts[1]} FAIL, 2 could not be scored" in text
+    assert page.sections["errors"]["tables"] == 1
+    for row in rows[-2:]:
+        assert row["name"] in text and row["error"] in text
 
 
 def test_a_folder_without_results_is_one_clear_error(tmp_path, capsys):
