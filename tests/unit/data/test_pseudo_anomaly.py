@@ -195,3 +195,8 @@ def test_eyecandies_pseudo_anomalies_stay_on_the_foreground():
 def test_one_training_sample_is_refused():
     with pytest.raises(pa.DataError, match="at least 2 training samples"):
         InMemory(dict(list(objects(1).items())))
+
+
+def test_paste_threshold_is_the_reference_one_from_512_pixels_on():
+    assert pa.paste_threshold((800, 800)) == pa.paste_threshold((512, 512)) == 100  # MVTec 3D-AD, Eyecandies
+    assert pa.paste_threshold((256, 256)) == 25 and pa.paste_threshold((100, 100)) == 4
