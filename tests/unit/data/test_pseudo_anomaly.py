@@ -188,8 +188,10 @@ def test_eyecandies_pseudo_anomalies_stay_on_the_foreground():
     synth = InMemory(objects(), dataset_type="eyecandies")
     sample = synth.anomaly(np.random.default_rng(2))
     valid = np.all(sample.cloud != 0, axis=-1)
-    assert sample.mask.any() and not (sample.mask & ~valid).any()
-    assert (sample.image[~valid] == 0).all()
+    # pixels off the object are zeroed; pasted pixels whose source pixel (in the 3 x 3 dilation of the mask) had
+    # no point lose theirs, as in the reference
+    assert sample.mask.any() and (sample.mask & valid).sum() >= 0.8 * sample.mask.sum()
+    assert (sample.image[~(valid | sample.mask)] == 0).all()
 
 
 def test_one_training_sample_is_refused():
