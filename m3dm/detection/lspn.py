@@ -401,7 +401,7 @@ class LSPNTraining:
                 total = torch.stack([s.weights[k] * v for k, v in terms.items()]).sum()
                 value = float(total.detach())
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"the LSPN's training diverged (loss {value}): lower --g2sf_lr")
+                    raise FloatingPointError(f"the LSPN's training diverged (loss {value}): lower --lr")
                 optimiser.zero_grad()
                 global_optimiser.zero_grad()
                 total.backward()
