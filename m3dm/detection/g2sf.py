@@ -249,7 +249,8 @@ class G2SFDetector:
         net, raw_global, score_mean = self._trained()
         features, background = self._features(patches)
         rgb_core, xyz_core = self.banks["rgb"].bank, self.banks["xyz"].bank
-        rgb_dim, k = rgb_core.shape[1], self.config.anchor + 1
+        rgb_dim = rgb_core.shape[1]
+        k = min(self.config.anchor + 1, rgb_core.shape[0], xyz_core.shape[0])  # tiny banks have fewer rows
         rgb_idx = torch.topk(torch.cdist(features[:, :rgb_dim], rgb_core), k, dim=1, largest=False).indices
         xyz_idx = torch.topk(torch.cdist(features[:, rgb_dim:], xyz_core), k, dim=1, largest=False).indices
         scores = [fused_distance(net, features, torch.cat([rgb_core[rgb_idx[:, i]], xyz_core[xyz_idx[:, i]]], 1),
