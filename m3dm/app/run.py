@@ -248,9 +248,10 @@ class ClassRun:
         cap = self._train_cap()
         if self.settings.models.save_model and self.good_parts.train_limit is not None:
             cap = min(cap, self.good_parts.train_limit)  # the threshold parts stay out of the banks
-        loader = self._loader("train", cap)
+        train = self._dataset("train")
+        loader = self._loader("train", cap, dataset=train)
         self.detector = detector = build_detector(self.settings.detector, self._resources(
-            spool_dir=self.settings.run.spool_folder, training_data=self._training_data(loader.dataset)))
+            spool_dir=self.settings.run.spool_folder, training_data=self._training_data(train.samples[:cap])))
         dump = self.settings.run.save_feature
         for batch in self._batches(loader, "pass 1 (memory)"):
             with self.timer("extract"):
@@ -283,14 +284,11 @@ class ClassRun:
         return DetectorResources(device=self.device, progress=self.progress, fusion_block=self.fusion_block,
                                  spool_dir=spool_dir, training_data=training_data)
 
-    def _training_data(self, samples: Dataset) -> TrainingData:
+    def _training_data(self, samples: list) -> TrainingData:
         """The training samples the detector is fitted on, as files, with the extractor (G2SF's pseudo-anomalies)."""
         run = self.settings.run
-        train = samples.dataset if isinstance(samples, Subset) else samples
-        assert isinstance(train, AnomalyDataset)  # _loader's dataset, possibly capped by a Subset
-        chosen = train.samples[:len(samples)]  # type: ignore[arg-type]  # both have a length
         return TrainingData(
-            self.root, run.dataset_type, tuple(chosen), tuple(dataset_classes(run, every=True)),
+            self.root, run.dataset_type, tuple(samples), tuple(dataset_classes(run, every=True)),
             self.extractor, seed=run.seed, batch_size=run.batch_size,
             full_root=None if run.g2sf_full_dataset_path is None else Path(run.g2sf_full_dataset_path),
             anomaly_source=None if run.g2sf_anomaly_source is None else Path(run.g2sf_anomaly_source))
