@@ -113,3 +113,14 @@ def test_method_is_registered_and_its_flags_are_checked():
         validate(Settings(detector=settings(anchor=10)))
     with pytest.raises(ConfigError, match="--use_uff"):
         validate(Settings().replace(detector={"method_name": "G2SF"}, uff={"use_uff": True}))
+
+
+def test_fix_quirks_switches_the_three_g2sf_defects():
+    from m3dm.detection.g2sf import training_settings
+
+    reference, fixed = training_settings(settings()), training_settings(settings(fix_quirks=True))
+    assert reference.broadcast_const and reference.skip_first_validation
+    assert not fixed.broadcast_const and not fixed.skip_first_validation
+    assert reference.weights == {"svdd": 1.0, "margin": 10.0, "const": 40.0, "perm": 20.0, "scaling": 3.0,
+                                 "l1": 5e-4, "l2": 0.0}
+    assert (reference.epochs, reference.batch_size, reference.lr, reference.hidden) == (80, 8192, 1.5e-4, (6,))
