@@ -202,3 +202,12 @@ def test_one_training_sample_is_refused():
 def test_paste_threshold_is_the_reference_one_from_512_pixels_on():
     assert pa.paste_threshold((800, 800)) == pa.paste_threshold((512, 512)) == 100  # MVTec 3D-AD, Eyecandies
     assert pa.paste_threshold((256, 256)) == 25 and pa.paste_threshold((100, 100)) == 4
+
+
+def test_mask_rules_per_dataset_and_with_fix_quirks():
+    mvtec = InMemory(objects(2, 32))._mask_rule(Path("x/CandyCane/train/good/xyz/000.tiff"))
+    assert (mvtec.threshold, mvtec.decay, mvtec.skip_last) == (0.4, False, True)
+    eyecandies = InMemory(objects(2, 32), dataset_type="eyecandies", fix_quirks=True)
+    thin = eyecandies._mask_rule(Path("x/CandyCane/train/good/xyz/000.tiff"))
+    assert (thin.threshold, thin.decay, thin.skip_last) == (0.3, True, False)
+    assert eyecandies._mask_rule(Path("x/GummyBear/train/good/xyz/000.tiff")).threshold == 0.4
