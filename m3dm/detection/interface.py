@@ -1,9 +1,9 @@
 """The one interface every method's detector implements, and what the run lends a detector.
 
 ``m3dm.app.run`` (fitting, evaluation), ``m3dm.app.predict`` and the model files (``m3dm.detection.factory``)
-see a detector only through :class:`ClassDetector`. The memory-bank methods (``detector.Detector``) and CFM
-(``cfm.CFMDetector``) implement it; a new method is one more class with these members, named by its
-``MethodSpec.family`` in ``factory.py`` (docs/architecture.md, "How a new method plugs in").
+see a detector only through :class:`ClassDetector`. The memory-bank methods (``detector.Detector``), CFM
+(``cfm.CFMDetector``) and G2SF (``g2sf.G2SFDetector``) implement it; a new method is one more class with these
+members, named by its ``MethodSpec.family`` in ``factory.py`` (docs/architecture.md, "How a new method plugs in").
 
 Fitting one class, as the run does it:
 
