@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from m3dm.errors import DataError
 from m3dm.runtime import cpu_threads
 
 ENCODING_EPS = 1e-3  # F.normalize's eps in the geometric encoding
@@ -288,12 +289,13 @@ class LSPNTraining:
                  generator: torch.Generator, device: torch.device | str = "cpu", progress: bool = True):
         labels = rows.labels
         if not (labels == 1).any() or not (labels == -1).any():
-            raise ValueError(f"the fusion dataset needs normal and anomalous patches; it has "
-                             f"{int((labels == 1).sum())} normal and {int((labels == -1).sum())} anomalous ones")
+            raise DataError(f"G2SF: the fusion dataset needs normal and anomalous patches; it has "
+                            f"{int((labels == 1).sum())} normal and {int((labels == -1).sum())} anomalous ones "
+                            f"(more pseudo-anomalies: --num_anomalies; larger images keep more of them)")
         self.batch = min(int(labels.shape[0] * 0.7) // 20, settings.batch_size)
         if self.batch < 2:
-            raise ValueError(f"the fusion dataset has {labels.shape[0]} patches: the batch, 0.7 x patches / 20, "
-                             f"needs at least 2 (more pseudo-anomalies: --num_anomalies)")
+            raise DataError(f"G2SF: the fusion dataset has {labels.shape[0]} patches: the batch, 0.7 x patches / 20, "
+                            f"needs at least 2 (more pseudo-anomalies: --num_anomalies)")
         self.rows, self.settings, self.generator = rows, settings, generator
         self.device, self.progress = torch.device(device), progress
         self.rgb_dim = rgb_coreset.shape[1]
