@@ -31,6 +31,7 @@ GLOBAL_LR = 5e-3  # Adam on the two global scales
 NOISE_FRACTION = 0.1  # noise of at most 10 % of a modality's mean normal distance
 SCORING_MODES = ("min", "max", "average", "zero")
 NEIGHBOURS = 20  # coreset neighbours kept per patch and modality in the fusion dataset
+INITIAL_BEST = 1e6  # MMScoringTrainer.best_loss before the first validation
 SMALL_BATCH = 1024  # LSPN batches below this many rows train on one CPU thread
 
 
@@ -391,7 +392,8 @@ class LSPNTraining:
         s = self.settings
         optimiser = torch.optim.Adam(self.net.parameters(), lr=s.lr, weight_decay=WEIGHT_DECAY)
         global_optimiser = torch.optim.Adam([self.raw_global], lr=GLOBAL_LR, weight_decay=WEIGHT_DECAY)
-        best = (math.inf, -1, copy.deepcopy(self.net.state_dict()), self.raw_global.detach().clone())
+        # the reference starts from a best loss of 1e6: an epoch whose validation loss is above it is never kept
+        best = (INITIAL_BEST, -1, copy.deepcopy(self.net.state_dict()), self.raw_global.detach().clone())
         epochs = tqdm(range(s.epochs), desc="G2SF: LSPN training", unit="epoch", disable=not self.progress,
                       file=sys.stderr, leave=False)
         history = []
@@ -419,7 +421,7 @@ class LSPNTraining:
         if best[1] >= 0:
             self.net.load_state_dict(best[2])
             raw_global = best[3]
-        else:  # no epoch was validated (one epoch with the reference's rule): the last weights
+        else:  # no epoch kept (one epoch with the reference's rule, or every loss above 1e6): the last weights
             raw_global = self.raw_global.detach().clone()
         self.net.eval()
         return TrainedLSPN(self.net, raw_global, self.score_mean.detach(), self.margin, history, best[1])
