@@ -77,6 +77,8 @@ METHODS: dict[str, MethodSpec] = {
     "BTF_RGB+FPFH": MethodSpec((CONCAT,), "single", eps=0.0, features="btf", patch_grid=BTF_PATCH_GRID),
     # crossmodal feature mapping (Costanzino et al., CVPR 2024): no banks, two MLPs (m3dm.detection.cfm)
     "CFM": MethodSpec(("xyz", "rgb"), "cfm", eps=0.0, family="cfm", pro_thresholds=99),
+    # G2SF (Tao et al., ICCV 2025): M3DM's two banks, fused by a learned local distance (m3dm.detection.g2sf)
+    "G2SF": MethodSpec(("xyz", "rgb"), "g2sf", eps=1e-5, family="g2sf"),
 }
 # --save_feature dumps UFF pretraining input, which the two methods with exactly an xyz and an rgb bank produce
 FEATURE_DUMP_METHODS = tuple(name for name, spec in METHODS.items()
@@ -89,6 +91,9 @@ REFERENCE = "reference flags (same names and defaults as the original main.py)"
 ADDED = "added flags"
 SAVED = "saved models and pass/fail thresholds (docs/inference.md)"
 CFM = "CFM (--method_name CFM): its two feature-mapping MLPs; defaults are its reference's (docs/quirks.md)"
+G2SF = ("G2SF (--method_name G2SF): pseudo-anomalies and the local scale prediction network; names and defaults "
+        "are its reference's (docs/g2sf.md; its reference runs Point-MAE with --num_group 512)")
+G2SF_SCORING_MODES = ("min", "max", "average", "zero")
 
 
 def setting(default: Any, help: str = "", *, flag: bool = True, type: type | None = None,
@@ -165,6 +170,27 @@ class DetectorSettings:
     cfm_train_samples: int | None = setting(
         None, "few-shot setting: train on the first N training samples only (default: all of them; --max_sample "
               "is M3DM's bank cap and does not apply to CFM)", type=int, group=CFM, metavar="N")
+    num_normal: int = setting(0, "augmented normal samples added to the fusion dataset", group=G2SF)
+    num_anomalies: int = setting(800, "pseudo-anomalous samples synthesised per class", group=G2SF)
+    fusion_batch_size: int = setting(8192, "LSPN batch (at most 0.7 x fusion patches / 20)", group=G2SF)
+    lr: float = setting(1.5e-4, "Adam learning rate of the LSPN", group=G2SF)
+    max_epoch: int = setting(80, "LSPN training epochs", group=G2SF)
+    emb_dim: int = setting(128, "width of each LSPN branch's output", group=G2SF)
+    n_hidden: str = setting("512", "hidden widths of each LSPN branch, comma-separated", group=G2SF)
+    drop_out: float = setting(0.5, "dropout of the LSPN", group=G2SF)
+    perc: float = setting(1.0, "quantile of the normal distances in the margin loss", group=G2SF)
+    alpha: float = setting(2.0, "exponent of the separation loss's weights", group=G2SF)
+    anchor: int = setting(5, "coreset neighbours of the consistency loss (and anchor + 1 scored per patch)",
+                          group=G2SF)
+    magnitude: float = setting(1.2, "slack of the consistency loss", group=G2SF)
+    margin: float = setting(10.0, "weight of the margin loss", group=G2SF)
+    const: float = setting(40.0, "weight of the consistency loss", group=G2SF)
+    perm: float = setting(20.0, "weight of the permutation loss", group=G2SF)
+    scaling: float = setting(3.0, "weight of the scaling loss", group=G2SF)
+    scoring_mode: str = setting("min", "how a patch's fused distances to its anchor + 1 nearest coreset rows "
+                                       "become its score", choices=G2SF_SCORING_MODES, group=G2SF)
+    l2: float = setting(0.0, "weight of the L2 penalty on the LSPN's weights", group=G2SF)
+    l1: float = setting(5e-4, "weight of the L1 penalty on the LSPN's weights", group=G2SF)
 
     @property
     def spec(self) -> MethodSpec:
@@ -265,6 +291,12 @@ class RunSettings:
                                   "it ends)", group=ADDED)
     demo: bool = setting(False, "generate synthetic data if absent and run DINO+Point_MAE on it", group=ADDED)
     demo_root: str = setting("datasets", "where --demo writes its synthetic data", group=ADDED)
+    g2sf_full_dataset_path: str | None = setting(
+        None, "the unpreprocessed dataset whose clouds give pasted points their x and y (default: the "
+              "preprocessed clouds, as the reference's Eyecandies setting)", type=str, group=G2SF)
+    g2sf_anomaly_source: str | None = setting(
+        None, "JSON list of point-cloud anomaly sources (default: 8 training clouds per class of the dataset, 24 "
+              "for Eyecandies, chosen as the reference's create_anomaly_source.py)", type=str, group=G2SF)
 
     @property
     def spool_folder(self) -> str | None:
@@ -404,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(settings: Settings) -> None:
     """Raise ConfigError with what to use instead, for every combination the reference cannot run."""
-    for rule in (_range_rules, _class_rules, _method_rules, _option_rules, _model_file_rules, _cfm_rules):
+    for rule in (_range_rules, _class_rules, _method_rules, _option_rules, _model_file_rules, _cfm_rules,
+                 _g2sf_rules):
         message = rule(settings)
         if message:
             raise ConfigError(message)
@@ -519,10 +552,28 @@ def _bounds(s: Settings) -> dict[str, Bound]:
         "cfm_lr": Bound(0, open_low=True, why="Adam's learning rate"),
         "cfm_train_samples": Bound(1, why="the few-shot training set; omit it to train on every sample"),
         "cfm_seed": Bound(0, MAX_SEED, why="the seed of the mappings' initialisation and shuffling"),
+        **_g2sf_bounds(),
     }
     for field_ in dataclasses.fields(ScoreWeights):
         bounds[field_.name] = Bound(0, why="a weight of one modality's score")
     return bounds
+
+
+def _g2sf_bounds() -> dict[str, Bound]:
+    return {
+        "num_normal": Bound(0, why="augmented normal samples"),
+        "num_anomalies": Bound(1, why="the LSPN learns from pseudo-anomalies"),
+        "fusion_batch_size": Bound(2, why="patches per LSPN step"),
+        "lr": Bound(0, open_low=True, why="Adam's learning rate"),
+        "max_epoch": Bound(1, why="passes over the fusion dataset"),
+        "emb_dim": Bound(1, why="a layer width"),
+        "drop_out": Bound(0, 1, open_high=True, why="a dropout probability"),
+        "perc": Bound(0, 1, why="a quantile"),
+        "alpha": Bound(0, why="an exponent of the loss weights"),
+        "anchor": Bound(0, 9, why="2 x anchor + 1 of the 20 coreset neighbours kept per patch"),
+        "magnitude": Bound(0, open_low=True, why="a ratio of distances"),
+        **{name: Bound(0, why="a loss weight") for name in ("margin", "const", "perm", "scaling", "l1", "l2")},
+    }
 
 
 def _range_rules(s: Settings) -> str | None:
@@ -550,4 +601,16 @@ def _cfm_rules(s: Settings) -> str | None:
     d = s.detector  # the ranges of the cfm_* flags are in _bounds
     if s.uff.use_uff and d.spec.family == "cfm":
         return "--method_name CFM does not use the UFF block: drop --use_uff"
+    return None
+
+
+def _g2sf_rules(s: Settings) -> str | None:
+    d = s.detector
+    if d.spec.family != "g2sf":
+        return None
+    if s.uff.use_uff:
+        return "--method_name G2SF does not use the UFF block: drop --use_uff"
+    widths = d.n_hidden.split(",")
+    if not all(w.strip().isdigit() and int(w) > 0 for w in widths):
+        return f"--n_hidden {d.n_hidden!r} is not a list of widths: use positive integers separated by commas (512)"
     return None

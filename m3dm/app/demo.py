@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 def prepare_demo(settings: Settings, progress: bool = True) -> Settings:
     """Write the demo data under ``--demo_root`` (kept between runs) and return the demo's settings: its data and
-    classes, DINO+Point_MAE, prediction pictures, ``results/demo`` unless another output folder was given, and
-    random backbone weights when no pretrained ones are found."""
+    classes, DINO+Point_MAE (or G2SF when asked for), prediction pictures, ``results/demo`` unless another output
+    folder was given, and random backbone weights when no pretrained ones are found."""
     raw = write_mvtec3d(Path(settings.run.demo_root) / "synthetic_mvtec3d", classes=DEMO_CLASSES, progress=progress)
     summary = preprocess_dataset(raw, workers=2)
     log.info(summary.report())
@@ -33,5 +33,7 @@ def prepare_demo(settings: Settings, progress: bool = True) -> Settings:
         log.warning("demo: pretrained weights not found under checkpoints/ (see checkpoints/README.md): running "
                     "with RANDOM backbone weights")
         random_init = True
-    return settings.replace(run=run, detector={"method_name": "DINO+Point_MAE", "memory_bank": "multiple"},
+    # G2SF (--method_name G2SF) runs as asked; every other method gives way to DINO+Point_MAE
+    method = "G2SF" if settings.detector.method_name == "G2SF" else "DINO+Point_MAE"
+    return settings.replace(run=run, detector={"method_name": method, "memory_bank": "multiple"},
                             backbones={"random_init": random_init})

@@ -29,7 +29,7 @@ from m3dm.data import available_classes
 from m3dm.data.dataset import AnomalyDataset, make_loader
 from m3dm.data.layout import masks_available
 from m3dm.detection.factory import build_detector, detector_from_model, training_cap
-from m3dm.detection.interface import ClassDetector, DetectorResources, FusionDetector, fusion_pass
+from m3dm.detection.interface import ClassDetector, DetectorResources, FusionDetector, TrainingData, fusion_pass
 from m3dm.detection.persistence import (
     MODELS_DIR,
     Setup,
@@ -133,9 +133,10 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     return per_class
 
 
-def dataset_classes(run: RunSettings) -> list[str]:
-    """``--classes``, else the dataset's classes in the reference's order (then any others, sorted)."""
-    if run.classes:
+def dataset_classes(run: RunSettings, every: bool = False) -> list[str]:
+    """``--classes`` (unless ``every``), else the dataset's classes in the reference's order (then any others,
+    sorted)."""
+    if run.classes and not every:
         return list(run.classes)
     present = set(available_classes(run.dataset_path))
     reference = [c for c in CLASSES_BY_DATASET[run.dataset_type] if c in present]
@@ -244,12 +245,13 @@ class ClassRun:
 
     def fit(self) -> None:
         """Pass 1 into the banks, their coreset, and with decision layer fusion pass 2 and the SVMs."""
-        self.detector = detector = build_detector(self.settings.detector,
-                                                  self._resources(spool_dir=self.settings.run.spool_folder))
         cap = self._train_cap()
         if self.settings.models.save_model and self.good_parts.train_limit is not None:
             cap = min(cap, self.good_parts.train_limit)  # the threshold parts stay out of the banks
-        loader = self._loader("train", cap)
+        train = self._dataset("train")
+        loader = self._loader("train", cap, dataset=train)
+        self.detector = detector = build_detector(self.settings.detector, self._resources(
+            spool_dir=self.settings.run.spool_folder, training_data=self._training_data(train.samples[:cap])))
         dump = self.settings.run.save_feature
         for batch in self._batches(loader, "pass 1 (memory)"):
             with self.timer("extract"):
@@ -277,9 +279,19 @@ class ClassRun:
                                     aligned=self.settings.detector.fix_quirks)
         save_pretraining_features(self.settings.run.save_feature_path, self.class_name, index, rows)
 
-    def _resources(self, spool_dir: str | None = None) -> DetectorResources:
+    def _resources(self, spool_dir: str | None = None, training_data: TrainingData | None = None
+                   ) -> DetectorResources:
         return DetectorResources(device=self.device, progress=self.progress, fusion_block=self.fusion_block,
-                                 spool_dir=spool_dir)
+                                 spool_dir=spool_dir, training_data=training_data)
+
+    def _training_data(self, samples: list) -> TrainingData:
+        """The training samples the detector is fitted on, as files, with the extractor (G2SF's pseudo-anomalies)."""
+        run = self.settings.run
+        return TrainingData(
+            self.root, run.dataset_type, tuple(samples), tuple(dataset_classes(run, every=True)),
+            self.extractor, seed=run.seed, batch_size=run.batch_size,
+            full_root=None if run.g2sf_full_dataset_path is None else Path(run.g2sf_full_dataset_path),
+            anomaly_source=None if run.g2sf_anomaly_source is None else Path(run.g2sf_anomaly_source))
 
     def _pass2_reused(self, detector: FusionDetector) -> list:
         """Pass 2 on the pass-1 features kept with the banks (no second extraction)."""

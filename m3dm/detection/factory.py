@@ -9,10 +9,11 @@ from __future__ import annotations
 from m3dm.config import METHODS, DetectorSettings
 from m3dm.detection.cfm import CFMDetector
 from m3dm.detection.detector import Detector
+from m3dm.detection.g2sf import G2SFDetector
 from m3dm.detection.interface import ClassDetector, DetectorResources
 from m3dm.detection.persistence import ClassModel
 
-DETECTOR_CLASSES: dict[str, type[ClassDetector]] = {"m3dm": Detector, "cfm": CFMDetector}
+DETECTOR_CLASSES: dict[str, type[ClassDetector]] = {"m3dm": Detector, "cfm": CFMDetector, "g2sf": G2SFDetector}
 
 
 def detector_class(method_name: str) -> type[ClassDetector]:

@@ -1,9 +1,9 @@
 """The one interface every method's detector implements, and what the run lends a detector.
 
 ``m3dm.app.run`` (fitting, evaluation), ``m3dm.app.predict`` and the model files (``m3dm.detection.factory``)
-see a detector only through :class:`ClassDetector`. The memory-bank methods (``detector.Detector``) and CFM
-(``cfm.CFMDetector``) implement it; a new method is one more class with these members, named by its
-``MethodSpec.family`` in ``factory.py`` (docs/architecture.md, "How a new method plugs in").
+see a detector only through :class:`ClassDetector`. The memory-bank methods (``detector.Detector``), CFM
+(``cfm.CFMDetector``) and G2SF (``g2sf.G2SFDetector``) implement it; a new method is one more class with these
+members, named by its ``MethodSpec.family`` in ``factory.py`` (docs/architecture.md, "How a new method plugs in").
 
 Fitting one class, as the run does it:
 
@@ -19,6 +19,7 @@ Scoring: ``predict(modality_patches(features))`` gives the image score and the 2
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -28,9 +29,26 @@ from torch import Tensor, nn
 from typing_extensions import Self  # typing.Self from Python 3.11 on
 
 from m3dm.config import DetectorSettings
+from m3dm.data.layout import Sample
 from m3dm.detection.persistence import ClassModel, Setup
 from m3dm.detection.thresholds import Thresholds
 from m3dm.features.extractor import SampleFeatures
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The class's training samples as files, for a method that makes new samples from them (G2SF's
+    pseudo-anomalies) and extracts their features with the run's extractor."""
+
+    root: Path  # the dataset
+    dataset_type: str  # mvtec3d or eyecandies
+    samples: tuple[Sample, ...]  # the training samples the detector is fitted on, in order
+    classes: tuple[str, ...]  # every class of the dataset (G2SF draws anomaly sources from all of them)
+    extract: Callable[..., list[SampleFeatures]]  # (rgb batch, cloud batch) -> features, the run's extractor
+    seed: int = 0  # --seed
+    batch_size: int = 1  # samples per extraction batch
+    full_root: Path | None = None  # --g2sf_full_dataset_path
+    anomaly_source: Path | None = None  # --g2sf_anomaly_source
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,7 @@ class DetectorResources:
     progress: bool = True  # tqdm bars on stderr
     fusion_block: nn.Module | None = None  # the UFF block, for the methods with a fusion bank (--use_uff)
     spool_dir: str | Path | None = None  # a folder where training rows may wait on disk (--spool_folder)
+    training_data: TrainingData | None = None  # when fitting (G2SF needs it)
 
 
 DEFAULT_RESOURCES = DetectorResources()

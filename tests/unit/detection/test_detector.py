@@ -27,7 +27,11 @@ V1_CONFIG_KEYS = {"method_name", "memory_bank", "f_coreset", "coreset_eps", "ran
 V1_SETTINGS_KEYS = {"img_size", "num_group", "group_size", "rgb_backbone_name", "xyz_backbone_name",
                     "backbone_eval", "fix_quirks", "seed", "precision", "use_uff", "max_sample", "dlf_reextract"}
 # keys added since, which an older file lacks and reads as their defaults
-ADDED_CONFIG_KEYS = {"cfm_epochs", "cfm_batch_size", "cfm_lr", "cfm_seed", "cfm_train_samples"}
+ADDED_CONFIG_KEYS = {"cfm_epochs", "cfm_batch_size", "cfm_lr", "cfm_seed", "cfm_train_samples",
+                     # G2SF's
+                     "num_normal", "num_anomalies", "fusion_batch_size", "lr", "max_epoch", "emb_dim", "n_hidden",
+                     "drop_out", "perc", "alpha", "anchor", "magnitude", "margin", "const", "perm", "scaling",
+                     "scoring_mode", "l2", "l1"}
 METHODS = [("DINO", "single"), ("Point_MAE", "single"), ("DINO+Point_MAE", "multiple"),
            ("DINO+Point_MAE+add", "single")]
 

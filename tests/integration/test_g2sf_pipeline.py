@@ -1,0 +1,101 @@
+"""G2SF end to end through main.py on synthetic data (tiny timm ViT, random weights, a few pseudo-anomalies, two
+LSPN epochs): fit with --save_model and --save_preds; the same seed fits the same detector; --load_model scores
+bit-identically; ``m3dm.predict`` with the saved model gives the in-process scores and maps. Every test here is
+``slow`` (pseudo-anomalies, their features and the LSPN training)."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import preprocessed_mvtec
+
+import main as main_module
+from m3dm.app import predict
+from m3dm.app.run import ClassRun
+from m3dm.detection.persistence import load_class_model
+
+SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "32", "--group_size", "16",
+         "--random_init", "--device", "cpu", "--backbone_eval"]
+G2SF = ["--method_name", "G2SF", "--num_anomalies", "3", "--max_epoch", "2", "--n_hidden", "16", "--emb_dim", "8"]
+
+pytestmark = pytest.mark.slow
+
+
+def run_main(dataset: Path, out: Path, *extra: str, forbid_fit: bool = False):
+    """main.py in-process; returns the ClassResult of the evaluated class."""
+    results = []
+    evaluate = ClassRun.evaluate
+
+    def no_fit(self):
+        raise AssertionError("--load_model must not fit")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClassRun, "evaluate", lambda self: results.append(evaluate(self)) or results[-1])
+        if forbid_fit:
+            patch.setattr(ClassRun, "fit", no_fit)
+        argv = ["--dataset_path", str(dataset), "--output_dir", str(out), *SMALL, *G2SF, *extra]
+        assert main_module.main(argv) == 0
+    (result,) = results
+    return result
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return preprocessed_mvtec(tmp_path_factory.mktemp("g2sf"), n_train=3, n_val=1, n_test_good=1, n_test_defect=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(dataset, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("g2sf_fit")
+    result = run_main(dataset, out, "--save_model", "--save_preds")
+    return {"out": out, "model": out / "models" / "gadget.pt", "result": result}
+
+
+def test_fit_trains_the_lspn_on_pseudo_anomalies_and_saves_it(fitted):
+    result = fitted["result"]
+    assert result.maps.shape == (len(result.names), 224, 224) and result.maps.dtype == np.float32
+    assert np.isfinite(result.image_scores).all() and (result.maps >= 0).all()
+    assert set(result.metrics) >= {"image_rocauc", "pixel_rocauc", "au_pro", "au_pro_0.01"}
+    model = load_class_model(fitted["model"], "G2SF", class_name="gadget")
+    state = model.detector_state
+    assert state["family"] == "g2sf" and len(state["losses"]) == 2 and state["best_epoch"] == 1
+    assert state["net"]["encoding_branch.0.weight"].shape == (16, 192 + 1152)  # vit_tiny: 192-d features
+    banks = state["banks"]
+    assert banks["rgb"]["mean"] is not None and banks["xyz"]["mean"] is None  # RGB normalised, points as they are
+    assert banks["rgb"]["bank"].shape[0] == int(0.1 * 3 * 14 * 14)  # 3 training parts, 14 x 14 RGB patches each
+    assert model.config["num_anomalies"] == 3 and model.config["scoring_mode"] == "min"
+    pictures = sorted((fitted["out"] / "pred_maps" / "gadget").rglob("*.png"))
+    assert len(pictures) == len(result.names)
+
+
+def test_the_same_seed_fits_the_same_detector(dataset, fitted, tmp_path):
+    again = run_main(dataset, tmp_path / "again", "--save_model")
+    expected = fitted["result"]
+    assert np.array_equal(again.image_scores, expected.image_scores)
+    assert np.array_equal(again.maps, expected.maps)
+    first = load_class_model(fitted["model"], "G2SF", class_name="gadget").detector_state
+    second = load_class_model(tmp_path / "again" / "models" / "gadget.pt", "G2SF", class_name="gadget").detector_state
+    assert all(torch.equal(first["net"][k], second["net"][k]) for k in first["net"])
+
+
+def test_loaded_model_scores_bit_identically(dataset, fitted):
+    loaded = run_main(dataset, fitted["out"], "--load_model", forbid_fit=True)
+    expected = fitted["result"]
+    assert np.array_equal(loaded.image_scores, expected.image_scores)
+    assert np.array_equal(loaded.maps, expected.maps)
+    assert loaded.metrics == expected.metrics
+
+
+def test_predict_on_the_test_parts_gives_the_in_process_scores(dataset, fitted, tmp_path):
+    out = tmp_path / "pred"
+    argv = ["--model", str(fitted["model"]), str(dataset / "gadget" / "test"), "--output", str(out),
+            "--batch_size", "2", "--save_maps", "--quiet"]
+    assert predict.main(argv) == 0
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = fitted["result"]
+    assert [r["name"] for r in rows] == ["test/" + n.split("/", 2)[2] for n in expected.names]
+    assert np.array_equal(np.array([float(r["image_score"]) for r in rows]), expected.image_scores)
+    assert np.array_equal(np.stack([np.load(r["map"]) for r in rows]), expected.maps)
