@@ -126,7 +126,7 @@ def resolve_rgb_checkpoint(name: str = DEFAULT_RGB_BACKBONE, path: str | Path | 
         f"No known download for {timm_name!r}: put a timm state dict at {default}"
     raise CheckpointError(f"no weights found for RGB backbone {name!r} (timm {timm_name!r}); looked in: "
                           f"{'; '.join(looked)}.\n  {source}\n  (or pass the file path explicitly, or "
-                          "random_init=True to run with RANDOM weights).")
+                          "--random_init to run with RANDOM weights).")
 
 
 def resolve_point_checkpoint(name: str = "Point_MAE", path: str | Path | None = None, random_init: bool = False,
@@ -149,4 +149,4 @@ def resolve_point_checkpoint(name: str = "Point_MAE", path: str | Path | None = 
         return None
     raise CheckpointError(f"no weights found for point backbone {name!r}: {default} does not exist.\n"
                           f"  Download {url}\n  and save it as {default}\n  (or pass the file path "
-                          "explicitly, or random_init=True to run with RANDOM weights).")
+                          "explicitly, or --random_init to run with RANDOM weights).")

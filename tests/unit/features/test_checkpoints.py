@@ -182,6 +182,13 @@ def test_missing_point_checkpoint_names_download_and_target(tmp_path, variant, f
     with pytest.raises(CheckpointError) as info:
         build_point_backbone(variant, checkpoint_dir=tmp_path, num_group=G, group_size=K)
     assert url in str(info.value) and str(tmp_path / file_name) in str(info.value)
+    assert "--random_init" in str(info.value) and "random_init=True" not in str(info.value)
+
+
+def test_missing_rgb_checkpoint_names_the_random_init_flag(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        resolve_rgb_checkpoint("vit_base_patch8_224_dino", hf_cache=False, checkpoint_dir=tmp_path)
+    assert "--random_init" in str(info.value) and "random_init=True" not in str(info.value)
 
 
 def test_missing_explicit_point_path_is_an_error_even_with_random_init(tmp_path):
