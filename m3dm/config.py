@@ -289,7 +289,8 @@ class RunSettings:
     resume: bool = setting(False, "skip the classes an earlier run with the same settings finished in "
                                   "<output_dir>/classes/<class>.json (each class's results are written there as "
                                   "it ends)", group=ADDED)
-    demo: bool = setting(False, "generate synthetic data if absent and run DINO+Point_MAE on it", group=ADDED)
+    demo: bool = setting(False, "generate synthetic data if absent and run DINO+Point_MAE (or --method_name) on it",
+                         group=ADDED)
     demo_root: str = setting("datasets", "where --demo writes its synthetic data", group=ADDED)
     g2sf_full_dataset_path: str | None = setting(
         None, "the unpreprocessed dataset whose clouds give pasted points their x and y (default: the "

@@ -137,11 +137,11 @@ def _init_worker(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run_jobs(jobs: Sequence, fn: Callable, workers: int, desc: str) -> list[JobResult]:
-    """Run ``fn(job)`` for every job on ``workers`` processes with a progress bar; exceptions become
-    per-job errors. ``fn`` must be a module-level function and jobs picklable."""
+def run_jobs(jobs: Sequence, fn: Callable, workers: int, desc: str, progress: bool = True) -> list[JobResult]:
+    """Run ``fn(job)`` for every job on ``workers`` processes with a progress bar (none without ``progress``);
+    exceptions become per-job errors. ``fn`` must be a module-level function and jobs picklable."""
     workers = max(1, min(workers, len(jobs)))
-    bar = tqdm(total=len(jobs), desc=desc, unit="sample")
+    bar = tqdm(total=len(jobs), desc=desc, unit="sample", disable=not progress)
     results = []
     try:
         if workers == 1:

@@ -244,8 +244,10 @@ def _good_gt(sample) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def preprocess_dataset(source, output=None, inplace: bool = False, workers: int = 1, seed: int = 0) -> Summary:
-    """Preprocess a whole raw MVTec 3D-AD tree into ``output`` (default ``<source>_preprocessed``)."""
+def preprocess_dataset(source, output=None, inplace: bool = False, workers: int = 1, seed: int = 0,
+                       progress: bool = True) -> Summary:
+    """Preprocess a whole raw MVTec 3D-AD tree into ``output`` (default ``<source>_preprocessed``), with a progress
+    bar unless ``progress`` is False."""
     start = time.perf_counter()
     source, output = resolve_roots(source, output, inplace)
     samples, sample_files = _sample_paths(source)
@@ -272,7 +274,7 @@ def preprocess_dataset(source, output=None, inplace: bool = False, workers: int 
 
     if not inplace:
         summary.copied = copy_other_files(source, output, sample_files)
-    for result in run_jobs(jobs, process_sample, workers, desc="preprocess mvtec3d"):
+    for result in run_jobs(jobs, process_sample, workers, desc="preprocess mvtec3d", progress=progress):
         summary.add(result)
     return timed(summary, start)
 
