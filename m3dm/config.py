@@ -115,12 +115,12 @@ def setting(default: Any, help: str = "", *, flag: bool = True, type: type | Non
 class ScoreWeights:
     """The lambdas that weight each modality's image score and map before decision layer fusion."""
 
-    xyz_s_lambda: float = setting(1.0)
-    xyz_smap_lambda: float = setting(1.0)
-    rgb_s_lambda: float = setting(0.1)
-    rgb_smap_lambda: float = setting(0.1)
-    fusion_s_lambda: float = setting(1.0)
-    fusion_smap_lambda: float = setting(1.0)
+    xyz_s_lambda: float = setting(1.0, "weight of the xyz bank's image score before decision layer fusion")
+    xyz_smap_lambda: float = setting(1.0, "weight of the xyz bank's anomaly map before decision layer fusion")
+    rgb_s_lambda: float = setting(0.1, "weight of the RGB bank's image score before decision layer fusion")
+    rgb_smap_lambda: float = setting(0.1, "weight of the RGB bank's anomaly map before decision layer fusion")
+    fusion_s_lambda: float = setting(1.0, "weight of the fusion bank's image score before decision layer fusion")
+    fusion_smap_lambda: float = setting(1.0, "weight of the fusion bank's anomaly map before decision layer fusion")
 
     def of(self, modality: str) -> tuple[float, float]:
         """``(image-score weight, map weight)`` of one modality."""
@@ -142,7 +142,8 @@ class ScoreWeights:
 class DetectorSettings:
     """Every setting that changes the scores of a fitted detector (stored in a fitted-model file as ``config``)."""
 
-    method_name: str = setting("DINO+Point_MAE+Fusion", choices=tuple(METHODS))
+    method_name: str = setting("DINO+Point_MAE+Fusion", "the method: its banks and how their scores combine "
+                                                        "(docs/original.md)", choices=tuple(METHODS))
     memory_bank: str = setting("multiple", "multiple: decision layer fusion (second pass + one-class SVMs)",
                                choices=("single", "multiple"))
     f_coreset: float = setting(0.1, "coreset fraction")
@@ -152,8 +153,8 @@ class DetectorSettings:
         None, "DINO+Point_MAE+Fusion: build the xyz and fusion banks from the first N samples only", type=int)
     rm_zero_for_project: bool = setting(False, "Point_MAE: drop empty patches before the coreset, then add one "
                                                "zero row")
-    ocsvm_nu: float = setting(0.5)
-    ocsvm_maxiter: int = setting(1000)
+    ocsvm_nu: float = setting(0.5, "nu of the decision layer fusion's one-class SVMs")
+    ocsvm_maxiter: int = setting(1000, "iteration cap of the decision layer fusion's one-class SVMs")
     lambdas: ScoreWeights = field(default_factory=ScoreWeights)
     fix_quirks: bool = setting(False, "corrected behaviour instead of the reference's (see docs/quirks.md)",
                                group=ADDED)
@@ -235,7 +236,7 @@ class BackboneSettings:
         1024, "groups (tokens) of the point backbone: 1 to 8192 (the transformer attends over all groups, so its "
               "memory grows with num_group squared: 8192 groups need about 1.6 GB per sample and layer)",
         recorded=True)
-    img_size: int = setting(224, recorded=True)
+    img_size: int = setting(224, "side of the square RGB image and point grid the backbones see", recorded=True)
     rgb_checkpoint: str | None = setting(None, "RGB backbone weights (default: under checkpoints/)", type=str,
                                          group=ADDED)
     xyz_checkpoint: str | None = setting(None, "point backbone weights (default: under checkpoints/)", type=str,
@@ -262,12 +263,12 @@ class UFFSettings:
 class RunSettings:
     """What to run on, where the outputs go, and how the work is carried out."""
 
-    dataset_type: str = setting("mvtec3d", choices=("mvtec3d", "eyecandies"))
-    dataset_path: str = setting("datasets/mvtec3d")
+    dataset_type: str = setting("mvtec3d", "layout of --dataset_path", choices=("mvtec3d", "eyecandies"))
+    dataset_path: str = setting("datasets/mvtec3d", "root of the preprocessed dataset (one folder per class)")
     max_sample: int = setting(400, "training-sample cap per pass; the reference uses max_sample + 1 samples",
                               recorded=True)
     save_feature: bool = setting(False, "dump per-sample features for UFF pretraining")
-    save_feature_path: str = setting("datasets/patch_lib")
+    save_feature_path: str = setting("datasets/patch_lib", "folder of the --save_feature dumps")
     save_preds: bool = setting(False, "save one picture per test sample")
     classes: Sequence[str] | None = setting(None, "run only these classes", type=str, group=ADDED, nargs="+")
     device: str = setting("auto", "cpu, cuda, cuda:N or auto", group=ADDED)
@@ -415,7 +416,7 @@ def add_flags(parser: argparse.ArgumentParser, settings_class=Settings) -> argpa
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, default, meta in _leaves(settings_class()):
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        options = {"default": default, "help": meta["help"] or None, **meta["argparse"]}
+        options = {"default": default, "help": _help_with_default(meta["help"], default), **meta["argparse"]}
         if isinstance(default, bool):
             options["action"] = "store_true"
         else:
@@ -424,6 +425,15 @@ def add_flags(parser: argparse.ArgumentParser, settings_class=Settings) -> argpa
                 options["choices"] = meta["choices"]
         group.add_argument(f"--{name}", *meta["aliases"], **options)
     return parser
+
+
+def _help_with_default(text: str, default: Any) -> str | None:
+    """A flag's help followed by its default, unless the help already says it or there is none to show (an off
+    switch, an unset value)."""
+    if isinstance(default, bool) or default is None or "default" in text:
+        return text or None
+    shown = str(default).replace("%", "%%")  # argparse %-formats help texts
+    return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 def build_parser() -> argparse.ArgumentParser:
