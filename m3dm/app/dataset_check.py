@@ -2,6 +2,7 @@
 
     python -m m3dm.data check datasets/mvtec3d_preprocessed
     python -m m3dm.data check datasets/own --classes widget --headers_only
+
 Prints the samples per class and split and every error and warning (each naming its file or folder). Exit
 status 0 when the tree can be used (warnings allowed), 1 when it has errors, 2 for a wrong command line.
 """
@@ -14,10 +15,18 @@ import sys
 from m3dm.config import class_name, class_names_problem
 from m3dm.data.check import check_dataset
 
+# the help in plain text (the module docstring is reStructuredText, which a terminal shows raw)
+DESCRIPTION = "Every problem of a dataset tree in one pass (also: m3dm check ROOT)."
+EPILOG = """examples:
+  python -m m3dm.data check datasets/mvtec3d_preprocessed
+  python -m m3dm.data check datasets/own --classes widget --headers_only
+
+Prints the samples per class and split and every error and warning (each naming its file or folder). Exit
+status 0 when the tree can be used (warnings allowed), 1 when it has errors, 2 for a wrong command line."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m m3dm.data", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(prog="python -m m3dm.data", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="check a dataset tree (MVTec 3D-AD layout, raw or preprocessed)",

@@ -173,3 +173,11 @@ def test_unconverted_trees_say_which_converter_to_run(raw_eyecandies, tree):
                                          f"utils/preprocess_depth.py (docs/own_data.md)",
                                          f"{tree}/gadget/train: no samples (expected <defect>/rgb/*.png with "
                                          f"matching xyz/*.tiff)"]
+
+
+def test_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as info:
+        check_main(["--help"])
+    help_text = capsys.readouterr().out
+    assert info.value.code == 0 and "python -m m3dm.data check datasets/mvtec3d_preprocessed" in help_text
+    assert "``" not in help_text and "Exit status 0" in " ".join(help_text.split())
