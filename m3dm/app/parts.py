@@ -6,6 +6,7 @@ scans go through the MVTec 3D-AD preprocessing first when asked.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import torch
 from PIL import Image
 
 from m3dm.data.dataset import read_sample, sample_tensors
+from m3dm.data.io import PREPROCESSED_BORDER_SHARE, border_band_share, unpreprocessed_problem
 from m3dm.data.layout import group_by_stem
 from m3dm.errors import DataError
 from m3dm.preprocess.mvtec3d import preprocess_arrays
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,17 +95,40 @@ class LoadedPart:
     gt: np.ndarray | None  # (224, 224) bool
 
 
+_WARNED_FOLDERS: set[Path] = set()
+
+
+def _warn_unpreprocessed(xyz: Path, problem: str) -> None:
+    """Once per folder: its parts come from the same scanner."""
+    if xyz.parent not in _WARNED_FOLDERS:
+        _WARNED_FOLDERS.add(xyz.parent)
+        log.warning("%s %s; add --preprocess (the MVTec 3D-AD preprocessing) if the parts of %s are raw scans", xyz,
+                    problem, xyz.parent)
+
+
+def _preprocessed_hint(cloud: np.ndarray) -> str:
+    """Why the background plane cannot be fitted, when the scan has (almost) no point left in its border."""
+    if border_band_share(cloud) > PREPROCESSED_BORDER_SHARE:
+        return ""
+    return (" (the part looks preprocessed already: nothing is left in its border, where the background plane "
+            "was; run without --preprocess)")
+
+
 def load_part(part: Part, img_size: int = 224, preprocess: bool = False, seed: int = 0) -> LoadedPart:
     """Read (and with ``preprocess`` clean) one part into the tensors ``AnomalyDataset`` builds."""
     if part.problem:
         raise DataError(part.problem)
     cloud, image, mask = read_sample(part.rgb, part.xyz, part.gt)
+    if not preprocess and part.xyz is not None:
+        problem = unpreprocessed_problem(cloud)
+        if problem:
+            _warn_unpreprocessed(Path(part.xyz), problem)
     if preprocess:
         try:
             cloud, rgb, gt, _ = preprocess_arrays(cloud, np.asarray(image), None if mask is None else np.asarray(mask),
                                                   seed=seed)
         except DataError as exc:
-            raise DataError(f"{part.xyz}: cannot preprocess: {exc}") from exc
+            raise DataError(f"{part.xyz}: cannot preprocess: {exc}{_preprocessed_hint(cloud)}") from exc
         image = Image.fromarray(rgb)
         mask = None if gt is None else Image.fromarray(gt)
     rgb, pc, gt = sample_tensors(cloud, image, mask, img_size, part.xyz,

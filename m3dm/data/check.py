@@ -21,13 +21,22 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from m3dm.data.io import HUGE_COORDINATES, defect_pixels, huge_pixels, read_tiff, unsupported_image_mode
+from m3dm.data.io import (
+    HUGE_COORDINATES,
+    PREPROCESS_HOW,
+    defect_pixels,
+    huge_pixels,
+    read_tiff,
+    unpreprocessed_problem,
+    unsupported_image_mode,
+)
 from m3dm.data.layout import GOOD, SPLITS, Sample, available_classes, group_by_stem, pairing_problems, sample_kinds
 from m3dm.errors import DataError
 
 log = logging.getLogger(__name__)
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
+UNPREPROCESSED_KIND = "unpreprocessed"
 SPARSE_FRACTION = 0.01  # a cloud with fewer valid points than this share of its pixels is "nearly empty"
 
 
@@ -75,6 +84,10 @@ class DatasetReport:
     def usable(self) -> bool:
         return not self.errors
 
+    @property
+    def looks_unpreprocessed(self) -> bool:
+        return any(p.kind == UNPREPROCESSED_KIND for p in self.problems)
+
     def add(self, severity: str, kind: str, where, message: str) -> None:
         self.problems.append(Problem(severity, kind, str(where), message))
 
@@ -100,6 +113,8 @@ class DatasetReport:
                     lines.append(f"  ... and {len(of_kind) - shown_per_kind} more {kind} {severity}(s)")
         lines.append("the dataset can be used" if self.usable else "the dataset CANNOT be used as it is "
                                                                   "(fix the errors above)")
+        if self.looks_unpreprocessed:
+            lines.append(f"but it looks UNPREPROCESSED (raw MVTec 3D-AD scans): {PREPROCESS_HOW}, then use that")
         return "\n".join(lines)
 
     def raise_for_errors(self) -> None:
@@ -134,7 +149,10 @@ def check_dataset(root: str | Path, classes: list[str] | None = None, *, content
             report.add(ERROR, "classes", root, "no class folders (expected <root>/<class>/{train,test}/...)")
     samples = []
     for class_name in report.classes:
-        samples += _check_class(report, root, class_name, fitting)
+        class_samples = _check_class(report, root, class_name, fitting)
+        if class_samples and not contents:  # one cloud read per class: raw scans are raw throughout
+            _check_preprocessed(class_samples[0].xyz_path, report.add)
+        samples += class_samples
     with ThreadPoolExecutor(max(1, workers)) as pool:  # the readers release the GIL while decoding
         checked = pool.map(lambda s: _check_sample(s, contents), samples)
         for problems in tqdm(checked, total=len(samples), desc="check samples", unit="sample", disable=not progress,
@@ -294,7 +312,22 @@ def _check_cloud(path: Path, contents: bool, add) -> tuple[int, ...] | None:
         elif valid < SPARSE_FRACTION * pixels:
             add(WARNING, "sparse cloud", path, f"nearly empty point cloud: {valid} valid points of {pixels} pixels "
                                                f"({100 * valid / pixels:.2f} %)")
+        _check_preprocessed(path, add, np.where(finite[..., None], cloud, 0))
     return shape
+
+
+def _check_preprocessed(path: Path, add, cloud: np.ndarray | None = None) -> None:
+    """A warning where the cloud (read from ``path`` unless given) looks like a raw MVTec 3D-AD scan."""
+    if cloud is None:
+        try:
+            cloud = read_tiff(path)[0]
+        except DataError:
+            return  # the header checks report an unreadable file
+    if cloud is None or cloud.ndim != 3 or cloud.shape[2] != 3:
+        return  # the header checks report the shape
+    problem = unpreprocessed_problem(cloud)
+    if problem:
+        add(WARNING, UNPREPROCESSED_KIND, path, f"{problem}; {PREPROCESS_HOW}")
 
 
 def require_usable_dataset(root: str | Path, classes: list[str], fitting: bool = True) -> DatasetReport:

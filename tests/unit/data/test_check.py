@@ -13,14 +13,21 @@ from PIL import Image
 from m3dm.app.cli import main as m3dm_main
 from m3dm.app.dataset_check import main as check_main
 from m3dm.data.check import check_dataset, require_usable_dataset
+from m3dm.data.io import BORDER_BAND
 from m3dm.data.synthetic import MVTEC_DEFECTS
 from m3dm.errors import DataError
 
 
 @pytest.fixture
 def tree(raw_mvtec, tmp_path):
+    """The raw synthetic tree with every cloud's border emptied, as the preprocessing leaves it (the background
+    plane removed): a tree the check has nothing to say about."""
     root = tmp_path / "copy"
     shutil.copytree(raw_mvtec, root)
+    for path in root.rglob("*.tiff"):
+        cloud = tifffile.imread(path)
+        cloud[:BORDER_BAND], cloud[-BORDER_BAND:], cloud[:, :BORDER_BAND], cloud[:, -BORDER_BAND:] = 0, 0, 0, 0
+        write_cloud(path, cloud)
     return root
 
 
@@ -64,7 +71,7 @@ def test_every_problem_of_the_tree_is_reported_at_once(tree, capsys):
     write_cloud(gadget / "train/good/xyz/000.tiff", nan_cloud)
     write_cloud(gadget / "train/good/xyz/002.tiff", np.zeros_like(cloud))  # empty
     sparse = np.zeros_like(cloud)
-    sparse[:5, :5] = cloud[:5, :5]
+    sparse[40:45, 40:45] = cloud[40:45, 40:45]  # inside the border the preprocessing empties
     write_cloud(gadget / "validation/good/xyz/000.tiff", sparse)
     sparse_valid = int((sparse != 0).all(-1).sum())
     assert 0 < sparse_valid <= 25
@@ -154,11 +161,15 @@ def test_evaluating_a_saved_model_needs_no_train_split(tree):
     assert check_dataset(tree, contents=False, fitting=False).usable
 
 
-def test_real_subset_is_clean(real_mvtec_subset):
-    """Clean but for a note on three masks: MVTec 3D-AD draws some of its masks in 252..254, not 255."""
+def test_real_subset_is_clean_but_unpreprocessed(real_mvtec_subset):
+    """Clean but for a note on three masks (MVTec 3D-AD draws some of its masks in 252..254, not 255) and its
+    scans being raw: each says so, and how to preprocess them."""
     report = check_dataset(real_mvtec_subset)
-    assert report.usable and {(p.severity, p.kind) for p in report.problems} == {("note", "mask values")}
-    assert sorted(Path(p.where).parent.parent.name for p in report.problems) == ["cut", "hole", "thread"]
+    assert report.usable and {(p.severity, p.kind) for p in report.problems} == {("note", "mask values"),
+                                                                                 ("warning", "unpreprocessed")}
+    notes = [p for p in report.problems if p.severity == "note"]
+    assert sorted(Path(p.where).parent.parent.name for p in notes) == ["cut", "hole", "thread"]
+    assert len(report.warnings) == 9 and all("utils/preprocessing.py" in p.message for p in report.warnings)
     assert report.counts["cable_gland"]["test"].masks == 4
 
 
@@ -181,3 +192,17 @@ def test_help_is_plain_text(capsys):
     help_text = capsys.readouterr().out
     assert info.value.code == 0 and "python -m m3dm.data check datasets/mvtec3d_preprocessed" in help_text
     assert "``" not in help_text and "Exit status 0" in " ".join(help_text.split())
+
+
+def test_raw_scans_are_said_to_look_unpreprocessed(raw_mvtec, tree, capsys, caplog):
+    report = check_dataset(raw_mvtec)
+    assert report.usable and {p.kind for p in report.problems} == {"unpreprocessed"} and len(report.problems) == 9
+    assert "looks unpreprocessed: " in str(report.problems[0]) and "border holds points" in str(report.problems[0])
+    assert check_main(["check", str(raw_mvtec), "-q"]) == 0
+    out = capsys.readouterr().out.rstrip()
+    assert out.endswith("but it looks UNPREPROCESSED (raw MVTec 3D-AD scans): python utils/preprocessing.py "
+                        "<dataset root> writes a preprocessed copy (docs/original.md), then use that")
+    # main.py's quick check reads one cloud per class and logs the warning before the run
+    require_usable_dataset(raw_mvtec, ["gadget"])
+    assert sum("looks unpreprocessed" in r.getMessage() for r in caplog.records) == 1
+    assert check_dataset(tree, contents=False).problems == []
