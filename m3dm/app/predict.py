@@ -12,8 +12,9 @@ must be preprocessed.
 The model's backbones are rebuilt from the recorded weight files (or random weights and seed) and every checksum
 is verified (``m3dm.detection.persistence``). Parts are read one by one and scored in batches of ``--batch_size``.
 Outputs under ``--output``: ``predictions.csv`` and ``predictions.jsonl`` (one row per part, written as parts
-finish: name, pass/fail/error, image score, threshold, anomalous pixels, heatmap path, input paths, error message)
-and ``heatmaps/<name>.png`` (RGB | heatmap overlay with the thresholded region outlined in white [| ground truth]).
+finish: name, pass/fail/error, image score, normalised score (in [0, 1], 0.5 at the image threshold), threshold,
+anomalous pixels, heatmap path, input paths, error message) and ``heatmaps/<name>.png`` (RGB | heatmap overlay
+with the thresholded region outlined in white [| ground truth]).
 
 Bad inputs (unreadable or unpaired files, a cloud empty after preprocessing, ...) are reported per part and the
 run goes on. Exit status: 0 when every part was scored, 1 when some could not be, 2 when nothing could run (bad
@@ -63,8 +64,8 @@ from m3dm.uff.block import load_fusion_block
 
 EXIT_OK, EXIT_PART_ERRORS, EXIT_FATAL = 0, 1, 2
 log = logging.getLogger(__name__)
-CSV_FIELDS = ("name", "result", "image_score", "image_threshold", "anomalous_pixels", "heatmap", "map", "rgb",
-              "xyz", "error")
+CSV_FIELDS = ("name", "result", "image_score", "normalised_score", "image_threshold", "anomalous_pixels", "heatmap",
+              "map", "rgb", "xyz", "error")
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -186,7 +187,8 @@ class ResultWriter:
             with atomic_path(map_file) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, score_map)
         self._row({"name": part.name, "result": result, "image_score": repr(score),
-                   "image_threshold": repr(thresholds.image), "anomalous_pixels": int(region.sum()),
+                   "normalised_score": thresholds.normalised(score), "image_threshold": repr(thresholds.image),
+                   "anomalous_pixels": int(region.sum()),
                    "heatmap": _text(heatmap), "map": _text(map_file), "rgb": _text(part.rgb),
                    "xyz": _text(part.xyz)})
         if self.report_data is not None:  # after the row: the report holds the parts the tables hold
@@ -387,7 +389,7 @@ def run(args) -> int:
     writer = ResultWriter(output, thresholds, pictures=not args.no_pictures, save_maps=args.save_maps,
                           resume=args.resume)
     writer.report_data = PredictionData(model.class_name, thresholds.image, thresholds.colour_range(),
-                                        spool_folder=output / REPORT_DATA_DIR)
+                                        spool_folder=output / REPORT_DATA_DIR, normalise=thresholds.normalised)
     done = {row["name"] for row in finished}
     if finished:
         writer.report_data.resume(output, [row["name"] for row in finished if row["result"] != "error"])

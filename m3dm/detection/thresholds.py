@@ -10,6 +10,10 @@ Rule (docs/inference.md):
   parts this is their maximum, and the false-alarm rate on new good parts is then about ``1/(n + 1)``.
 - **Pixel threshold**: the same rule over every pixel of every good part's map, with ``--pixel_far`` (default
   0.01). Pixels strictly above it form the outlined anomaly region.
+- **Normalised image score** (``Thresholds.normalised``, for people; no metric uses it): the linear map that sends
+  the lowest good-part image score to 0 and the image threshold to 0.5, clipped to [0, 1]. It is monotone and
+  above 0.5 exactly when the part fails; scores at twice the threshold's distance from the good minimum and beyond
+  read 1.
 
 Good parts (``choose_threshold_samples``): the ``validation/good`` split of MVTec 3D-AD; without a validation
 split, the last 10 % (rounded up, at least one) of the sorted training samples. Those are left out of the memory
@@ -78,6 +82,16 @@ class Thresholds:
 
     def fails(self, image_score: float) -> bool:
         return image_score > self.image
+
+    def normalised(self, image_score: float) -> float:
+        """The image score on [0, 0.5] for the good parts' range up to the threshold and (0.5, 1] above it (see
+        the module rule); the scale is |threshold| (or 1) where the threshold is not above the good minimum."""
+        low = min(self.good_image_scores, default=self.image)
+        scale = self.image - low if self.image > low else (abs(self.image) or 1.0)
+        value = float(np.clip(0.5 + 0.5 * (image_score - self.image) / scale, 0.0, 1.0))
+        if self.fails(image_score) and value <= 0.5:  # a score just above the threshold: round-off must not hide it
+            value = float(np.nextafter(0.5, 1.0))
+        return value
 
     def region(self, score_map) -> np.ndarray:
         """Boolean anomaly region: pixels strictly above the pixel threshold."""

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -74,6 +74,8 @@ class ClassData:
     cloud: Thumbnails | None = None
     cloud_at: Thumbnails | None = None
     cloud_scores: Thumbnails | None = None
+    # predictions: each image score on [0, 1] with the model's threshold at 0.5 (docs/inference.md); else None
+    normalised_scores: np.ndarray | None = None
 
     @property
     def has_detail(self) -> bool:
@@ -298,6 +300,8 @@ def write_data(path: str | Path, data: ClassData) -> Path:
         "defect_metrics": np.asarray(json.dumps(data.defect_metrics)),
         "has_detail": np.asarray(data.has_detail),
     }
+    if data.normalised_scores is not None:
+        arrays["normalised_scores"] = np.asarray(data.normalised_scores, np.float64).reshape(n)
     for key in DETAIL_KEYS:  # absent (empty) in the data of a part without ground truth, or of an older file
         value = getattr(data, key)
         arrays[key] = _typed(value if value is not None else np.zeros((0,), SPOOL_RECORD[key].base),
@@ -379,7 +383,8 @@ def load_class_data(path: str | Path, spool: bool = False) -> ClassData:
             image_threshold=float(a["image_threshold"]) if has_threshold else None, rgb=rgb, depth=depth,
             maps=maps, masks=masks, map_range=(float(a["map_range"][0]), float(a["map_range"][1])),
             pro_curve=(fprs, pros) if fprs.size and np.isfinite(pros).all() else None,
-            defect_metrics=json.loads(str(a["defect_metrics"])), **{k: pictures.get(k) for k in DETAIL_KEYS})
+            defect_metrics=json.loads(str(a["defect_metrics"])), normalised_scores=a.get("normalised_scores"),
+            **{k: pictures.get(k) for k in DETAIL_KEYS})
     except (OSError, KeyError, ValueError) as exc:
         raise DataError(f"{path}: not a readable report data file ({type(exc).__name__}: {exc})") from exc
 
@@ -551,6 +556,7 @@ class PredictionData:
     image_threshold: float
     map_range: tuple[float, float]
     spool_folder: str | Path | None = None
+    normalise: Callable[[float], float] | None = None  # an image score's normalised score (Thresholds.normalised)
 
     def __post_init__(self):
         self.names, self.scores, self.failed = [], [], []
@@ -628,6 +634,8 @@ class PredictionData:
                          depth=SpooledThumbnails(spool, "depth"), maps=SpooledThumbnails(spool, "maps"),
                          masks=SpooledThumbnails(spool, "masks") if self.has_masks else None,
                          map_range=self.map_range, pro_curve=None, defect_metrics={},
+                         normalised_scores=None if self.normalise is None else
+                         np.asarray([self.normalise(score) for score in self.scores], dtype=np.float64),
                          **{key: SpooledThumbnails(spool, key) for key in DETAIL_KEYS
                             if self.has_masks or key != "detail_mask"})
         return write_data(Path(folder) / REPORT_DATA_DIR / f"{self.class_name}.npz", data)

@@ -307,7 +307,10 @@ def part_card(run: SavedRun, data: ClassData, i: int, rank: int, wrong: bool, ke
     label = {0: "good", 1: "defective"}.get(int(data.labels[i]), "unlabelled")
     verdict = "" if data.failed is None else ("fail" if data.failed[i] else "pass")
     cls = " ".join(filter(None, ["part", label, "wrong" if wrong else ""]))
+    normalised = None if data.normalised_scores is None else float(data.normalised_scores[i])
+    shown = "" if normalised is None else f" (normalised {normalised:.3f})"
     attributes = {"name": data.names[i], "score": repr(float(data.scores[i])), "key": key,
+                  "normalised": None if normalised is None else repr(normalised),
                   "class": data.class_name, "defect": data.defect_types[i], "label": label, "verdict": verdict,
                   "wrong": int(wrong), "rank": rank, "detail": int(data.has_detail), "gt": int(has_gt),
                   "low": repr(data.map_range[0]), "high": repr(data.map_range[1]),
@@ -317,7 +320,7 @@ def part_card(run: SavedRun, data: ClassData, i: int, rank: int, wrong: bool, ke
             f'<img class="thumb" loading="lazy" width="340" height="112" src="{esc(thumb)}" '
             f'alt="{esc(data.names[i])}: RGB with ground truth | heatmap | point cloud depth">'
             f'<figcaption>#{rank} <b>{esc(data.names[i])}</b><br><span class="facts-line">score '
-            f"{data.scores[i]:.5g} · {label}{verdict_tag(label, verdict)}</span></figcaption></figure>")
+            f"{data.scores[i]:.5g}{shown} · {label}{verdict_tag(label, verdict)}</span></figcaption></figure>")
 
 
 def gallery(run: SavedRun, data: ClassData, assets: AssetFolder, prefix: str, page: Path) -> Iterator[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from m3dm.constants import RGB_SIZE
+from m3dm.detection.thresholds import Thresholds
 from m3dm.evaluation.metrics import compute_metrics
 from m3dm.evaluation.results import ClassResult, per_sample_rows
 from m3dm.evaluation.tables import write_per_sample, write_results
@@ -80,7 +81,12 @@ def write_synthetic_predictions(folder: str | Path, n_parts: int, class_name: st
     result = synthetic_class(class_name, n_parts, rng)
     rgb, clouds = synthetic_parts(result, rng)
     threshold = float(np.median(result.image_scores))
-    data = PredictionData(class_name, threshold, (float(result.maps.min()), float(result.maps.max())))
+    good = result.image_scores[result.labels == 0]
+    thresholds = Thresholds(image=threshold, pixel=float(np.median(result.maps)), far=0.5, pixel_far=0.5,
+                            source="synthetic", n_parts=len(good), good_image_scores=tuple(map(float, good)),
+                            good_pixel_min=float(result.maps.min()), good_pixel_max=float(result.maps.max()))
+    data = PredictionData(class_name, threshold, (float(result.maps.min()), float(result.maps.max())),
+                          normalise=thresholds.normalised)
     try:
         for i, name in enumerate(result.names):
             gt = result.masks[i] > 0

@@ -138,6 +138,8 @@ def test_defects_fail_and_are_localised_good_parts_pass(dataset, test_split_pred
     assert sum(r["result"] == "pass" for r in good) >= 4
     for row in rows:  # the verdict is the stored rule: fail iff score > image threshold
         assert (row["result"] == "fail") == (float(row["image_score"]) > float(row["image_threshold"]))
+        assert 0 <= float(row["normalised_score"]) <= 1
+        assert (row["result"] == "fail") == (float(row["normalised_score"]) > 0.5)
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 hold (``write_data`` from whole arrays), also across chunk boundaries, with and without ground truth, and after
 ``resume``; the spool file has no name, so nothing is left in the folder."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,16 @@ def test_the_detail_view_keeps_the_pictures_and_the_cloud_on_a_grid_over_the_par
     assert detail["cloud"].shape == (CLOUD, CLOUD, 3) and np.isfinite(detail["cloud"]).all()
     np.testing.assert_array_equal(detail["cloud"], cloud.transpose(1, 2, 0)[150:214, 20:84])
     np.testing.assert_array_equal(detail["cloud_scores"], score_map[150:214, 20:84].astype(np.float16))
+
+
+def test_the_normalised_scores_are_saved_with_the_raw_ones(tmp_path):
+    made = parts(3, seed=5, masks_every=None)
+    data = PredictionData("gadget", 0.5, RANGE, spool_folder=tmp_path / REPORT_DATA_DIR,
+                          normalise=lambda score: 1 / (1 + np.exp(-score)))
+    for part in made:
+        data.add(*part)
+    loaded = load_class_data(data.save(tmp_path, {"kind": "predict"}))
+    data.close()
+    np.testing.assert_array_equal(loaded.normalised_scores, [1 / (1 + np.exp(-p[1])) for p in made])
+    plain = dataclasses.replace(loaded, normalised_scores=None)  # a main.py run's data: none
+    assert load_class_data(write_data(tmp_path / "plain.npz", plain)).normalised_scores is None

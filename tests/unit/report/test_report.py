@@ -231,6 +231,10 @@ def test_a_predictions_report_counts_and_lists_the_parts_that_could_not_be_score
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     scored = [r for r in rows if r["result"] != "error"]
     assert sorted(c["data-name"] for c in page.sections["class-gadget"]["parts"]) == sorted(r["name"] for r in scored)
+    cards = page.sections["class-gadget"]["parts"]  # each with its normalised score, above 0.5 exactly on a fail
+    assert all(0 <= float(c["data-normalised"]) <= 1 for c in cards)
+    assert [float(c["data-normalised"]) > 0.5 for c in cards] == [c["data-verdict"] == "fail" for c in cards]
+    assert sum(f"(normalised {float(c['data-normalised']):.3f})" in " ".join(page.text) for c in cards) == len(cards)
     text = " ".join(page.text)
     counts = [sum(r["result"] == kind for r in rows) for kind in ("pass", "fail", "error")]
     assert f"6: {counts[0]} PASS, {counts[1]} FAIL, 2 could not be scored" in text
