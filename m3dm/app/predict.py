@@ -224,6 +224,13 @@ def finished_rows(output: Path, thresholds) -> list[dict]:
         raise ValueError(f"--resume: {path} was scored with image threshold {other.pop()}, this run's is "
                          f"{thresholds.image!r}: resume with the same model and threshold flags, or give another "
                          f"--output")
+    table = output / "predictions.csv"
+    if table.is_file():
+        with open(table, newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if header != list(CSV_FIELDS):  # new rows appended under another header would not line up
+            raise ValueError(f"--resume: {table} has the columns of another version of m3dm-predict: give another "
+                             f"--output")
     log.info("--resume: %d part(s) finished in %s skipped", len(names), path)
     return rows
 

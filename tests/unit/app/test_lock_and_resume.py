@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from m3dm.app.class_results import compared_settings
 from m3dm.app.lock import LOCK_NAME, output_lock
+from m3dm.app.predict import CSV_FIELDS, finished_rows
 from m3dm.config import Settings
 from m3dm.errors import OutputInUseError
 
@@ -48,3 +50,16 @@ def test_resume_compares_the_settings_that_change_numbers_not_the_output_flags()
     for changed in ({"backbones": {"num_group": 64}}, {"detector": {"f_coreset": 0.2}}, {"run": {"seed": 1}},
                     {"run": {"dataset_path": "other"}}, {"run": {"batch_size": 4}}):
         assert compared_settings(base.replace(**changed)) != compared_settings(base), changed
+
+
+def test_predict_resume_refuses_a_table_with_other_columns(tmp_path):
+    # an earlier version's predictions.csv (no normalised_score column): rows appended to it would not line up
+    thresholds = SimpleNamespace(image=1.5)
+    (tmp_path / "predictions.jsonl").write_text(json.dumps({"name": "a", "result": "pass", "image_threshold": "1.5"})
+                                                + "\n")
+    old = [f for f in CSV_FIELDS if f != "normalised_score"]
+    (tmp_path / "predictions.csv").write_text(",".join(old) + "\n")
+    with pytest.raises(ValueError, match="has the columns of another version of m3dm-predict"):
+        finished_rows(tmp_path, thresholds)
+    (tmp_path / "predictions.csv").write_text(",".join(CSV_FIELDS) + "\n")
+    assert [row["name"] for row in finished_rows(tmp_path, thresholds)] == ["a"]
