@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from m3dm.constants import RGB_SIZE
 from m3dm.data.io import check_same_size, read_mask, read_organized_pc, read_rgb
 from m3dm.data.layout import Sample, discover_samples
 from m3dm.data.transforms import mask_to_tensor, organized_pc_to_tensor, rgb_to_tensor, valid_point_mask
-from m3dm.errors import DataError, M3DMError
+from m3dm.errors import ConfigError, DataError, M3DMError
 
 
 class AnomalyDataset(Dataset):
@@ -79,8 +80,25 @@ def error_forwarding_loader(dataset: Dataset, num_workers: int = 0, **options) -
     workers hand an error of ours back as data, raised in the main process with its own message."""
     num_workers = min(num_workers, os.cpu_count() or 1, len(dataset))  # type: ignore[arg-type]  # as above
     if num_workers > 0:
+        check_socket_folder()
         return SampleLoader(_ErrorsAsData(dataset), num_workers=num_workers, collate_fn=_collate, **options)
     return DataLoader(dataset, num_workers=0, **options)
+
+
+# A worker process hands its tensors over through a Unix socket that multiprocessing makes in the temporary
+# folder, at <tmp>/pymp-XXXXXXXX/listener-XXXXXXXX; a socket's path holds at most 108 bytes. Past that the worker
+# fails and the main process would wait for its batch for ever.
+SOCKET_PATH_BYTES, SOCKET_NAME_BYTES = 108, len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+def check_socket_folder() -> None:
+    """Raise ConfigError when the temporary folder is too long a path for the worker processes' sockets."""
+    folder = tempfile.gettempdir()
+    if len(os.fsencode(folder)) + SOCKET_NAME_BYTES > SOCKET_PATH_BYTES:
+        raise ConfigError(f"--num_workers: the temporary folder {folder} is too long a path for the sockets of "
+                          f"worker processes ({len(os.fsencode(folder))} bytes, at most "
+                          f"{SOCKET_PATH_BYTES - SOCKET_NAME_BYTES}): set TMPDIR to a shorter folder, or use "
+                          f"--num_workers 0")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -181,15 +182,17 @@ def test_a_bad_sample_read_by_a_worker_process_is_one_line_and_leaves_no_tempora
     truncate(cloud)  # past the check before fitting (headers only): read by a worker
     errors = {}
     for workers in (0, 1):
-        tmp = tmp_path / f"tmp{workers}"
-        tmp.mkdir()
+        # a short temporary folder: the worker processes' sockets live there (check_socket_folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f"m3dm{workers}-", dir="/tmp"))
         result = subprocess.run([sys.executable, "main.py", "--dataset_path", str(data), "--output_dir",
                                  str(tmp_path / "out"), *SMALL, "--classes", "gadget", "--num_workers", str(workers)],
                                 cwd=PROJECT_ROOT, env=dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1"),
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 2
         errors[workers] = result.stderr
-        assert [p.name for p in tmp.iterdir() if p.name.startswith("pymp-")] == []
+        leftovers = [p.name for p in tmp.iterdir() if p.name.startswith("pymp-")]
+        shutil.rmtree(tmp)
+        assert leftovers == []
     assert errors[1] == errors[0]  # the same stderr as without workers: the banner, then one line
     last = errors[1].rstrip().splitlines()[-1]
     assert TRUNCATED.fullmatch(last.removeprefix(f"main.py: error: {cloud}: ")), last

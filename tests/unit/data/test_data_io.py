@@ -1,5 +1,6 @@
 import os
 import stat
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from m3dm.data.dataset import AnomalyDataset, make_loader
 from m3dm.data.io import read_organized_pc, write_text, write_tiff
 from m3dm.data.transforms import mask_to_tensor, organized_pc_to_tensor, rgb_to_tensor
-from m3dm.errors import DataError
+from m3dm.errors import ConfigError, DataError
 
 
 @pytest.mark.parametrize("content, message", [
@@ -121,3 +122,15 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
     assert expected == 0o666 & ~umask
     for name in ("atomic.txt", "atomic.tiff"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+def test_worker_processes_refuse_a_temporary_folder_too_long_for_their_sockets(tmp_path, monkeypatch):
+    # with a temporary folder past the socket path's limit a worker's batch never arrives: refused in one line
+    long = tmp_path / ("x" * (120 - len(str(tmp_path))))
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    with pytest.raises(ConfigError, match=r"--num_workers: the temporary folder .* too long a path .* TMPDIR"):
+        make_loader([torch.zeros(1), torch.zeros(1)], num_workers=1)
+    assert len(make_loader([torch.zeros(1)], num_workers=0)) == 1  # no worker process, no socket: no check
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    assert len(make_loader([torch.zeros(1), torch.zeros(1)], num_workers=1)) == 2
