@@ -1,8 +1,9 @@
 """The report pages in a real browser: Debian's Chromium, headless, driven by playwright (``install.sh`` installs
 Chromium; requirements.txt pins playwright). A run's report, a comparison page and a predictions report, built from
-made-up saved results (``m3dm.report.synthetic``): no console error and no request but for the page's own files; the
-3D view draws a cloud; a filter changes the parts shown and their count; the detail view opens and steps to the
-next part from the keyboard; nothing is wider than a 390 px phone screen."""
+made-up saved results (``m3dm.report.synthetic``), and the report a small main.py run writes: no console error and
+no request but for the page's own files; the 3D view draws a cloud; a filter changes the parts shown and their
+count; the detail view opens and steps to the next part from the keyboard; nothing is wider than a 390 px phone
+screen."""
 
 import shutil
 import time
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import main as main_module
+from m3dm.preprocess.mvtec3d import preprocess_dataset
 from m3dm.report import build_report
 from m3dm.report.synthetic import write_synthetic_predictions, write_synthetic_results
 
@@ -156,5 +159,21 @@ def test_the_predictions_report_opens_a_part_in_3d(browser, pages, tmp_path):
     assert 0 < len(failed) < N_PARTS
     visit.tab.click(f'figure[data-name="{failed[0]}"]')
     assert visit.tab.inner_text("#detail-title") == failed[0]
+    assert_drawn(canvas_pixels(visit, tmp_path))
+    visit.assert_offline_and_clean()
+
+
+def test_the_report_of_a_real_run_opens_a_part_in_3d(browser, raw_mvtec, tmp_path):
+    # the report main.py writes itself (small configuration, random weights), not made-up saved results
+    dataset = preprocess_dataset(raw_mvtec, output=tmp_path / "data", workers=1).output
+    out = tmp_path / "run"
+    assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(out), "--rgb_backbone_name",
+                             "vit_tiny_patch16_224", "--num_group", "32", "--group_size", "16", "--random_init",
+                             "--device", "cpu", "--method_name", "DINO+Point_MAE", "-q"]) == 0
+    visit = Visit(browser, out / "report.html")
+    parts = visit.shown()
+    assert parts and all(name.startswith("gadget/") for name in parts)
+    visit.tab.click(f'figure[data-name="{parts[0]}"]')
+    assert visit.tab.inner_text("#detail-title") == parts[0]
     assert_drawn(canvas_pixels(visit, tmp_path))
     visit.assert_offline_and_clean()
