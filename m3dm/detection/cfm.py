@@ -14,7 +14,6 @@ import logging
 import math
 import sys
 from itertools import chain
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from m3dm.config import DetectorSettings
-from m3dm.detection.interface import DEFAULT_RESOURCES, DetectorResources
-from m3dm.detection.persistence import ClassModel, Setup, save_class_model
-from m3dm.detection.thresholds import Thresholds
-from m3dm.errors import ModelFileError
+from m3dm.detection.interface import DetectorResources, SavesWholeState
 from m3dm.features.dense import PointGroups, dense_points, dense_rgb, valid_pixels
 from m3dm.features.extractor import SampleFeatures
 
@@ -105,9 +101,11 @@ def normalise(smoothed: Tensor, fix_quirks: bool) -> tuple[float, Tensor]:
 
 # ---------------------------------------------------------------------------------------------- detector
 
-class CFMDetector:
+class CFMDetector(SavesWholeState):
     """One class's crossmodal feature mappings: ``add`` each training sample, ``finalize`` trains both MLPs,
     ``predict`` scores a test sample (a ``m3dm.detection.interface.ClassDetector``, without pass 2)."""
+
+    method_title = "CFM"
 
     uses_dlf = False
     fit_stage = "mapping training"  # what finalize does, as the run's timings name it
@@ -272,18 +270,3 @@ class CFMDetector:
         detector.losses = [float(v) for v in state["losses"]]
         detector.n_train = int(state["n_train"])
         return detector
-
-    def save(self, path: str | Path, *, class_name: str, setup: Setup, rng_state: Tensor | None = None,
-             thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
-        """Write the trained mappings to a class-model file (``m3dm.detection.persistence``)."""
-        return save_class_model(path, class_name=class_name, setup=setup, detector_state=self.to_state(),
-                                generator_state=rng_state, thresholds=thresholds, provenance=provenance)
-
-    @classmethod
-    def from_model(cls, model: ClassModel, resources: DetectorResources = DEFAULT_RESOURCES) -> CFMDetector:
-        try:
-            return cls.from_state(model.detector_settings, model.detector_state, device=resources.device,
-                                  progress=resources.progress)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"{model.path}: the saved CFM detector is incomplete or inconsistent "
-                                 f"({type(exc).__name__}: {exc})") from exc

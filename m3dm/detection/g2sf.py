@@ -26,7 +26,7 @@ from tqdm import tqdm
 from m3dm.config import DetectorSettings
 from m3dm.data.dataset import sample_tensors
 from m3dm.data.pseudo_anomaly import PseudoAnomaly, PseudoAnomalySynthesiser, anomaly_sources, dilate
-from m3dm.detection.interface import DEFAULT_RESOURCES, DetectorResources, TrainingData
+from m3dm.detection.interface import DetectorResources, SavesWholeState, TrainingData
 from m3dm.detection.lspn import (
     NEIGHBOURS,
     FusionRows,
@@ -36,9 +36,7 @@ from m3dm.detection.lspn import (
     aggregate,
     fused_distance,
 )
-from m3dm.detection.persistence import ClassModel, Setup, save_class_model
-from m3dm.detection.thresholds import Thresholds
-from m3dm.errors import DataError, ModelFileError
+from m3dm.errors import DataError
 from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures, required
 from m3dm.memory.bank import BankRecipe, MemoryBank
 from m3dm.memory.defaults import default_coreset
@@ -85,10 +83,12 @@ def nearest_rows(patches: Tensor, coreset: Tensor, k: int) -> tuple[Tensor, Tens
     return min_dist, indices
 
 
-class G2SFDetector:
+class G2SFDetector(SavesWholeState):
     """One class's banks and LSPN: ``add`` each training sample's patches, ``finalize`` builds the coresets,
     synthesises the pseudo-anomalies and trains the LSPN, ``predict`` scores a test sample (a
     ``m3dm.detection.interface.ClassDetector`` without pass 2)."""
+
+    method_title = "G2SF"
 
     uses_dlf = False
     fit_stage = "coreset, pseudo-anomalies and LSPN"
@@ -291,17 +291,3 @@ class G2SFDetector:
         detector.best_epoch = int(state["best_epoch"])
         detector.n_train = int(state["n_train"])
         return detector
-
-    def save(self, path: str | Path, *, class_name: str, setup: Setup, rng_state: Tensor | None = None,
-             thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
-        return save_class_model(path, class_name=class_name, setup=setup, detector_state=self.to_state(),
-                                generator_state=rng_state, thresholds=thresholds, provenance=provenance)
-
-    @classmethod
-    def from_model(cls, model: ClassModel, resources: DetectorResources = DEFAULT_RESOURCES) -> G2SFDetector:
-        try:
-            return cls.from_state(model.detector_settings, model.detector_state, device=resources.device,
-                                  progress=resources.progress)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"{model.path}: the saved G2SF detector is incomplete or inconsistent "
-                                 f"({type(exc).__name__}: {exc})") from exc

@@ -30,8 +30,9 @@ from typing_extensions import Self  # typing.Self from Python 3.11 on
 
 from m3dm.config import DetectorSettings
 from m3dm.data.layout import Sample
-from m3dm.detection.persistence import ClassModel, Setup
+from m3dm.detection.persistence import ClassModel, Setup, save_class_model
 from m3dm.detection.thresholds import Thresholds
+from m3dm.errors import ModelFileError
 from m3dm.features.extractor import SampleFeatures
 
 
@@ -63,6 +64,36 @@ class DetectorResources:
 
 
 DEFAULT_RESOURCES = DetectorResources()
+
+
+class SavesWholeState:
+    """``save`` and ``from_model`` of a detector whose whole fitted state is ``to_state()``, rebuilt by
+    ``from_state(config, state, device=..., progress=...)`` (CFM, G2SF): written once for every such method."""
+
+    method_title = "?"  # the method's name in the message about an unreadable model file
+
+    def to_state(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, config: DetectorSettings, state: dict, device: torch.device | str = "cpu",
+                   progress: bool = True) -> Self:
+        raise NotImplementedError
+
+    def save(self, path: str | Path, *, class_name: str, setup: Setup, rng_state: Tensor | None = None,
+             thresholds: Thresholds | None = None, provenance: dict | None = None) -> Path:
+        """Write the fitted state to a class-model file (``m3dm.detection.persistence``)."""
+        return save_class_model(path, class_name=class_name, setup=setup, detector_state=self.to_state(),
+                                generator_state=rng_state, thresholds=thresholds, provenance=provenance)
+
+    @classmethod
+    def from_model(cls, model: ClassModel, resources: DetectorResources = DEFAULT_RESOURCES) -> Self:
+        try:
+            return cls.from_state(model.detector_settings, model.detector_state, device=resources.device,
+                                  progress=resources.progress)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ModelFileError(f"{model.path}: the saved {cls.method_title} detector is incomplete or "
+                                 f"inconsistent ({type(exc).__name__}: {exc})") from exc
 
 
 class ClassDetector(Protocol):

@@ -4,6 +4,8 @@ that scores bit-identically once loaded."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from m3dm.config import DetectorSettings, Settings, validate
 from m3dm.detection.factory import detector_class
 from m3dm.detection.g2sf import G2SFDetector, nearest_rows, patch_labels, upsample_rgb
 from m3dm.detection.lspn import LocalScaleNet, fused_distance
-from m3dm.errors import ConfigError
+from m3dm.errors import ConfigError, ModelFileError
 from m3dm.features.extractor import SampleFeatures
 
 GRID = 56
@@ -124,3 +126,15 @@ def test_fix_quirks_switches_the_three_g2sf_defects():
     assert reference.weights == {"svdd": 1.0, "margin": 10.0, "const": 40.0, "perm": 20.0, "scaling": 3.0,
                                  "l1": 5e-4, "l2": 0.0}
     assert (reference.epochs, reference.batch_size, reference.lr, reference.hidden) == (80, 8192, 1.5e-4, (6,))
+
+
+@pytest.mark.parametrize("method", ["CFM", "G2SF"])
+def test_a_model_file_with_another_methods_state_is_one_clear_error(method):
+    # save/from_model are shared by the detectors that save their whole state (interface.SavesWholeState)
+    other = {"CFM": "g2sf", "G2SF": "cfm"}[method]
+    model = SimpleNamespace(path="models/gadget.pt", detector_settings=DetectorSettings(method_name=method),
+                            detector_state={"family": other})
+    expected = (rf"^models/gadget.pt: the saved {method} detector is incomplete or inconsistent \(ValueError: the "
+                rf"saved detector is not a {method} one\)$")
+    with pytest.raises(ModelFileError, match=expected):
+        detector_class(method).from_model(model)
