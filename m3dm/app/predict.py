@@ -35,8 +35,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -186,18 +190,34 @@ class ResultWriter:
             map_file.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(map_file) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, score_map)
-        self._row({"name": part.name, "result": result, "image_score": repr(score),
-                   "normalised_score": thresholds.normalised(score), "image_threshold": repr(thresholds.image),
-                   "anomalous_pixels": int(region.sum()),
-                   "heatmap": _text(heatmap), "map": _text(map_file), "rgb": _text(part.rgb),
-                   "xyz": _text(part.xyz)})
-        if self.report_data is not None:  # after the row: the report holds the parts the tables hold
-            self.report_data.add(part.name, score, result == "fail", rgb, loaded.pc.numpy(), loaded.gt, score_map)
+        with interrupts_deferred():  # a Ctrl-C between the two would keep a row the report lacks
+            self._row({"name": part.name, "result": result, "image_score": repr(score),
+                       "normalised_score": thresholds.normalised(score), "image_threshold": repr(thresholds.image),
+                       "anomalous_pixels": int(region.sum()),
+                       "heatmap": _text(heatmap), "map": _text(map_file), "rgb": _text(part.rgb),
+                       "xyz": _text(part.xyz)})
+            if self.report_data is not None:  # after the row: the report holds the parts the tables hold
+                self.report_data.add(part.name, score, result == "fail", rgb, loaded.pc.numpy(), loaded.gt,
+                                     score_map)
         return result
 
     def close(self) -> None:
         self._csv_file.close()
         self._jsonl.close()
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held back until the block ends, so that what the block writes is written whole; elsewhere
+    than in the main thread, or without signal masks, nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _csv_line(values) -> str:
