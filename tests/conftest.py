@@ -31,6 +31,27 @@ def preprocessed_mvtec(folder: Path, **counts) -> Path:
     return preprocess_dataset(raw, workers=1).output
 
 
+def evaluate_in_process(argv: list[str], forbid_fit: bool = False):
+    """``main.py argv`` in this process (it must succeed); returns the ClassResult of its one evaluated class.
+    ``forbid_fit``: fitting fails the test (a ``--load_model`` run must not fit)."""
+    import main as main_module  # the whole app: only the tests that run it pay for the import
+    from m3dm.app.run import ClassRun
+
+    results = []
+    evaluate = ClassRun.evaluate
+
+    def no_fit(self):
+        raise AssertionError("--load_model must not fit")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClassRun, "evaluate", lambda self: results.append(evaluate(self)) or results[-1])
+        if forbid_fit:
+            patch.setattr(ClassRun, "fit", no_fit)
+        assert main_module.main(argv) == 0
+    (result,) = results
+    return result
+
+
 def reference_fusion_pretrain_args() -> argparse.Namespace:
     """The ``args`` the reference's fusion_pretrain.py pickles into its checkpoints: its flags' defaults and what
     its distributed set-up adds, numbers and strings in an argparse namespace."""

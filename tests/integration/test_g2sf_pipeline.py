@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import preprocessed_mvtec
+from conftest import evaluate_in_process, preprocessed_mvtec
 
-import main as main_module
 from m3dm.app import predict
-from m3dm.app.run import ClassRun
 from m3dm.detection.persistence import load_class_model
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "32", "--group_size", "16",
@@ -25,20 +23,8 @@ pytestmark = pytest.mark.slow
 
 def run_main(dataset: Path, out: Path, *extra: str, forbid_fit: bool = False):
     """main.py in-process; returns the ClassResult of the evaluated class."""
-    results = []
-    evaluate = ClassRun.evaluate
-
-    def no_fit(self):
-        raise AssertionError("--load_model must not fit")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ClassRun, "evaluate", lambda self: results.append(evaluate(self)) or results[-1])
-        if forbid_fit:
-            patch.setattr(ClassRun, "fit", no_fit)
-        argv = ["--dataset_path", str(dataset), "--output_dir", str(out), *SMALL, *G2SF, *extra]
-        assert main_module.main(argv) == 0
-    (result,) = results
-    return result
+    return evaluate_in_process(["--dataset_path", str(dataset), "--output_dir", str(out), *SMALL, *G2SF, *extra],
+                               forbid_fit=forbid_fit)
 
 
 @pytest.fixture(scope="module")
