@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import tempfile
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from m3dm.errors import ConfigError
@@ -441,6 +444,143 @@ def build_parser() -> argparse.ArgumentParser:
     # prog: the same "main.py: error: ..." however the parser is started (a test runner's worker, a wrapper)
     return add_flags(argparse.ArgumentParser(
         prog="main.py", description="M3DM: fit and evaluate per class (MVTec 3D-AD / Eyecandies)."))
+
+
+# ---------------------------------------------------------------------------------------- configuration files
+
+CONFIG_FILE_NAME = "config.yaml"  # what every run writes to its output folder
+
+
+def settings_yaml(settings: Settings) -> str:
+    """Every setting as YAML, one ``flag_name: value`` line each, under a comment per group: what
+    ``main.py --print_config`` prints, a run's ``config.yaml`` holds and ``read_settings`` reads back."""
+    import yaml  # here: reading and writing files is the only use, and ``import m3dm.config`` stays light
+
+    lines = ["# m3dm settings: main.py --config FILE reads them back (flags given with it override the file);",
+             "# every key is a main.py flag (main.py --help explains each)"]
+    for group in dataclasses.fields(settings):
+        value = getattr(settings, group.name)
+        summary = (type(value).__doc__ or "").strip().splitlines()[0]
+        lines.append(f"\n# {group.name}: {summary}")
+        for name, leaf, _ in _leaves(value):
+            plain = list(leaf) if isinstance(leaf, tuple) else leaf
+            lines.append(yaml.safe_dump({name: plain}, default_flow_style=False, width=10_000).rstrip("\n"))
+    return "\n".join(lines) + "\n"
+
+
+def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings a YAML file gives, by flag name, checked (``checked_settings``); errors name the file."""
+    import yaml
+
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the configuration file ({exc.strerror or exc})") from exc
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{source}: not valid YAML{line}: {getattr(exc, 'problem', None) or exc}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected 'setting: value' lines (main.py --print_config writes a full "
+                          f"example), not a {type(values).__name__}")
+    return checked_settings(values, source)
+
+
+def read_settings(path: str | os.PathLike, base: Settings | None = None) -> Settings:
+    """``base`` (default: every default) with the settings of a YAML file (``settings_yaml``'s layout)."""
+    return settings_with(base or Settings(), read_settings_file(path))
+
+
+def settings_with(base: Settings, values: Mapping[str, Any]) -> Settings:
+    """``base`` with some leaves replaced, given by flag name (values as ``checked_settings`` returns them)."""
+    return settings_from_flags({**base.flags(), **values})
+
+
+def checked_settings(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``values`` by flag name, each checked against its declared type and choices (an integer where a float is
+    declared becomes a float, a number where a string is, a string); an unknown name or a value of another type
+    raises ConfigError naming ``source`` (a file, a function), the key and, for a name, the closest valid one."""
+    known = _leaf_types()
+    checked = {}
+    for name, value in values.items():
+        if name not in known:
+            raise ConfigError(f"{source}: unknown setting {name!r}{_did_you_mean(str(name), known)}")
+        declared, meta = known[name]
+        checked[name] = _checked_value(name, value, declared, meta, source)
+    return checked
+
+
+def _did_you_mean(name: str, valid: Collection[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else " (main.py --print_config lists every setting)"
+
+
+def _leaf_types(settings_class: type = Settings) -> dict[str, tuple[Any, Mapping[str, Any]]]:
+    """``{flag name: (declared type, metadata)}`` of every flag-bearing leaf."""
+    out: dict[str, tuple[Any, Mapping[str, Any]]] = {}
+    hints = typing.get_type_hints(settings_class)
+    for f in dataclasses.fields(settings_class):
+        declared = hints[f.name]
+        if isinstance(declared, type) and dataclasses.is_dataclass(declared):
+            out.update(_leaf_types(declared))
+        elif f.metadata.get("flag"):
+            out[f.name] = (declared, f.metadata)
+    return out
+
+
+def _checked_value(name: str, value: Any, declared: Any, meta: Mapping[str, Any], source: str) -> Any:
+    args = typing.get_args(declared)
+    if type(None) in args:  # ``X | None``
+        if value is None:
+            return None
+        declared = next(arg for arg in args if arg is not type(None))
+    converted = _converted(value, declared)
+    if converted is _WRONG_TYPE:
+        raise ConfigError(f"{source}: {name}: {value!r} is not {_type_words(declared)}")
+    choices = meta["choices"]
+    if choices is not None and converted not in choices:
+        close = _did_you_mean(str(converted), [str(c) for c in choices]) if isinstance(converted, str) else ""
+        raise ConfigError(f"{source}: {name}: {converted!r} is not one of {', '.join(map(str, choices))}{close}")
+    return converted
+
+
+_WRONG_TYPE = object()
+
+
+def _converted(value: Any, declared: Any) -> Any:
+    """``value`` as the declared type, or ``_WRONG_TYPE``."""
+    if declared is bool:
+        return value if isinstance(value, bool) else _WRONG_TYPE
+    if isinstance(value, bool):  # YAML's true/false is no number or text
+        return _WRONG_TYPE
+    if declared is int:
+        return value if isinstance(value, int) else _WRONG_TYPE
+    if declared is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value) if isinstance(value, str) else _WRONG_TYPE
+        except ValueError:
+            return _WRONG_TYPE
+    if declared is str:
+        return str(value) if isinstance(value, (str, int, float)) else _WRONG_TYPE
+    if typing.get_origin(declared) in (Sequence, list, tuple):  # --classes: names
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(item, str) for item in items):
+            return list(items)
+    return _WRONG_TYPE
+
+
+def _type_words(declared: Any) -> str:
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a text"}
+    return words.get(declared, "a list of names")
 
 
 # ---------------------------------------------------------------------------------------- validation

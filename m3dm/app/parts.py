@@ -119,6 +119,13 @@ def load_part(part: Part, img_size: int = 224, preprocess: bool = False, seed: i
     if part.problem:
         raise DataError(part.problem)
     cloud, image, mask = read_sample(part.rgb, part.xyz, part.gt)
+    return part_from_arrays(part, cloud, image, mask, img_size, preprocess, seed)
+
+
+def part_from_arrays(part: Part, cloud: np.ndarray, image: Image.Image, mask: Image.Image | None = None,
+                     img_size: int = 224, preprocess: bool = False, seed: int = 0) -> LoadedPart:
+    """A part read already (organized cloud ``(H, W, 3)``, RGB image, mask or None), (with ``preprocess``
+    cleaned and) turned into the tensors ``AnomalyDataset`` builds; ``part`` names it (its paths may be None)."""
     if not preprocess and part.xyz is not None:
         problem = unpreprocessed_problem(cloud)
         if problem:

@@ -55,12 +55,12 @@ from m3dm.app.run import weight_records
 from m3dm.config import METHODS, backbone_settings
 from m3dm.data.io import append_text, atomic_path
 from m3dm.detection.factory import detector_from_model
-from m3dm.detection.interface import DetectorResources
+from m3dm.detection.interface import ClassDetector, DetectorResources
 from m3dm.detection.persistence import load_class_model, make_setup
 from m3dm.detection.thresholds import false_alarm_threshold
 from m3dm.errors import CheckpointError, DataError, DiskFullError, ModelFileError, OutputInUseError
 from m3dm.evaluation.pictures import compose, denormalize_rgb, heat_overlay, mask_panel, save_panel
-from m3dm.features.extractor import build_extractor
+from m3dm.features.extractor import FeatureExtractor, build_extractor
 from m3dm.report.build import try_build_report
 from m3dm.report.data import REPORT_DATA_DIR, PredictionData, provenance, software_versions
 from m3dm.runtime import resolve_device, seed_everything, use_device
@@ -92,6 +92,7 @@ class Predictor:
         backbones = backbone_settings(settings, rgb_checkpoint=recorded("rgb", rgb_checkpoint),
                                       xyz_checkpoint=recorded("xyz", xyz_checkpoint),
                                       random_init=any(not record.from_file for record in weights.values()))
+        self.backbones = backbones
         seed_everything(settings["seed"])  # random-init backbones are rebuilt as main.py built them
         method = METHODS.get(model.method_name)
         if method is not None and method.features == "btf":  # FPFH has no weights: the method says what it needs
@@ -107,6 +108,7 @@ class Predictor:
                 raise ValueError(f"{model.path}: the model's UFF block was not read from a file: give "
                                  f"--fusion_module_path")
             fusion_block = load_fusion_block(fusion_path, device, rgb_dim=self.extractor.rgb_backbone.feature_dim)
+        self.fusion_block = fusion_block
         current = weight_records(self.extractor, backbones, settings["seed"], fusion_block, fusion_path)
         model.check_setup(make_setup(model.method_name, model.config, settings, current))
         self.detector = detector_from_model(model, DetectorResources(device, progress=False, fusion_block=fusion_block))
@@ -119,13 +121,18 @@ class Predictor:
 
     def score(self, parts: list[LoadedPart]) -> list[tuple[float, np.ndarray]]:
         """``(image score, (224, 224) float32 map)`` per part."""
-        detector = self.detector
-        rgb = torch.stack([p.rgb for p in parts]) if detector.needs_rgb else None
-        pc = torch.stack([p.pc for p in parts]) if detector.needs_xyz else None
-        with torch.no_grad():
-            features = self.extractor(rgb, pc, names=[p.part.name for p in parts])
-            scored = [detector.predict(detector.modality_patches(f)) for f in features]
-        return [(float(score), score_map.numpy().astype(np.float32)) for score, score_map in scored]
+        return score_loaded_parts(self.extractor, self.detector, parts)
+
+
+def score_loaded_parts(extractor: FeatureExtractor, detector: ClassDetector,
+                       parts: list[LoadedPart]) -> list[tuple[float, np.ndarray]]:
+    """``(image score, (224, 224) float32 map)`` of each part, extracted in one batch and scored."""
+    rgb = torch.stack([p.rgb for p in parts]) if detector.needs_rgb else None
+    pc = torch.stack([p.pc for p in parts]) if detector.needs_xyz else None
+    with torch.no_grad():
+        features = extractor(rgb, pc, names=[p.part.name for p in parts])
+        scored = [detector.predict(detector.modality_patches(f)) for f in features]
+    return [(float(score), score_map.numpy().astype(np.float32)) for score, score_map in scored]
 
 
 # ----------------------------------------------------------------------------------------------- outputs

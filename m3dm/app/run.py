@@ -23,10 +23,11 @@ from tqdm import tqdm
 from m3dm.app import processes
 from m3dm.app.class_results import ClassOutput, finished_classes, save_class_output
 from m3dm.app.outputs import check_before_fitting
-from m3dm.config import BackboneSettings, RunSettings, Settings
+from m3dm.config import CONFIG_FILE_NAME, BackboneSettings, RunSettings, Settings, settings_yaml
 from m3dm.constants import CLASSES_BY_DATASET
 from m3dm.data import available_classes
 from m3dm.data.dataset import AnomalyDataset, make_loader
+from m3dm.data.io import write_text
 from m3dm.data.layout import masks_available
 from m3dm.detection.factory import build_detector, detector_from_model, training_cap
 from m3dm.detection.interface import ClassDetector, DetectorResources, FusionDetector, TrainingData, fusion_pass
@@ -90,6 +91,8 @@ def run_classes(settings: Settings, progress: bool = True) -> dict[str, dict]:
     done = finished_classes(output_dir, classes, settings) if settings.run.resume else {}
     # missing classes, unusable data, unwritable folders, missing models: found before any fitting
     check_before_fitting(settings, classes, finished=done)
+    if workers.is_main:  # rerunning with --config <output_dir>/config.yaml repeats this run
+        write_text(output_dir / CONFIG_FILE_NAME, settings_yaml(settings))
     skipped = processes.gather(sorted(done), workers)[0]  # process 0's list: read before any class is written
     if settings.run.resume and workers.is_main:
         log.info("--resume: %d finished class(es) in %s skipped: %s", len(skipped), output_dir / "classes",
@@ -203,8 +206,7 @@ class ClassRun:
         """The class as main.py runs it: seed, fit or load, save, evaluate, write outputs; returns the metrics
         and the per-sample rows (pass/fail with a saved or loaded model's thresholds)."""
         settings = self.settings
-        seed_everything(settings.run.seed)  # once per class, as the reference
-        self.extractor.reseed(settings.run.seed)
+        self.start()
         path = model_path(models_dir, self.class_name)
         if settings.models.load_model is not None:
             with self.timer("load model"):
@@ -232,6 +234,11 @@ class ClassRun:
         with self.timer("report data"):  # what report.html needs once the dataset and the models are gone
             save_class_data(result, samples, output_dir / REPORT_DATA_DIR / f"{self.class_name}.npz")
         return ClassOutput(result.metrics, samples)
+
+    def start(self) -> None:
+        """Seed Python, NumPy, torch and the extractor's DropPath draws, once per class, as the reference."""
+        seed_everything(self.settings.run.seed)
+        self.extractor.reseed(self.settings.run.seed)
 
     # ------------------------------------------------------------------------------------------- fitting
 
@@ -320,18 +327,28 @@ class ClassRun:
         The extractor's random state is restored after scoring the good parts, so the evaluation that follows
         gives the same scores as a run without ``--save_model``; the saved state is the one right after fitting.
         """
+        fitted_state = self.extractor.rng_state()
+        thresholds = self.set_thresholds()
+        self.fitted_detector.save(path, class_name=self.class_name, setup=setup, rng_state=fitted_state,
+                                  thresholds=thresholds, provenance=self.provenance())
+        return thresholds
+
+    def set_thresholds(self) -> Thresholds:
+        """After fitting: the pass/fail thresholds from the good parts' scores and maps (``self.thresholds``);
+        the extractor's random state is left as it was before scoring them."""
         models, good_parts = self.settings.models, self.good_parts
         fitted_state = self.extractor.rng_state()
         dataset = threshold_dataset(good_parts, self.root, self.class_name, self.settings.backbones.img_size)
         scores, maps = self.score_dataset(dataset, "good parts (thresholds)")
         self.extractor.set_rng_state(fitted_state)
-        thresholds = Thresholds.from_good_parts(scores, maps, models.far, models.pixel_far, good_parts.description)
-        provenance = {"dataset_path": str(self.root.resolve()), "device": str(self.device),
-                      "n_train": self.fitted_detector.n_train, "batch_size": self.settings.run.batch_size}
-        self.fitted_detector.save(path, class_name=self.class_name, setup=setup, rng_state=fitted_state,
-                           thresholds=thresholds, provenance=provenance)
-        self.thresholds = thresholds
-        return thresholds
+        self.thresholds = Thresholds.from_good_parts(scores, maps, models.far, models.pixel_far,
+                                                     good_parts.description)
+        return self.thresholds
+
+    def provenance(self) -> dict:
+        """Where and how the detector was fitted, as a model file records it."""
+        return {"dataset_path": str(self.root.resolve()), "device": str(self.device),
+                "n_train": self.fitted_detector.n_train, "batch_size": self.settings.run.batch_size}
 
     def load(self, path: Path, setup: Setup | None) -> None:
         """``--load_model``: the saved detector, verified against this run's method, class and setup, and the

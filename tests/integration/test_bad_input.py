@@ -150,7 +150,7 @@ def test_an_interrupted_run_keeps_its_finished_classes_and_resume_completes_it(t
     expected = json.loads((full / "results.json").read_text())["per_class"]
     assert kept["metrics"] == expected["gadget"]
     assert kept["samples"] == [r for r in json.loads((full / "per_sample.json").read_text()) if r["class"] == "gadget"]
-    assert sorted(p.name for p in output.iterdir()) == ["classes", "report_data"]  # the report's gadget data too
+    assert sorted(p.name for p in output.iterdir()) == ["classes", "config.yaml", "report_data"]  # + gadget report data
     assert sorted(p.name for p in (output / "report_data").iterdir()) == ["gadget.npz"]
 
     shutil.copyfile(two_classes / "widget/test/good/xyz/000.tiff", cloud)
