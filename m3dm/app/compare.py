@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from m3dm.app.cli import build_parser as main_parser
+from m3dm.app.cli import parse_flags
 from m3dm.app.console import interrupted
 from m3dm.app.lock import output_lock
 from m3dm.config import METHODS, settings_from_flags
@@ -79,8 +80,8 @@ def _method_settings(parser: argparse.ArgumentParser, main_flags: list[str], met
     settings = {}
     for method in methods:
         argv = method_argv(method, main_flags, Path("."))
-        settings[method] = settings_from_flags(main_parser().parse_args(argv))
         try:
+            settings[method] = settings_from_flags(parse_flags(argv, main_parser()))  # --config's file included
             settings[method].validate()
         except ConfigError as exc:
             parser.error(f"{method}: {exc}")
@@ -89,7 +90,7 @@ def _method_settings(parser: argparse.ArgumentParser, main_flags: list[str], met
 
 def _shared_settings(main_flags: list[str]):
     """What main.py's flags say about every method's run: output folder, dataset, classes."""
-    return settings_from_flags(main_parser().parse_args(main_flags))
+    return settings_from_flags(parse_flags(main_flags, main_parser()))
 
 
 def run_method(method: str, argv: list[str]) -> int:
