@@ -14,7 +14,7 @@ from conftest import PROJECT_ROOT
 import m3dm
 from m3dm import api
 from m3dm.config import Settings
-from m3dm.errors import ConfigError
+from m3dm.errors import ConfigError, ModelFileError
 
 HEAVY = ("torch", "open3d", "matplotlib", "sklearn", "timm", "scipy")
 
@@ -78,3 +78,10 @@ def test_a_class_folder_or_a_root_names_the_class(tmp_path):
     assert locate_class(tmp_path, fallback="tire") == (tmp_path, "tire")
     with pytest.raises(ConfigError, match="give class_name= or a class folder \\(classes there: bagel, tire\\)"):
         locate_class(tmp_path)
+
+
+def test_a_file_that_is_no_model_is_refused_naming_it(tmp_path):
+    path = tmp_path / "gadget.pt"
+    path.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match=r"gadget\.pt is not an M3DM model file"):
+        m3dm.load(path)
