@@ -210,6 +210,10 @@ def fit_settings(config: PathLike | Settings | None, method: str | None, values:
     else:
         base = DEFAULTS
     given = checked_settings(values, "m3dm.fit")
+    placed = sorted(set(given) & {"dataset_path", "classes", "load_model"})
+    if placed:
+        raise ConfigError(f"m3dm.fit: {', '.join(placed)}: the data is fit's first argument (a class folder, or a "
+                          f"dataset root with class_name=), and a saved model is read with m3dm.load")
     if method is not None:
         given.update(checked_settings({"method_name": method}, "m3dm.fit"))
         given.setdefault("memory_bank", METHODS[given["method_name"]].memory_bank)
@@ -248,8 +252,9 @@ def settings_of_model(model_file: ClassModel, backbones: BackboneSettings, devic
     values = {**Settings(detector=model_file.detector_settings).flags(), **model_file.settings,
               **{f.name: getattr(backbones, f.name) for f in fields(backbones)}}
     fusion = model_file.weights.get("fusion")
-    if fusion_module_path is not None or (fusion is not None and fusion.path is not None):
-        values["fusion_module_path"] = fusion_module_path or fusion.path  # type: ignore[union-attr]
+    fusion_path = fusion_module_path or (fusion.path if fusion is not None else None)
+    if fusion_path:
+        values["fusion_module_path"] = fusion_path
     fitted_on = (model_file.record.get("provenance") or {}).get("dataset_path")
     if fitted_on:
         values["dataset_path"] = fitted_on

@@ -61,6 +61,7 @@ def test_keywords_override_a_file_and_a_settings_object(tmp_path):
     ({"method": "DINO+PointMAE"}, "(did you mean 'DINO+Point_MAE'?)"),
     ({"method": "DINO", "seed": "zero"}, "m3dm.fit: seed: 'zero' is not an integer"),
     ({}, "m3dm.fit: give the method"),
+    ({"method": "DINO", "classes": ["bagel"]}, "m3dm.fit: classes: the data is fit's first argument"),
     ({"method": "DINO", "memory_bank": "multiple"}, "--memory_bank single"),  # main.py's validation
 ])
 def test_wrong_settings_are_refused_before_anything_loads(values, message):
