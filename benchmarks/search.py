@@ -1,6 +1,6 @@
 """The exact bank searches side by side: the default torch search against faiss's (``--bank_search faiss``).
 
-    python benchmarks/search.py [--threads 1 2] [--samples 3]
+    python benchmarks/search.py [--threads 1 2] [--samples 3] [--hnsw]
 
 Banks of the sizes a 100-sample class gives DINO+Point_MAE: the xyz coreset of 31,360 x 1152 and the RGB coreset of
 3,136 x 768, clustered rows (test patches near training patches, as with real features). Queries, per sample: the
@@ -8,7 +8,9 @@ Banks of the sizes a 100-sample class gives DINO+Point_MAE: the xyz coreset of 3
 of ``m3dm.memory.defaults.default_search``), and the 28 x 28 RGB patches. "pass 2" samples are training rows with a
 little noise (each patch has a bank row close by), "test" samples have more. Each case runs ``--samples`` samples
 on each thread count; prints the seconds per sample of both searches, their ratio torch/faiss, and the largest
-relative difference of faiss's distances from torch's (and of the rows found).
+relative difference of faiss's distances from torch's (and of the rows found). ``--hnsw``: also the approximate
+``--bank_search hnsw`` (seconds per sample, the seconds to build its graph once per bank, and its recall: the
+share of the non-empty patches given their exact nearest row).
 """
 
 from __future__ import annotations
@@ -47,9 +49,28 @@ def timed_search(kind: str, bank: torch.Tensor, samples: list[tuple[torch.Tensor
     """Seconds per sample of one search strategy (fitted once, as a bank's) and its results."""
     search = default_search("cpu", kind).fit(bank)
     search.search(*samples[0])  # warm-up: thread pools, the empty row's first search
+    return timed_search_fitted(search, samples)
+
+
+def timed_search_fitted(search, samples):
     start = time.perf_counter()
     results = [search.search(queries, empty) for queries, empty in samples]
     return (time.perf_counter() - start) / len(samples), results
+
+
+def hnsw_columns(bank: torch.Tensor, samples, exact_results) -> str:
+    """The HNSW search's seconds per sample, graph build seconds and recall at 1, as table cells."""
+    search = default_search("cpu", "hnsw").fit(bank)
+    start = time.perf_counter()
+    search.search(*samples[0])  # builds the graph
+    build = time.perf_counter() - start
+    seconds, results = timed_search_fitted(search, samples)
+    # over the patches that are not empty (the empty row is one query per bank, whatever the share of empty patches)
+    pairs = [(idx[~empty], exact_idx[~empty]) for (_, idx), (_, exact_idx), (_, empty)
+             in zip(results, exact_results, samples, strict=True)]
+    found = sum(int((idx == exact_idx).sum()) for idx, exact_idx in pairs)
+    total = sum(idx.numel() for idx, _ in pairs)
+    return f" {seconds:.3f} | {build:.1f} | {found / total:.2%} |"
 
 
 def compare(torch_results, faiss_results) -> tuple[float, float]:
@@ -66,12 +87,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--samples", type=int, default=3, help="samples per case and thread count")
+    parser.add_argument("--hnsw", action="store_true", help="also the approximate HNSW search")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}\n")
+    hnsw_head = " hnsw s/sample | hnsw build s | hnsw recall |" if args.hnsw else ""
     print("| bank | queries | stage | threads | torch s/sample | faiss s/sample | torch/faiss | max rel. distance "
-          "diff. | rows differing |")
-    print("|:--|:--|:--|--:|--:|--:|--:|--:|--:|")
+          "diff. | rows differing |" + hnsw_head)
+    print("|:--|:--|:--|--:|--:|--:|--:|--:|--:|" + "--:|" * (3 if args.hnsw else 0))
     for name, rows, dim, grid, empty_share in CASES:
         bank = clustered_rows(rows, dim, generator)
         for stage, noise in NOISE.items():
@@ -81,9 +104,10 @@ def main() -> None:
                 torch_seconds, torch_results = timed_search("torch", bank, samples)
                 faiss_seconds, faiss_results = timed_search("faiss", bank, samples)
                 worst, moved = compare(torch_results, faiss_results)
+                hnsw = hnsw_columns(bank, samples, torch_results) if args.hnsw else ""
                 print(f"| {name} {rows:,} x {dim} | {grid}x{grid} ({empty_share:.0%} empty) | {stage} | {threads} | "
                       f"{torch_seconds:.3f} | {faiss_seconds:.3f} | **{torch_seconds / faiss_seconds:.2f}x** | "
-                      f"{worst:.1e} | {moved:.2%} |", flush=True)
+                      f"{worst:.1e} | {moved:.2%} |{hnsw}", flush=True)
 
 
 if __name__ == "__main__":
