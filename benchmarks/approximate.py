@@ -155,6 +155,7 @@ def main() -> None:
         datasets = prepared_datasets(Path(tmp), args)
         print(f"data prepared in {time.perf_counter() - start:.0f} s; {torch.get_num_threads()} torch threads",
               flush=True)
+        torch.manual_seed(0)  # the random backbone weights, the same in every run
         extractor = CachedExtractor(FeatureExtractor(
             build_rgb_backbone("vit_base_patch8_224_dino", random_init=True, quiet=True).eval(),
             build_point_backbone("Point_MAE", random_init=True, quiet=True), device="cpu", seed=0))
