@@ -32,6 +32,7 @@ MODALITIES = ("xyz", "rgb", "fusion")
 CONCAT = "rgb+xyz"  # BTF's bank of RGB patches concatenated with point (FPFH) patches, no score weights of its own
 BANK_ORDER = (*MODALITIES, CONCAT)  # the order banks are built in (they share numpy's global generator)
 BTF_PATCH_GRID = 28  # BTF pools every feature map to 28 x 28 patches
+BANK_SEARCHES = ("torch", "faiss", "hnsw")  # --bank_search (m3dm.memory.defaults.default_search)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,15 @@ class DetectorSettings:
         1, "faster coreset: S contiguous blocks of the bank, each with its own greedy selection (faster; default "
            "1 = the reference's exact selection; it lowers the localisation metrics, see benchmarks/README.md)",
         group=ADDED, metavar="S")
+    bank_search: str = setting(
+        "torch", "nearest-neighbour search of the memory banks (pass 2 and test scoring): torch, exact, the "
+                 "reference's numbers; faiss, exact through faiss on the CPU (faster; distances equal to float32 "
+                 "rounding, so scores may differ in the last digits); hnsw, approximate (faiss's HNSW graph: faster "
+                 "on large banks, lowers the metrics; docs/approximate.md)", choices=BANK_SEARCHES, group=ADDED)
+    bank_rows_per_sample: int | None = setting(
+        None, "approximate: build each memory bank from at most N patches per training sample, evenly spaced (a "
+              "sample's empty patches count as one); the coreset keeps --f_coreset of those (default: every "
+              "patch; docs/approximate.md)", type=int, group=ADDED, metavar="N")
     cfm_epochs: int = setting(50, "training epochs of the two mapping MLPs (the reference's training default; "
                                   "its published checkpoints used 250)", group=CFM)
     cfm_batch_size: int = setting(4, "training samples per optimisation step", group=CFM)
@@ -636,6 +646,10 @@ def _option_rules(s: Settings) -> str | None:
         return "--asy_memory_bank must be at least 1 (the xyz and fusion banks need a sample)"
     if d.rm_zero_for_project and m != "Point_MAE":
         return "--rm_zero_for_project only applies to --method_name Point_MAE"
+    approximate = [f for f, v in (("--bank_search", d.bank_search != "torch"),
+                                  ("--bank_rows_per_sample", d.bank_rows_per_sample is not None)) if v]
+    if approximate and d.spec.family != "m3dm":
+        return f"{approximate[0]} applies to the memory-bank methods (M3DM's and BTF's), not --method_name {m}"
     if s.uff.use_uff and not d.spec.needs_rgb:
         return (f"--use_uff loads the UFF block, which needs RGB features: --method_name {m} has none, drop "
                 f"--use_uff")
@@ -689,6 +703,8 @@ def _bounds(s: Settings) -> dict[str, Bound]:
         "coreset_eps": Bound(0, 1, open_low=True, open_high=True,
                              why="the Johnson-Lindenstrauss eps of the sparse random projection"),
         "coreset_shards": Bound(1, why="1: the reference's exact selection"),
+        "bank_rows_per_sample": Bound(1, why="patches a training sample gives its banks; omit it to keep every "
+                                            "patch"),
         "random_state": Bound(0, MAX_SEED, why="a NumPy seed"),
         "ocsvm_nu": Bound(0, 1, open_low=True, why="the one-class SVMs' outlier fraction"),
         "ocsvm_maxiter": Bound(1, why="passes of the one-class SVMs' SGD"),

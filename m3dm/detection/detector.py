@@ -23,7 +23,7 @@ from m3dm.detection.thresholds import Thresholds
 from m3dm.errors import ModelFileError
 from m3dm.features.extractor import XYZ_PATCH_GRID, SampleFeatures, required
 from m3dm.memory.bank import BankRecipe, MemoryBank
-from m3dm.memory.defaults import default_coreset
+from m3dm.memory.defaults import default_coreset, default_search
 from m3dm.memory.maps import segmentation_map
 
 MAP_SIZE = 224  # score maps and masks are 224 x 224, as in the reference
@@ -55,7 +55,10 @@ class Detector:
         self.device = torch.device(device)
         coreset = default_coreset(self.device, self.config.coreset_fp16, self.config.coreset_shards)
         # banks live on the run's device: every nearest-neighbour search runs where the features are
-        self.banks = {m: MemoryBank(self.device, spool_dir=spool_dir, coreset=coreset) for m in self.spec.modalities}
+        self.banks = {m: MemoryBank(self.device, spool_dir=spool_dir, coreset=coreset,
+                                    search=default_search(self.device, config.bank_search),
+                                    max_rows_per_sample=config.bank_rows_per_sample)
+                      for m in self.spec.modalities}
         self.dlf: DecisionLayerFusion | None = None
         self.rgb_grid: int | None = None
         self._late_xyz: dict[int, torch.Tensor] = {}  # xyz patches of samples beyond --asy_memory_bank
@@ -264,7 +267,8 @@ class Detector:
         if detector.uses_dlf and state["dlf"] is None:
             raise ValueError(f"{config.method_name} with --memory_bank multiple needs the saved decision layer "
                              f"fusion, which is missing")
-        detector.banks = {m: MemoryBank.from_state(state["banks"][m], detector.device)
+        detector.banks = {m: MemoryBank.from_state(state["banks"][m], detector.device,
+                                                   search=default_search(detector.device, config.bank_search))
                           for m in detector.spec.modalities}
         detector.dlf = None if state["dlf"] is None else DecisionLayerFusion.from_state(state["dlf"])
         detector.rgb_grid = state["rgb_grid"]

@@ -19,7 +19,15 @@ import torch
 from m3dm.memory.coreset import GreedyCoreset
 from m3dm.memory.defaults import default_coreset, default_search
 from m3dm.memory.search import NeighbourSearch, reweighted_score
-from m3dm.memory.storage import ArrayLike, NormalisedRows, RunningMoments, SampleStore, as_tensor, rows_without_zeros
+from m3dm.memory.storage import (
+    ArrayLike,
+    NormalisedRows,
+    RunningMoments,
+    SampleStore,
+    as_tensor,
+    evenly_spaced_rows,
+    rows_without_zeros,
+)
 
 
 @dataclass(frozen=True)
@@ -68,12 +76,19 @@ class MemoryBank:
     finalised bank is float32 on ``storage_device``. Either way the full normalised bank is never built: the
     coreset reads it in chunks. ``coreset`` and ``search`` are the strategies (defaults:
     :func:`m3dm.memory.defaults.default_coreset` and ``default_search(storage_device)``); a search object serves
-    one bank.
+    one bank. ``max_rows_per_sample`` (approximate mode, None: every row): the bank is built from at most that
+    many rows of each sample (:func:`m3dm.memory.storage.evenly_spaced_rows`); ``rows`` counts those, ``stats``
+    and ``sample`` still see every row.
     """
 
     def __init__(self, storage_device: str | torch.device = "cpu", spool_dir: str | Path | None = None,
-                 coreset: GreedyCoreset | None = None, search: NeighbourSearch | None = None) -> None:
+                 coreset: GreedyCoreset | None = None, search: NeighbourSearch | None = None,
+                 max_rows_per_sample: int | None = None) -> None:
+        if max_rows_per_sample is not None and max_rows_per_sample < 1:
+            raise ValueError(f"max_rows_per_sample must be at least 1, got {max_rows_per_sample}")
         self.storage_device = torch.device(storage_device)
+        self.max_rows_per_sample = max_rows_per_sample
+        self._kept_rows: list[torch.Tensor] = []  # with a cap: the rows of each sample the bank is built from
         self.coreset = coreset if coreset is not None else default_coreset()
         self.search = search if search is not None else default_search(self.storage_device)
         self._store = SampleStore(spool_dir)
@@ -97,6 +112,9 @@ class MemoryBank:
             raise ValueError(f"feature dim {patches.shape[1]} differs from the bank's {self._dim}")
         self._dim = patches.shape[1]
         rows = patches.detach().to("cpu", torch.float32)
+        if self.max_rows_per_sample is not None:
+            first = sum(self._sample_rows)
+            self._kept_rows.append(evenly_spaced_rows(rows, self.max_rows_per_sample) + first)
         self._store.append(rows)
         self._sample_rows.append(rows.shape[0])
         self._moments.add(rows)
@@ -111,7 +129,12 @@ class MemoryBank:
 
     @property
     def rows(self) -> int:
-        return self._bank.shape[0] if self._bank is not None else sum(self._sample_rows)
+        """Rows of the built bank; before ``finalize``, the rows it will be built from."""
+        if self._bank is not None:
+            return self._bank.shape[0]
+        if self.max_rows_per_sample is not None:
+            return sum(kept.numel() for kept in self._kept_rows)
+        return sum(self._sample_rows)
 
     @property
     def dim(self) -> int | None:
@@ -163,7 +186,8 @@ class MemoryBank:
         # same bits on any device); the coreset moves its chunks to its own device
         host = (lambda t: None if t is None else t.cpu())
         # NormalisedRows stands in for the normalised bank tensor wherever it is sliced (read lazily)
-        rows = cast(torch.Tensor, NormalisedRows(self._store, host(self.mean), host(self.std)))
+        subset = torch.cat(self._kept_rows) if self.max_rows_per_sample is not None else None
+        rows = cast(torch.Tensor, NormalisedRows(self._store, host(self.mean), host(self.std), subset))
         if recipe.drop_zero_rows_before:
             rows = rows_without_zeros(rows[0:rows.shape[0]])
         n_coreset = recipe.coreset_size(rows.shape[0])

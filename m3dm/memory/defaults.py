@@ -1,17 +1,23 @@
 """The one place that chooses a memory bank's coreset and search strategies: the reference's numbers, fastest.
 
-Every choice made here leaves the results unchanged (same coreset indices, same distances) except ``shards > 1``,
-which the caller asks for explicitly.
+Every choice made here leaves the results unchanged (same coreset indices, same distances) except ``shards > 1``
+and a search other than ``"torch"``, which the caller asks for explicitly.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from m3dm.config import BANK_SEARCHES
 from m3dm.memory.coreset import DropCopies, GreedyCoreset, PlainGreedy, PrunedGreedy, Selection, ShardedGreedy
+from m3dm.memory.faiss_search import FaissExactSearch, HNSWSearch, faiss_available
 from m3dm.memory.screened import ScreenedSearch, bf16_matmul_is_fast
 from m3dm.memory.search import ExactSearch, NeighbourSearch, SharedEmptyRows
 from m3dm.runtime import resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def default_coreset(device: str | torch.device | None = None, fp16: bool = True, shards: int = 1) -> GreedyCoreset:
@@ -29,9 +35,26 @@ def default_coreset(device: str | torch.device | None = None, fp16: bool = True,
     return GreedyCoreset(selection, device, fp16)
 
 
-def default_search(device: str | torch.device = "cpu") -> NeighbourSearch:
-    """Exact search of a bank stored on ``device``: bfloat16-screened where the device has native bfloat16 matrix
-    products (:func:`bf16_matmul_is_fast`: CPUs with AVX512-BF16/AMX, CUDA GPUs from Ampere on), plain elsewhere;
-    the row of empty patches searched once."""
-    inner: NeighbourSearch = ScreenedSearch() if bf16_matmul_is_fast(device) else ExactSearch()
+def default_search(device: str | torch.device = "cpu", kind: str = "torch") -> NeighbourSearch:
+    """The search of a bank stored on ``device``, the row of empty patches searched once.
+
+    ``"torch"`` (the reference's numbers): bfloat16-screened where the device has native bfloat16 matrix products
+    (:func:`bf16_matmul_is_fast`: CPUs with AVX512-BF16/AMX, CUDA GPUs from Ampere on), plain elsewhere.
+    ``"faiss"``: faiss's exact search (same rows, distances to float32 rounding); ``"hnsw"``: faiss's approximate
+    HNSW graph. Both run on the CPU; on another device, or without faiss, the torch search is used (logged).
+    """
+    if kind not in BANK_SEARCHES:
+        raise ValueError(f"search must be one of {BANK_SEARCHES}, got {kind!r}")
+    device = torch.device(device)
+    if kind != "torch" and (device.type != "cpu" or not faiss_available()):
+        why = f"the bank is on {device}" if device.type != "cpu" else "faiss is not installed"
+        log.warning("--bank_search %s runs on the CPU with faiss, but %s: the exact torch search is used", kind, why)
+        kind = "torch"
+    inner: NeighbourSearch
+    if kind == "faiss":
+        inner = FaissExactSearch()
+    elif kind == "hnsw":
+        inner = HNSWSearch()
+    else:
+        inner = ScreenedSearch() if bf16_matmul_is_fast(device) else ExactSearch()
     return SharedEmptyRows(inner)

@@ -151,16 +151,31 @@ class SampleStore:
             self._file = None
 
 
+def evenly_spaced_rows(patches: torch.Tensor, cap: int) -> torch.Tensor:
+    """Indices (sorted) of at most ``cap`` rows of one sample's ``patches``: its empty rows (all zero: no point
+    behind the patch) count as one, the first, and of the rows left ``cap`` evenly spaced ones are kept."""
+    empty = (patches == 0).all(dim=1)
+    candidates = (~empty).nonzero().squeeze(1)
+    if bool(empty.any()):
+        first_empty = empty.nonzero()[0]
+        candidates = torch.sort(torch.cat((candidates, first_empty))).values
+    if candidates.numel() <= cap:
+        return candidates
+    return candidates[torch.arange(cap) * candidates.numel() // cap]
+
+
 class NormalisedRows:
     """The stored rows as ``(x − mean) / std`` (float32, the reference's ops), read lazily by slice or index.
 
     Stands in for the concatenated bank wherever a tensor is sliced (the coreset's projection, ``rows[idx]``),
-    so the full normalised bank is never held at once.
+    so the full normalised bank is never held at once. ``subset`` (sorted row indices into the store): only those
+    rows, in that order.
     """
 
-    def __init__(self, store: SampleStore, mean: torch.Tensor | None, std: torch.Tensor | None) -> None:
-        self.store, self.mean, self.std = store, mean, std
-        self.shape = (store.rows, store.dim)
+    def __init__(self, store: SampleStore, mean: torch.Tensor | None, std: torch.Tensor | None,
+                 subset: torch.Tensor | None = None) -> None:
+        self.store, self.mean, self.std, self.subset = store, mean, std, subset
+        self.shape = (store.rows if subset is None else subset.numel(), store.dim)
         self.ndim = 2
 
     def __getitem__(self, key) -> torch.Tensor:
@@ -168,9 +183,10 @@ class NormalisedRows:
             start, stop, step = key.indices(self.shape[0])
             if step != 1:
                 raise IndexError("NormalisedRows supports contiguous slices only")
-            rows = self.store.read(start, stop)
+            rows = self.store.read(start, stop) if self.subset is None else self.store.take(self.subset[start:stop])
         else:
-            rows = self.store.take(torch.as_tensor(key))
+            index = torch.as_tensor(key)
+            rows = self.store.take(index if self.subset is None else self.subset[index])
         if self.mean is not None and self.std is not None:  # both or neither
             rows.sub_(self.mean).div_(self.std)  # same float32 ops as the reference's (x - mean) / std
         return rows

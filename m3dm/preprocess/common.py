@@ -176,15 +176,42 @@ def default_workers() -> int:
 
 def copy_other_files(source: Path, output: Path, sample_files: set[Path]) -> int:
     """Copy every file that is not a sample file (calibration, licence, readme...) so the copy is complete;
-    returns how many were copied (files already there are kept)."""
+    returns how many were copied (files already there are kept).
+
+    Symlinked folders are followed (a dataset root often links its class folders to where they are stored), each
+    real folder once, so a link back up the tree cannot loop. A class (a folder of samples) with no other file is
+    logged as a warning: the copy may be incomplete (a class of MVTec 3D-AD has calibration/ and readme.txt).
+    """
     copied = 0
-    for path in sorted(source.rglob("*")):
-        if path.is_file() and path not in sample_files and not path.name.startswith("."):
-            target = output / path.relative_to(source)
-            if not target.exists():
-                copy_file(path, target)
-                copied += 1
+    others: set[str] = set()  # classes with at least one file besides their samples
+    for path in _files_under(source):
+        if path in sample_files or path.name.startswith("."):
+            continue
+        relative = path.relative_to(source)
+        others.add(relative.parts[0])
+        target = output / relative
+        if not target.exists():
+            copy_file(path, target)
+            copied += 1
+    classes = {path.relative_to(source).parts[0] for path in sample_files}
+    for name in sorted(classes - others):
+        log.warning("%s: no file besides the samples to copy (calibration/, readme.txt): the output class has "
+                    "only the samples", source / name)
     return copied
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, in sorted order, following symlinked folders (each real folder once)."""
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # reached again through a link: already listed (or a loop)
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()
+        files += [Path(folder, name) for name in names if os.path.isfile(os.path.join(folder, name))]
+    return sorted(files)
 
 
 def timed(summary: Summary, start: float) -> Summary:

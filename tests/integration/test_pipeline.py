@@ -227,6 +227,30 @@ def test_sharded_coreset_option_runs(dataset, tmp_path):
     assert list((tmp_path / "spool").iterdir()) == []  # the spool file is anonymous and gone
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["DINO+Point_MAE", "DINO+Point_MAE+add"])
+def test_faiss_search_gives_the_torch_search_metrics(dataset, uff_checkpoint, fitted, tmp_path, method):
+    """--bank_search faiss: the distances equal to float32 rounding, so the image scores to 1e-4 and every metric
+    to a few 1e-4 (measured: AU-PRO 0.66855 -> 0.66844; the 8-bit blur of the maps turns rounding into one level of
+    a pixel now and then)."""
+    exact = json.loads((fitted(method) / "results.json").read_text())["per_class"]["gadget"]
+    faiss = run_main(dataset, tmp_path, *method_flags(method, uff_checkpoint), "--bank_search", "faiss",
+                     "--save_maps")["per_class"]["gadget"]
+    assert faiss.keys() == exact.keys()
+    for metric, value in exact.items():
+        if isinstance(value, float):
+            assert faiss[metric] == pytest.approx(value, abs=2e-3), metric
+    maps, expected = saved_maps(tmp_path), saved_maps(fitted(method))
+    np.testing.assert_allclose(maps["image_scores"], expected["image_scores"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_approximate_options_run(dataset, tmp_path):
+    record = run_main(dataset, tmp_path, "--method_name", "DINO+Point_MAE", "--memory_bank", "multiple",
+                      "--bank_search", "hnsw", "--bank_rows_per_sample", "300", "--coreset_shards", "3")
+    assert record["per_class"]["gadget"]["pixel_rocauc"] > 0.75
+
+
 def test_demo_prepares_its_data_and_settings(tmp_path, monkeypatch):
     from m3dm.app.demo import DEMO_CLASSES, prepare_demo
     from m3dm.data import synthetic

@@ -38,6 +38,7 @@ def refusal(argv: list[str]) -> str:
     (["--f_coreset", "1.5"], "--f_coreset 1.5 is out of range: use a value in (0, 1]"),
     (["--coreset_eps", "1"], "--coreset_eps 1.0 is out of range: use a value in (0, 1)"),
     (["--coreset_shards", "0"], "--coreset_shards 0 is out of range: use an integer of at least 1"),
+    (["--bank_rows_per_sample", "0"], "--bank_rows_per_sample 0 is out of range: use an integer of at least 1"),
     (["--ocsvm_nu", "nan"], "--ocsvm_nu nan is out of range: use a value in (0, 1]"),
     (["--ocsvm_maxiter", "0"], "--ocsvm_maxiter 0 is out of range: use an integer of at least 1"),
     (["--far", "1"], "--far 1.0 is out of range: use a value in [0, 1)"),
@@ -57,9 +58,17 @@ def test_numeric_flags_out_of_range_are_refused_with_the_range(argv, message):
     ["--num_group", "1", "--group_size", "2"], ["--num_group", "8192", "--group_size", "128"],
     ["--num_group", "1024", "--group_size", "1024"], ["--seed", "4294967295"], ["--f_coreset", "1"],
     ["--ocsvm_nu", "1"], ["--far", "0"], ["--max_sample", "0"], ["--rgb_s_lambda", "0"],
+    ["--bank_rows_per_sample", "1", "--bank_search", "hnsw"],
 ])
 def test_values_at_the_ends_of_the_ranges_are_accepted(argv):
     settings_from_flags(build_parser().parse_args(VALID + argv)).validate()
+
+
+@pytest.mark.parametrize("flag, value", [("--bank_search", "faiss"), ("--bank_rows_per_sample", "100")])
+def test_the_bank_options_are_refused_for_methods_without_banks(flag, value):
+    settings = settings_from_flags(build_parser().parse_args(["--method_name", "CFM", flag, value]))
+    with pytest.raises(ValueError, match=f"^{flag} applies to the memory-bank methods"):
+        settings.validate()
 
 
 def test_main_refuses_a_huge_num_group_before_allocating_anything(capsys, tmp_path):

@@ -31,7 +31,9 @@ ADDED_CONFIG_KEYS = {"cfm_epochs", "cfm_batch_size", "cfm_lr", "cfm_seed", "cfm_
                      # G2SF's
                      "num_normal", "num_anomalies", "fusion_batch_size", "lr", "max_epoch", "emb_dim", "n_hidden",
                      "drop_out", "perc", "alpha", "anchor", "magnitude", "margin", "const", "perm", "scaling",
-                     "scoring_mode", "l2", "l1"}
+                     "scoring_mode", "l2", "l1",
+                     # the bank search and the row cap
+                     "bank_search", "bank_rows_per_sample"}
 METHODS = [("DINO", "single"), ("Point_MAE", "single"), ("DINO+Point_MAE", "multiple"),
            ("DINO+Point_MAE+add", "single")]
 
@@ -103,6 +105,34 @@ def test_saved_file_loads_into_the_same_detector(detectors, tmp_path, method):
     assert torch.equal(model.generator_state, torch.Generator().manual_seed(3).get_state())
     with pytest.raises(ModelFileError, match="holds a model of class 'gadget', not 'widget'"):
         load_class_model(path, method, class_name="widget")
+
+
+def test_faiss_search_scores_like_the_torch_search_to_rounding(detectors):
+    detector = detectors["DINO+Point_MAE"]
+    faiss = Detector.from_state(small("DINO+Point_MAE", "multiple", bank_search="faiss"), detector.to_state())
+    patches = detector.modality_patches(features(10))
+    expected, got = detector.modality_scores(patches), faiss.modality_scores(patches)
+    for modality, score in got.items():
+        assert score.score == pytest.approx(expected[modality].score, rel=1e-5)
+        # the reference's blur quantises the map to 8 bits of its peak (the largest patch distance) before
+        # blurring: rounding may move a pixel one level
+        peak = float(detector.banks[modality].score(patches[modality])[1].max())
+        assert float((score.score_map - expected[modality].score_map).abs().max()) <= 1.01 * peak / 255
+
+
+def test_approximate_options_fit_and_score(detectors):
+    exact = detectors["Point_MAE"]
+    approximate = fitted(small("Point_MAE", "single", bank_search="hnsw", bank_rows_per_sample=500))
+    assert approximate.banks["xyz"].rows == 3 * 500 < exact.banks["xyz"].rows
+    for score, score_map in predictions(approximate):
+        assert score > 0 and score_map.shape == (MAP_SIZE, MAP_SIZE) and bool(torch.isfinite(score_map).all())
+    # a subset of the rows, searched approximately: no patch nearer than its nearest row of the whole bank (to the
+    # rounding of the exact search's |x|^2 + |y|^2 - 2 x.y)
+    patches = approximate.banks["xyz"].normalise(features(10).xyz)
+    got = approximate.banks["xyz"].score(features(10).xyz)[1].square()
+    nearest = exact.banks["xyz"].score(features(10).xyz)[1].square()
+    rounding = 1e-5 * (patches.square().sum(dim=1) + exact.banks["xyz"].bank.square().sum(dim=1).max())
+    assert bool((got >= nearest - rounding).all()) and bool((got > nearest + rounding).any())
 
 
 def test_record_layout_is_that_of_version_1():

@@ -13,6 +13,7 @@ from m3dm.memory.coreset import GreedyCoreset, PlainGreedy
 from m3dm.memory.defaults import default_coreset
 from m3dm.memory.screened import ScreenedSearch, bf16_matmul_is_fast
 from m3dm.memory.search import ExactSearch, SharedEmptyRows, nearest_neighbours
+from m3dm.memory.storage import evenly_spaced_rows
 
 
 def filled_bank(seed: int, sizes=(50, 70, 30), dim: int = 40, offset: float = 3.0, **bank_args
@@ -193,6 +194,33 @@ def test_bank_on_disk_equals_the_straightforward_concatenation(tmp_path, n_cores
         bank.release_samples()
         with pytest.raises(RuntimeError, match="not available"):
             bank.sample(0)
+
+
+def test_a_row_cap_builds_the_bank_from_the_capped_rows_and_keeps_the_samples_whole(tmp_path):
+    samples = [torch.from_numpy(clustered(seed, rows=120, dim=48)) for seed in range(3)]
+    samples[1][10:50] = 0  # empty patches, which count as one row
+    mean, std = 0.25, 1.5
+    for spool in (None, tmp_path):
+        bank = MemoryBank("cpu", spool_dir=spool, coreset=default_coreset("cpu"), max_rows_per_sample=30)
+        for sample in samples:
+            bank.add(sample)
+        assert bank.rows == 90 and bank.sample_rows == [120] * 3
+        capped = torch.cat([sample[evenly_spaced_rows(sample, 30)] for sample in samples])
+        expected = (capped - torch.tensor(mean)) / torch.tensor(std)
+        built = bank.finalize(BankRecipe(mean, std, n_coreset=20, random_state=2, keep_samples=True),
+                              progress=False)
+        assert torch.equal(built, expected[default_indices(expected, 20, random_state=2)])
+        assert torch.equal(bank.sample(1), samples[1])  # pass 2 scores the whole sample
+        assert bank.stats() == cpu_bank_of(samples).stats()  # normalised with every row's statistics
+    with pytest.raises(ValueError, match="at least 1"):
+        MemoryBank(max_rows_per_sample=0)
+
+
+def cpu_bank_of(samples: list[torch.Tensor]) -> MemoryBank:
+    bank = cpu_bank()
+    for sample in samples:
+        bank.add(sample)
+    return bank
 
 
 def test_saved_state_scores_exactly_like_the_bank():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from m3dm.memory.storage import NormalisedRows, RunningMoments, SampleStore, rows_without_zeros
+from m3dm.memory.storage import NormalisedRows, RunningMoments, SampleStore, evenly_spaced_rows, rows_without_zeros
 
 
 def store_of(samples: list[torch.Tensor], spool_dir=None) -> SampleStore:
@@ -49,6 +49,20 @@ def test_normalised_rows_equal_normalising_the_concatenation():
     assert torch.equal(NormalisedRows(store, None, None)[0:15], torch.cat(samples))
     with pytest.raises(IndexError):
         rows[0:15:2]
+    subset = torch.tensor([1, 2, 6, 7, 13])
+    some = NormalisedRows(store, mean, std, subset)
+    assert some.shape == (5, 6)
+    assert torch.equal(some[0:5], expected[subset]) and torch.equal(some[1:3], expected[subset[1:3]])
+    assert torch.equal(some[torch.tensor([4, 0])], expected[subset[[4, 0]]])
+
+
+def test_evenly_spaced_rows_count_the_empty_rows_once():
+    patches = torch.arange(1, 21, dtype=torch.float32).repeat(3, 1).T.contiguous()  # 20 distinct rows
+    patches[[0, 3, 4, 5, 9]] = 0  # five empty patches: the first of them, row 0, stands for all
+    assert torch.equal(evenly_spaced_rows(patches, 100), torch.tensor([0, 1, 2, 6, 7, 8, *range(10, 20)]))
+    kept = evenly_spaced_rows(patches, 4)
+    assert torch.equal(kept, torch.tensor([0, 7, 12, 16]))  # every 4th of the 16 candidates, from the first
+    assert torch.equal(evenly_spaced_rows(patches[1:3], 1), torch.tensor([0]))
 
 
 def test_running_moments_equal_the_concatenations():

@@ -1,0 +1,145 @@
+"""Nearest-neighbour search through faiss: its exact search, and its approximate HNSW graph for large classes.
+
+:class:`FaissExactSearch` is what faiss's exact flat index (``IndexFlatL2``) computes, called without building the
+index (``knn_L2sqr``), so the bank is not copied; the bank rows' squared norms are computed once per bank. Like
+``torch.cdist`` it expands ``|x - y|^2 = |x|^2 + |y|^2 - 2 x.y`` and clamps at 0, but with its own BLAS blocks and
+summation order (and, for fewer than 20 queries, a direct sum of squared differences), so its distances equal the
+torch search's to float32 rounding (a few 1e-6 relative), not bit for bit. The torch search
+(:mod:`m3dm.memory.search`) therefore stays the default, the reference's numbers, and the oracle of the tests;
+this one is ``--bank_search faiss`` (measured: benchmarks/README.md).
+
+:class:`HNSWSearch` is approximate: faiss's hierarchical navigable small-world graph over the bank (``IndexHNSWFlat``,
+built with one thread so that the graph, hence every result, is the same in every run). A query may get a row
+that is not its nearest, so a distance may be larger than the exact one; it is the search of the approximate
+mode (``--bank_search hnsw``, docs/approximate.md).
+
+faiss is imported when a search is built; :func:`faiss_available` says whether it can be.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from m3dm.runtime import cpu_threads
+
+HNSW_NEIGHBOURS = 32  # graph links per node (faiss's M): PatchCore-scale banks, recall above 0.9 at ef 64
+HNSW_EF_CONSTRUCTION = 40  # faiss's default candidate list while building
+HNSW_EF_SEARCH = 64  # candidate list per query (faiss's default 16 misses too often on patch features)
+
+
+@functools.cache
+def _faiss() -> ModuleType | None:
+    try:
+        return importlib.import_module("faiss")
+    except ImportError:
+        return None
+
+
+def faiss_available() -> bool:
+    """Whether faiss can be imported (``faiss-cpu`` in requirements.txt)."""
+    return _faiss() is not None
+
+
+def _module() -> ModuleType:
+    faiss = _faiss()
+    if faiss is None:
+        raise RuntimeError("faiss is not installed: pip install faiss-cpu (requirements.txt)")
+    return faiss
+
+
+def _host_rows(rows: torch.Tensor) -> np.ndarray:
+    """Float32 C-contiguous NumPy rows (the tensor's own memory when it already is one on the CPU)."""
+    if rows.device.type != "cpu":
+        raise ValueError(f"the faiss searches run on the CPU; the rows are on {rows.device}")
+    return np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
+
+
+def _as_result(squared: np.ndarray, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """faiss's ``(P, 1)`` squared distances and labels as the search strategies return them."""
+    distances = torch.from_numpy(squared[:, 0]).clamp_min_(0).sqrt_()
+    return distances, torch.from_numpy(index[:, 0]).to(torch.long)
+
+
+class FaissExactSearch:
+    """Exact nearest bank row through faiss (``IndexFlatL2``'s computation, no copy of the bank); first index on
+    ties, as the torch search. Runs on the caller's torch thread count; CPU banks only."""
+
+    def __init__(self) -> None:
+        self.bank: torch.Tensor | None = None
+        self._rows: np.ndarray | None = None
+        self._norms: np.ndarray | None = None
+
+    def fit(self, bank: torch.Tensor) -> FaissExactSearch:
+        faiss = _module()
+        self.bank = bank
+        self._rows = _host_rows(bank)
+        self._norms = np.empty(self._rows.shape[0], dtype=np.float32)
+        faiss.fvec_norms_L2sqr(faiss.swig_ptr(self._norms), faiss.swig_ptr(self._rows), self._rows.shape[1],
+                               self._rows.shape[0])
+        return self
+
+    def search(self, queries: torch.Tensor, empty: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None or self._norms is None:
+            raise RuntimeError("FaissExactSearch.search before fit")
+        if self._rows.shape[0] == 0:
+            raise ValueError("FaissExactSearch: the bank is empty")
+        faiss = _module()
+        x = _host_rows(queries)
+        if x.shape[1] != self._rows.shape[1]:
+            raise ValueError(f"queries {x.shape} do not match the bank's dim {self._rows.shape[1]}")
+        squared = np.empty((x.shape[0], 1), dtype=np.float32)
+        index = np.empty((x.shape[0], 1), dtype=np.int64)
+        if x.shape[0]:
+            faiss.omp_set_num_threads(torch.get_num_threads())
+            faiss.knn_L2sqr(faiss.swig_ptr(x), faiss.swig_ptr(self._rows), x.shape[1], x.shape[0],
+                            self._rows.shape[0], 1, faiss.swig_ptr(squared), faiss.swig_ptr(index),
+                            faiss.swig_ptr(self._norms))
+        return _as_result(squared, index)
+
+
+class HNSWSearch:
+    """Approximate nearest bank row: faiss's HNSW graph (``neighbours`` links per node, ``ef_search`` candidates
+    per query), built at the first search after ``fit`` with one thread (the same graph in every run) and
+    searched with the caller's torch thread count. Holds a copy of the bank inside the graph."""
+
+    def __init__(self, neighbours: int = HNSW_NEIGHBOURS, ef_search: int = HNSW_EF_SEARCH,
+                 ef_construction: int = HNSW_EF_CONSTRUCTION) -> None:
+        self.neighbours, self.ef_search, self.ef_construction = neighbours, ef_search, ef_construction
+        self.bank: torch.Tensor | None = None
+        self._index: Any = None  # a faiss.IndexHNSWFlat (faiss ships no type information)
+
+    def fit(self, bank: torch.Tensor) -> HNSWSearch:
+        _module()  # fail here, not at the first search, when faiss is missing
+        self.bank, self._index = bank, None
+        return self
+
+    def _build(self, bank: torch.Tensor) -> Any:
+        faiss = _module()
+        rows = _host_rows(bank)
+        index = faiss.IndexHNSWFlat(rows.shape[1], self.neighbours)
+        index.hnsw.efConstruction = self.ef_construction
+        with cpu_threads(1):  # parallel insertion would make the graph depend on the threads' timing
+            faiss.omp_set_num_threads(1)
+            index.add(rows)
+        return index
+
+    def search(self, queries: torch.Tensor, empty: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bank is None:
+            raise RuntimeError("HNSWSearch.search before fit")
+        if self.bank.shape[0] == 0:
+            raise ValueError("HNSWSearch: the bank is empty")
+        if self._index is None:
+            self._index = self._build(self.bank)
+        x = _host_rows(queries)
+        self._index.hnsw.efSearch = self.ef_search
+        _module().omp_set_num_threads(torch.get_num_threads())
+        squared, index = self._index.search(x, 1)
+        return _as_result(squared, index)
