@@ -227,7 +227,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child process: one N
     parser.add_argument("--code", default="today", help=argparse.SUPPRESS)
+    parser.add_argument("--table", nargs="+", default=None, help="only print the table of these --json files")
     args = parser.parse_args()
+    if args.table:
+        results = [result for name in args.table for result in json.loads(Path(name).read_text())]
+        print_table(sorted(results, key=lambda r: (r["code"] != "today", r["samples"])))
+        return
     if args.one is not None:
         baseline = None if args.code == "today" else args.code
         print(json.dumps(one_run(args.one, args.threads, baseline, args.spool)))
@@ -245,6 +250,8 @@ def main() -> None:
                            "--threads", str(args.threads)] + (["--spool", args.spool] if args.spool else [])
                 child = subprocess.run(command, check=True, capture_output=True, text=True)
                 results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+                if args.json:  # written as each run ends: an interrupted run keeps what it measured
+                    Path(args.json).write_text(json.dumps(results, indent=1))
                 print(f"N = {samples}, {code}: " + ", ".join(
                     f"{stage} {row['cpu']:.1f} s CPU" for stage, row in results[-1]["stages"].items()), flush=True)
     finally:
@@ -252,8 +259,6 @@ def main() -> None:
             proc.kill()
             proc.wait()
     print_table(sorted(results, key=lambda r: (r["code"] != "today", r["samples"])))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
