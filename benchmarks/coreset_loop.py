@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,32 +45,41 @@ LATENT, NOISE, SHARE = 4, 0.05, 0.1
 REPO = Path(__file__).resolve().parents[1]
 
 
-def patch_bank(samples: int, grid: int, dim: int, empty: float, seed: int = 0) -> torch.Tensor:
-    """``samples * grid**2`` float32 patch rows (see the module docstring)."""
+def patch_images(samples: int, grid: int, dim: int, empty: float, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Each image's ``grid**2`` float32 patch rows in turn (see the module docstring); its empty patches are drawn
+    with it, so a bank of any size can be built one image at a time."""
     generator = torch.Generator().manual_seed(seed)
     v, u = torch.meshgrid(torch.linspace(0, 1, grid), torch.linspace(0, 1, grid), indexing="ij")
     freq = 12 * math.pi * torch.rand(LATENT, 2, 1, 1, generator=generator)
     hidden = torch.randn(LATENT, 64, generator=generator)
     out = torch.randn(64, dim, generator=generator) / 8
-    images = []
     for _ in range(samples):
         phase = 2 * math.pi * torch.rand(LATENT, 1, 1, generator=generator)
         latent = torch.sin(freq[:, 0] * u + freq[:, 1] * v + phase).reshape(LATENT, -1).T
         features = torch.tanh(latent @ hidden) @ out
-        images.append(features + NOISE * torch.randn(features.shape, generator=generator))
-    bank = torch.cat(images)
-    bank[torch.rand(bank.shape[0], generator=generator) < empty] = 0
-    return bank
+        features += NOISE * torch.randn(features.shape, generator=generator)
+        features[torch.rand(features.shape[0], generator=generator) < empty] = 0
+        yield features
 
 
-def baseline_selection(commit: str):
-    """``PrunedGreedy`` of m3dm/memory/coreset.py at ``commit``, loaded as a module of its own."""
+def patch_bank(samples: int, grid: int, dim: int, empty: float, seed: int = 0) -> torch.Tensor:
+    """``samples * grid**2`` float32 patch rows (see the module docstring)."""
+    return torch.cat(list(patch_images(samples, grid, dim, empty, seed)))
+
+
+def baseline_module(commit: str) -> types.ModuleType:
+    """m3dm/memory/coreset.py at ``commit``, loaded as a module of its own."""
     source = subprocess.run(["git", "show", f"{commit}:m3dm/memory/coreset.py"], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout
     module = types.ModuleType(f"coreset_at_{commit}")
     sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(source, f"coreset.py@{commit}", "exec"), module.__dict__)
-    return module.PrunedGreedy()
+    return module
+
+
+def baseline_selection(commit: str):
+    """``PrunedGreedy`` of m3dm/memory/coreset.py at ``commit``."""
+    return baseline_module(commit).PrunedGreedy()
 
 
 def burners(count: int) -> list[subprocess.Popen]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from sklearn.random_projection import SparseRandomProjection
 from tqdm import tqdm
@@ -109,7 +110,10 @@ class CentreScreen:
     (an orthogonal projection never lengthens a vector) less an allowance for float32 rounding, so a centre it
     rules out is truly that far; only the centres it cannot rule out get their exact distance computed. Every
     row's coordinates are computed up front in a few large products (any row may become a centre), so adding a
-    centre is a copy, not half a dozen small operations per step.
+    centre is a copy, not half a dozen small operations per step. A step screens every centre with one
+    matrix-vector product in float64 (squared distances from the coordinates' norms; their rounding, ~1e-14 of a
+    squared norm, is far inside the allowance) against each centre's reach, its threshold plus its allowance,
+    which the caller updates only where a threshold changed.
     """
 
     def __init__(self, reduced: torch.Tensor, capacity: int) -> None:
@@ -127,24 +131,39 @@ class CentreScreen:
             torch.mm(offset, basis, out=self.row_coords[start:start + offset.shape[0]])
             self.row_allowance[start:start + offset.shape[0]] = SCREEN_ALLOWANCE * torch.linalg.vector_norm(
                 offset, dim=1)
-        self.coords = torch.empty((capacity, dims), dtype=torch.float32)
-        self.allowance = torch.empty(capacity, dtype=torch.float32)
+        self.row_coords_np = self.row_coords.numpy()
+        self.row_allowance_np = self.row_allowance.numpy()
+        self.coords = torch.empty((capacity, dims), dtype=torch.float64)
+        self.coords_np = self.coords.numpy()
+        self.square_norm_t = torch.empty(capacity, dtype=torch.float64)
+        self.square_norm = self.square_norm_t.numpy()
+        self.allowance = np.empty(capacity, dtype=np.float64)
+        self.reach = np.empty(capacity, dtype=np.float64)
 
     def add(self, index: int, row: int) -> None:
-        """Row ``row`` of the bank becomes centre ``index``."""
+        """Row ``row`` of the bank becomes centre ``index`` (threshold 0 until ``set_thresholds``)."""
         if not self.active:
             return
-        self.coords[index] = self.row_coords[row]
-        self.allowance[index] = self.row_allowance[row]
+        coords = self.coords_np[index]
+        coords[:] = self.row_coords_np[row]
+        self.square_norm[index] = coords @ coords
+        self.allowance[index] = self.reach[index] = self.row_allowance_np[row]
 
-    def possibly_within(self, k: int, thresholds: torch.Tensor) -> torch.Tensor:
-        """Indices ``i < len(thresholds)`` of the centres that may lie closer than ``thresholds[i]`` to centre k."""
-        count = thresholds.shape[0]
+    def set_thresholds(self, indices: np.ndarray | int, thresholds: np.ndarray | float) -> None:
+        """The thresholds of the centres at ``indices`` (each centre's, until changed)."""
+        if self.active:
+            self.reach[indices] = self.allowance[indices] + thresholds
+
+    def possibly_within(self, k: int, count: int) -> np.ndarray:
+        """Indices ``i < count`` of the centres that may lie closer than their threshold to centre k."""
         if not self.active:
-            return torch.arange(count)
-        lower = torch.linalg.vector_norm(self.coords[:count] - self.coords[k], dim=1)
-        lower -= self.allowance[:count] + self.allowance[k]
-        return (lower < thresholds).nonzero().squeeze(1)
+            return np.arange(count)
+        # |c_i - c_k|^2 - |c_k|^2 = |c_i|^2 - 2 c_i.c_k, in one product; compared with reach^2 - |c_k|^2
+        square = torch.addmv(self.square_norm_t[:count], self.coords[:count], self.coords[k], alpha=-2).numpy()
+        limit = np.add(self.reach[:count], self.allowance[k])
+        limit *= limit
+        limit -= self.square_norm[k]
+        return np.flatnonzero(square < limit)
 
 
 @dataclass(frozen=True)
@@ -158,6 +177,14 @@ class PrunedGreedy:
     where the bound cannot decide). The test carries a 1 % margin, far above float16 rounding, so the skipped
     rows are exactly those whose minimum the plain loop would leave unchanged; the rows that are computed use
     the plain loop's CPU arithmetic. Hence the indices are identical, at a cost that falls as clusters shrink.
+    (The distances between centres and the screen are float32/float64 arithmetic of their own: any rounding of
+    theirs is far inside that margin, so it can change which rows are checked, never which rows get closer.)
+
+    A step touches only the rows of the clusters it opens (each cluster's rows are kept as a list,
+    :class:`Clusters`), screens every centre with one matrix-vector product and takes one pass over the running
+    minima for the farthest row; its bookkeeping (a few dozen operations on some hundred values) is NumPy, whose
+    calls cost a fraction of torch's. On MVTec-sized banks about a hundred rows per step are candidates, so
+    these fixed costs, not the distances, set the time (benchmarks/scaling.py).
 
     The loop runs on ``LOOP_THREADS`` torch threads (one), whatever the caller set, and restores the caller's
     count after it: each step is a few dozen small operations, which a second thread barely speeds up on an idle
@@ -175,47 +202,100 @@ class PrunedGreedy:
 
     @staticmethod
     def _select(reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
+        # the distances of the rows that may get closer are the plain loop's torch arithmetic; the rest is NumPy
         count = max(n, 1)
-        centres = torch.empty((count, reduced.shape[1]), dtype=torch.float32)
-        radius = torch.zeros(count, dtype=torch.float32)
-        assign = torch.zeros(reduced.shape[0], dtype=torch.long)
-        selected = torch.zeros(count, dtype=torch.long)
-        running = min_dist.float()  # the float16 minima, exactly: float32 compares and argmaxes several times faster
+        rows16 = reduced.numpy()
+        centres = np.empty((count, reduced.shape[1]), dtype=np.float32)
+        radius = np.zeros(count, dtype=np.float32)
+        selected = np.zeros(count, dtype=np.int64)
+        running = min_dist.float().numpy()  # the float16 minima, exactly: float32 compares and argmaxes faster
         screen = CentreScreen(reduced, count)
-        centres[0] = reduced[0].float()
+        centres[0] = rows16[0]
         screen.add(0, 0)
-        radius[0] = float("inf")  # the first update (against row 0 again, as the reference) checks every row
-        factor = 2.0 * (1.0 + PRUNE_SLACK)
-        centre_dist = torch.full((count,), float("inf"))  # this step's distances to the open clusters' centres
+        radius[0] = np.inf  # the first update (against row 0 again, as the reference) checks every row
+        screen.set_thresholds(0, np.inf)
+        clusters = Clusters(reduced.shape[0])
+        factor = np.float32(2.0 * (1.0 + PRUNE_SLACK))
         last = 0  # the row of the most recently selected centre
         for step in tqdm(range(1, n), desc="coreset", disable=not progress, leave=False):
             k = step - 1  # the most recently selected centre; its distances are taken now, as in the reference
-            thresholds = factor * radius[:step]
-            near = screen.possibly_within(k, thresholds)
-            near_dist = torch.linalg.vector_norm(centres[near] - centres[k], dim=1)
-            is_open = near_dist < thresholds[near]
-            opened = near[is_open]
+            near = screen.possibly_within(k, step)
+            offsets = centres[near] - centres[k]
+            near_dist = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
+            is_open = near_dist < factor * radius[near]
             # (the newest cluster, k, has no rows yet, hence radius 0: never open; except row 0's at step 1, radius inf)
-            centre_dist[opened] = near_dist[is_open]
-            row_centre_dist = centre_dist[assign]
-            members = (row_centre_dist < float("inf")).nonzero().squeeze(1)  # every row of an open cluster
-            candidates = row_centre_dist[members] < factor * running[members]
-            rows = members[candidates]
-            new = row_distances(reduced[rows], reduced[last:last + 1]).float()
-            closer = new < running[rows]
-            moved = rows[closer]
-            running[moved] = new[closer]
-            assign[moved] = k
-            # the largest running minimum of every open cluster (all their rows are in `members`)
-            radius[opened] = 0
-            radius.scatter_reduce_(0, assign[members], running[members], reduce="amax")
-            centre_dist[opened] = float("inf")
-            last = int(torch.argmax(running))
+            opened = near[is_open]
+            rows, gap = clusters.rows_of(opened, near_dist[is_open])
+            candidates = np.flatnonzero(gap < factor * running[rows])
+            checked = rows[candidates]
+            new = row_distances(torch.from_numpy(rows16[checked]), reduced[last:last + 1]).numpy().astype(np.float32)
+            closer = new < running[checked]
+            moved = candidates[closer]
+            running[checked[closer]] = new[closer]
+            # the largest running minimum of every open cluster, and of the newest (all their rows are in `rows`)
+            radius[opened] = largest = clusters.move(moved, k, running)
+            screen.set_thresholds(opened, factor * largest)
+            if moved.size:
+                radius[k] = max(radius[k], new[closer].max())
+                screen.set_thresholds(k, factor * radius[k])
+            last = int(np.argmax(running))  # the first of the farthest rows, as torch.argmax
             running[last] = 0
             selected[step] = last
-            centres[step] = reduced[last].float()
+            centres[step] = rows16[last]
             screen.add(step, last)
-        return selected
+        return torch.from_numpy(selected)
+
+
+class Clusters:
+    """The rows nearest to each selected centre so far (each centre's cluster), kept as one index array per centre.
+
+    A greedy step can only move rows of the clusters it opens, all to the newest centre, so after each step the open
+    clusters' lists are rebuilt from the rows they kept: the lists stay exact and a step touches only the rows of the
+    clusters it opens (no pass over the whole bank to find them).
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.members = [np.arange(rows)]  # every row starts nearest to row 0, the first centre
+        self._open = np.empty(0, dtype=np.int64)
+        self._rows = np.empty(0, dtype=np.int64)
+        self._segment: np.ndarray | None = None  # each row's place in `_open` (None: one open cluster)
+
+    def rows_of(self, opened: np.ndarray, centre_dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every row of the ``opened`` clusters, and each row's centre's distance (``centre_dist`` per cluster)."""
+        self._open = opened
+        if opened.size == 1:
+            self._rows, self._segment = self.members[opened[0]], None
+            return self._rows, np.broadcast_to(centre_dist, self._rows.shape)
+        parts = [self.members[c] for c in opened.tolist()]
+        self._rows = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        self._segment = np.repeat(np.arange(len(parts)), [part.size for part in parts])
+        return self._rows, centre_dist[self._segment]
+
+    def move(self, moved: np.ndarray, centre: int, running: np.ndarray) -> np.ndarray:
+        """The rows at positions ``moved`` of the last ``rows_of`` join ``centre``'s cluster; returns the largest
+        ``running`` value left in each open cluster (0 for an emptied one)."""
+        stays = np.ones(self._rows.size, dtype=bool)
+        stays[moved] = False
+        kept = self._rows[stays]
+        largest = np.zeros(self._open.size, dtype=np.float32)
+        if self._segment is None:
+            if self._open.size:
+                self.members[self._open[0]] = kept
+                largest[0] = running[kept].max() if kept.size else 0
+        else:
+            sizes = np.bincount(self._segment[stays], minlength=self._open.size)
+            bounds = np.cumsum(sizes)
+            filled = sizes > 0
+            if kept.size:
+                largest[filled] = np.maximum.reduceat(running[kept], (bounds - sizes)[filled])
+            for cluster, start, stop in zip(self._open.tolist(), (bounds - sizes).tolist(), bounds.tolist()):
+                self.members[cluster] = kept[start:stop]
+        joined = self._rows[moved]
+        if centre < len(self.members):  # step 1: the first centre is row 0 again, its own cluster
+            self.members[centre] = np.concatenate((self.members[centre], joined))
+        else:
+            self.members.append(joined)
+        return largest
 
 
 def first_occurrences(reduced: torch.Tensor, min_share: float = MIN_COPY_SHARE) -> torch.Tensor | None:
