@@ -274,14 +274,18 @@ def test_threshold_overrides(dataset, fitted, tmp_path):
 
 
 def test_the_command_starts(capsys):
-    # one new process, for the shim `python -m m3dm.predict` (each pays torch's import: seconds, more on a busy
-    # machine); m3dm.app.predict's own main, which `python -m m3dm.app.predict` runs, in this one
+    # m3dm.app.predict's own main, which `python -m m3dm.app.predict` runs, in this process
+    with pytest.raises(SystemExit) as done:
+        predict.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--model" in out and "--quiet" in out
+
+
+@pytest.mark.slow  # a new process pays the import of torch, timm and the whole app: 9-12 s CPU
+def test_the_shim_starts_in_a_new_process():
     run = subprocess.run([sys.executable, "-m", "m3dm.predict", "--help"], cwd=PROJECT_ROOT, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and "--model" in run.stdout and "--quiet" in run.stdout
-    with pytest.raises(SystemExit) as done:
-        predict.main(["--help"])
-    assert done.value.code == 0 and "--model" in capsys.readouterr().out
 
 
 @pytest.mark.slow

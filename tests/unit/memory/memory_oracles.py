@@ -30,10 +30,12 @@ def numpy_coreset(features: np.ndarray, n: int, seed, fp16: bool) -> list[int]:
     min_dist = np.linalg.norm(proj - proj[0], axis=1)
     bank = proj
     if fp16:
-        bank, min_dist = to_half_like_torch(proj), to_half_like_torch(min_dist)
+        # float16 values held in float32 (exactly): a float16 difference is NumPy's float32 difference rounded once
+        # to float16, which the loop below does on whole arrays, several times faster than NumPy's float16 loop
+        bank, min_dist = to_half_like_torch(proj).astype(np.float32), to_half_like_torch(min_dist)
     chosen, last = [0], bank[0]
     for _ in range(n - 1):
-        diff = bank - last  # float16 arithmetic when fp16
+        diff = (bank - last).astype(np.float16) if fp16 else bank - last  # float16 arithmetic when fp16
         dist = np.sqrt(np.sum(diff.astype(np.float64) ** 2, axis=1))
         min_dist = np.minimum(min_dist, to_half_like_torch(dist) if fp16 else dist)
         index = int(np.argmax(min_dist))

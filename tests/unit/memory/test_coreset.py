@@ -79,11 +79,11 @@ def test_coreset_float16_ties_follow_the_reference(seed):
 
 def test_coreset_block_size_does_not_change_the_selection():
     x = torch.from_numpy(clustered(4))
-    whole = default_indices(x, 50, random_state=3)
+    whole = default_indices(x, 20, random_state=3)  # 20 steps: blocks of one row take one operation per row each
     for block_rows in (None, 1, 37, 599):
         for selection in (PlainGreedy(block_rows), DropCopies(PlainGreedy(block_rows))):
             coreset = GreedyCoreset(selection, "cpu")
-            assert torch.equal(coreset.select(x, 50, random_state=3, progress=False), whole)
+            assert torch.equal(coreset.select(x, 20, random_state=3, progress=False), whole)
 
 
 def test_coreset_is_a_k_center_sequence():
@@ -146,21 +146,29 @@ def test_coreset_needs_a_non_empty_bank():
 
 # -- the fast exact selections: the same indices as the plain loop ---------------------------------------------
 
-@pytest.mark.parametrize("seed,offset", [pytest.param(0, 0.0, marks=pytest.mark.slow), (1, 0.0), (2, 300.0)])
-def test_pruned_cpu_coreset_selects_exactly_what_the_plain_loop_selects(seed, offset):
+@pytest.mark.parametrize("seed,offset,size,n", [pytest.param(0, 0.0, 6000, 700, marks=pytest.mark.slow),
+                                                 (1, 0.0, 3000, 300), (2, 300.0, 3000, 300)])
+def test_pruned_cpu_coreset_selects_exactly_what_the_plain_loop_selects(seed, offset, size, n, monkeypatch):
     """The triangle-inequality pruning (CPU default) must not change a single index, also where the rows lie
     far from the origin compared with their spread (float32 rounding of the centre screen is largest there)."""
     generator = torch.Generator().manual_seed(seed)
     centres = torch.randn(40, 256, generator=generator) * 3
-    rows = centres[torch.randint(0, 40, (6000,), generator=generator)] + offset
-    rows = rows + 0.3 * torch.randn(6000, 256, generator=generator)
+    rows = centres[torch.randint(0, 40, (size,), generator=generator)] + offset
+    rows = rows + 0.3 * torch.randn(size, 256, generator=generator)
     rows[::7] = 0  # empty patches, as in xyz banks
     rows[1::11] = rows[2::11][: len(rows[1::11])]  # duplicates
     select = lambda selection: GreedyCoreset(selection, "cpu").select(
-        rows, 700, random_state=seed, progress=False)
-    pruned = default_indices(rows, 700, random_state=seed)
-    assert torch.equal(pruned, select(DropCopies(PlainGreedy(block_rows=4096))))
-    assert torch.equal(select(PrunedGreedy()), select(PlainGreedy()))  # every row, copies included
+        rows, n, random_state=seed, progress=False)
+    pruned = default_indices(rows, n, random_state=seed)
+    assert torch.equal(pruned, select(DropCopies(PlainGreedy(block_rows=1024))))  # several blocks
+    computed = []  # rows whose distance to the newest centre the pruned loop computes
+    distances = coreset_module.row_distances
+    monkeypatch.setattr(coreset_module, "row_distances",
+                        lambda block, last: (computed.append(len(block)), distances(block, last))[1])
+    every_row_pruned = select(PrunedGreedy())
+    monkeypatch.undo()
+    assert torch.equal(every_row_pruned, select(PlainGreedy()))  # every row, copies included
+    assert sum(computed) < 0.25 * size * (n - 1)  # the pruning skipped most rows: it was put to the test
 
 
 def test_pruned_coreset_selecting_most_rows_selects_exactly_what_the_plain_loop_selects():
