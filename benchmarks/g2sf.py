@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from functools import wraps
 from pathlib import Path
 from unittest.mock import patch
@@ -33,6 +34,22 @@ from cfm import state_bytes
 from pipeline import MemoryTimer, rss_gb
 
 FULL = {"num_anomalies": 800, "max_epoch": 80, "fusion_batch_size": 8192}
+
+
+class CpuMemoryTimer(MemoryTimer):
+    """MemoryTimer that also adds up the process's CPU seconds per stage (all threads: on a machine shared with
+    other jobs, what the stage cost, where wall-clock seconds also count the waits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.process_time()
+        with super().__call__(stage):
+            yield
+        self.cpu[stage] += time.process_time() - start
 
 
 class Probes:
@@ -68,11 +85,11 @@ def balanced_draw(labels, batch: int, generator):
     return torch.multinomial(weights, batch, replacement=True, generator=generator)
 
 
-def full_batch_steps(trainer, batch: int, steps: int) -> tuple[float, float]:
-    """Median seconds of one training step (every loss, backward, both Adam steps) and of one validation step (the
-    nearest rows' fused distance, separation and margin losses, no gradient) at ``batch`` training rows drawn
-    with replacement. Run after the class's fit on a copy of its optimiser set-up: the fitted LSPN is not used
-    afterwards by this script's numbers (its scores were computed before)."""
+def full_batch_steps(trainer, batch: int, steps: int) -> dict[str, float]:
+    """Median wall and CPU seconds of one training step (every loss, backward, both Adam steps) and of one
+    validation step (the nearest rows' fused distance, separation and margin losses, no gradient) at ``batch``
+    training rows drawn with replacement. Run after the class's fit and test (their numbers are taken already),
+    on the trained LSPN with fresh optimisers."""
     import statistics
 
     import torch
@@ -83,11 +100,11 @@ def full_batch_steps(trainer, batch: int, steps: int) -> tuple[float, float]:
     net_optimiser = torch.optim.Adam(trainer.net.parameters(), lr=s.lr, weight_decay=1e-4)
     global_optimiser = torch.optim.Adam([trainer.raw_global], lr=5e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
-    train_s, val_s = [], []
+    times: dict[str, list[float]] = defaultdict(list)
     for _ in range(steps):
         idx = trainer.train_idx[balanced_draw(trainer.rows.labels[trainer.train_idx], batch, generator)]
         trainer.net.train()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         terms = trainer.losses(idx)
         total = torch.stack([s.weights[k] * v for k, v in terms.items()]).sum()
         net_optimiser.zero_grad()
@@ -95,16 +112,18 @@ def full_batch_steps(trainer, batch: int, steps: int) -> tuple[float, float]:
         total.backward()
         net_optimiser.step()
         global_optimiser.step()
-        train_s.append(time.perf_counter() - start)
+        times["step_s"].append(time.perf_counter() - start)
+        times["step_cpu_s"].append(time.process_time() - cpu)
         trainer.net.eval()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             features, labels, cores = trainer._batch(idx)
             nearest = trainer._distance(features, cores[0])
             separation_loss(nearest.value, labels, trainer.margin, s.alpha, weighted=False)
             margin_loss(nearest.value, labels, s.perc)
-        val_s.append(time.perf_counter() - start)
-    return statistics.median(train_s), statistics.median(val_s)
+        times["val_step_s"].append(time.perf_counter() - start)
+        times["val_step_cpu_s"].append(time.process_time() - cpu)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def probe_g2sf(probes: Probes) -> None:
@@ -123,7 +142,8 @@ def probe_g2sf(probes: Probes) -> None:
     probes.wrap(LSPNTraining, "run", "g2sf: LSPN training")
 
 
-def fit_and_test(method: str, data: Path, args, vit: str, groups: tuple[int, int], timer: MemoryTimer, tmp: str):
+def fit_and_test(method: str, data: Path, args, vit: str, groups: tuple[int, int], timer: CpuMemoryTimer,
+                 tmp: str):
     """One method's fit and test on ``data`` with its own extractor; returns its row of the table."""
     from m3dm.app.run import ClassRun
     from m3dm.config import METHODS as SPECS
@@ -148,6 +168,7 @@ def fit_and_test(method: str, data: Path, args, vit: str, groups: tuple[int, int
     extractor = FeatureExtractor(rgb, point, device="cpu", seed=0)
     timer.seconds.clear()
     timer.peak.clear()
+    timer.cpu.clear()
     probes = Probes(timer)
     if method == "G2SF":
         probe_g2sf(probes)
@@ -160,7 +181,8 @@ def fit_and_test(method: str, data: Path, args, vit: str, groups: tuple[int, int
         result = run.evaluate()
         test = time.perf_counter() - start
     row = {"method": method, "groups": groups, "fit_s": fit, "test_s": test, "n_test": len(result.labels),
-           "stages": dict(timer.seconds), "peaks": dict(timer.peak), "calls": dict(probes.calls),
+           "stages": dict(timer.seconds), "cpu": dict(timer.cpu), "peaks": dict(timer.peak),
+           "calls": dict(probes.calls),
            "peak_rss_gb": max(timer.peak.values()), "model_mb": state_bytes(run.detector.to_state()) / 2**20,
            "metrics": result.metrics}
     if method == "G2SF":
@@ -170,7 +192,7 @@ def fit_and_test(method: str, data: Path, args, vit: str, groups: tuple[int, int
                    train_batches=len(trainer.train_idx) // trainer.batch,
                    val_batches=len(trainer.val_idx) // trainer.batch)
         if args.full_batch:
-            row["step_s"], row["val_step_s"] = full_batch_steps(trainer, args.full_batch, args.full_batch_steps)
+            row.update(full_batch_steps(trainer, args.full_batch, args.full_batch_steps))
     return row
 
 
@@ -184,36 +206,40 @@ def print_rows(rows: list[dict], args) -> None:
           f"{g2sf['test_s'] / m3dm['test_s']:.2f}x, fit + test "
           f"{(g2sf['fit_s'] + g2sf['test_s']) / (m3dm['fit_s'] + m3dm['test_s']):.2f}x")
     for row in rows:
-        print(f"\n{row['method']}: stage, seconds, calls, peak RSS GB")
+        print(f"\n{row['method']}: stage, wall s, CPU s, calls, peak RSS GB")
         for stage, seconds in row["stages"].items():
-            print(f"  {stage:<44}{seconds:>9.2f}{row['calls'].get(stage, ''):>6}{row['peaks'].get(stage, 0):>8.2f}")
-        print(f"  metrics (random weights): { {k: round(v, 3) for k, v in row['metrics'].items()} }")
+            print(f"  {stage:<44}{seconds:>9.2f}{row['cpu'].get(stage, 0):>9.2f}{row['calls'].get(stage, ''):>6}"
+                  f"{row['peaks'].get(stage, 0):>8.2f}")
+        print(f"  metrics (random weights): {row['metrics']}")
 
 
 def extrapolate(g2sf: dict, args) -> None:
-    """The LSPN's epoch at the reference's configuration, from this run's rows per pseudo-anomaly and the timed
-    full-batch steps (an extrapolation, not a measurement)."""
-    stages = g2sf["stages"]
-    epoch_s = stages["g2sf: LSPN training"] / args.max_epoch
-    per_anomaly = g2sf["rows"] / args.num_anomalies
-    print(f"\nLSPN: {g2sf['rows']} fusion rows ({g2sf['anomalous']} anomalous, {per_anomaly:.0f} per pseudo sample, "
-          f"{g2sf['rows_mb']:.1f} MB), batch {g2sf['lspn_batch']}, {g2sf['train_batches']} training + "
-          f"{g2sf['val_batches']} validation batches an epoch: {epoch_s:.2f} s an epoch (measured)")
+    """The stages that grow with the pseudo-anomalies and the LSPN's epoch at the reference's configuration, from
+    this run's per-sample figures and the timed full-batch steps (an extrapolation, not a measurement); wall and
+    CPU seconds (on a machine shared with other jobs the CPU seconds are what the work costs)."""
     n = FULL["num_anomalies"]
-    synth = stages["g2sf: pseudo-anomaly synthesis"] / args.num_anomalies
-    extract = (stages["g2sf: pseudo extract + rows"] - stages["g2sf: fusion rows"]) / args.num_anomalies
+    per_anomaly = g2sf["rows"] / args.num_anomalies
     rows_full = per_anomaly * n
-    print(f"Extrapolated to {n} pseudo-anomalies (the reference's --num_anomalies): synthesis {synth * n / 60:.1f} min "
-          f"({synth:.2f} s each), their extraction {extract * n / 60:.1f} min ({extract:.2f} s each), "
-          f"{rows_full / 1e6:.2f} M fusion rows = {g2sf['rows_mb'] / g2sf['rows'] * rows_full / 1024:.1f} GB")
-    if "step_s" in g2sf:
-        batch = args.full_batch
-        train_batches, val_batches = int(rows_full - rows_full // 2) // batch, int(rows_full // 2) // batch
-        epoch = train_batches * g2sf["step_s"] + val_batches * g2sf["val_step_s"]
-        print(f"At batch {batch}: a training step {g2sf['step_s']:.2f} s, a validation step "
-              f"{g2sf['val_step_s']:.2f} s (measured, median of {args.full_batch_steps}); extrapolated epoch of "
-              f"{train_batches} + {val_batches} batches {epoch / 60:.1f} min, {FULL['max_epoch']} epochs "
-              f"{epoch * FULL['max_epoch'] / 3600:.1f} h")
+    for clock, stages in (("wall", g2sf["stages"]), ("CPU", g2sf["cpu"])):
+        epoch_s = stages["g2sf: LSPN training"] / args.max_epoch
+        synth = stages["g2sf: pseudo-anomaly synthesis"] / args.num_anomalies
+        extract = (stages["g2sf: pseudo extract + rows"] - stages["g2sf: fusion rows"]) / args.num_anomalies
+        print(f"\n[{clock}] LSPN: {g2sf['rows']} fusion rows ({g2sf['anomalous']} anomalous, {per_anomaly:.0f} per "
+              f"pseudo sample, {g2sf['rows_mb']:.1f} MB), batch {g2sf['lspn_batch']}, {g2sf['train_batches']} "
+              f"training + {g2sf['val_batches']} validation batches an epoch: {epoch_s:.2f} s an epoch (measured)")
+        print(f"[{clock}] extrapolated to {n} pseudo-anomalies: synthesis {synth * n / 60:.1f} min ({synth:.2f} s "
+              f"each), their extraction {extract * n / 60:.1f} min ({extract:.2f} s each), {rows_full / 1e6:.2f} M "
+              f"fusion rows = {g2sf['rows_mb'] / g2sf['rows'] * rows_full / 1024:.1f} GB")
+        suffix = "_s" if clock == "wall" else "_cpu_s"
+        if "step" + suffix in g2sf:
+            batch = args.full_batch
+            train_batches, val_batches = int(rows_full - rows_full // 2) // batch, int(rows_full // 2) // batch
+            step, val_step = g2sf["step" + suffix], g2sf["val_step" + suffix]
+            epoch = train_batches * step + val_batches * val_step
+            print(f"[{clock}] at batch {batch}: a training step {step:.2f} s, a validation step {val_step:.2f} s "
+                  f"(measured, median of {args.full_batch_steps}); extrapolated epoch of {train_batches} + "
+                  f"{val_batches} batches {epoch / 60:.1f} min, {FULL['max_epoch']} epochs "
+                  f"{epoch * FULL['max_epoch'] / 3600:.1f} h")
 
 
 def main() -> None:
@@ -229,6 +255,7 @@ def main() -> None:
     parser.add_argument("--full_batch_steps", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=2, help="extraction batch")
     parser.add_argument("--small", action="store_true", help="tiny ViT, 64 groups of 32 points")
+    parser.add_argument("--json", help="also write the measured rows to this JSON file")
     args = parser.parse_args()
 
     import torch
@@ -238,7 +265,7 @@ def main() -> None:
 
     vit = "vit_tiny_patch16_224" if args.small else "vit_base_patch8_224_dino"
     groups = {"DINO+Point_MAE": (64, 32) if args.small else (1024, 128), "G2SF": (64, 32) if args.small else (512, 128)}
-    timer = MemoryTimer()
+    timer = CpuMemoryTimer()
     with tempfile.TemporaryDirectory() as tmp:
         n_defect = max(1, args.test // 8)
         raw = write_mvtec3d(Path(tmp) / "raw", classes=("gadget",), size=args.size, n_train=args.train, n_val=0,
@@ -246,6 +273,8 @@ def main() -> None:
         data = preprocess_dataset(raw, workers=2).output
         rows = [fit_and_test(method, data, args, vit, groups[method], timer, tmp) for method in groups]
     timer._stop = True
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     print(f"\n{args.train} training and {args.test} test samples at {args.size} px, {vit}, Point-MAE groups of "
           f"{groups['G2SF'][1]}, G2SF {args.num_anomalies} pseudo-anomalies, {args.max_epoch} epochs, "
           f"{torch.get_num_threads()} threads, resident memory at the end {rss_gb():.2f} GB")
