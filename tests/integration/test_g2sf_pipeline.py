@@ -1,7 +1,8 @@
 """G2SF end to end through main.py on synthetic data (tiny timm ViT, random weights, a few pseudo-anomalies, two
 LSPN epochs): fit with --save_model and --save_preds; the same seed fits the same detector; --load_model scores
 bit-identically; ``m3dm.predict`` with the saved model gives the in-process scores and maps; a run interrupted
-after its first class resumes to the scores of an uninterrupted run. Every test here is ``slow`` (pseudo-anomalies,
+after its first class resumes to the scores of an uninterrupted run; the comparison report shows G2SF beside M3DM
+on the same data. Every test here is ``slow`` (pseudo-anomalies,
 their features and the LSPN training)."""
 
 import csv
@@ -16,6 +17,7 @@ from conftest import evaluate_in_process, preprocessed_mvtec
 from m3dm.app import predict
 from m3dm.app.run import ClassRun
 from m3dm.detection.persistence import load_class_model
+from m3dm.report import build_report
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "32", "--group_size", "16",
          "--random_init", "--device", "cpu", "--backbone_eval"]
@@ -88,6 +90,15 @@ def test_predict_on_the_test_parts_gives_the_in_process_scores(dataset, fitted, 
     assert [r["name"] for r in rows] == ["test/" + n.split("/", 2)[2] for n in expected.names]
     assert np.array_equal(np.array([float(r["image_score"]) for r in rows]), expected.image_scores)
     assert np.array_equal(np.stack([np.load(r["map"]) for r in rows]), expected.maps)
+
+
+def test_the_comparison_report_shows_g2sf_beside_m3dm_on_the_same_data(dataset, fitted, tmp_path):
+    m3dm = tmp_path / "m3dm"
+    evaluate_in_process(["--dataset_path", str(dataset), "--output_dir", str(m3dm), *SMALL, "-q"])
+    page = build_report([m3dm, fitted["out"]], tmp_path / "comparison.html").read_text()
+    for metric in ("image_rocauc", "pixel_rocauc", "au_pro"):  # a delta cell of G2SF against M3DM per metric
+        assert f'data-metric="{metric}" data-class="gadget" data-run="G2SF"' in page
+    assert "<th>class</th><th>DINO+Point_MAE</th><th>G2SF</th>" in page  # M3DM the reference column
 
 
 @pytest.fixture(scope="module")
