@@ -94,7 +94,8 @@ def test_predict_on_the_test_parts_gives_the_in_process_scores(dataset, fitted, 
 
 def test_the_comparison_report_shows_g2sf_beside_m3dm_on_the_same_data(dataset, fitted, tmp_path):
     m3dm = tmp_path / "m3dm"
-    evaluate_in_process(["--dataset_path", str(dataset), "--output_dir", str(m3dm), *SMALL, "-q"])
+    evaluate_in_process(["--dataset_path", str(dataset), "--output_dir", str(m3dm), *SMALL, "--method_name",
+                         "DINO+Point_MAE", "-q"])
     page = build_report([m3dm, fitted["out"]], tmp_path / "comparison.html").read_text()
     for metric in ("image_rocauc", "pixel_rocauc", "au_pro"):  # a delta cell of G2SF against M3DM per metric
         assert f'data-metric="{metric}" data-class="gadget" data-run="G2SF"' in page
