@@ -13,8 +13,9 @@ smaller than the reference's 8192: one training step and one validation step at 
 
 Stages of G2SF's fit (inside main.py's "coreset, pseudo-anomalies and LSPN"): the two banks' coresets, the
 synthesis of the pseudo-anomalies, their feature extraction, the fusion rows (nearest coreset rows, labels), the
-LSPN's training. Peak memory is the process's resident set, sampled every 20 ms per stage; the fusion dataset's
-and the fitted model's tensors are counted exactly (tracemalloc does not see torch's tensor memory).
+LSPN's training. Each stage in wall and CPU seconds (all threads of the process: on a machine shared with other
+jobs, the figure to read). Peak memory is the process's resident set, sampled every 20 ms per stage; the fusion
+dataset's and the fitted model's tensors are counted exactly (tracemalloc does not see torch's tensor memory).
 """
 
 from __future__ import annotations
@@ -245,7 +246,8 @@ def extrapolate(g2sf: dict, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=4)
-    parser.add_argument("--test", type=int, default=4, help="test samples (half good, half defective)")
+    parser.add_argument("--test", type=int, default=4,
+                        help="test samples: max(1, n // 8) of each of the 4 defect types, the rest good")
     parser.add_argument("--size", type=int, default=256, help="side of the generated images")
     parser.add_argument("--num_anomalies", type=int, default=8)
     parser.add_argument("--max_epoch", type=int, default=3)
