@@ -29,12 +29,12 @@ def pytest_configure(config):
 REAL_MVTEC_SUBSET = PROJECT_ROOT.parent / "shared" / "data" / "mvtec3d_cable_gland_subset"
 
 
-def preprocessed_mvtec(folder: Path, **counts) -> Path:
-    """Synthetic MVTec 3D-AD class ``gadget`` at 96 px (``counts``: n_train, n_val, n_test_good, n_test_defect),
+def preprocessed_mvtec(folder: Path, classes: tuple[str, ...] = ("gadget",), **counts) -> Path:
+    """Synthetic MVTec 3D-AD ``classes`` at 96 px (``counts``: n_train, n_val, n_test_good, n_test_defect),
     preprocessed as utils/preprocessing.py does; returns the preprocessed root."""
     from m3dm.preprocess.mvtec3d import preprocess_dataset
 
-    raw = write_mvtec3d(folder / "raw", classes=("gadget",), size=96, progress=False, **counts)
+    raw = write_mvtec3d(folder / "raw", classes=classes, size=96, progress=False, **counts)
     return preprocess_dataset(raw, workers=1).output
 
 

@@ -1,9 +1,12 @@
 """G2SF end to end through main.py on synthetic data (tiny timm ViT, random weights, a few pseudo-anomalies, two
 LSPN epochs): fit with --save_model and --save_preds; the same seed fits the same detector; --load_model scores
-bit-identically; ``m3dm.predict`` with the saved model gives the in-process scores and maps. Every test here is
-``slow`` (pseudo-anomalies, their features and the LSPN training)."""
+bit-identically; ``m3dm.predict`` with the saved model gives the in-process scores and maps; a run interrupted
+after its first class resumes to the scores of an uninterrupted run; the comparison report shows G2SF beside M3DM
+on the same data. Every test here is ``slow`` (pseudo-anomalies,
+their features and the LSPN training)."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,9 @@ import torch
 from conftest import evaluate_in_process, preprocessed_mvtec
 
 from m3dm.app import predict
+from m3dm.app.run import ClassRun
 from m3dm.detection.persistence import load_class_model
+from m3dm.report import build_report
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "32", "--group_size", "16",
          "--random_init", "--device", "cpu", "--backbone_eval"]
@@ -85,3 +90,49 @@ def test_predict_on_the_test_parts_gives_the_in_process_scores(dataset, fitted, 
     assert [r["name"] for r in rows] == ["test/" + n.split("/", 2)[2] for n in expected.names]
     assert np.array_equal(np.array([float(r["image_score"]) for r in rows]), expected.image_scores)
     assert np.array_equal(np.stack([np.load(r["map"]) for r in rows]), expected.maps)
+
+
+def test_the_comparison_report_shows_g2sf_beside_m3dm_on_the_same_data(dataset, fitted, tmp_path):
+    m3dm = tmp_path / "m3dm"
+    evaluate_in_process(["--dataset_path", str(dataset), "--output_dir", str(m3dm), *SMALL, "--method_name",
+                         "DINO+Point_MAE", "-q"])
+    page = build_report([m3dm, fitted["out"]], tmp_path / "comparison.html").read_text()
+    for metric in ("image_rocauc", "pixel_rocauc", "au_pro"):  # a delta cell of G2SF against M3DM per metric
+        assert f'data-metric="{metric}" data-class="gadget" data-run="G2SF"' in page
+    assert "<th>class</th><th>DINO+Point_MAE</th><th>G2SF</th>" in page  # M3DM the reference column
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory) -> Path:
+    return preprocessed_mvtec(tmp_path_factory.mktemp("g2sf_two"), classes=("gadget", "widget"), n_train=3,
+                              n_val=1, n_test_good=1, n_test_defect=1)
+
+
+def test_a_run_interrupted_after_one_class_resumes_to_the_scores_of_an_uninterrupted_run(two_classes, tmp_path):
+    import main as main_module
+
+    def argv(out: Path) -> list[str]:
+        return ["--dataset_path", str(two_classes), "--output_dir", str(out), *SMALL, *G2SF, "-q"]
+
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert main_module.main(argv(whole)) == 0
+    fit = ClassRun.fit
+
+    def ctrl_c_in_the_second_class(self):
+        if self.class_name == "widget":
+            raise KeyboardInterrupt
+        fit(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClassRun, "fit", ctrl_c_in_the_second_class)
+        assert main_module.main(argv(out)) == 130
+    kept = (out / "classes" / "gadget.json").read_bytes()
+    assert not (out / "classes" / "widget.json").exists() and not (out / "results.json").exists()
+    assert main_module.main([*argv(out), "--resume"]) == 0
+    assert (out / "classes" / "gadget.json").read_bytes() == kept  # skipped, not run again
+    for name in ("gadget", "widget"):
+        resumed = json.loads((out / "classes" / f"{name}.json").read_text())
+        expected = json.loads((whole / "classes" / f"{name}.json").read_text())
+        assert resumed["samples"] == expected["samples"] and resumed["metrics"] == expected["metrics"]
+    per_class = json.loads((out / "results.json").read_text())["per_class"]
+    assert per_class == json.loads((whole / "results.json").read_text())["per_class"]
