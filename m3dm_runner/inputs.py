@@ -71,14 +71,19 @@ def read_part(part: PartFiles, img_size: int = 224) -> tuple[np.ndarray, np.ndar
 
 
 def find_parts(folder: Path) -> list[PartFiles]:
-    """The parts under ``folder``: ``{rgb,xyz}`` or ``<defect>/{rgb,xyz}`` folders, paired by stem, sorted."""
-    groups = [folder] if (folder / "rgb").is_dir() else sorted(p for p in folder.iterdir() if (p / "rgb").is_dir())
+    """The parts under ``folder``: ``{rgb,xyz}`` or ``<defect>/{rgb,xyz}`` folders, paired by stem, sorted; named
+    as ``m3dm.predict`` names them: ``<folder>/<stem>`` or ``<folder>/<defect>/<stem>``."""
+    label = folder.resolve().name
+    if (folder / "rgb").is_dir():
+        groups = [(folder, label)]
+    else:
+        groups = [(sub, f"{label}/{sub.name}") for sub in sorted(folder.iterdir())
+                  if not sub.name.startswith(".") and (sub / "rgb").is_dir()]
     if not groups:
         raise PartError(f"{folder}: no parts found (expected {folder}/rgb/*.png with {folder}/xyz/*.tiff, or "
                         f"<defect>/rgb + <defect>/xyz below it)")
     parts = []
-    for group in groups:
-        prefix = group.name if group != folder else folder.name
+    for group, prefix in groups:
         for rgb in sorted((group / "rgb").glob("*.png")):
             parts.append(PartFiles(f"{prefix}/{rgb.stem}", rgb, group / "xyz" / f"{rgb.stem}.tiff"))
     return parts

@@ -10,7 +10,6 @@ onnxruntime, Pillow and tifffile are installed (docs/deployment.md).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from m3dm.export.blur import box_pass_matrix, quantised_blur
 from m3dm.features.alignment import INTERPOLATION_EPS, INTERPOLATION_NEIGHBOURS, _pooling_table
-from m3dm.features.point_transformer import DEPTH, PointTransformer
+from m3dm.features.point_transformer import PointTransformer
 from m3dm.memory.maps import gaussian_kernel
 from m3dm.memory.search import nearest_neighbours
 
@@ -61,6 +61,10 @@ class PointFeatures(nn.Module):
     point; ``pixels (B, N)``: their flat pixel index, -1 on padding; ``centres (B, G)``: FPS indices into
     ``points``; ``draws (B, 12, 2)``: the DropPath uniforms of a training-mode backbone (quirk 13), else None.
     """
+
+    cells: Tensor
+    cell_weights: Tensor
+    keep: Tensor
 
     def __init__(self, backbone: PointTransformer, img_size: int, grid: int, clamp: bool) -> None:
         super().__init__()
@@ -151,6 +155,11 @@ class BankScorer(nn.Module):
     """One finalised ``MemoryBank``: normalisation, search (the empty patches' constant row searched at export
     time, as ``SharedEmptyRows`` does), the re-weighted image score and the per-patch distances."""
 
+    mean: Tensor
+    std: Tensor
+    empty_dist: Tensor
+    empty_idx: Tensor
+
     def __init__(self, bank: Tensor, mean: Tensor | None, std: Tensor | None, eps: float, divisor: float,
                  n_reweight: int = 3) -> None:
         super().__init__()
@@ -224,6 +233,9 @@ class BankScorer(nn.Module):
 class MapMaker(nn.Module):
     """``m3dm.memory.maps.segmentation_map`` of a batch: grid, bilinear to 224, the run's blur."""
 
+    box_pass: Tensor
+    kernel: Tensor
+
     def __init__(self, blur: str) -> None:
         super().__init__()
         self.blur = blur
@@ -247,7 +259,13 @@ class MapMaker(nn.Module):
 class BankGraph(nn.Module):
     """A fitted ``m3dm.detection.detector.Detector`` with its extractor's backbones: ``forward(rgb, points, pixels,
     centres[, drop_path_draws]) -> (image scores (B,), maps (B, 224, 224))`` (inputs: :class:`PointFeatures`; an
-    input the method does not use is still taken and ignored, so every artefact has the same signature)."""
+    input the method does not use is dropped from the artefact: the runner feeds the inputs it declares)."""
+
+    image_lambdas: Tensor
+    map_lambdas: Tensor
+    detect_coef: Tensor
+    seg_coef: Tensor
+    align: Tensor
 
     def __init__(self, detector, extractor) -> None:
         super().__init__()
