@@ -96,17 +96,22 @@ class PointFeatures(nn.Module):
         start = 1 if backbone.has_cls else 0
         return torch.cat([backbone.norm(x)[:, start:] for x in fetched], dim=-1)  # (B, G, 1152)
 
-    def patch_matrix(self, points: Tensor, pixels: Tensor, centres: Tensor) -> Tensor:
-        """``m3dm.features.alignment.patch_matrix`` of every sample: ``(B, grid², G)``; padding adds nothing."""
-        batch, n_centres = centres.shape[0], centres.shape[1]
+    def interpolation(self, points: Tensor, pixels: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+        """``alignment.interpolation_weights`` of every sample: the 3 nearest centres of each point and their
+        weights ``(B, N, 3)``; 0 on padding."""
         dist = -2 * (points @ centres.transpose(1, 2))
         dist = dist + squared_norms(points)[..., None] + squared_norms(centres)[:, None, :]
         if self.clamp:
             dist = dist.clamp(min=0)
         top_dist, centre_idx = dist.topk(INTERPOLATION_NEIGHBOURS, dim=-1, largest=False, sorted=True)
         reciprocal = 1.0 / (top_dist + INTERPOLATION_EPS)
-        centre_w = reciprocal / torch.sum(reciprocal, dim=-1, keepdim=True)
-        centre_w = centre_w * (pixels >= 0)[..., None].float()
+        total = (reciprocal[..., 0] + reciprocal[..., 1]) + reciprocal[..., 2]  # torch.sum's order
+        return centre_idx, reciprocal / total[..., None] * (pixels >= 0)[..., None].float()
+
+    def patch_matrix(self, points: Tensor, pixels: Tensor, centres: Tensor) -> Tensor:
+        """``m3dm.features.alignment.patch_matrix`` of every sample: ``(B, grid², G)``; padding adds nothing."""
+        batch, n_centres = centres.shape[0], centres.shape[1]
+        centre_idx, centre_w = self.interpolation(points, pixels, centres)
         safe = pixels.clamp(min=0)
         rows, cols = safe // self.img_size, safe % self.img_size
         cells = self.cells[rows][..., :, None] * self.grid + self.cells[cols][..., None, :]  # (B, N, T, T)

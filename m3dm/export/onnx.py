@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from m3dm.export.cfm_graph import CFMGraph
 from m3dm.export.graph import BankGraph
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ def build_graph(predictor) -> nn.Module:
         if predictor.extractor.point_features is not None:
             raise NotImplementedError("BTF's FPFH features are not exportable yet (they run in open3d)")
         return BankGraph(predictor.detector, predictor.extractor)
+    if family == "CFMDetector":
+        return CFMGraph(predictor.detector, predictor.extractor)
     raise NotImplementedError(f"export of {predictor.model.method_name} ({family}) is not supported yet")
 
 

