@@ -53,7 +53,7 @@ class CFMGraph(nn.Module):
         last = grid.shape[-1] - 1
         rows0, rows1 = self.starts, (self.starts + 1).clamp(max=last)
         top, bottom = grid[..., rows0, :], grid[..., rows1, :] * self.second[:, None].float()
-        corners = [part[..., cols] for part in (top, bottom) for cols in (self.starts, (self.starts + 1).clamp(max=last))]
+        corners = [part[..., cols] for part in (top, bottom) for cols in (rows0, rows1)]  # a square grid
         col_mask = self.second.float()
         total = ((corners[0] + corners[1] * col_mask) + corners[2]) + corners[3] * col_mask
         return total / (self.widths[:, None] * self.widths[None, :])

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from m3dm.config import METHODS
 from m3dm.export.cfm_graph import CFMGraph
 from m3dm.export.graph import BankGraph
 
@@ -28,22 +29,28 @@ OUTPUT_NAMES = ("image_score", "map")
 def build_graph(predictor) -> nn.Module:
     """The traceable module of a loaded ``m3dm.app.predict.Predictor``'s detector and extractor."""
     family = predictor.detector.__class__.__name__
+    method = predictor.model.method_name
+    if METHODS[method].features == "btf":
+        raise NotImplementedError(f"{method}: BTF's methods are not exportable yet (FPFH runs in open3d; "
+                                  f"docs/deployment.md)")
     if family == "Detector":
-        if predictor.extractor.point_features is not None:
-            raise NotImplementedError("BTF's FPFH features are not exportable yet (they run in open3d)")
         return BankGraph(predictor.detector, predictor.extractor)
     if family == "CFMDetector":
         return CFMGraph(predictor.detector, predictor.extractor)
-    raise NotImplementedError(f"export of {predictor.model.method_name} ({family}) is not supported yet")
+    raise NotImplementedError(f"{method}: export of its detector ({family}) is not supported yet")
+
+
+def plane_cloud(img_size: int) -> np.ndarray:
+    """A tilted plane seen by every pixel, ``(3, img_size, img_size)``."""
+    rows, cols = np.meshgrid(np.arange(img_size), np.arange(img_size), indexing="ij")
+    return np.stack([cols / img_size + 0.1, rows / img_size + 0.1, 1 + 0.1 * cols / img_size]).astype(np.float32)
 
 
 def example_inputs(graph: nn.Module, img_size: int, num_group: int, batch: int = 1) -> dict[str, torch.Tensor]:
-    """Inputs to trace with: a tilted plane seen by every pixel, and its FPS centres (computed as the runner
-    does)."""
+    """Inputs to trace with: :func:`plane_cloud` and its FPS centres (computed as the runner does)."""
     from m3dm_runner.pointops import farthest_point_sample, pad_clouds, valid_points
 
-    rows, cols = np.meshgrid(np.arange(img_size), np.arange(img_size), indexing="ij")
-    cloud = np.stack([cols / img_size + 0.1, rows / img_size + 0.1, 1 + 0.1 * cols / img_size]).astype(np.float32)
+    cloud = plane_cloud(img_size)
     points, pixels = pad_clouds(*map(list, zip(*[valid_points(cloud)] * batch)))
     inputs = {"rgb": torch.zeros(batch, 3, 224, 224), "points": torch.from_numpy(points),
               "pixels": torch.from_numpy(pixels),
