@@ -13,6 +13,8 @@ per method, the largest relative image-score difference and the largest map diff
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import shutil
 import sys
 import tempfile
@@ -69,8 +71,9 @@ def main() -> None:
     for method in args.methods:
         out = work / method
         extra = METHODS[method] + (["--backbone_eval"] if args.backbone_eval else [])
-        assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(out), "--method_name", method,
-                                 "--save_model", *SMALL, *extra]) == 0
+        with contextlib.redirect_stdout(io.StringIO()):  # main.py's tables
+            assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(out), "--method_name",
+                                     method, "--save_model", *SMALL, *extra]) == 0
         for model_path in sorted((out / "models").glob("*.pt")):
             onnx_path = model_path.with_suffix(".onnx")
             assert export_main(["--model", str(model_path), "--out", str(onnx_path), "-q"]) == 0

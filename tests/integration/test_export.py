@@ -48,7 +48,8 @@ def test_exported_scores_match_pytorch(dataset, tmp_path, method):
     assert export_main(["--model", str(model_path), "--out", str(onnx_path), "-q"]) == 0
     import onnx
 
-    assert len(onnx.load(str(onnx_path)).graph.node) < 2500  # no unrolled loops (the transformers are most)
+    operators = [node for node in onnx.load(str(onnx_path)).graph.node if node.op_type != "Constant"]
+    assert len(operators) < 2500  # no unrolled loop: the two transformers' 12 blocks each are most of them
 
     parts = discover_parts([str(dataset / "gadget" / "test")], [], [])
     loaded = [load_part(part, 224) for part in parts]
