@@ -140,15 +140,16 @@ def adaptive_pool_matrix(size_in: int, size_out: int) -> Tensor:
 
 def chunked_nearest(queries: Tensor, bank_chunks: list[Tensor], bank_norms: list[Tensor]) -> tuple[Tensor, Tensor]:
     """``(Q, D)`` queries -> distance to and index of their nearest bank row (first index on ties), one matrix
-    product per chunk with ``torch.cdist``'s formula ``sqrt(max(|x|² − 2 x·y + |y|², 1e-30))``."""
+    product per ``(D, rows)`` chunk (stored transposed, so the artefact holds no transposed copy) with
+    ``torch.cdist``'s formula ``sqrt(max(|x|² − 2 x·y + |y|², 1e-30))``."""
     query_norms = queries.square().sum(-1, keepdim=True)
     best_dist, best_idx, start = [], [], 0
     for chunk, norms in zip(bank_chunks, bank_norms):
-        dist = (query_norms - 2 * queries @ chunk.T + norms).clamp(min=1e-30).sqrt()
+        dist = (query_norms - 2 * queries @ chunk + norms).clamp(min=1e-30).sqrt()
         value, index = dist.min(dim=1)
         best_dist.append(value)
         best_idx.append(index + start)
-        start += chunk.shape[0]
+        start += chunk.shape[1]
     if len(bank_chunks) == 1:
         return best_dist[0], best_idx[0]
     values = torch.stack(best_dist, dim=1)
@@ -171,7 +172,7 @@ class BankScorer(nn.Module):
         self.normalised = mean is not None and std is not None
         self.register_buffer("mean", torch.zeros(()) if mean is None else mean.float().reshape(()))
         self.register_buffer("std", torch.ones(()) if std is None else std.float().reshape(()))
-        self.chunks = [bank[i:i + BANK_CHUNK_ROWS].contiguous() for i in range(0, bank.shape[0], BANK_CHUNK_ROWS)]
+        self.chunks = [bank[i:i + BANK_CHUNK_ROWS].T.contiguous() for i in range(0, bank.shape[0], BANK_CHUNK_ROWS)]
         for i, chunk in enumerate(self.chunks):
             self.register_buffer(f"bank_{i}", chunk)
         self.eps, self.divisor, self.n_reweight = eps, divisor, min(n_reweight, bank.shape[0])
@@ -184,18 +185,19 @@ class BankScorer(nn.Module):
         return [getattr(self, f"bank_{i}") for i in range(len(self.chunks))]
 
     def bank_norms(self) -> list[Tensor]:
-        return [chunk.square().sum(-1)[None, :] for chunk in self.bank_chunks()]
+        return [chunk.square().sum(0)[None, :] for chunk in self.bank_chunks()]
 
     def rows(self, index: Tensor) -> Tensor:
         """Bank rows at ``index`` (any shape) -> ``(*index.shape, D)``, read from the chunks (the bank is stored
         once, in chunks)."""
         out, start = None, 0
         for chunk in self.bank_chunks():
+            rows = chunk.shape[1]
             local = index - start
-            inside = (local >= 0) & (local < chunk.shape[0])
-            picked = chunk[local.clamp(0, chunk.shape[0] - 1)] * inside[..., None].float()
-            out = picked if out is None else out + picked
-            start += chunk.shape[0]
+            inside = (local >= 0) & (local < rows)
+            picked = chunk.index_select(1, local.clamp(0, rows - 1).reshape(-1)).T.reshape(*index.shape, -1)
+            out = picked * inside[..., None].float() if out is None else out + picked * inside[..., None].float()
+            start += rows
         assert out is not None
         return out
 
@@ -226,7 +228,7 @@ class BankScorer(nn.Module):
         m_test = batched_gather(x, worst)  # (B, 1, D)
         m_star = self.rows(nn_idx.gather(1, worst)[:, 0])  # (B, D)
         star_norm = m_star.square().sum(-1, keepdim=True)
-        to_bank = torch.cat([(star_norm - 2 * m_star @ chunk.T + norms).clamp(min=1e-30).sqrt()
+        to_bank = torch.cat([(star_norm - 2 * m_star @ chunk + norms).clamp(min=1e-30).sqrt()
                              for chunk, norms in zip(self.bank_chunks(), self.bank_norms())], dim=1)
         knn = to_bank.topk(self.n_reweight, dim=1, largest=False).indices[:, 1:]
         deltas = (m_test - self.rows(knn)).square().sum(-1).sqrt() / self.divisor
