@@ -1,0 +1,143 @@
+"""One part's latency and throughput, PyTorch eager against the exported model on onnxruntime, same machine.
+
+    python benchmarks/export.py [--part RGB.png XYZ.tiff] [--methods DINO+Point_MAE CFM] [--repeats 5]
+
+Full configuration (ViT-B/8 DINO, Point-MAE with 1024 groups of 128 points, training-mode point backbone) with
+random backbone weights in the official layout and random fitted state: banks of ``--bank_rows`` rows (a class of
+about 64 training parts at --f_coreset 0.1 gives 20,000) and a random decision layer for DINO+Point_MAE, random
+mappings for CFM. The timings do not depend on the values. The part is a preprocessed one (``--part``), or a plane
+seen by every pixel (the most points a part can have). Eager: ``FeatureExtractor`` + ``predict`` per part, as
+``m3dm.predict`` scores; exported: ``m3dm_runner.ExportedModel.score_arrays`` (its NumPy FPS included). Both use
+their library's default threads. Results are in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from m3dm.config import METHODS, BackboneSettings, DetectorSettings  # noqa: E402
+from m3dm.detection.cfm import CFMDetector  # noqa: E402
+from m3dm.detection.detector import Detector  # noqa: E402
+from m3dm.detection.dlf import DecisionLayerFusion  # noqa: E402
+from m3dm.export.onnx import export_onnx  # noqa: E402
+from m3dm.features.extractor import build_extractor  # noqa: E402
+from m3dm.memory.bank import MemoryBank  # noqa: E402
+from m3dm_runner import ExportedModel  # noqa: E402
+from m3dm_runner.inputs import PartFiles, read_part  # noqa: E402
+
+DIMS = {"xyz": 1152, "rgb": 768}
+
+
+def random_detector(method: str, bank_rows: int):
+    generator = torch.Generator().manual_seed(0)
+    if method == "CFM":
+        detector = CFMDetector(DetectorSettings(method_name=method))
+        for mapping in detector._build_mappings(DIMS["rgb"], DIMS["xyz"]):
+            mapping.reset_parameters(generator)
+            mapping.eval()
+        return detector
+    detector = Detector(DetectorSettings(method_name=method, memory_bank=METHODS[method].memory_bank),
+                        progress=False)
+    for modality in detector.spec.modalities:
+        rows = torch.randn(bank_rows, DIMS[modality], generator=generator)
+        detector.banks[modality] = MemoryBank.from_state({"bank": rows, "mean": torch.tensor(0.1),
+                                                          "std": torch.tensor(1.5), "coreset_idx": None})
+    detector.rgb_grid = 28
+    if detector.uses_dlf:
+        from sklearn.linear_model import SGDOneClassSVM
+
+        fuser = {"params": SGDOneClassSVM().get_params(), "coef": torch.tensor([[0.7, 0.3]], dtype=torch.float64),
+                 "offset": torch.tensor([0.5], dtype=torch.float64), "t": 1.0, "n_iter": 1}
+        detector.dlf = DecisionLayerFusion.from_state({"dtype": "float64", "n_modalities": 2,
+                                                       "fusers": {"detect_fuser": fuser, "seg_fuser": fuser}})
+    return detector
+
+
+def stand_in_predictor(method: str, bank_rows: int) -> SimpleNamespace:
+    """What ``export_onnx`` reads of a ``m3dm.app.predict.Predictor``, for a random full-configuration model."""
+    backbones = BackboneSettings(random_init=True)
+    extractor = build_extractor(backbones, needs_rgb=True, needs_xyz=True, device="cpu", seed=0, clamp_pfa=False,
+                                method=METHODS[method])
+    settings = {"img_size": 224, "num_group": backbones.num_group, "group_size": backbones.group_size}
+    model = SimpleNamespace(settings=settings, method_name=method, class_name="random", path="(random)",
+                            thresholds=None)
+    return SimpleNamespace(detector=random_detector(method, bank_rows), extractor=extractor, model=model,
+                           img_size=224)
+
+
+def timed(function, repeats: int) -> list[float]:
+    function()  # warm-up (allocations, onnxruntime's first run)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(method: str, rgb: np.ndarray, cloud: np.ndarray, args) -> None:
+    predictor = stand_in_predictor(method, args.bank_rows)
+    detector, extractor = predictor.detector, predictor.extractor
+
+    def eager(batch: int):
+        with torch.no_grad():
+            features = extractor(torch.from_numpy(np.repeat(rgb[None], batch, 0)),
+                                 torch.from_numpy(np.repeat(cloud[None], batch, 0)))
+            return [detector.predict(detector.modality_patches(f)) for f in features]
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_onnx(predictor, Path(folder) / f"{method}.onnx")
+        size = path.stat().st_size / 2**20
+        exported = ExportedModel(path)
+
+        def onnx(batch: int):
+            return exported.score_arrays(np.repeat(rgb[None], batch, 0), np.repeat(cloud[None], batch, 0))
+
+        rows = {}
+        for name, run in (("PyTorch eager", eager), ("onnxruntime", onnx)):
+            single = timed(lambda run=run: run(1), args.repeats)
+            batched = timed(lambda run=run: run(8), max(1, args.repeats // 4))
+            rows[name] = (statistics.median(single), float(np.percentile(single, 95)), 1 / statistics.mean(single),
+                          8 / statistics.mean(batched))
+    for name, (p50, p95, one, eight) in rows.items():
+        print(f"| {method} | {name} | {p50:.2f} | {p95:.2f} | {one:.3f} | {eight:.3f} |", flush=True)
+    eager_row, onnx_row = rows["PyTorch eager"], rows["onnxruntime"]
+    print(f"| {method} | ratio eager / onnxruntime | {eager_row[0] / onnx_row[0]:.2f} | "
+          f"{eager_row[1] / onnx_row[1]:.2f} | {onnx_row[2] / eager_row[2]:.2f} | {onnx_row[3] / eager_row[3]:.2f} |"
+          f" (artefact {size:.0f} MB)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", nargs=2, type=Path, metavar=("RGB", "XYZ"), default=None)
+    parser.add_argument("--methods", nargs="+", default=["DINO+Point_MAE", "CFM"])
+    parser.add_argument("--bank_rows", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if args.part:
+        rgb, cloud = read_part(PartFiles("part", *args.part))
+    else:
+        from m3dm.export.onnx import plane_cloud
+
+        rgb, cloud = np.zeros((3, 224, 224), np.float32), plane_cloud(224)
+    print(f"torch threads {torch.get_num_threads()}; part with {(cloud != 0).all(axis=0).sum()} valid points")
+    print("| method | path | latency p50 (s) | p95 (s) | parts/s, batch 1 | parts/s, batch 8 |")
+    print("|---|---|---:|---:|---:|---:|")
+    for method in args.methods:
+        measure(method, rgb, cloud, args)
+
+
+if __name__ == "__main__":
+    main()

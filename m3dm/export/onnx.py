@@ -1,0 +1,105 @@
+"""Export a fitted class model (``main.py --save_model``) to one ONNX file that ``m3dm_runner`` scores parts with.
+
+The artefact holds the backbones, the banks with their normalisation, the decision layer and the maps' blur; its
+metadata (``m3dm`` key, JSON) holds what the runner needs besides (grouping sizes, the DropPath generator state,
+the pass/fail threshold). See docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from m3dm.config import METHODS
+from m3dm.export.cfm_graph import CFMGraph
+from m3dm.export.graph import BankGraph
+
+log = logging.getLogger(__name__)
+OPSET = 17  # ScatterElements with reduction="add" needs 16
+FORMAT_VERSION = 1
+INPUT_NAMES = ("rgb", "points", "pixels", "centres", "drop_path_draws")
+OUTPUT_NAMES = ("image_score", "map")
+
+
+def build_graph(predictor) -> nn.Module:
+    """The traceable module of a loaded ``m3dm.app.predict.Predictor``'s detector and extractor."""
+    family = predictor.detector.__class__.__name__
+    method = predictor.model.method_name
+    if METHODS[method].features == "btf":
+        raise NotImplementedError(f"{method}: BTF's methods are not exportable yet (FPFH runs in open3d; "
+                                  f"docs/deployment.md)")
+    if family == "Detector":
+        return BankGraph(predictor.detector, predictor.extractor)
+    if family == "CFMDetector":
+        return CFMGraph(predictor.detector, predictor.extractor)
+    raise NotImplementedError(f"{method}: export of its detector ({family}) is not supported yet")
+
+
+def plane_cloud(img_size: int) -> np.ndarray:
+    """A tilted plane seen by every pixel, ``(3, img_size, img_size)``."""
+    rows, cols = np.meshgrid(np.arange(img_size), np.arange(img_size), indexing="ij")
+    return np.stack([cols / img_size + 0.1, rows / img_size + 0.1, 1 + 0.1 * cols / img_size]).astype(np.float32)
+
+
+def example_inputs(graph: nn.Module, img_size: int, num_group: int, batch: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs to trace with: :func:`plane_cloud` and its FPS centres (computed as the runner does)."""
+    from m3dm_runner.pointops import farthest_point_sample, pad_clouds, valid_points
+
+    cloud = plane_cloud(img_size)
+    points, pixels = pad_clouds(*map(list, zip(*[valid_points(cloud)] * batch)))
+    inputs = {"rgb": torch.zeros(batch, 3, 224, 224), "points": torch.from_numpy(points),
+              "pixels": torch.from_numpy(pixels),
+              "centres": torch.from_numpy(farthest_point_sample(points, num_group))}
+    if getattr(graph, "uses_drop_path", False):
+        inputs["drop_path_draws"] = torch.rand(batch, 12, 2)
+    return inputs
+
+
+def metadata(predictor, graph: nn.Module) -> dict:
+    model, settings = predictor.model, predictor.model.settings
+    record = {"format_version": FORMAT_VERSION, "method": model.method_name, "class": model.class_name,
+              "img_size": int(settings["img_size"]), "num_group": int(settings["num_group"]),
+              "group_size": int(settings["group_size"]), "source": str(model.path)}
+    if getattr(graph, "uses_drop_path", False):
+        from m3dm_runner.pointops import DropPathDraws
+
+        key, pos = DropPathDraws.from_torch_state(predictor.extractor.rng_state().numpy()).state()
+        record["drop_path_state"] = {"key": key, "pos": pos}
+    thresholds = model.thresholds
+    if thresholds is not None:
+        record["image_threshold"] = thresholds.image
+        record["pixel_threshold"] = thresholds.pixel
+    return record
+
+
+def export_onnx(predictor, out: str | Path) -> Path:
+    """Trace the predictor's model and write ``out`` (one ONNX file with its weights and metadata)."""
+    import onnx
+
+    out = Path(out)
+    graph = build_graph(predictor)
+    for parameter in graph.parameters():
+        parameter.requires_grad_(False)
+    inputs = example_inputs(graph, predictor.img_size, int(predictor.model.settings["num_group"]))
+    names = [name for name in INPUT_NAMES if name in inputs]
+    dynamic = {"rgb": {0: "batch"}, "points": {0: "batch", 1: "n_points"}, "pixels": {0: "batch", 1: "n_points"},
+               "centres": {0: "batch"}, "drop_path_draws": {0: "batch"}, "image_score": {0: "batch"},
+               "map": {0: "batch"}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.enable_grad():  # the point backbone's in-place BatchNorm path is for autograd-free eager runs
+        torch.onnx.export(graph, tuple(inputs[n] for n in names), str(out), input_names=names,
+                          output_names=list(OUTPUT_NAMES), dynamic_axes={k: v for k, v in dynamic.items()
+                                                                         if k in names or k in OUTPUT_NAMES},
+                          opset_version=OPSET, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+                          do_constant_folding=True)
+    proto = onnx.load(str(out))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "m3dm", json.dumps(metadata(predictor, graph))
+    onnx.save(proto, str(out))
+    log.info("%s: %d nodes, %.1f MB", out, len(proto.graph.node), out.stat().st_size / 2**20)
+    return out
