@@ -83,18 +83,9 @@ class PointFeatures(nn.Module):
         return batched_gather(points, neighbours) - centre_points.unsqueeze(2), centre_points
 
     def tokens(self, neighbourhoods: Tensor, centres: Tensor, draws: Tensor | None) -> Tensor:
-        """``PointTransformer.forward_groups`` with the DropPath multipliers made from given draws."""
-        backbone = self.backbone
+        """The point backbone's tokens `(B, G, 1152)`, with the DropPath multipliers made from given draws."""
         scales = None if draws is None else (draws < self.keep).float() / self.keep
-        tokens = backbone.encoder(neighbourhoods)
-        pos = backbone.pos_embed(centres)
-        if backbone.has_cls:
-            batch = tokens.shape[0]
-            tokens = torch.cat([backbone.cls_token.expand(batch, -1, -1), backbone.reduce_dim(tokens)], dim=1)
-            pos = torch.cat([backbone.cls_pos.expand(batch, -1, -1), pos], dim=1)
-        fetched = backbone.blocks(tokens, pos, scales)
-        start = 1 if backbone.has_cls else 0
-        return torch.cat([backbone.norm(x)[:, start:] for x in fetched], dim=-1)  # (B, G, 1152)
+        return self.backbone.group_tokens(neighbourhoods, centres, scales)
 
     def interpolation(self, points: Tensor, pixels: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
         """``alignment.interpolation_weights`` of every sample: the 3 nearest centres of each point and their

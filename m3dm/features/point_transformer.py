@@ -232,17 +232,22 @@ class PointTransformer(nn.Module):
 
     def forward_groups(self, neighbourhoods: Tensor, centres: Tensor,
                        generator: torch.Generator | None = None) -> Tensor:
-        """Encoder + transformer on already grouped points -> `(B, 1152, G)`."""
+        """Encoder + transformer on already grouped points -> `(B, 1152, G)` (contiguous)."""
+        scales = self.drop_path_scales(neighbourhoods.shape[0], generator)
+        return self.group_tokens(neighbourhoods, centres, scales).transpose(1, 2).contiguous()
+
+    def group_tokens(self, neighbourhoods: Tensor, centres: Tensor, scales: Tensor | None) -> Tensor:
+        """Encoder + transformer on already grouped points with given DropPath multipliers (None: eval mode) ->
+        `(B, G, 1152)`; the exported graph calls it with multipliers drawn outside the graph."""
         tokens = self.encoder(neighbourhoods)
         pos = self.pos_embed(centres)
         if self.has_cls:
             batch = tokens.shape[0]
             tokens = torch.cat([self.cls_token.expand(batch, -1, -1), self.reduce_dim(tokens)], dim=1)
             pos = torch.cat([self.cls_pos.expand(batch, -1, -1), pos], dim=1)
-        scales = self.drop_path_scales(tokens.shape[0], generator)
         fetched = self.blocks(tokens, pos, scales)
         start = 1 if self.has_cls else 0
-        return torch.cat([self.norm(x)[:, start:].transpose(1, 2) for x in fetched], dim=1)
+        return torch.cat([self.norm(x)[:, start:] for x in fetched], dim=-1)
 
     def forward(self, clouds: Sequence[Tensor] | Tensor,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
