@@ -5,6 +5,11 @@ The point backbone's weights here are random but with a non-zero bias in its fin
 weights have. With ``--random_init`` that bias is 0, so every patch's point features sum to 0 up to round-off, and
 G2SF's background test ("point features sum to exactly 0", docs/g2sf.md) becomes a coin toss decided by the
 summation order, which PyTorch and onnxruntime do not share (docs/deployment.md).
+
+Tolerances as for the other point methods on this data (tests/integration/test_export.py): the synthetic 96-pixel
+clouds upsampled to 224 put points at exactly equal distances from two group centres, which PyTorch's ``topk`` and
+onnxruntime's break differently; image scores agree to 1e-3 and maps within 8 blur steps here. On the real samples
+the same comparison gives 1e-4 and one blur step (benchmarks/README.md, "Exported models").
 """
 
 from pathlib import Path
@@ -56,5 +61,5 @@ def test_exported_g2sf_scores_match_pytorch(tmp_path):
     for part, (score, score_map) in zip(loaded, expected):
         got_score, got_map = exported.score_arrays(part.rgb.numpy()[None], part.pc.numpy()[None])
         assert got_score.shape == (1,) and got_map.shape == (1, 224, 224)
-        assert abs(float(got_score[0]) - score) <= 1e-4 * abs(score)
-        assert np.abs(got_map[0] - score_map).max() <= 2 * np.abs(score_map).max() / 255  # one blur step
+        assert abs(float(got_score[0]) - score) <= 1e-3 * abs(score)
+        assert np.abs(got_map[0] - score_map).max() <= 8 * np.abs(score_map).max() / 255
