@@ -160,3 +160,14 @@ def test_exported_scorer_gives_the_detectors_scores_and_maps(detector, tmp_path)
         expected_score, expected_map = detector.predict(detector.modality_patches(sample))
         assert abs(float(score) - expected_score) <= 1e-5 * expected_score
         assert np.abs(score_map - expected_map.numpy()).max() <= 2 * float(expected_map.max()) / 255
+
+
+def test_export_graph_scores_as_predict_in_pytorch(detector):
+    # the exported G2SF scorer, run eagerly, is predict's arithmetic (on onnxruntime only round-off differs: above)
+    from m3dm.export.g2sf_graph import G2SFScorer
+
+    sample = features(13)
+    with torch.no_grad():
+        scores, maps = G2SFScorer(detector).eval()(sample.rgb_map[None], sample.xyz[None])
+    expected_score, expected_map = detector.predict(detector.modality_patches(sample))
+    assert float(scores[0]) == expected_score and torch.equal(maps[0], expected_map)
