@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
          "--random_init", "--device", "cpu", "--batch_size", "1", "-q"]
 METHODS = {"DINO": ["--memory_bank", "single"], "Point_MAE": ["--memory_bank", "single"], "CFM": ["--cfm_epochs", "1"],
-           "DINO+Point_MAE": ["--memory_bank", "multiple"], "DINO+Point_MAE+add": ["--memory_bank", "single"]}
+           "DINO+Point_MAE": ["--memory_bank", "multiple"], "DINO+Point_MAE+add": ["--memory_bank", "single"],
+           "G2SF": ["--num_anomalies", "3", "--max_epoch", "2", "--n_hidden", "16", "--emb_dim", "8"]}
 
 
 def compare(model_path: Path, onnx_path: Path, test_folder: Path) -> tuple[float, float, int]:
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--backbone_eval", action="store_true", help="fit with the point backbone in eval mode")
+    parser.add_argument("--xyz_checkpoint", default=None, help="point backbone weights (default: random ones)")
     args = parser.parse_args()
     import main as main_module
     from m3dm.export.cli import main as export_main
@@ -71,6 +73,7 @@ def main() -> None:
     for method in args.methods:
         out = work / method
         extra = METHODS[method] + (["--backbone_eval"] if args.backbone_eval else [])
+        extra += ["--xyz_checkpoint", str(args.xyz_checkpoint)] if args.xyz_checkpoint else []
         with contextlib.redirect_stdout(io.StringIO()):  # main.py's tables
             assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(out), "--method_name",
                                      method, "--save_model", *SMALL, *extra]) == 0

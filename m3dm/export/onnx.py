@@ -17,6 +17,7 @@ from torch import nn
 
 from m3dm.config import METHODS
 from m3dm.export.cfm_graph import CFMGraph
+from m3dm.export.g2sf_graph import G2SFGraph
 from m3dm.export.graph import BankGraph
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ def build_graph(predictor) -> nn.Module:
         return BankGraph(predictor.detector, predictor.extractor)
     if family == "CFMDetector":
         return CFMGraph(predictor.detector, predictor.extractor)
+    if family == "G2SFDetector":
+        return G2SFGraph(predictor.detector, predictor.extractor)
     raise NotImplementedError(f"{method}: export of its detector ({family}) is not supported yet")
 
 

@@ -138,3 +138,36 @@ def test_a_model_file_with_another_methods_state_is_one_clear_error(method):
                 rf"saved detector is not a {method} one\)$")
     with pytest.raises(ModelFileError, match=expected):
         detector_class(method).from_model(model)
+
+
+@pytest.mark.slow  # the ONNX export alone takes seconds
+def test_exported_scorer_gives_the_detectors_scores_and_maps(detector, tmp_path):
+    """m3dm.export's G2SF part on onnxruntime against predict: image scores to 1e-5 relative, maps within one blur
+    step (two 8-bit levels, docs/deployment.md); with the backbones: tests/integration/test_export.py."""
+    import onnxruntime
+
+    from m3dm.export.g2sf_graph import G2SFScorer
+
+    samples = [features(seed) for seed in (11, 12)]
+    rgb_maps = torch.stack([s.rgb_map for s in samples])
+    xyz = torch.stack([s.xyz for s in samples])
+    path = tmp_path / "scorer.onnx"
+    torch.onnx.export(G2SFScorer(detector).eval(), (rgb_maps, xyz), str(path), input_names=["rgb_map", "xyz"],
+                      output_names=["image_score", "map"], opset_version=17, dynamo=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scores, maps = session.run(None, {"rgb_map": rgb_maps.numpy(), "xyz": xyz.numpy()})
+    for sample, score, score_map in zip(samples, scores, maps):
+        expected_score, expected_map = detector.predict(detector.modality_patches(sample))
+        assert abs(float(score) - expected_score) <= 1e-5 * expected_score
+        assert np.abs(score_map - expected_map.numpy()).max() <= 2 * float(expected_map.max()) / 255
+
+
+def test_export_graph_scores_as_predict_in_pytorch(detector):
+    # the exported G2SF scorer, run eagerly, is predict's arithmetic (on onnxruntime only round-off differs: above)
+    from m3dm.export.g2sf_graph import G2SFScorer
+
+    sample = features(13)
+    with torch.no_grad():
+        scores, maps = G2SFScorer(detector).eval()(sample.rgb_map[None], sample.xyz[None])
+    expected_score, expected_map = detector.predict(detector.modality_patches(sample))
+    assert float(scores[0]) == expected_score and torch.equal(maps[0], expected_map)
