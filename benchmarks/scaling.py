@@ -49,6 +49,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coreset_loop import baseline_module, burners, patch_images
 
+from m3dm.config import BANK_SEARCHES
+
 XYZ = (56, 1152, 0.815)  # patch grid side, dimension, share of empty patches (as coreset_loop's xyz bank)
 RGB = (28, 768, 0.0)
 METHOD = "DINO+Point_MAE"
@@ -140,14 +142,15 @@ def measured_rates() -> dict[str, float]:
     return {"gemm": best(lambda: a @ b, 1024**3, 5), "gemv": best(lambda: torch.mv(matrix, vector), 65536 * 256, 20)}
 
 
-def fit_detector(samples: int, baseline: str | None, spool: str) -> dict:
+def fit_detector(samples: int, baseline: str | None, spool: str, search: str = "torch") -> dict:
     """Fit DINO+Point_MAE on ``samples`` synthetic training samples, stage by stage (see the module docstring)."""
     from m3dm.config import DetectorSettings
     from m3dm.detection.detector import Detector
     from m3dm.features.extractor import SampleFeatures
 
     stages = Stages()
-    detector = Detector(DetectorSettings(method_name=METHOD, random_state=0), device="cpu", progress=False,
+    settings = DetectorSettings(method_name=METHOD, random_state=0, bank_search=search)
+    detector = Detector(settings, device="cpu", progress=False,
                         spool_dir=spool)
     empty_xyz, searched_xyz = 0, 0
     for xyz, rgb in zip(patch_images(samples, *XYZ, seed=1), patch_images(samples, *RGB, seed=2)):
@@ -180,15 +183,16 @@ def fit_detector(samples: int, baseline: str | None, spool: str) -> dict:
     return stages.rows
 
 
-def one_run(samples: int, threads: int, baseline: str | None, spool: str | None) -> dict:
+def one_run(samples: int, threads: int, baseline: str | None, spool: str | None, search: str = "torch") -> dict:
     torch.set_num_threads(threads)
     np.random.seed(0)
     rates = measured_rates()
     with tempfile.TemporaryDirectory(dir=spool, prefix="m3dm-scaling-") as folder:
-        rows = fit_detector(samples, baseline, folder)
+        rows = fit_detector(samples, baseline, folder, search)
     for row in rows.values():
         row["floor_s"] = row["macs"] / rates[row["rate"]]
-    return {"samples": samples, "code": baseline or "today", "rates": rates, "stages": rows,
+    code = baseline or ("today" if search == "torch" else search)
+    return {"samples": samples, "code": code, "rates": rates, "stages": rows,
             "load": os.getloadavg()[0]}
 
 
@@ -224,6 +228,8 @@ def main() -> None:
     parser.add_argument("--baseline", default="5e17aef", help="commit whose coreset is also measured")
     parser.add_argument("--no_baseline", action="store_true", help="measure today's code only")
     parser.add_argument("--spool", default=None, help="folder for the spooled training patches (default: temp)")
+    parser.add_argument("--bank_search", default="torch", choices=BANK_SEARCHES,
+                        help="the banks' search (today's code only; its rows are labelled with its name)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child process: one N
     parser.add_argument("--code", default="today", help=argparse.SUPPRESS)
@@ -231,11 +237,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         results = [result for name in args.table for result in json.loads(Path(name).read_text())]
-        print_table(sorted(results, key=lambda r: (r["code"] != "today", r["samples"])))
+        print_table(sorted(results, key=lambda r: (r["code"] != "today", r["code"], r["samples"])))
         return
     if args.one is not None:
         baseline = None if args.code == "today" else args.code
-        print(json.dumps(one_run(args.one, args.threads, baseline, args.spool)))
+        print(json.dumps(one_run(args.one, args.threads, baseline, args.spool, args.bank_search)))
         return
     codes = ["today"] + ([] if args.no_baseline else [args.baseline])
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
@@ -247,7 +253,8 @@ def main() -> None:
         for samples in args.samples:
             for code in codes:
                 command = [sys.executable, __file__, "--one", str(samples), "--code", code,
-                           "--threads", str(args.threads)] + (["--spool", args.spool] if args.spool else [])
+                           "--threads", str(args.threads), "--bank_search", args.bank_search
+                           ] + (["--spool", args.spool] if args.spool else [])
                 child = subprocess.run(command, check=True, capture_output=True, text=True)
                 results.append(json.loads(child.stdout.strip().splitlines()[-1]))
                 if args.json:  # written as each run ends: an interrupted run keeps what it measured
@@ -258,7 +265,7 @@ def main() -> None:
         for proc in procs:
             proc.kill()
             proc.wait()
-    print_table(sorted(results, key=lambda r: (r["code"] != "today", r["samples"])))
+    print_table(sorted(results, key=lambda r: (r["code"] != "today", r["code"], r["samples"])))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ MODALITIES = ("xyz", "rgb", "fusion")
 CONCAT = "rgb+xyz"  # BTF's bank of RGB patches concatenated with point (FPFH) patches, no score weights of its own
 BANK_ORDER = (*MODALITIES, CONCAT)  # the order banks are built in (they share numpy's global generator)
 BTF_PATCH_GRID = 28  # BTF pools every feature map to 28 x 28 patches
-BANK_SEARCHES = ("torch", "faiss", "hnsw")  # --bank_search (m3dm.memory.defaults.default_search)
+BANK_SEARCHES = ("torch", "projected", "faiss", "hnsw")  # --bank_search (m3dm.memory.defaults.default_search)
 
 
 @dataclass(frozen=True)
@@ -169,9 +169,11 @@ class DetectorSettings:
         group=ADDED, metavar="S")
     bank_search: str = setting(
         "torch", "nearest-neighbour search of the memory banks (pass 2 and test scoring): torch, exact, the "
-                 "reference's numbers; faiss, exact through faiss on the CPU (faster; distances equal to float32 "
-                 "rounding, so scores may differ in the last digits); hnsw, approximate (faiss's HNSW graph: faster "
-                 "on large banks, lowers the metrics; docs/approximate.md)", choices=BANK_SEARCHES, group=ADDED)
+                 "reference's numbers; projected, exact, the same numbers, screened in 64 principal directions "
+                 "(fewer multiply-adds; docs/approximate.md); faiss, exact through faiss on the CPU (faster; "
+                 "distances equal to float32 rounding, so scores may differ in the last digits); hnsw, "
+                 "approximate (faiss's HNSW graph: faster on large banks, lowers the metrics; docs/approximate.md)",
+        choices=BANK_SEARCHES, group=ADDED)
     bank_rows_per_sample: int | None = setting(
         None, "approximate: build each memory bank from at most N patches per training sample, evenly spaced (a "
               "sample's empty patches count as one); the coreset keeps --f_coreset of those (default: every "

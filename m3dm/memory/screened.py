@@ -169,10 +169,22 @@ class ScreenedBank:
         self.block_elements = block_elements
         self.max_rerank_share = max_rerank_share
         self.group_union_rows = max(4 * MIN_GEMM_SIDE, min(GROUP_UNION_ROWS, bank.shape[0] // GROUP_UNION_BANK_SHARE))
-        self.width = -(-(self.dim + 2 * NORM_PIECES + BOUND_FACTORS) // K_ALIGN) * K_ALIGN
-        self.centre = bank.mean(dim=0)  # any centre keeps the bound valid; the mean makes it small
-        self.padded, self.finite = self._prepare(bank, for_queries=False)
+        self.finite = self._prepare_screen()
         self._skip_searches, self._backoff = 0, 1  # searches to run plain after fallbacks (data too flat)
+
+    # -- the screen: a subclass may replace these two methods (m3dm.memory.projected) ---------------------------
+    def _prepare_screen(self) -> bool:
+        """Prepare the bank for screening, once (here its padded bfloat16 rows); whether all of it is finite."""
+        self.width = -(-(self.dim + 2 * NORM_PIECES + BOUND_FACTORS) // K_ALIGN) * K_ALIGN
+        self.centre = self.bank.mean(dim=0)  # any centre keeps the bound valid; the mean makes it small
+        self.padded, finite = self._prepare(self.bank, for_queries=False)
+        return finite
+
+    def _screen(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(query, bank row)`` index pairs, sorted by query, among which every query's plain-path nearest row
+        and the rows tying it are; None when the block cannot be screened (non-finite queries)."""
+        query_rows, finite = self._prepare(block, for_queries=True)
+        return self._candidates(query_rows) if finite else None
 
     # -- preparation (both sides) -----------------------------------------------------------------------------
     def _prepare(self, rows: torch.Tensor, for_queries: bool) -> tuple[torch.Tensor, bool]:
@@ -304,10 +316,10 @@ class ScreenedBank:
                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Screen one block of queries against the whole bank and re-rank its candidates in float32; None when
         the block is better scored by the plain path (non-finite queries, or re-ranking too costly)."""
-        query_rows, finite = self._prepare(block, for_queries=True)
-        if not finite:
+        pairs = self._screen(block)
+        if pairs is None:
             return None
-        rows, cols = self._candidates(query_rows)
+        rows, cols = pairs
         counts = torch.bincount(rows, minlength=block.shape[0])
         stats.screened_queries += block.shape[0]
         stats.candidates += rows.numel()
@@ -377,11 +389,14 @@ class ScreenedSearch:
     :func:`bf16_matmul_is_fast`). The bank is prepared (:class:`ScreenedBank`) at the first search after ``fit``;
     ``block_rows`` queries per block (None: as the plain search), ``max_rerank_share`` as in ScreenedBank."""
 
+    prepared_type: type[ScreenedBank] = ScreenedBank  # the bank's preparation, hence its screen
+
     def __init__(self, block_rows: int | None = None, max_rerank_share: float = MAX_RERANK_SHARE) -> None:
         self.block_rows = block_rows
         self.max_rerank_share = max_rerank_share
         self.bank: torch.Tensor | None = None
         self._prepared: ScreenedBank | None = None
+        self.last_stats: ScreeningStats | None = None  # what the last search's screen did
 
     def fit(self, bank: torch.Tensor) -> ScreenedSearch:
         self.bank, self._prepared = bank, None
@@ -392,8 +407,9 @@ class ScreenedSearch:
         if self.bank is None:
             raise RuntimeError("ScreenedSearch.search before fit")
         if self._prepared is None:
-            self._prepared = ScreenedBank(self.bank, max_rerank_share=self.max_rerank_share)
-        return self._prepared.search(queries, chunk_size=self.block_rows)
+            self._prepared = self.prepared_type(self.bank, max_rerank_share=self.max_rerank_share)
+        distances, indices, self.last_stats = self._prepared.search_with_stats(queries, chunk_size=self.block_rows)
+        return distances, indices
 
 
 def _union(cols: torch.Tensor, bank_rows: int) -> torch.Tensor:

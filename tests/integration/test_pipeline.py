@@ -245,6 +245,23 @@ def test_faiss_search_gives_the_torch_search_metrics(dataset, uff_checkpoint, fi
 
 
 @pytest.mark.slow
+def test_projected_search_gives_the_torch_search_scores(dataset, fitted, tmp_path):
+    """--bank_search projected: exact, the default search's rows and float32 distances (its candidates are
+    re-ranked with the same arithmetic), so the same scores, maps and metrics (measured: bit for bit)."""
+    method = "DINO+Point_MAE"
+    exact = json.loads((fitted(method) / "results.json").read_text())["per_class"]["gadget"]
+    projected = run_main(dataset, tmp_path, "--method_name", method, "--memory_bank", METHODS[method],
+                         "--bank_search", "projected", "--save_maps")["per_class"]["gadget"]
+    assert projected.keys() == exact.keys()
+    for metric, value in exact.items():
+        if isinstance(value, float):
+            assert projected[metric] == pytest.approx(value, rel=1e-6), metric
+    maps, expected = saved_maps(tmp_path), saved_maps(fitted(method))
+    np.testing.assert_allclose(maps["image_scores"], expected["image_scores"], rtol=1e-6)
+    np.testing.assert_allclose(maps["maps"], expected["maps"], rtol=1e-6)
+
+
+@pytest.mark.slow
 def test_approximate_options_run(dataset, tmp_path):
     record = run_main(dataset, tmp_path, "--method_name", "DINO+Point_MAE", "--memory_bank", "multiple",
                       "--bank_search", "hnsw", "--bank_rows_per_sample", "300", "--coreset_shards", "3")
