@@ -129,6 +129,8 @@ def test_no_code_of_the_project_unpickles_arbitrary_objects():
     for path in files:
         source = path.read_text()
         offending += [f"{path}: {text}" for text in unsafe if text in source.replace(" ", "")]
+        if "torch" not in source or "load" not in source:  # no call `torch.load` without both names: not parsed
+            continue
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":

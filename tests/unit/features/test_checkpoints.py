@@ -87,9 +87,9 @@ def pointmae_file(tmp_path_factory, point_sources) -> Path:
 
 def pointbert_checkpoint(source: dict[str, torch.Tensor], drop: tuple[str, ...] = ()) -> dict:
     """Point-BERT layout: transformer_q (+ cls_head, lm_head, mask_token), a momentum copy, the dVAE."""
-    other = random_like(source, 99)
     base = {f"module.transformer_q.{k}": v for k, v in source.items() if k not in drop}
-    base.update({f"module.transformer_k.{k}": v for k, v in other.items()})
+    # the momentum copy differs from the query encoder in every value (one more), as cheaply as that can be made
+    base.update({f"module.transformer_k.{k}": v + 1 for k, v in source.items()})
     base.update({
         "module.transformer_q.cls_head.0.weight": torch.randn(256, 384),
         "module.transformer_q.cls_head.2.bias": torch.randn(256),
