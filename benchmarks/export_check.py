@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
          "--random_init", "--device", "cpu", "--batch_size", "1", "-q"]
 METHODS = {"DINO": ["--memory_bank", "single"], "Point_MAE": ["--memory_bank", "single"], "CFM": ["--cfm_epochs", "1"],
-           "DINO+Point_MAE": ["--memory_bank", "multiple"], "DINO+Point_MAE+add": ["--memory_bank", "single"]}
+           "DINO+Point_MAE": ["--memory_bank", "multiple"], "DINO+Point_MAE+add": ["--memory_bank", "single"],
+           "BTF_RGB": ["--memory_bank", "single"], "BTF_FPFH": ["--memory_bank", "single"],
+           "BTF_RGB+FPFH": ["--memory_bank", "single"]}
 
 
 def compare(model_path: Path, onnx_path: Path, test_folder: Path) -> tuple[float, float, int]:

@@ -384,8 +384,11 @@ def local_average(maps: np.ndarray, aligned: bool) -> np.ndarray:
     else:
         padded, present = maps, np.ones(maps.shape[1:])
     height, width = padded.shape[1] - 2, padded.shape[2] - 2
-    total = sum(padded[:, r:r + height, c:c + width] for r in range(3) for c in range(3))
-    count = sum(present[r:r + height, c:c + width] for r in range(3) for c in range(3))
+    total, count = np.zeros((len(maps), height, width)), np.zeros((height, width))
+    for r in range(3):
+        for c in range(3):
+            total += padded[:, r:r + height, c:c + width]
+            count += present[r:r + height, c:c + width]
     return total / count
 
 

@@ -49,8 +49,9 @@ def plane_cloud(img_size: int) -> np.ndarray:
 def example_inputs(graph: nn.Module, img_size: int, num_group: int, batch: int = 1) -> dict[str, torch.Tensor]:
     """Inputs to trace with: :func:`plane_cloud` and its FPS centres (computed as the runner does), or the graph's
     own (``example_inputs``, BTF's)."""
-    if hasattr(graph, "example_inputs"):
-        return graph.example_inputs(batch)
+    own_inputs = getattr(graph, "example_inputs", None)
+    if own_inputs is not None:
+        return own_inputs(batch)
     from m3dm_runner.pointops import farthest_point_sample, pad_clouds, valid_points
 
     cloud = plane_cloud(img_size)
@@ -73,8 +74,9 @@ def metadata(predictor, graph: nn.Module) -> dict:
 
         key, pos = DropPathDraws.from_torch_state(predictor.extractor.rng_state().numpy()).state()
         record["drop_path_state"] = {"key": key, "pos": pos}
-    if hasattr(graph, "extra_metadata"):
-        record.update(graph.extra_metadata())
+    extra = getattr(graph, "extra_metadata", None)
+    if extra is not None:
+        record.update(extra())
     thresholds = model.thresholds
     if thresholds is not None:
         record["image_threshold"] = thresholds.image

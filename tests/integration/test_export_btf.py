@@ -37,7 +37,8 @@ def fit_and_export(dataset, out, method: str, *extra: str):
 
 
 @pytest.mark.parametrize("method, extra", [("BTF_FPFH", ()), ("BTF_RGB", ()), ("BTF_RGB+FPFH", ()),
-                                           ("BTF_RGB+FPFH", ("--fix_quirks",))])
+                                           ("BTF_RGB+FPFH", ("--fix_quirks",))],
+                         ids=["BTF_FPFH", "BTF_RGB", "BTF_RGB+FPFH", "BTF_RGB+FPFH-fix_quirks"])
 def test_exported_btf_scores_match_pytorch(dataset, tmp_path, method, extra):
     model_path, onnx_path = fit_and_export(dataset, tmp_path, method, *extra)
     parts = discover_parts([str(dataset / "gadget" / "test")], [], [])
