@@ -49,7 +49,9 @@ def main() -> None:
         rows = np.abs(got - expected).max(axis=1)
         patch_diff = np.abs(got_patches - expected_patches)
         relative = patch_diff.max() / np.abs(expected_patches).max()
-        print(f"| {part.name} | {len(points)} | {(rows == 0).mean():.4f} | {rows.max():.3g} | {patch_diff.max():.3g} "
+        assert part.xyz is not None
+        label = "/".join((*part.xyz.parts[-4:-2], part.xyz.stem))  # <split>/<defect>/<stem>
+        print(f"| {label} | {len(points)} | {(rows == 0).mean():.4f} | {rows.max():.3g} | {patch_diff.max():.3g} "
               f"| {relative:.3g} | {o3d_time:.2f} | {numpy_time:.2f} |", flush=True)
 
 
