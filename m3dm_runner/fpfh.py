@@ -312,14 +312,6 @@ def bin_index(features: np.ndarray) -> np.ndarray:
     return bins + np.arange(3) * BINS
 
 
-def sequential_sums(values: np.ndarray, axis: int) -> np.ndarray:
-    """Sums along ``axis`` added one term after the other from 0, as a C loop adds (NumPy's ``sum`` adds
-    pairwise; its ``cumsum`` in order)."""
-    if values.shape[axis] == 0:
-        return np.zeros(np.delete(values.shape, axis))
-    return np.take(np.cumsum(values, axis=axis), -1, axis=axis)
-
-
 def repeated_sums(max_count: int, max_terms: int, total: float = 100.0) -> np.ndarray:
     """``table[m, c]``: ``total / m`` added ``c`` times one after the other (a histogram bin that ``c`` of a point's
     ``m`` pairs fall in, accumulated as Open3D does)."""
@@ -350,15 +342,15 @@ def fpfh_features(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods)
     own = spfh(points, normals, near)
     weighted = np.zeros_like(own)
     block_sums = np.zeros((len(points), 3))
-    for start in range(0, len(points), _PAIR_CHUNK_POINTS):
-        rows = slice(start, start + _PAIR_CHUNK_POINTS)
-        dist2 = near.dist2[rows, 1:]
-        use = near.valid()[rows, 1:] & (dist2 != 0)
+    valid = near.valid()
+    for column in range(1, near.index.shape[1]):  # neighbour by neighbour, bin by bin, as Open3D sums
+        dist2 = near.dist2[:, column]
+        use = valid[:, column] & (dist2 != 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            values = np.where(use[..., None], own[near.index[rows, 1:]] / dist2[..., None], 0.0)  # (n, K-1, 33)
-        weighted[rows] = sequential_sums(values, axis=1)  # neighbour by neighbour, as Open3D sums
-        by_block = values.reshape(len(values), -1, 3, BINS).transpose(0, 2, 1, 3).reshape(len(values), 3, -1)
-        block_sums[rows] = sequential_sums(by_block, axis=2)  # neighbour by neighbour, bin by bin
+            values = np.where(use[:, None], own[near.index[:, column]] / dist2[:, None], 0.0)
+        weighted += values
+        for j in range(BINS):  # each block's running sum takes its 11 bins in order
+            block_sums += values[:, j::BINS]
     with np.errstate(divide="ignore"):
         scale = np.where(block_sums != 0, 100.0 / block_sums, 0.0)
     has_pairs = (near.count > 1)[:, None]
