@@ -1,14 +1,16 @@
 """One part's latency and throughput, PyTorch eager against the exported model on onnxruntime, same machine.
 
-    python benchmarks/export.py [--part RGB.png XYZ.tiff] [--methods DINO+Point_MAE CFM] [--repeats 5]
+    python benchmarks/export.py [--part RGB.png XYZ.tiff] [--methods DINO+Point_MAE CFM BTF_FPFH] [--repeats 5]
 
 Full configuration (ViT-B/8 DINO, Point-MAE with 1024 groups of 128 points, training-mode point backbone) with
 random backbone weights in the official layout and random fitted state: banks of ``--bank_rows`` rows (a class of
 about 64 training parts at --f_coreset 0.1 gives 20,000) and a random decision layer for DINO+Point_MAE, random
-mappings for CFM. The timings do not depend on the values. The part is a preprocessed one (``--part``), or a plane
-seen by every pixel (the most points a part can have). Eager: ``FeatureExtractor`` + ``predict`` per part, as
-``m3dm.predict`` scores; exported: ``m3dm_runner.ExportedModel.score_arrays`` (its NumPy FPS included). Both use
-their library's default threads. Results are in benchmarks/README.md.
+mappings for CFM; BTF_FPFH: an unnormalised bank of random 33-bin histograms (FPFH has no weights; eager computes
+it with Open3D, the runner with ``m3dm_runner.fpfh``). The timings do not depend on the values. The part is a
+preprocessed one (``--part``), or a plane seen by every pixel (the most points a part can have). Eager:
+``FeatureExtractor`` + ``predict`` per part, as ``m3dm.predict`` scores; exported:
+``m3dm_runner.ExportedModel.score_arrays`` (its NumPy FPS or FPFH included). Both use their library's default
+threads. Results are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from m3dm_runner import ExportedModel  # noqa: E402
 from m3dm_runner.inputs import PartFiles, read_part  # noqa: E402
 
 DIMS = {"xyz": 1152, "rgb": 768}
+BTF_DIMS = {"xyz": 33, "rgb": 1536, "rgb+xyz": 1569}
 
 
 def random_detector(method: str, bank_rows: int):
@@ -50,10 +53,15 @@ def random_detector(method: str, bank_rows: int):
         return detector
     detector = Detector(DetectorSettings(method_name=method, memory_bank=METHODS[method].memory_bank),
                         progress=False)
+    btf = detector.spec.features == "btf"
     for modality in detector.spec.modalities:
-        rows = torch.randn(bank_rows, DIMS[modality], generator=generator)
-        detector.banks[modality] = MemoryBank.from_state({"bank": rows, "mean": torch.tensor(0.1),
-                                                          "std": torch.tensor(1.5), "coreset_idx": None})
+        if btf:  # BTF's banks are unnormalised raw patches (FPFH histograms: non-negative, about 0-100)
+            rows = torch.rand(bank_rows, BTF_DIMS[modality], generator=generator) * 20
+            state = {"bank": rows, "mean": None, "std": None, "coreset_idx": None}
+        else:
+            rows = torch.randn(bank_rows, DIMS[modality], generator=generator)
+            state = {"bank": rows, "mean": torch.tensor(0.1), "std": torch.tensor(1.5), "coreset_idx": None}
+        detector.banks[modality] = MemoryBank.from_state(state)
     detector.rgb_grid = 28
     if detector.uses_dlf:
         from sklearn.linear_model import SGDOneClassSVM
@@ -68,8 +76,9 @@ def random_detector(method: str, bank_rows: int):
 def stand_in_predictor(method: str, bank_rows: int) -> SimpleNamespace:
     """What ``export_onnx`` reads of a ``m3dm.app.predict.Predictor``, for a random full-configuration model."""
     backbones = BackboneSettings(random_init=True)
-    extractor = build_extractor(backbones, needs_rgb=True, needs_xyz=True, device="cpu", seed=0, clamp_pfa=False,
-                                method=METHODS[method])
+    spec = METHODS[method]
+    extractor = build_extractor(backbones, needs_rgb=spec.needs_rgb, needs_xyz=spec.needs_xyz, device="cpu", seed=0,
+                                clamp_pfa=False, method=spec)
     settings = {"img_size": 224, "num_group": backbones.num_group, "group_size": backbones.group_size}
     model = SimpleNamespace(settings=settings, method_name=method, class_name="random", path="(random)",
                             thresholds=None)
@@ -122,7 +131,7 @@ def measure(method: str, rgb: np.ndarray, cloud: np.ndarray, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", nargs=2, type=Path, metavar=("RGB", "XYZ"), default=None)
-    parser.add_argument("--methods", nargs="+", default=["DINO+Point_MAE", "CFM"])
+    parser.add_argument("--methods", nargs="+", default=["DINO+Point_MAE", "CFM", "BTF_FPFH"])
     parser.add_argument("--bank_rows", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

@@ -29,7 +29,9 @@ SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--
          "--random_init", "--device", "cpu", "--batch_size", "1", "-q"]
 METHODS = {"DINO": ["--memory_bank", "single"], "Point_MAE": ["--memory_bank", "single"], "CFM": ["--cfm_epochs", "1"],
            "DINO+Point_MAE": ["--memory_bank", "multiple"], "DINO+Point_MAE+add": ["--memory_bank", "single"],
-           "G2SF": ["--num_anomalies", "3", "--max_epoch", "2", "--n_hidden", "16", "--emb_dim", "8"]}
+           "G2SF": ["--num_anomalies", "3", "--max_epoch", "2", "--n_hidden", "16", "--emb_dim", "8"],
+           "BTF_RGB": ["--memory_bank", "single"], "BTF_FPFH": ["--memory_bank", "single"],
+           "BTF_RGB+FPFH": ["--memory_bank", "single"]}
 
 
 def compare(model_path: Path, onnx_path: Path, test_folder: Path) -> tuple[float, float, int]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from m3dm_runner.fpfh import fpfh_batch
 from m3dm_runner.inputs import PartError, PartFiles, read_part
 from m3dm_runner.pointops import DropPathDraws, farthest_point_sample, pad_clouds, valid_points
 
@@ -27,7 +28,7 @@ class Scored:
 class ExportedModel:
     """``m3dm.export``'s artefact with what its graph leaves out (valid points, farthest point sampling and, for a
     training-mode point backbone, the DropPath draws continued from the fitted model's generator state, so parts
-    scored in the same order and batches get ``m3dm.predict``'s scores)."""
+    scored in the same order and batches get ``m3dm.predict``'s scores; BTF's FPFH patches)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         options = ort.SessionOptions()
@@ -68,6 +69,8 @@ class ExportedModel:
             feeds.update(self.point_inputs(np.asarray(clouds, dtype=np.float32)))
         if "cloud" in self.inputs:
             feeds["cloud"] = np.ascontiguousarray(clouds, dtype=np.float32)
+        if "fpfh" in self.inputs:
+            feeds["fpfh"] = fpfh_batch(np.asarray(clouds, dtype=np.float32), self.meta["fpfh"])
         if "drop_path_draws" in self.inputs:
             assert self.draws is not None
             feeds["drop_path_draws"] = self.draws.draw(len(clouds))

@@ -279,7 +279,8 @@ class BankGraph(nn.Module):
         self.scorers = nn.ModuleDict({m: BankScorer(bank.bank, bank.mean, bank.std, spec.eps, spec.divisor)
                                       for m, bank in detector.banks.items()})
         self.maps = MapMaker(config.blur)
-        weights = [config.lambdas.of(m) for m in self.modalities]
+        # the decision layer's re-weighting; BTF's concatenated bank has no weights of its own
+        weights = [config.lambdas.of(m) if self.combine == "dlf" else (1.0, 1.0) for m in self.modalities]
         self.register_buffer("image_lambdas", torch.tensor([w[0] for w in weights], dtype=torch.float64))
         self.register_buffer("map_lambdas", torch.tensor([w[1] for w in weights], dtype=torch.float32))
         if self.combine == "dlf":

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from m3dm.config import METHODS
+from m3dm.export.btf_graph import FPFH_INPUT, BTFGraph
 from m3dm.export.cfm_graph import CFMGraph
 from m3dm.export.g2sf_graph import G2SFGraph
 from m3dm.export.graph import BankGraph
@@ -23,7 +24,7 @@ from m3dm.export.graph import BankGraph
 log = logging.getLogger(__name__)
 OPSET = 17  # ScatterElements with reduction="add" needs 16
 FORMAT_VERSION = 1
-INPUT_NAMES = ("rgb", "points", "pixels", "centres", "drop_path_draws")
+INPUT_NAMES = ("rgb", "points", "pixels", "centres", "drop_path_draws", FPFH_INPUT)
 OUTPUT_NAMES = ("image_score", "map")
 
 
@@ -31,9 +32,8 @@ def build_graph(predictor) -> nn.Module:
     """The traceable module of a loaded ``m3dm.app.predict.Predictor``'s detector and extractor."""
     family = predictor.detector.__class__.__name__
     method = predictor.model.method_name
-    if METHODS[method].features == "btf":
-        raise NotImplementedError(f"{method}: BTF's methods are not exportable yet (FPFH runs in open3d; "
-                                  f"docs/deployment.md)")
+    if family == "Detector" and METHODS[method].features == "btf":
+        return BTFGraph(predictor.detector, predictor.extractor)
     if family == "Detector":
         return BankGraph(predictor.detector, predictor.extractor)
     if family == "CFMDetector":
@@ -50,7 +50,11 @@ def plane_cloud(img_size: int) -> np.ndarray:
 
 
 def example_inputs(graph: nn.Module, img_size: int, num_group: int, batch: int = 1) -> dict[str, torch.Tensor]:
-    """Inputs to trace with: :func:`plane_cloud` and its FPS centres (computed as the runner does)."""
+    """Inputs to trace with: :func:`plane_cloud` and its FPS centres (computed as the runner does), or the graph's
+    own (``example_inputs``, BTF's)."""
+    own_inputs = getattr(graph, "example_inputs", None)
+    if own_inputs is not None:
+        return own_inputs(batch)
     from m3dm_runner.pointops import farthest_point_sample, pad_clouds, valid_points
 
     cloud = plane_cloud(img_size)
@@ -73,6 +77,9 @@ def metadata(predictor, graph: nn.Module) -> dict:
 
         key, pos = DropPathDraws.from_torch_state(predictor.extractor.rng_state().numpy()).state()
         record["drop_path_state"] = {"key": key, "pos": pos}
+    extra = getattr(graph, "extra_metadata", None)
+    if extra is not None:
+        record.update(extra())
     thresholds = model.thresholds
     if thresholds is not None:
         record["image_threshold"] = thresholds.image
@@ -92,7 +99,7 @@ def export_onnx(predictor, out: str | Path) -> Path:
     names = [name for name in INPUT_NAMES if name in inputs]
     dynamic = {"rgb": {0: "batch"}, "points": {0: "batch", 1: "n_points"}, "pixels": {0: "batch", 1: "n_points"},
                "centres": {0: "batch"}, "drop_path_draws": {0: "batch"}, "image_score": {0: "batch"},
-               "map": {0: "batch"}}
+               "map": {0: "batch"}, FPFH_INPUT: {0: "batch"}}
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.enable_grad():  # the point backbone's in-place BatchNorm path is for autograd-free eager runs
         torch.onnx.export(graph, tuple(inputs[n] for n in names), str(out), input_names=names,

@@ -1,0 +1,424 @@
+"""BTF's FPFH point features in NumPy: what ``m3dm.features.fpfh`` computes with Open3D, for the runner.
+
+The steps follow Open3D's documented algorithm (``estimate_normals`` then ``compute_fpfh_feature``, both with a
+``KDTreeSearchParamHybrid``), written vectorised over the points:
+
+- **neighbourhoods**: the ``max_nn`` nearest points (the point itself first) whose squared distance is below
+  ``radius²``; brute force in query chunks, exact float64 distances ``(dx² + dy²) + dz²``;
+- **normals**: the covariance of each neighbourhood (at least 3 points, else the identity) from its raw moments
+  ``E[x xᵀ] − E[x] E[x]ᵀ``, and the eigenvector of its smallest eigenvalue by the closed-form 3 × 3 solver Open3D
+  uses (Geometric Tools' robust symmetric eigensolver), whose sign choice is the normal's orientation (the cloud is
+  not oriented afterwards); a zero normal becomes ``(0, 0, 1)``;
+- **SPFH**: for each neighbour after the first, the Darboux-frame angles ``(α, φ, θ)`` of the pair (the frame at
+  the point whose normal makes the smaller angle with the line), each put in 11 bins of ``[−π, π]`` or ``[−1, 1]``
+  with weight ``100 / (neighbours − 1)``;
+- **FPFH**: the point's SPFH plus the sum of its neighbours' SPFH weighted by ``1 / squared distance``, each
+  11-bin block of that sum scaled to total 100 (neighbours at distance 0 skipped).
+
+Sums run in Open3D's order (neighbour by neighbour), so the features agree with Open3D's to float round-off except
+where two neighbours tie in distance at the ``max_nn`` boundary (the k-d tree and this search may keep different
+ones) or a pair's angle lies on a bin edge to round-off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from m3dm_runner.pointops import valid_points
+
+FPFH_DIM = 33  # 3 angles x 11 bins
+BINS = 11
+NORMAL_MIN_NEIGHBOURS = 3
+_SEARCH_CHUNK_BYTES = 32 * 2**20
+_PAIR_CHUNK_POINTS = 2048
+_GRID_MIN_POINTS = 2000  # below, one brute-force search is as fast
+_CELL_SAMPLE = 64
+_CELL_MARGIN = 1 - 1e-9  # the cells are found by float division
+_TWO_THIRDS_PI = 2.09439510239319549
+
+
+@dataclass(frozen=True)
+class FPFHParams:
+    """Neighbourhoods (``m3dm.features.fpfh.FPFHParams``): normals within ``normal_radius`` (at most
+    ``normal_max_nn`` points), histograms within ``feature_radius`` (at most ``feature_max_nn``)."""
+
+    normal_radius: float = 0.1
+    normal_max_nn: int = 30
+    feature_radius: float = 0.25
+    feature_max_nn: int = 100
+
+
+@dataclass(frozen=True)
+class Neighbourhoods:
+    """Each point's neighbours, nearest first (the point itself, or a copy of it, first): ``index (N, K)`` and
+    ``dist2 (N, K)`` squared distances, valid where the column is below ``count (N,)``."""
+
+    index: np.ndarray
+    dist2: np.ndarray
+    count: np.ndarray
+
+    def valid(self) -> np.ndarray:
+        return np.arange(self.index.shape[1])[None, :] < self.count[:, None]
+
+    def narrowed(self, radius: float, max_nn: int) -> Neighbourhoods:
+        """The neighbourhoods of a smaller search (``radius`` and ``max_nn`` at most this one's): a prefix."""
+        dist2 = self.dist2[:, :max_nn]
+        return Neighbourhoods(self.index[:, :max_nn], dist2, np.minimum((dist2 < radius * radius).sum(axis=1),
+                                                                        self.count))
+
+
+def squared_distances(queries: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``(Q, 3)``, ``(N, 3)`` float64 -> ``(Q, N)``, summed ``(dx² + dy²) + dz²`` as a k-d tree's L2 metric."""
+    dist = np.square(queries[:, None, 0] - points[None, :, 0])
+    for axis in (1, 2):
+        dist += np.square(queries[:, None, axis] - points[None, :, axis])
+    return dist
+
+
+def _nearest_rows(dist: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of ``candidates (C,)`` (sorted by index) per row of ``dist (Q, C)``, nearest first, equal
+    distances in index order: ``(indices (Q, k), squared distances (Q, k))``."""
+    if k < dist.shape[1]:
+        nearest = np.argpartition(dist, k - 1, axis=1)[:, :k]
+        nearest.sort(axis=1)  # index order, then a stable sort by distance
+    else:
+        nearest = np.broadcast_to(np.arange(dist.shape[1]), dist.shape).copy()
+    near_dist = np.take_along_axis(dist, nearest, axis=1)
+    order = np.argsort(near_dist, axis=1, kind="stable")
+    return candidates[np.take_along_axis(nearest, order, axis=1)], np.take_along_axis(near_dist, order, axis=1)
+
+
+def _brute_force(points: np.ndarray, queries: np.ndarray, k: int, index: np.ndarray, dist2: np.ndarray) -> None:
+    """The ``k`` nearest points of the points at ``queries``, written into rows ``queries`` of ``index``/``dist2``."""
+    chunk = max(1, _SEARCH_CHUNK_BYTES // (8 * len(points)))
+    everyone = np.arange(len(points))
+    for start in range(0, len(queries), chunk):
+        rows = queries[start:start + chunk]
+        index[rows], dist2[rows] = _nearest_rows(squared_distances(points[rows], points), everyone, k)
+
+
+def _cell_size(points: np.ndarray, k: int) -> float:
+    """A cell edge for the grid search: twice the median distance to the k-th neighbour of up to 64 points."""
+    sample = points[np.linspace(0, len(points) - 1, min(len(points), _CELL_SAMPLE)).astype(np.int64)]
+    kth = np.sqrt(np.partition(squared_distances(sample, points), k - 1, axis=1)[:, k - 1])
+    return float(2.0 * np.median(kth))
+
+
+def _grid_search(points: np.ndarray, k: int, radius: float, index: np.ndarray, dist2: np.ndarray) -> np.ndarray:
+    """Each point's ``k`` nearest among the points of the 3 x 3 x 3 cells around its own; returns the points whose
+    result is not provably exact (the k-th distance, or the radius when smaller, not inside their cell block)."""
+    size = _cell_size(points, k)
+    if not size > 0:
+        return np.arange(len(points))
+    cells = np.floor((points - points.min(axis=0)) / size).astype(np.int64)
+    span = cells.max(axis=0) + 3
+    key = ((cells[:, 0] + 1) * span[1] + cells[:, 1] + 1) * span[2] + cells[:, 2] + 1
+    order = np.argsort(key, kind="stable")
+    sorted_keys = key[order]
+    occupied, first = np.unique(sorted_keys, return_index=True)
+    last = np.append(first[1:], len(order))
+    shifts = np.array([(dx * span[1] + dy) * span[2] + dz for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+                       for dz in (-1, 0, 1)])
+    # a point outside a query's block is farther than the query's distance to the block's faces
+    low = points - ((cells - 1) * size + points.min(axis=0))
+    high = (cells + 2) * size + points.min(axis=0) - points
+    reach = _CELL_MARGIN * np.minimum(low, high).min(axis=1)
+    unsure = []
+    for cell, begin, end in zip(occupied, first, last):
+        slots = np.searchsorted(occupied, cell + shifts)
+        slots = slots[(slots < len(occupied)) & (occupied[np.minimum(slots, len(occupied) - 1)] == cell + shifts)]
+        candidates = np.sort(np.concatenate([order[first[s]:last[s]] for s in slots]))
+        queries = order[begin:end]
+        found = min(k, len(candidates))
+        rows_index, rows_dist = _nearest_rows(squared_distances(points[queries], points[candidates]), candidates,
+                                              found)
+        kth = np.sqrt(rows_dist[:, -1]) if found == k else np.full(len(queries), np.inf)
+        exact = np.minimum(kth, radius) < reach[queries]
+        index[queries[exact], :found], dist2[queries[exact], :found] = rows_index[exact], rows_dist[exact]
+        unsure.append(queries[~exact])
+    return np.concatenate(unsure) if unsure else np.zeros(0, dtype=np.int64)
+
+
+def hybrid_search(points: np.ndarray, radius: float, max_nn: int) -> Neighbourhoods:
+    """Open3D's hybrid search for every point of ``(N, 3)`` float64 ``points``: its ``max_nn`` nearest neighbours,
+    cut to those at squared distance below ``radius²``. Equal distances keep the lower index first.
+
+    Exact: a grid of cells answers the points whose neighbours provably lie in the cells around theirs, a brute
+    force over all points the others (sparse regions, small clouds)."""
+    k = min(max_nn, len(points))
+    index = np.zeros((len(points), k), dtype=np.int64)
+    dist2 = np.full((len(points), k), np.inf)
+    rest = np.arange(len(points)) if len(points) <= _GRID_MIN_POINTS else _grid_search(points, k, radius, index,
+                                                                                          dist2)
+    _brute_force(points, rest, k, index, dist2)
+    return Neighbourhoods(index, dist2, (dist2 < radius * radius).sum(axis=1))
+
+
+def neighbourhood_covariances(points: np.ndarray, near: Neighbourhoods) -> np.ndarray:
+    """``(N, 3, 3)``: each neighbourhood's covariance from its raw moments, accumulated neighbour by neighbour;
+    the identity where fewer than 3 points."""
+    valid = near.valid()
+    moments = np.zeros((len(points), 9))  # x, y, z, xx, xy, xz, yy, yz, zz
+    for column in range(near.index.shape[1]):
+        p = points[near.index[:, column]] * valid[:, column, None]
+        moments += np.stack([p[:, 0], p[:, 1], p[:, 2], p[:, 0] * p[:, 0], p[:, 0] * p[:, 1], p[:, 0] * p[:, 2],
+                             p[:, 1] * p[:, 1], p[:, 1] * p[:, 2], p[:, 2] * p[:, 2]], axis=1)
+    moments /= np.maximum(near.count, 1)[:, None].astype(np.float64)
+    mean = moments[:, :3]
+    pairs = ((0, 0, 3), (0, 1, 4), (0, 2, 5), (1, 1, 6), (1, 2, 7), (2, 2, 8))
+    cov = np.empty((len(points), 3, 3))
+    for row, col, moment in pairs:
+        cov[:, row, col] = cov[:, col, row] = moments[:, moment] - mean[:, row] * mean[:, col]
+    cov[near.count < NORMAL_MIN_NEIGHBOURS] = np.eye(3)
+    return cov
+
+
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.stack([a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
+                     a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]], axis=1)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1]) + a[..., 2] * b[..., 2]
+
+
+def _times(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """``A v`` of symmetric ``(N, 3, 3)`` ``A``, each row summed left to right."""
+    return np.stack([_dot(matrix[:, row], vector) for row in range(3)], axis=1)
+
+
+def _eigenvector_by_rows(a: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """The eigenvector of ``value``: the largest cross product of two rows of ``A − value·I`` (first on ties)."""
+    shifted = a - value[:, None, None] * np.eye(3)
+    crosses = [_cross(shifted[:, 0], shifted[:, 1]), _cross(shifted[:, 0], shifted[:, 2]),
+               _cross(shifted[:, 1], shifted[:, 2])]
+    lengths = np.stack([_dot(c, c) for c in crosses], axis=1)
+    best = np.zeros(len(a), dtype=np.int64)
+    best[lengths[:, 1] > lengths[:, 0]] = 1
+    best[lengths[:, 2] > np.maximum(lengths[:, 0], lengths[:, 1])] = 2
+    picked = np.stack(crosses, axis=1)[np.arange(len(a)), best]
+    return picked / np.sqrt(lengths[np.arange(len(a)), best])[:, None]
+
+
+def _second_eigenvector(a: np.ndarray, first: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """The eigenvector of ``value`` orthogonal to ``first``: the 2 × 2 problem in a basis ``(u, v)`` of the plane
+    orthogonal to ``first``, solved by the larger of its rows."""
+    x_larger = np.abs(first[:, 0]) > np.abs(first[:, 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_xz = 1 / np.sqrt(first[:, 0] * first[:, 0] + first[:, 2] * first[:, 2])
+        inv_yz = 1 / np.sqrt(first[:, 1] * first[:, 1] + first[:, 2] * first[:, 2])
+        zeros = np.zeros(len(a))
+        u = np.where(x_larger[:, None], np.stack([-first[:, 2] * inv_xz, zeros, first[:, 0] * inv_xz], axis=1),
+                     np.stack([zeros, first[:, 2] * inv_yz, -first[:, 1] * inv_yz], axis=1))
+        v = _cross(first, u)
+        au, av = _times(a, u), _times(a, v)
+        m00, m01, m11 = _dot(u, au) - value, _dot(u, av), _dot(v, av) - value
+        a00, a01, a11 = np.abs(m00), np.abs(m01), np.abs(m11)
+        # rows (m00, m01) when |m00| >= |m11|, else (m01, m11): the solution is (c, -s) or (s, -c) in (u, v)
+        use_first_row = a00 >= a11
+        big = np.where(use_first_row, a00, a11)
+        by_diagonal = big >= a01
+        diagonal, other = np.where(use_first_row, m00, m11), m01
+        ratio = np.where(by_diagonal, other / diagonal, diagonal / other)
+        scale = 1 / np.sqrt(1 + ratio * ratio)
+        along = np.where(by_diagonal, scale, ratio * scale)  # the diagonal's share, normalised
+        across = np.where(by_diagonal, ratio * scale, scale)  # the off-diagonal's share
+        coef_u = np.where(use_first_row, across, along)
+        coef_v = np.where(use_first_row, along, across)
+        vector = coef_u[:, None] * u - coef_v[:, None] * v
+    degenerate = np.maximum(big, a01) <= 0
+    return np.where(degenerate[:, None], u, vector)
+
+
+def smallest_eigenvectors(cov: np.ndarray) -> np.ndarray:
+    """``(N, 3, 3)`` symmetric -> ``(N, 3)``: the unit eigenvector of the smallest eigenvalue by the closed-form
+    solver (eigenvalues from the trigonometric solution of the characteristic cubic, on the matrix scaled by its
+    largest entry), with its sign; zero where the matrix is zero."""
+    n = len(cov)
+    largest = cov.reshape(n, 9).max(axis=1)
+    safe = np.where(largest == 0, 1.0, largest)
+    a = cov / safe[:, None, None]
+    a00, a11, a22, a01, a02, a12 = a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2]
+    off = a01 * a01 + a02 * a02 + a12 * a12
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = (a00 + a11 + a22) / 3
+        b00, b11, b22 = a00 - q, a11 - q, a22 - q
+        p = np.sqrt((b00 * b00 + b11 * b11 + b22 * b22 + off * 2) / 6)
+        c00, c01, c02 = b11 * b22 - a12 * a12, a01 * b22 - a12 * a02, a01 * a12 - b11 * a02
+        half_det = np.clip((b00 * c00 - a01 * c01 + a02 * c02) / (p * p * p) * 0.5, -1.0, 1.0)
+        angle = np.arccos(half_det) / 3.0
+        beta2 = np.cos(angle) * 2
+        beta0 = np.cos(angle + _TWO_THIRDS_PI) * 2
+        beta1 = -(beta0 + beta2)
+        eval0, eval1, eval2 = q + p * beta0, q + p * beta1, q + p * beta2
+        positive = half_det >= 0  # the solver starts from the eigenvalue farthest from the others
+        start_value = np.where(positive, eval2, eval0)
+        first = _eigenvector_by_rows(a, start_value)
+        second = _second_eigenvector(a, first, eval1)
+        third = np.where(positive[:, None], _cross(second, first), _cross(first, second))
+    others = np.where(positive, eval0, eval2)
+    first_smallest = (start_value < others) & (start_value < eval1)
+    second_smallest = (eval1 < eval0) & (eval1 < eval2)
+    general = np.where(first_smallest[:, None], first, np.where(second_smallest[:, None], second, third))
+    diagonal = np.zeros((n, 3))  # a diagonal matrix: the axis of the smallest entry (z on ties)
+    x_least = (a00 < a11) & (a00 < a22)
+    y_least = ~x_least & (a11 < a00) & (a11 < a22)
+    diagonal[x_least, 0], diagonal[y_least, 1], diagonal[~x_least & ~y_least, 2] = 1.0, 1.0, 1.0
+    vectors = np.where((off > 0)[:, None], general, diagonal)
+    vectors[largest == 0] = 0.0
+    return vectors
+
+
+def estimate_normals(points: np.ndarray, near: Neighbourhoods) -> np.ndarray:
+    """``(N, 3)`` float64 and their neighbourhoods -> ``(N, 3)`` unit normals as Open3D's ``estimate_normals`` on a
+    cloud without normals."""
+    normals = smallest_eigenvectors(neighbourhood_covariances(points, near))
+    normals[np.sqrt(_dot(normals, normals)) == 0] = (0.0, 0.0, 1.0)
+    return normals
+
+
+def pair_features(p1: np.ndarray, n1: np.ndarray, p2: np.ndarray, n2: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` pairs -> ``(..., 3)`` angles ``(α, φ, θ)`` in the Darboux frame of the source point (the one
+    whose normal is closer to the line between them); zeros for coincident points or a normal along the line."""
+    line = p2 - p1
+    length = np.sqrt(_dot(line, line))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        angle1, angle2 = _dot(n1, line) / length, _dot(n2, line) / length
+        # Open3D swaps when acos|cos1| > acos|cos2|: acos decreases, and its comparison follows the cosines' own
+        # order even where they differ by one ulp (NumPy's arccos may round two such cosines to one value)
+        swap = np.abs(angle1) < np.abs(angle2)
+        source = np.where(swap[..., None], n2, n1)
+        target = np.where(swap[..., None], n1, n2)
+        line = np.where(swap[..., None], -line, line)
+        theta = np.where(swap, -angle2, angle1)
+        v = _cross(line.reshape(-1, 3), source.reshape(-1, 3)).reshape(line.shape)
+        v_norm = np.sqrt(_dot(v, v))
+        v = v / v_norm[..., None]
+        w = _cross(source.reshape(-1, 3), v.reshape(-1, 3)).reshape(line.shape)
+        phi = _dot(v, target)
+        alpha = np.arctan2(_dot(w, target), _dot(source, target))
+    features = np.stack([alpha, phi, theta], axis=-1)
+    features[(length == 0) | (v_norm == 0)] = 0.0
+    return features
+
+
+def bin_index(features: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` angles -> ``(..., 3)`` histogram columns: 11 bins of α over [−π, π], of φ and θ over [−1, 1]."""
+    alpha = np.floor(BINS * (features[..., 0] + np.pi) / (2.0 * np.pi))
+    cosines = np.floor(BINS * (features[..., 1:] + 1.0) * 0.5)
+    bins = np.clip(np.concatenate([alpha[..., None], cosines], axis=-1), 0, BINS - 1).astype(np.int64)
+    return bins + np.arange(3) * BINS
+
+
+def repeated_sums(max_count: int, max_terms: int, total: float = 100.0) -> np.ndarray:
+    """``table[m, c]``: ``total / m`` added ``c`` times one after the other (a histogram bin that ``c`` of a point's
+    ``m`` pairs fall in, accumulated as Open3D does)."""
+    increment = total / np.maximum(np.arange(max_count + 1), 1).astype(np.float64)
+    terms = np.broadcast_to(increment[:, None], (max_count + 1, max_terms))
+    return np.concatenate([np.zeros((max_count + 1, 1)), np.cumsum(terms, axis=1)], axis=1)
+
+
+def spfh(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods) -> np.ndarray:
+    """``(N, 33)``: each point's histogram of its pairs with its neighbours after the first, weights summing to
+    100 per angle; zeros for a point without neighbours."""
+    n, k = near.index.shape
+    counts = np.zeros((n, FPFH_DIM), dtype=np.int64)
+    for start in range(0, n, _PAIR_CHUNK_POINTS):  # the pairs' temporaries stay a few tens of MB
+        rows = slice(start, start + _PAIR_CHUNK_POINTS)
+        others = near.index[rows, 1:]
+        features = pair_features(points[rows, None], normals[rows, None], points[others], normals[others])
+        bins = bin_index(features) + (np.arange(len(others)) * FPFH_DIM)[:, None, None]
+        in_radius = near.valid()[rows, 1:]
+        counts[rows] = np.bincount(bins[in_radius].ravel(), minlength=len(others) * FPFH_DIM).reshape(-1, FPFH_DIM)
+    table = repeated_sums(k - 1, k - 1)
+    return table[np.maximum(near.count - 1, 0)[:, None], counts]
+
+
+def fpfh_features(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods) -> np.ndarray:
+    """``(N, 33)`` float64 FPFH: a point's SPFH plus its neighbours' weighted by ``1 / squared distance``, each
+    11-bin block of the weighted sum scaled to 100."""
+    own = spfh(points, normals, near)
+    weighted = np.zeros_like(own)
+    block_sums = np.zeros((len(points), 3))
+    valid = near.valid()
+    for column in range(1, near.index.shape[1]):  # neighbour by neighbour, bin by bin, as Open3D sums
+        dist2 = near.dist2[:, column]
+        use = valid[:, column] & (dist2 != 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.where(use[:, None], own[near.index[:, column]] / dist2[:, None], 0.0)
+        weighted += values
+        for j in range(BINS):  # each block's running sum takes its 11 bins in order
+            block_sums += values[:, j::BINS]
+    with np.errstate(divide="ignore"):
+        scale = np.where(block_sums != 0, 100.0 / block_sums, 0.0)
+    has_pairs = (near.count > 1)[:, None]
+    return np.where(has_pairs, weighted * np.repeat(scale, BINS, axis=1) + own, 0.0)
+
+
+def fpfh_of_points(points: np.ndarray, params: FPFHParams = FPFHParams()) -> np.ndarray:
+    """``(N, 3)`` points -> ``(N, 33)`` float64 FPFH, normals estimated first (``m3dm.features.fpfh``)."""
+    points = np.asarray(points, dtype=np.float64)
+    # one search serves both: the normals' neighbourhood is a prefix of the larger one (same distance order)
+    near = hybrid_search(points, max(params.normal_radius, params.feature_radius),
+                         max(params.normal_max_nn, params.feature_max_nn))
+    normals = estimate_normals(points, near.narrowed(params.normal_radius, params.normal_max_nn))
+    return fpfh_features(points, normals, near.narrowed(params.feature_radius, params.feature_max_nn))
+
+
+def local_average(maps: np.ndarray, aligned: bool) -> np.ndarray:
+    """``(C, H, W)`` -> 3 x 3 means: ``(C, H-2, W-2)`` without padding (the reference), or ``(C, H, W)`` averaged
+    over the pixels present at the borders (``aligned``, ``--fix_quirks``)."""
+    if aligned:
+        padded = np.pad(maps, ((0, 0), (1, 1), (1, 1)))
+        present = np.pad(np.ones(maps.shape[1:]), 1)
+    else:
+        padded, present = maps, np.ones(maps.shape[1:])
+    height, width = padded.shape[1] - 2, padded.shape[2] - 2
+    total, count = np.zeros((len(maps), height, width)), np.zeros((height, width))
+    for r in range(3):
+        for c in range(3):
+            total += padded[:, r:r + height, c:c + width]
+            count += present[r:r + height, c:c + width]
+    return total / count
+
+
+def adaptive_average_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``(size_out, size_in)``: PyTorch's adaptive average pooling windows along one axis."""
+    matrix = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def pooled_patches(feature_map: np.ndarray, grid: int, aligned: bool) -> np.ndarray:
+    """``(C, S, S)`` float64 map -> ``(grid², C)`` float32 patches, row-major (``m3dm.features.fpfh``'s pooling)."""
+    local = local_average(feature_map, aligned)
+    rows = adaptive_average_matrix(local.shape[1], grid)
+    cols = adaptive_average_matrix(local.shape[2], grid)
+    pooled = rows @ local @ cols.T  # (C, grid, grid)
+    return np.ascontiguousarray(pooled.reshape(len(pooled), -1).T, dtype=np.float32)
+
+
+def fpfh_patches(points: np.ndarray, pixels: np.ndarray, size: int, grid: int, aligned: bool,
+                 params: FPFHParams = FPFHParams()) -> np.ndarray:
+    """A part's valid ``points (N, 3)`` at flat ``pixels (N,)`` of its ``size`` x ``size`` organized cloud ->
+    ``(grid², 33)`` float32 FPFH patches: each point's histogram at its pixel (zeros elsewhere), pooled."""
+    feature_map = np.zeros((size * size, FPFH_DIM))
+    if len(points):
+        feature_map[pixels] = fpfh_of_points(points, params)
+    return pooled_patches(feature_map.T.reshape(FPFH_DIM, size, size), grid, aligned)
+
+
+def fpfh_batch(clouds: np.ndarray, settings: dict) -> np.ndarray:
+    """``(B, 3, S, S)`` organized clouds -> ``(B, grid², 33)`` float32 FPFH patches, with the neighbourhoods and
+    pooling an exported model's metadata records (``fpfh``: grid, aligned, radii, neighbour caps)."""
+    params = FPFHParams(settings["normal_radius"], settings["normal_max_nn"], settings["feature_radius"],
+                        settings["feature_max_nn"])
+    patches = []
+    for cloud in clouds:
+        points, pixels = valid_points(cloud)
+        patches.append(fpfh_patches(points, pixels, cloud.shape[-1], settings["grid"], settings["aligned"], params))
+    return np.stack(patches)
