@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from m3dm.export.onnx import backbone_linear_nodes, quantise_backbones
+from m3dm.export.onnx import quantise_rgb_backbone, rgb_linear_nodes
 
 WIDTH = 16
 
@@ -34,11 +34,11 @@ def run(path, x):
 
 def test_only_the_backbones_constant_weight_products_are_quantised(tmp_path):
     path = tiny_artefact(tmp_path / "tiny.onnx")
-    assert backbone_linear_nodes(onnx.load(str(path))) == ["/rgb_backbone/blocks.0/attn/qkv/MatMul",
+    assert rgb_linear_nodes(onnx.load(str(path))) == ["/rgb_backbone/blocks.0/attn/qkv/MatMul",
                                                            "/points/blocks/blocks.0/mlp/fc1/MatMul"]
     x = np.random.default_rng(1).standard_normal((WIDTH, WIDTH)).astype(np.float32)
     expected = run(path, x)
-    assert quantise_backbones(path) == 2
+    assert quantise_rgb_backbone(path) == 2
     nodes = onnx.load(str(path)).graph.node
     float_products = {node.name for node in nodes if node.op_type == "MatMul"}
     assert float_products == {"/points/MatMul", "/rgb/MatMul"}
