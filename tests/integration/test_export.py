@@ -31,7 +31,9 @@ CASES = {  # method: (flags, image-score relative tolerance, map tolerance in bl
     "Point_MAE": (["--memory_bank", "single", "--backbone_eval"], 1e-3, 8),
     "DINO+Point_MAE": (["--memory_bank", "multiple"], 1e-3, 8),  # the reference's training-mode point backbone
 }
-INT8_SCORE, INT8_MAP_STEPS = 1.0, 1000  # placeholder
+# --precision int8 (RGB backbone quantised) against float32, DINO+Point_MAE: measured 4.7e-5 relative and 1.95 blur
+# steps at worst on this data, 2.6e-4 and 1.6 on the real samples (benchmarks/README.md); the bounds leave ~4x
+INT8_SCORE, INT8_MAP_STEPS = 1e-3, 4
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,8 @@ def test_runner_command_line_scores_a_folder(dataset, tmp_path):
 
 
 def test_int8_artefact_stays_close_to_float32(dataset, tmp_path):
-    """``--precision int8`` on DINO+Point_MAE (both backbones quantised): the runner scores it, and its image scores
-    and maps stay within INT8_SCORE and INT8_MAP_STEPS of the float32 artefact's (measured: docs/deployment.md)."""
+    """``--precision int8`` on DINO+Point_MAE (its RGB backbone quantised, the point backbone not): the runner scores
+    it, and its image scores and maps stay within INT8_SCORE and INT8_MAP_STEPS of the float32 artefact's."""
     assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(tmp_path), "--method_name",
                              "DINO+Point_MAE", "--memory_bank", "multiple", "--save_model", *SMALL]) == 0
     model_path = tmp_path / "models" / "gadget.pt"
@@ -100,8 +102,9 @@ def test_int8_artefact_stays_close_to_float32(dataset, tmp_path):
         scored[precision] = [exported.score_arrays(p.rgb.numpy()[None], p.pc.numpy()[None]) for p in loaded]
     import onnx
 
-    assert any(node.op_type == "MatMulInteger" for node in onnx.load(str(tmp_path / "gadget.int8.onnx")).graph.node)
+    quantised = [node.name for node in onnx.load(str(tmp_path / "gadget.int8.onnx")).graph.node
+                 if node.op_type == "MatMulInteger"]
+    assert quantised and all(name.startswith("/rgb_backbone/") for name in quantised)
     for (score, score_map), (got_score, got_map) in zip(scored["fp32"], scored["int8"]):
-        print(abs(got_score[0] - score[0]) / abs(score[0]), np.abs(got_map - score_map).max() / (np.abs(score_map).max() / 255))
         assert abs(got_score[0] - score[0]) <= INT8_SCORE * abs(score[0])
         assert np.abs(got_map - score_map).max() <= INT8_MAP_STEPS * np.abs(score_map).max() / 255
