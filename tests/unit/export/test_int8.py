@@ -1,5 +1,6 @@
-"""``--precision int8``: only the backbones' linear layers with a constant weight are quantised; the bank search
-and every other matrix product stay float32 (the whole artefact against float32: tests/integration)."""
+"""``--precision int8``: only the RGB backbone's linear layers (constant weights) are quantised; the point
+backbone, the bank search and every other matrix product stay float32 (the whole artefact against float32:
+tests/integration)."""
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ WIDTH = 16
 
 
 def tiny_artefact(path):
-    """Two backbones' linear layers, a product of two activations in a backbone's scope (Point Feature Alignment's,
+    """A linear layer of each backbone, a product of two activations in a backbone's scope (Point Feature Alignment's,
     attention's), and a bank search product outside them, named as the tracer names them in an artefact."""
     rng = np.random.default_rng(0)
     weights = {name: numpy_helper.from_array(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32), name)
@@ -32,19 +33,18 @@ def run(path, x):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-def test_only_the_backbones_constant_weight_products_are_quantised(tmp_path):
+def test_only_the_rgb_backbones_linear_layers_are_quantised(tmp_path):
     path = tiny_artefact(tmp_path / "tiny.onnx")
-    assert rgb_linear_nodes(onnx.load(str(path))) == ["/rgb_backbone/blocks.0/attn/qkv/MatMul",
-                                                           "/points/blocks/blocks.0/mlp/fc1/MatMul"]
+    assert rgb_linear_nodes(onnx.load(str(path))) == ["/rgb_backbone/blocks.0/attn/qkv/MatMul"]
     x = np.random.default_rng(1).standard_normal((WIDTH, WIDTH)).astype(np.float32)
     expected = run(path, x)
-    assert quantise_rgb_backbone(path) == 2
+    assert quantise_rgb_backbone(path) == 1
     nodes = onnx.load(str(path)).graph.node
     float_products = {node.name for node in nodes if node.op_type == "MatMul"}
-    assert float_products == {"/points/MatMul", "/rgb/MatMul"}
+    assert float_products == {"/points/blocks/blocks.0/mlp/fc1/MatMul", "/points/MatMul", "/rgb/MatMul"}
     assert {node.op_type for node in nodes} >= {"DynamicQuantizeLinear", "MatMulInteger"}
     got = run(path, x)
     assert not np.array_equal(got, expected)
-    # still the same products: 10 % relative error here (two 8-bit layers of 16 random weights, then amplified
-    # by two float products); what an artefact's scores lose is measured in docs/deployment.md
-    assert np.linalg.norm(got - expected) <= 0.2 * np.linalg.norm(expected)
+    # still the same products: 5.5 % relative error here (one 8-bit layer of 16 random weights, amplified by three
+    # float products); what an artefact's scores lose is measured in docs/deployment.md
+    assert np.linalg.norm(got - expected) <= 0.1 * np.linalg.norm(expected)
