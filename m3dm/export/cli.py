@@ -25,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="onnx", choices=FORMATS, help="artefact format (default: onnx)")
     parser.add_argument("--out", default=None, help="the artefact to write (default: the model's path with .onnx)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
-                        help="int8: the backbones' linear layers quantised dynamically by onnxruntime (the bank "
-                             "search, alignment, blur and decision layer stay float32); its measured speed-up and "
-                             "score cost are in docs/deployment.md (default: fp32)")
+                        help="int8: the RGB backbone's linear layers quantised dynamically by onnxruntime (the "
+                             "point backbone, bank search, alignment, blur and decision layer stay float32); its "
+                             "measured speed-up and score cost are in docs/deployment.md (default: fp32)")
     parser.add_argument("--rgb_checkpoint", default=None, help="RGB backbone weights (default: the recorded file)")
     parser.add_argument("--xyz_checkpoint", default=None, help="point backbone weights (default: the recorded file)")
     parser.add_argument("--fusion_module_path", default=None, help="UFF block (default: the recorded file)")
