@@ -1,6 +1,7 @@
 """One part's latency and throughput, PyTorch eager against the exported model on onnxruntime, same machine.
 
     python benchmarks/export.py [--part RGB.png XYZ.tiff] [--methods DINO+Point_MAE CFM BTF_FPFH] [--repeats 5]
+                                [--precision fp32 int8]
 
 Full configuration (ViT-B/8 DINO, Point-MAE with 1024 groups of 128 points, training-mode point backbone) with
 random backbone weights in the official layout and random fitted state: banks of ``--bank_rows`` rows (a class of
@@ -9,7 +10,8 @@ mappings for CFM; BTF_FPFH: an unnormalised bank of random 33-bin histograms (FP
 it with Open3D, the runner with ``m3dm_runner.fpfh``). The timings do not depend on the values. The part is a
 preprocessed one (``--part``), or a plane seen by every pixel (the most points a part can have). Eager:
 ``FeatureExtractor`` + ``predict`` per part, as ``m3dm.predict`` scores; exported:
-``m3dm_runner.ExportedModel.score_arrays`` (its NumPy FPS or FPFH included). Both use their library's default
+``m3dm_runner.ExportedModel.score_arrays`` (its NumPy FPS or FPFH included), once per ``--precision`` (int8:
+``python -m m3dm.export --precision int8``'s artefact). Both use their library's default
 threads. Results are in benchmarks/README.md.
 """
 
@@ -106,26 +108,33 @@ def measure(method: str, rgb: np.ndarray, cloud: np.ndarray, args) -> None:
                                  torch.from_numpy(np.repeat(cloud[None], batch, 0)))
             return [detector.predict(detector.modality_patches(f)) for f in features]
 
+    paths = {"PyTorch eager": eager}
     with tempfile.TemporaryDirectory() as folder:
-        path = export_onnx(predictor, Path(folder) / f"{method}.onnx")
-        size = path.stat().st_size / 2**20
-        exported = ExportedModel(path)
-
-        def onnx(batch: int):
-            return exported.score_arrays(np.repeat(rgb[None], batch, 0), np.repeat(cloud[None], batch, 0))
-
+        sizes = {}
+        for precision in args.precision:
+            path = export_onnx(predictor, Path(folder) / f"{method}.{precision}.onnx", precision=precision)
+            sizes[precision] = path.stat().st_size / 2**20
+            paths[f"onnxruntime {precision}"] = exported_run(ExportedModel(path), rgb, cloud)
         rows = {}
-        for name, run in (("PyTorch eager", eager), ("onnxruntime", onnx)):
+        for name, run in paths.items():
             single = timed(lambda run=run: run(1), args.repeats)
             batched = timed(lambda run=run: run(8), max(1, args.repeats // 4))
             rows[name] = (statistics.median(single), float(np.percentile(single, 95)), 1 / statistics.mean(single),
                           8 / statistics.mean(batched))
     for name, (p50, p95, one, eight) in rows.items():
         print(f"| {method} | {name} | {p50:.2f} | {p95:.2f} | {one:.3f} | {eight:.3f} |", flush=True)
-    eager_row, onnx_row = rows["PyTorch eager"], rows["onnxruntime"]
-    print(f"| {method} | ratio eager / onnxruntime | {eager_row[0] / onnx_row[0]:.2f} | "
-          f"{eager_row[1] / onnx_row[1]:.2f} | {onnx_row[2] / eager_row[2]:.2f} | {onnx_row[3] / eager_row[3]:.2f} |"
-          f" (artefact {size:.0f} MB)", flush=True)
+    names = list(rows)
+    for slow, fast in [(names[0], name) for name in names[1:]] + [(names[1], name) for name in names[2:]]:
+        a, b = rows[slow], rows[fast]
+        print(f"| {method} | ratio {slow} / {fast} | {a[0] / b[0]:.2f} | {a[1] / b[1]:.2f} | {b[2] / a[2]:.2f} | "
+              f"{b[3] / a[3]:.2f} |", flush=True)
+    print(f"artefact sizes: {', '.join(f'{k} {v:.0f} MB' for k, v in sizes.items())}", flush=True)
+
+
+def exported_run(exported: ExportedModel, rgb: np.ndarray, cloud: np.ndarray):
+    def run(batch: int):
+        return exported.score_arrays(np.repeat(rgb[None], batch, 0), np.repeat(cloud[None], batch, 0))
+    return run
 
 
 def main() -> None:
@@ -134,6 +143,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["DINO+Point_MAE", "CFM", "BTF_FPFH"])
     parser.add_argument("--bank_rows", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "int8"],
+                        help="the exported artefacts to time (m3dm.export --precision)")
     args = parser.parse_args()
     if args.part:
         rgb, cloud = read_part(PartFiles("part", *args.part))

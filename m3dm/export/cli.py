@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="a class-model file written by main.py --save_model")
     parser.add_argument("--format", default="onnx", choices=FORMATS, help="artefact format (default: onnx)")
     parser.add_argument("--out", default=None, help="the artefact to write (default: the model's path with .onnx)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
+                        help="int8: the RGB backbone's linear layers quantised dynamically by onnxruntime (the "
+                             "point backbone, bank search, alignment, blur and decision layer stay float32); its "
+                             "measured speed-up and score cost are in docs/deployment.md (default: fp32)")
     parser.add_argument("--rgb_checkpoint", default=None, help="RGB backbone weights (default: the recorded file)")
     parser.add_argument("--xyz_checkpoint", default=None, help="point backbone weights (default: the recorded file)")
     parser.add_argument("--fusion_module_path", default=None, help="UFF block (default: the recorded file)")
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor(load_class_model(args.model), device="cpu", rgb_checkpoint=args.rgb_checkpoint,
                               xyz_checkpoint=args.xyz_checkpoint, fusion_module_path=args.fusion_module_path)
-        path = export_onnx(predictor, out)
+        path = export_onnx(predictor, out, precision=args.precision)
     except (ModelFileError, CheckpointError, DataError, ValueError, NotImplementedError) as exc:
         print(f"m3dm.export: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,11 @@ OPSET = 17  # ScatterElements with reduction="add" needs 16
 FORMAT_VERSION = 1
 INPUT_NAMES = ("rgb", "points", "pixels", "centres", "drop_path_draws", FPFH_INPUT)
 OUTPUT_NAMES = ("image_score", "map")
+PRECISIONS = ("fp32", "int8")
+# the traced scope of the RGB backbone (BankGraph.rgb_backbone): int8 quantises its linear layers only. The point
+# backbone's (traced under "/points/": PointFeatures calls its group_tokens) stay float32: quantised, they moved
+# the real samples' image scores by 18 % (median) and the maps across most of their range (docs/deployment.md)
+QUANTISED_SCOPES = ("/rgb_backbone/",)
 
 
 def build_graph(predictor) -> nn.Module:
@@ -87,10 +92,40 @@ def metadata(predictor, graph: nn.Module) -> dict:
     return record
 
 
-def export_onnx(predictor, out: str | Path) -> Path:
-    """Trace the predictor's model and write ``out`` (one ONNX file with its weights and metadata)."""
+def rgb_linear_nodes(proto) -> list[str]:
+    """The RGB backbone's ``MatMul`` nodes with a constant weight (its linear layers): what ``--precision int8``
+    quantises. Attention's products of two activations, the point backbone, Point Feature Alignment, the bank
+    search, the blur and the decision layer stay float32: an 8-bit distance to the nearest bank row would be most
+    of an anomaly's score. (The tracer writes the backbones' linear layers on
+    ``(B, tokens, C)`` as ``MatMul``; onnxruntime's quantiser renames a ``Gemm`` before quantising it, so one
+    could not be selected by name.)"""
+    weights = {initializer.name for initializer in proto.graph.initializer}
+    return [node.name for node in proto.graph.node if node.op_type == "MatMul"
+            and node.name.startswith(QUANTISED_SCOPES) and node.input[1] in weights]
+
+
+def quantise_rgb_backbone(path: Path) -> int:
+    """Rewrite the artefact at ``path`` with onnxruntime's dynamic int8 quantisation of
+    :func:`rgb_linear_nodes` (int8 weights per output channel, uint8 activations quantised per tensor at run
+    time); returns how many nodes were quantised. Metric cost and speed-up: docs/deployment.md."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = rgb_linear_nodes(onnx.load(str(path), load_external_data=False))
+    if not nodes:
+        raise ValueError(f"{path}: --precision int8 quantises the RGB backbone, and this method has none (the point "
+                         f"backbone stays float32: docs/deployment.md)")
+    quantize_dynamic(path, path, nodes_to_quantize=nodes, per_channel=True, weight_type=QuantType.QInt8)
+    return len(nodes)
+
+
+def export_onnx(predictor, out: str | Path, precision: str = "fp32") -> Path:
+    """Trace the predictor's model and write ``out`` (one ONNX file with its weights and metadata); ``precision``
+    ``int8``: then :func:`quantise_rgb_backbone`."""
     import onnx
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
     graph = build_graph(predictor)
     for parameter in graph.parameters():
@@ -107,9 +142,11 @@ def export_onnx(predictor, out: str | Path) -> Path:
                                                                          if k in names or k in OUTPUT_NAMES},
                           opset_version=OPSET, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
                           do_constant_folding=True)
+    if precision == "int8":
+        log.info("%s: %d RGB backbone linear layers quantised to int8", out, quantise_rgb_backbone(out))
     proto = onnx.load(str(out))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "m3dm", json.dumps(metadata(predictor, graph))
+    entry.key, entry.value = "m3dm", json.dumps({**metadata(predictor, graph), "precision": precision})
     onnx.save(proto, str(out))
     log.info("%s: %d nodes, %.1f MB", out, len(proto.graph.node), out.stat().st_size / 2**20)
     return out
