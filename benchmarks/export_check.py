@@ -1,10 +1,12 @@
 """Exported (onnxruntime) against PyTorch scores on a dataset folder: image scores and maps of every test part.
 
     python benchmarks/export_check.py RAW_MVTEC3D_FOLDER [--methods DINO Point_MAE ...] [--work DIR]
+        [--xyz_checkpoint POINT_MAE.pth] [--fusion_module_path UFF.pth]
 
 The folder is a raw MVTec 3D-AD dataset (its classes' train/validation/test), e.g. the nine real cable_gland
 samples the project keeps next to it. It is copied and preprocessed in ``--work``, each method is fitted with
-``main.py --save_model`` in the small test configuration (random backbone weights: nothing is downloaded),
+``main.py --save_model`` in the small test configuration (random backbone weights unless ``--xyz_checkpoint``
+gives Point-MAE's; nothing is downloaded; the Fusion methods need a UFF block, ``--fusion_module_path``),
 exported with ``python -m m3dm.export`` and every test part scored both ways in the same order (batch 1). Prints,
 per method, the largest relative image-score difference and the largest map difference in blur steps
 (``max/255`` of the PyTorch map, docs/deployment.md). Results are in benchmarks/README.md.
@@ -28,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
          "--random_init", "--device", "cpu", "--batch_size", "1", "-q"]
 METHODS = {"DINO": ["--memory_bank", "single"], "Point_MAE": ["--memory_bank", "single"], "CFM": ["--cfm_epochs", "1"],
-           "DINO+Point_MAE": ["--memory_bank", "multiple"], "DINO+Point_MAE+add": ["--memory_bank", "single"]}
+           "DINO+Point_MAE": ["--memory_bank", "multiple"], "DINO+Point_MAE+add": ["--memory_bank", "single"],
+           "Fusion": ["--memory_bank", "single", "--use_uff"], "DINO+Point_MAE+Fusion": ["--memory_bank", "multiple",
+                                                                                       "--use_uff"]}
 
 
 def compare(model_path: Path, onnx_path: Path, test_folder: Path) -> tuple[float, float, int]:
@@ -53,10 +57,15 @@ def compare(model_path: Path, onnx_path: Path, test_folder: Path) -> tuple[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if "Fusion" not in m],
+                        choices=list(METHODS))
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--backbone_eval", action="store_true", help="fit with the point backbone in eval mode")
+    parser.add_argument("--xyz_checkpoint", default=None, help="Point-MAE weights (default: random)")
+    parser.add_argument("--fusion_module_path", default=None, help="UFF block (the Fusion methods need one)")
     args = parser.parse_args()
+    if args.fusion_module_path is None and any("--use_uff" in METHODS[m] for m in args.methods):
+        parser.error("the Fusion methods need --fusion_module_path")
     import main as main_module
     from m3dm.export.cli import main as export_main
     from m3dm.preprocess.mvtec3d import preprocess_dataset
@@ -71,6 +80,9 @@ def main() -> None:
     for method in args.methods:
         out = work / method
         extra = METHODS[method] + (["--backbone_eval"] if args.backbone_eval else [])
+        extra += [] if args.xyz_checkpoint is None else ["--xyz_checkpoint", args.xyz_checkpoint]
+        if "--use_uff" in extra:
+            extra += ["--fusion_module_path", args.fusion_module_path]
         with contextlib.redirect_stdout(io.StringIO()):  # main.py's tables
             assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(out), "--method_name",
                                      method, "--save_model", *SMALL, *extra]) == 0
