@@ -5,10 +5,9 @@ Agreement (docs/deployment.md): image scores to 1e-4 relative, maps within one b
 8-bit level of the reference's Pillow blur is worth, ``max/255`` of the map; a float round-off that moves a pixel
 across a level before the blur moves the blurred map by that level, and Pillow's six rounded box passes may add one
 more, so maps must agree within ``2 · max/255``. On the point methods the synthetic 96-pixel clouds, upsampled to
-224 (every point repeated), put points at exactly equal distances from two centres: PyTorch's ``topk`` and
-onnxruntime's break such ties differently, which moves those patches and the map around them; there the image
-scores agree to 1e-3 and the maps within 8 blur steps (the real samples, where the same checks pass at 1e-4 and 2
-steps, are in benchmarks/README.md).
+224 (every point repeated), give exported patch features that differ from PyTorch's by more than round-off at a few
+patches (an open defect, docs/deployment.md); there the image scores agree to 1e-3 and the maps within 8 blur
+steps (the real samples, where the same checks pass at 1e-4 and 2 steps, are in benchmarks/README.md).
 
 CFM's valid pixels are those whose point features sum to non-zero (quirk C6); the artefact tests "any feature
 non-zero", the same pixels wherever that sum is not a round-off accident. With random weights it is one: the point
@@ -68,8 +67,10 @@ def weights(tmp_path_factory):
 
 
 TIES_OPEN = pytest.mark.xfail(strict=False, reason=(
-    "open defect: on the synthetic upsampled clouds PyTorch's topk and onnxruntime's break equal-distance ties "
-    "differently; one run on a 2-core AVX2 CPU moved a Point_MAE map by 9.5 blur steps (0.0065 at max 0.174)"))
+    "open defect: eval-mode Point_MAE's exported patch features differ from PyTorch's by up to 2.5e-4 relative at a "
+    "few patches of the synthetic clouds (map up to 11 blur steps); not the equal-distance ties, whose PyTorch choice "
+    "(std::nth_element / partial_sort order) no graph reproduces but which leave these figures unchanged "
+    "(docs/deployment.md)"))
 
 
 @pytest.mark.parametrize("method", [pytest.param(name, marks=TIES_OPEN) if name == "Point_MAE" else name
