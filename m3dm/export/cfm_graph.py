@@ -75,8 +75,8 @@ class CFMGraph(nn.Module):
 
     def product_maps(self, rgb: Tensor, xyz: Tensor) -> Tensor:
         # the reference's valid pixels have features summing to non-zero (quirk C6); "any feature non-zero" is the
-        # same set wherever that sum's sign does not hang on its summation order (docs/deployment.md), and unlike
-        # the sum it does not depend on onnxruntime summing in PyTorch's order
+        # same set wherever that sum's being 0 does not depend on its summation order (docs/deployment.md), and it
+        # does not depend on the last bits of the features either, which onnxruntime's kernels change
         valid = (xyz != 0).any(dim=-1)
         flat_valid = valid.reshape(-1).nonzero()[:, 0]
         rgb_rows = rgb.reshape(-1, rgb.shape[-1]).index_select(0, flat_valid)
