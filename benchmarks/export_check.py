@@ -1,11 +1,13 @@
 """Exported (onnxruntime) against PyTorch scores on a dataset folder: image scores and maps of every test part.
 
     python benchmarks/export_check.py RAW_MVTEC3D_FOLDER [--methods DINO Point_MAE ...] [--work DIR] [--int8]
+        [--xyz_checkpoint POINT_MAE.pth] [--fusion_module_path UFF.pth]
     python benchmarks/export_check.py --synthetic [--int8] ...
 
 The folder is a raw MVTec 3D-AD dataset (its classes' train/validation/test), e.g. the nine real cable_gland
 samples the project keeps next to it. It is copied and preprocessed in ``--work``, each method is fitted with
-``main.py --save_model`` in the small test configuration (random backbone weights: nothing is downloaded),
+``main.py --save_model`` in the small test configuration (random backbone weights unless ``--xyz_checkpoint``
+gives Point-MAE's; nothing is downloaded; the Fusion methods need a UFF block, ``--fusion_module_path``),
 exported with ``python -m m3dm.export`` and every test part scored both ways in the same order (batch 1). Prints,
 per method, the largest relative image-score difference and the largest map difference in blur steps
 (``max/255`` of the PyTorch map, docs/deployment.md). ``--synthetic``: the folder is the project's synthetic
@@ -36,7 +38,8 @@ METHODS = {"DINO": ["--memory_bank", "single"], "Point_MAE": ["--memory_bank", "
            "DINO+Point_MAE": ["--memory_bank", "multiple"], "DINO+Point_MAE+add": ["--memory_bank", "single"],
            "G2SF": ["--num_anomalies", "3", "--max_epoch", "2", "--n_hidden", "16", "--emb_dim", "8"],
            "BTF_RGB": ["--memory_bank", "single"], "BTF_FPFH": ["--memory_bank", "single"],
-           "BTF_RGB+FPFH": ["--memory_bank", "single"]}
+           "BTF_RGB+FPFH": ["--memory_bank", "single"], "Fusion": ["--memory_bank", "single", "--use_uff"],
+           "DINO+Point_MAE+Fusion": ["--memory_bank", "multiple", "--use_uff"]}
 
 
 Scores = list[tuple[float, np.ndarray]]  # (image score, (224, 224) map) per part
@@ -74,13 +77,17 @@ def main() -> None:
     parser.add_argument("folder", type=Path, nargs="?", default=None)
     parser.add_argument("--synthetic", action="store_true", help="the synthetic class instead of a folder")
     parser.add_argument("--int8", action="store_true", help="also export int8 and compare it with float32")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if "Fusion" not in m],
+                        choices=list(METHODS))
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--backbone_eval", action="store_true", help="fit with the point backbone in eval mode")
     parser.add_argument("--xyz_checkpoint", default=None, help="point backbone weights (default: random ones)")
+    parser.add_argument("--fusion_module_path", default=None, help="UFF block (the Fusion methods need one)")
     args = parser.parse_args()
     if (args.folder is None) != args.synthetic:
         parser.error("give a dataset folder or --synthetic")
+    if args.fusion_module_path is None and any("--use_uff" in METHODS[m] for m in args.methods):
+        parser.error("the Fusion methods need --fusion_module_path")
     work = args.work or Path(tempfile.mkdtemp(prefix="export_check_"))
     dataset = prepare(args.folder, args.synthetic, work)
     print("| method | parts | image score, largest relative difference | map, largest difference (blur steps) |")
@@ -121,6 +128,8 @@ def check(method: str, dataset: Path, work: Path, args) -> list[str]:
     out = work / method
     extra = METHODS[method] + (["--backbone_eval"] if args.backbone_eval else [])
     extra += ["--xyz_checkpoint", str(args.xyz_checkpoint)] if args.xyz_checkpoint else []
+    if "--use_uff" in extra:
+        extra += ["--fusion_module_path", args.fusion_module_path]
     with contextlib.redirect_stdout(io.StringIO()):  # main.py's tables
         assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(out), "--method_name",
                                  method, "--save_model", *SMALL, *extra]) == 0

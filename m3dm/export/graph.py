@@ -288,7 +288,7 @@ class BankGraph(nn.Module):
             self.register_buffer("detect_coef", torch.from_numpy(detect).double())
             self.register_buffer("seg_coef", torch.from_numpy(seg).double())
         if self.rgb_backbone is not None and "fusion" in self.modalities:
-            grid = self.grids["rgb"]
+            grid = detector._rgb_grid()  # also for Fusion alone, which has no RGB bank
             self.register_buffer("align", adaptive_pool_matrix(grid, 56), persistent=False)
 
     @property

@@ -5,21 +5,28 @@ Agreement (docs/deployment.md): image scores to 1e-4 relative, maps within one b
 8-bit level of the reference's Pillow blur is worth, ``max/255`` of the map; a float round-off that moves a pixel
 across a level before the blur moves the blurred map by that level, and Pillow's six rounded box passes may add one
 more, so maps must agree within ``2 · max/255``. On the point methods the synthetic 96-pixel clouds, upsampled to
-224 (every point repeated), put points at exactly equal distances from two centres: PyTorch's ``topk`` and
-onnxruntime's break such ties differently, which moves those patches and the map around them; there the image
-scores agree to 1e-3 and the maps within 8 blur steps (the real samples, where the same checks pass at 1e-4 and 2
-steps, are in benchmarks/README.md).
+224 (every point repeated), give exported patch features that differ from PyTorch's by more than round-off at a few
+patches (an open defect, docs/deployment.md); there the image scores agree to 1e-3 and the maps within 8 blur
+steps (the real samples, where the same checks pass at 1e-4 and 2 steps, are in benchmarks/README.md).
+
+CFM's valid pixels are those whose point features sum to non-zero (quirk C6); the artefact tests "any feature
+non-zero", the same pixels wherever that sum is not a round-off accident. With random weights it is one: the point
+backbone's LayerNorm (weight 1, bias 0) makes every pixel's features sum to round-off, exactly 0 at a few percent
+of the pixels, and no other summation order reproduces which. CFM is therefore checked with Point-MAE weights
+whose final LayerNorm is not the identity, as trained weights' is not (docs/deployment.md).
 """
 
 import numpy as np
 import pytest
-from conftest import preprocessed_mvtec
+import torch
+from conftest import preprocessed_mvtec, random_uff_checkpoint
 
 import main as main_module
 from m3dm.app.parts import discover_parts, load_part
 from m3dm.app.predict import Predictor
 from m3dm.detection.persistence import load_class_model
 from m3dm.export.cli import main as export_main
+from m3dm.features.point_transformer import PointTransformer
 from m3dm_runner import ExportedModel
 from m3dm_runner.__main__ import main as runner_main
 
@@ -30,6 +37,9 @@ CASES = {  # method: (flags, image-score relative tolerance, map tolerance in bl
     "DINO": (["--memory_bank", "single"], 1e-4, 2),
     "Point_MAE": (["--memory_bank", "single", "--backbone_eval"], 1e-3, 8),
     "DINO+Point_MAE": (["--memory_bank", "multiple"], 1e-3, 8),  # the reference's training-mode point backbone
+    "Fusion": (["--memory_bank", "single", "--use_uff", "--fusion_module_path", "{uff}"], 1e-3, 8),
+    "DINO+Point_MAE+Fusion": (["--memory_bank", "multiple", "--use_uff", "--fusion_module_path", "{uff}"], 1e-3, 8),
+    "CFM": (["--cfm_epochs", "1", "--xyz_checkpoint", "{xyz}"], 1e-4, 2),  # the targets: see the docstring
 }
 # --precision int8 (RGB backbone quantised) against float32, DINO+Point_MAE: measured 4.7e-5 relative and 1.95 blur
 # steps at worst on this data, 2.6e-4 and 1.6 on the real samples (benchmarks/README.md); the bounds leave ~4x
@@ -41,15 +51,36 @@ def dataset(tmp_path_factory):
     return preprocessed_mvtec(tmp_path_factory.mktemp("export"), n_train=3, n_val=1, n_test_good=1, n_test_defect=1)
 
 
+def point_mae_with_layer_norm(path):
+    """Point-MAE weights in the official layout, freshly initialised but for the final LayerNorm's weight and bias
+    (drawn around 1 and 0), so that a pixel's features sum to far from 0, as with trained weights."""
+    torch.manual_seed(11)
+    state = PointTransformer("Point_MAE", num_group=64, group_size=32).state_dict()
+    generator = torch.Generator().manual_seed(5)
+    state["norm.weight"] = 1 + 0.2 * torch.randn(state["norm.weight"].shape, generator=generator)
+    state["norm.bias"] = 0.2 * torch.randn(state["norm.bias"].shape, generator=generator)
+    torch.save({"base_model": {f"MAE_encoder.{k}": v for k, v in state.items()}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export_weights")
+    return {"uff": random_uff_checkpoint(folder), "xyz": point_mae_with_layer_norm(folder / "pointmae.pth")}
+
+
 TIES_OPEN = pytest.mark.xfail(strict=False, reason=(
-    "open defect: on the synthetic upsampled clouds PyTorch's topk and onnxruntime's break equal-distance ties "
-    "differently; one run on a 2-core AVX2 CPU moved a Point_MAE map by 9.5 blur steps (0.0065 at max 0.174)"))
+    "open defect: eval-mode Point_MAE's exported patch features differ from PyTorch's by up to 2.5e-4 relative at a "
+    "few patches of the synthetic clouds (map up to 11 blur steps); not the equal-distance ties, whose PyTorch choice "
+    "(std::nth_element / partial_sort order) no graph reproduces but which leave these figures unchanged "
+    "(docs/deployment.md)"))
 
 
 @pytest.mark.parametrize("method", [pytest.param(name, marks=TIES_OPEN) if name == "Point_MAE" else name
                                     for name in CASES])
-def test_exported_scores_match_pytorch(dataset, tmp_path, method):
+def test_exported_scores_match_pytorch(dataset, weights, tmp_path, method):
     flags, tolerance, blur_steps = CASES[method]
+    flags = [flag.format(**weights) for flag in flags]
     assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(tmp_path), "--method_name", method,
                              "--save_model", *SMALL, *flags]) == 0
     model_path = tmp_path / "models" / "gadget.pt"
