@@ -1,7 +1,7 @@
 """Input that must never run code or silently change a result, tried through the real commands (main.py,
-fusion_pretrain.py, python -m m3dm.predict, python -m m3dm.data check) as subprocesses: each is refused in one
-line that names the file or the flag (exit status 2), or gives the correct result; inputs and finished outputs
-are left as they were."""
+fusion_pretrain.py, python -m m3dm.predict, python -m m3dm.data check) as subprocesses (two refusals made after a
+run, before any fitting, through main.py's main() in-process): each is refused in one line that names the file or
+the flag (exit status 2), or gives the correct result; inputs and finished outputs are left as they were."""
 
 import ast
 import json
@@ -20,6 +20,7 @@ from conftest import PROJECT_ROOT
 from PIL import Image
 from test_pretrain import write_dumps
 
+import main as main_module
 from m3dm.data.io import write_tiff
 from m3dm.data.synthetic import write_mvtec3d
 from m3dm.preprocess.mvtec3d import preprocess_dataset
@@ -53,6 +54,12 @@ def error_line(result: subprocess.CompletedProcess, prog: str) -> str:
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"{prog}: error: "), lines[0]
     return lines[0].removeprefix(f"{prog}: error: ")
+
+
+def main_error_line(status: int, capsys) -> str:
+    """The one error line of ``main.py``'s ``main()`` run in this process (exit status 2), as ``error_line``."""
+    captured = capsys.readouterr()
+    return error_line(subprocess.CompletedProcess(["main.py"], status, captured.out, captured.err), "main.py")
 
 
 # ----------------------------------------------------------------------------------- code in a checkpoint
@@ -230,7 +237,7 @@ def test_class_names_with_a_path_separator_are_refused_before_anything_is_made(d
 
 @pytest.mark.slow
 def test_sixteen_bit_images_masks_of_any_encoding_and_a_completed_class_name_give_the_same_results(dataset,
-                                                                                                   tmp_path):
+                                                                                                   tmp_path, capsys):
     """One test image as 8-bit grey, the masks 0/255 (A) against the same image as 16-bit grey, the masks 0/1
     or coloured, ``--classes gadget/``, 512 workers, a batch of 100000 and no Open3D (B): the same results, the
     model in models/gadget.pt; m3dm.predict runs B's model without Open3D too. A's model is then refused for
@@ -271,19 +278,23 @@ def test_sixteen_bit_images_masks_of_any_encoding_and_a_completed_class_name_giv
     assert len((predictions / "predictions.csv").read_text().splitlines()) == 1 + len(list(
         (tmp_path / "dataB/gadget/test").glob("*/rgb/*.png")))
 
+    # the two refusals come before any model is fitted: main.py's main() in this process (the other tests of this
+    # module run the command as a process), which spares two starts of Python, torch and timm
+    capsys.readouterr()
     model = runs["A"] / "models/gadget.pt"
-    result = run("main.py", "--dataset_path", str(tmp_path / "dataA"), "--output_dir", str(tmp_path / "other"),
-                 *SMALL, "--method_name", "DINO", "--memory_bank", "single", "--load_model", str(model.parent))
-    assert error_line(result, "main.py") == f"{model}: holds a DINO+Point_MAE model, but DINO was asked for"
+    status = main_module.main(["--dataset_path", str(tmp_path / "dataA"), "--output_dir", str(tmp_path / "other"),
+                               *SMALL, "--method_name", "DINO", "--memory_bank", "single", "--load_model",
+                               str(model.parent)])
+    assert main_error_line(status, capsys) == f"{model}: holds a DINO+Point_MAE model, but DINO was asked for"
     widget = tmp_path / "widget_data"
     (widget / "widget").parent.mkdir()
     shutil.copytree(tmp_path / "dataA/gadget", widget / "widget")
     (tmp_path / "widget_models").mkdir()
     shutil.copyfile(model, tmp_path / "widget_models/widget.pt")
-    result = run("main.py", "--dataset_path", str(widget), "--output_dir", str(tmp_path / "other"), *SMALL,
-                 "--load_model", str(tmp_path / "widget_models"))
-    assert error_line(result, "main.py") == (f"{tmp_path / 'widget_models/widget.pt'}: holds a model of class "
-                                             f"'gadget', not 'widget'")
+    status = main_module.main(["--dataset_path", str(widget), "--output_dir", str(tmp_path / "other"), *SMALL,
+                               "--load_model", str(tmp_path / "widget_models")])
+    assert main_error_line(status, capsys) == (f"{tmp_path / 'widget_models/widget.pt'}: holds a model of class "
+                                               f"'gadget', not 'widget'")
     assert not (tmp_path / "other" / "results.json").exists()
 
 

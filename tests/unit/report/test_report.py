@@ -10,6 +10,7 @@ import io
 import json
 import math
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -96,12 +97,36 @@ def non_trivial(pixels: np.ndarray) -> bool:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
-    return write_synthetic_results(tmp_path_factory.mktemp("run") / "results", ["alpha", "beta"], N_PARTS)
+    """A run of two classes, its folder also holding the data file of a class that its results do not list (as an
+    earlier run of another class into the same --output_dir leaves one): the page must leave that class out."""
+    folder = write_synthetic_results(tmp_path_factory.mktemp("run") / "results", ["alpha", "beta"], N_PARTS)
+    shutil.copyfile(folder / REPORT_DATA_DIR / "alpha.npz", folder / REPORT_DATA_DIR / "ghost.npz")
+    return folder
 
 
 @pytest.fixture(scope="module")
 def page(saved) -> Page:
-    return Page(build_report([saved]).read_text())
+    """The page that the command writes into the folder (each report costs ~1 s CPU of matplotlib plots: the tests
+    share this one wherever they look at different parts of it)."""
+    assert report_main([str(saved), "-q"]) == 0
+    return Page((saved / "report.html").read_text())
+
+
+@pytest.fixture(scope="module")
+def unmasked(tmp_path_factory) -> Path:
+    """A run without ground-truth masks (pixel metrics NaN or null), without a threshold, with trained weights."""
+    folder = write_synthetic_results(tmp_path_factory.mktemp("run") / "unmasked", ["alpha"], 8, masks=False,
+                                     threshold=False, random_weights=False)
+    results = json.loads((folder / "results.json").read_text())
+    assert math.isnan(results["per_class"]["alpha"]["au_pro"])
+    results["per_class"]["alpha"]["pixel_rocauc"] = None  # either form: NaN or null
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unmasked_page(unmasked) -> Page:
+    return Page(build_report([unmasked]).read_text())
 
 
 def test_every_test_part_is_in_its_class_gallery_misclassified_first(saved, page):
@@ -145,11 +170,10 @@ def test_every_section_has_real_content(saved, page):
         assert thumb.shape[0] == 112 and thumb.shape[1] == 3 * 112 + 4  # three panels side by side
 
 
-def test_random_weights_are_announced_loudly_and_only_then(tmp_path, page):
+def test_random_weights_are_announced_loudly_and_only_then(page, unmasked_page):
     assert '<div class="loud" id="random-weights">' in page.source
     assert "RANDOM WEIGHTS (RGB backbone, point backbone, --random_init)" in " ".join(page.text)
-    trained = write_synthetic_results(tmp_path / "trained", ["alpha"], 6, random_weights=False)
-    assert "RANDOM WEIGHTS" not in build_report([trained]).read_text()
+    assert "RANDOM WEIGHTS" not in unmasked_page.source  # a run with trained weights
 
 
 def test_the_report_data_keeps_the_evaluation_order_and_scores(saved):
@@ -162,24 +186,18 @@ def test_the_report_data_keeps_the_evaluation_order_and_scores(saved):
     assert data.rgb.shape == (N_PARTS, 112, 112, 3) and data.maps.shape == data.depth.shape == (N_PARTS, 112, 112)
 
 
-def test_a_class_without_masks_shows_na_and_no_pixel_plot(tmp_path):
-    folder = write_synthetic_results(tmp_path / "r", ["alpha"], 8, masks=False, threshold=False)
-    results = json.loads((folder / "results.json").read_text())
-    assert math.isnan(results["per_class"]["alpha"]["au_pro"])
-    results["per_class"]["alpha"]["pixel_rocauc"] = None  # either form: NaN or null
-    (folder / "results.json").write_text(json.dumps(results))
-    page = Page(build_report([folder]).read_text())
-    section = page.sections["class-alpha"]
+def test_a_class_without_masks_shows_na_and_no_pixel_plot(unmasked_page):
+    section = unmasked_page.sections["class-alpha"]
     kinds = [image["class"] for image in section["images"]]
     assert "pro" not in kinds and kinds.count("roc") == 1 and kinds.count("thumb") == 8
-    text = " ".join(page.text)
+    text = " ".join(unmasked_page.text)
     assert "n/a" in text and "no ground-truth masks" in text
     assert "misclassified" not in text  # no threshold: sorted by score only
 
 
-def test_the_command_rebuilds_the_report_and_compares_folders(saved, tmp_path, capsys):
+def test_the_command_rebuilds_the_report_and_compares_folders(saved, page, tmp_path, capsys):
     other = write_synthetic_results(tmp_path / "other", ["alpha", "beta", "gamma"], N_PARTS, method="Point_MAE", seed=3)
-    assert report_main([str(saved), "-q"]) == 0 and (saved / "report.html").is_file()
+    assert (saved / "report.html").stat().st_size > 0  # written by the command, in the page fixture
     output = tmp_path / "cmp.html"
     assert report_main([str(saved), str(other), "--output", str(output), "-q"]) == 0
     page = Page(output.read_text())
@@ -214,7 +232,7 @@ def test_the_command_rebuilds_the_report_and_compares_folders(saved, tmp_path, c
 def test_results_of_a_run_before_the_10_and_5_percent_au_pros_still_make_a_report(saved, tmp_path):
     """An older run's results.json has AU-PRO at 30 and 1 % only: its report shows those, and compared with a
     newer run the two newer metrics are shown for the newer run, "n/a" for the older one."""
-    older = write_synthetic_results(tmp_path / "older", ["alpha", "beta"], N_PARTS, seed=4)
+    older = write_synthetic_results(tmp_path / "older", ["alpha"], N_PARTS, seed=4)  # one class says it
     record = json.loads((older / "results.json").read_text())
     for metrics in [*record["per_class"].values(), record["mean"]]:
         del metrics["au_pro_0.1"], metrics["au_pro_0.05"]
@@ -251,8 +269,6 @@ def test_a_folder_without_results_is_one_clear_error(tmp_path, capsys):
 
 
 def chromium() -> str | None:
-    import shutil
-
     return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))),
                 None)
 
@@ -272,14 +288,9 @@ def test_the_report_renders_in_a_headless_chromium(saved, page, tmp_path):
     assert banner.sum() > 20_000 and non_trivial(pixels)
 
 
-def test_report_data_of_an_earlier_run_into_the_same_folder_is_left_out(saved, tmp_path):
+def test_report_data_of_an_earlier_run_into_the_same_folder_is_left_out(saved, page):
     """A class's data file that this run's results do not list (an earlier run of another class into the same
     --output_dir) stays out of the report."""
-    import shutil
-
-    folder = tmp_path / "results"
-    shutil.copytree(saved, folder)
-    shutil.copyfile(folder / REPORT_DATA_DIR / "alpha.npz", folder / REPORT_DATA_DIR / "ghost.npz")
-    sections = Page(build_report([folder]).read_text()).sections
-    assert "class-alpha" in sections and "class-beta" in sections
-    assert "class-ghost" not in sections
+    assert (saved / REPORT_DATA_DIR / "ghost.npz").is_file()  # put there by the fixture
+    assert "class-alpha" in page.sections and "class-beta" in page.sections
+    assert "class-ghost" not in page.sections
