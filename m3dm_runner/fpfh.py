@@ -460,22 +460,24 @@ def pooled_patches(feature_map: np.ndarray, grid: int, aligned: bool) -> np.ndar
 
 
 def fpfh_patches(points: np.ndarray, pixels: np.ndarray, size: int, grid: int, aligned: bool,
-                 params: FPFHParams = FPFHParams()) -> np.ndarray:
+                 params: FPFHParams = FPFHParams(), threads: int | None = None) -> np.ndarray:
     """A part's valid ``points (N, 3)`` at flat ``pixels (N,)`` of its ``size`` x ``size`` organized cloud ->
     ``(grid², 33)`` float32 FPFH patches: each point's histogram at its pixel (zeros elsewhere), pooled."""
     feature_map = np.zeros((size * size, FPFH_DIM))
     if len(points):
-        feature_map[pixels] = fpfh_of_points(points, params)
+        feature_map[pixels] = fpfh_of_points(points, params, threads)
     return pooled_patches(feature_map.T.reshape(FPFH_DIM, size, size), grid, aligned)
 
 
-def fpfh_batch(clouds: np.ndarray, settings: dict) -> np.ndarray:
+def fpfh_batch(clouds: np.ndarray, settings: dict, threads: int | None = None) -> np.ndarray:
     """``(B, 3, S, S)`` organized clouds -> ``(B, grid², 33)`` float32 FPFH patches, with the neighbourhoods and
-    pooling an exported model's metadata records (``fpfh``: grid, aligned, radii, neighbour caps)."""
+    pooling an exported model's metadata records (``fpfh``: grid, aligned, radii, neighbour caps), each cloud's
+    rows on ``threads`` threads (``default_threads()`` when ``None``)."""
     params = FPFHParams(settings["normal_radius"], settings["normal_max_nn"], settings["feature_radius"],
                         settings["feature_max_nn"])
     patches = []
     for cloud in clouds:
         points, pixels = valid_points(cloud)
-        patches.append(fpfh_patches(points, pixels, cloud.shape[-1], settings["grid"], settings["aligned"], params))
+        patches.append(fpfh_patches(points, pixels, cloud.shape[-1], settings["grid"], settings["aligned"], params,
+                                    threads))
     return np.stack(patches)
