@@ -35,7 +35,7 @@ FPFH_DIM = 33  # 3 angles x 11 bins
 BINS = 11
 NORMAL_MIN_NEIGHBOURS = 3
 _SEARCH_CHUNK_BYTES = 32 * 2**20
-_PAIR_CHUNK_POINTS = 512
+_PAIR_CHUNK_POINTS = 256  # the pairs' temporaries (3 x 256 x 99 floats) stay in cache
 _ROW_CHUNK = 1024  # the histogram sums' rows: their (rows, 33) arrays stay in the CPU's cache
 _MAX_THREADS = 8
 _GRID_MIN_POINTS = 2000  # below, one brute-force search is as fast
@@ -330,7 +330,7 @@ def pair_features(p1: np.ndarray, n1: np.ndarray, p2: np.ndarray, n2: np.ndarray
         swap = np.abs(angle1) < np.abs(angle2)
         source = np.where(swap, n2, n1)
         target = np.where(swap, n1, n2)
-        line = np.where(swap, -line, line)
+        np.negative(line, out=line, where=swap)
         theta = np.where(swap, -angle2, angle1)
         v = _cross(line, source, 0)
         v_norm = np.sqrt(_dot(v, v, 0))
