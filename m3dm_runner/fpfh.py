@@ -134,33 +134,37 @@ def _cell_size(points: np.ndarray, k: int) -> float:
 
 
 def _grid_search(points: np.ndarray, k: int, radius: float, index: np.ndarray, dist2: np.ndarray,
-                 threads: int | None) -> np.ndarray:
-    """Each point's ``k`` nearest among the points of the 3 x 3 x 3 cells around its own; returns the points whose
-    result is not provably exact (the k-th distance, or the radius when smaller, not inside their cell block)."""
+                 threads: int | None, ring: int = 1, among: np.ndarray | None = None) -> np.ndarray:
+    """Each point's ``k`` nearest among the points of the cells up to ``ring`` cells from its own (3 x 3 x 3 for
+    1), for all points or those at ``among``; returns the points whose result is not provably exact (the k-th
+    distance, or the radius when smaller, not inside their cell block)."""
     size = _cell_size(points, k)
     if not size > 0:
-        return np.arange(len(points))
+        return np.arange(len(points)) if among is None else among
+    wanted = None if among is None else np.isin(np.arange(len(points)), among)
     cells = np.floor((points - points.min(axis=0)) / size).astype(np.int64)
-    span = cells.max(axis=0) + 3
-    key = ((cells[:, 0] + 1) * span[1] + cells[:, 1] + 1) * span[2] + cells[:, 2] + 1
+    span = cells.max(axis=0) + 2 * ring + 1
+    key = ((cells[:, 0] + ring) * span[1] + cells[:, 1] + ring) * span[2] + cells[:, 2] + ring
     order = np.argsort(key, kind="stable")
     sorted_keys = key[order]
     occupied, first = np.unique(sorted_keys, return_index=True)
     last = np.append(first[1:], len(order))
-    shifts = np.array([(dx * span[1] + dy) * span[2] + dz for dx in (-1, 0, 1) for dy in (-1, 0, 1)
-                       for dz in (-1, 0, 1)])
+    steps = range(-ring, ring + 1)
+    shifts = np.array([(dx * span[1] + dy) * span[2] + dz for dx in steps for dy in steps for dz in steps])
     # a point outside a query's block is farther than the query's distance to the block's faces
-    low = points - ((cells - 1) * size + points.min(axis=0))
-    high = (cells + 2) * size + points.min(axis=0) - points
+    low = points - ((cells - ring) * size + points.min(axis=0))
+    high = (cells + ring + 1) * size + points.min(axis=0) - points
     reach = _CELL_MARGIN * np.minimum(low, high).min(axis=1)
 
     def search_cells(cells_slice: slice) -> list[np.ndarray]:  # each cell writes only its own points' rows
         unsure = []
         for cell, begin, end in zip(occupied[cells_slice], first[cells_slice], last[cells_slice]):
+            queries = order[begin:end] if wanted is None else order[begin:end][wanted[order[begin:end]]]
+            if not len(queries):
+                continue
             slots = np.searchsorted(occupied, cell + shifts)
             slots = slots[(slots < len(occupied)) & (occupied[np.minimum(slots, len(occupied) - 1)] == cell + shifts)]
             candidates = np.sort(np.concatenate([order[first[s]:last[s]] for s in slots]))
-            queries = order[begin:end]
             found = min(k, len(candidates))
             rows_index, rows_dist = _nearest_rows(squared_distances(points[queries], points[candidates]),
                                                   candidates, found)
@@ -179,14 +183,17 @@ def hybrid_search(points: np.ndarray, radius: float, max_nn: int, threads: int |
     """Open3D's hybrid search for every point of ``(N, 3)`` float64 ``points``: its ``max_nn`` nearest neighbours,
     cut to those at squared distance below ``radius²``. Equal distances keep the lower index first.
 
-    Exact: a grid of cells answers the points whose neighbours provably lie in the cells around theirs, a brute
-    force over all points the others (sparse regions, small clouds). Row chunks run on ``threads`` threads
-    (``default_threads()`` when ``None``), with the same results."""
+    Exact: a grid of cells answers the points whose neighbours provably lie in the cells around theirs, then in
+    the cells up to two away, a brute force over all points the others (sparse regions, small clouds). Row
+    chunks run on ``threads`` threads (``default_threads()`` when ``None``), with the same results."""
     k = min(max_nn, len(points))
     index = np.zeros((len(points), k), dtype=np.int64)
     dist2 = np.full((len(points), k), np.inf)
-    rest = np.arange(len(points)) if len(points) <= _GRID_MIN_POINTS else _grid_search(points, k, radius, index,
-                                                                                          dist2, threads)
+    rest = np.arange(len(points))
+    if len(points) > _GRID_MIN_POINTS:
+        rest = _grid_search(points, k, radius, index, dist2, threads)
+        if len(rest):
+            rest = _grid_search(points, k, radius, index, dist2, threads, ring=2, among=rest)
     _brute_force(points, rest, k, index, dist2, threads)
     return Neighbourhoods(index, dist2, (dist2 < radius * radius).sum(axis=1))
 
