@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", help="part folders ({rgb,xyz} or <defect>/{rgb,xyz})")
     parser.add_argument("--out", default=None, help="CSV file to write (default: standard output)")
     parser.add_argument("--batch_size", type=int, default=1, help="parts per run of the model")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads and the FPFH's threads "
+                        "(0: their defaults)")
     args = parser.parse_args(argv)
     try:
         model = ExportedModel(args.model, threads=args.threads or None)

@@ -22,6 +22,9 @@ ones) or a pair's angle lies on a bin edge to round-off.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +35,9 @@ FPFH_DIM = 33  # 3 angles x 11 bins
 BINS = 11
 NORMAL_MIN_NEIGHBOURS = 3
 _SEARCH_CHUNK_BYTES = 32 * 2**20
-_PAIR_CHUNK_POINTS = 2048
+_PAIR_CHUNK_POINTS = 256  # the pairs' temporaries (3 x 256 x 99 floats) stay in cache
+_ROW_CHUNK = 1024  # the histogram sums' rows: their (rows, 33) arrays stay in the CPU's cache
+_MAX_THREADS = 8
 _GRID_MIN_POINTS = 2000  # below, one brute-force search is as fast
 _CELL_SAMPLE = 64
 _CELL_MARGIN = 1 - 1e-9  # the cells are found by float division
@@ -69,11 +74,30 @@ class Neighbourhoods:
                                                                         self.count))
 
 
+def default_threads() -> int:
+    """The FPFH's worker threads: the CPU count, at most 8 (NumPy releases the GIL inside its loops)."""
+    return max(1, min(os.cpu_count() or 1, _MAX_THREADS))
+
+
+def _over_chunks(work: Callable[[slice], object], total: int, chunk: int, threads: int | None) -> list:
+    """``work(rows)`` for consecutive ``chunk``-row slices of ``range(total)``, on ``threads`` threads (the default
+    count when ``None``); results in order. Each chunk's arithmetic is the same whichever thread runs it."""
+    slices = [slice(start, min(start + chunk, total)) for start in range(0, total, chunk)]
+    threads = default_threads() if threads is None else threads
+    if threads <= 1 or len(slices) <= 1:
+        return [work(rows) for rows in slices]
+    with ThreadPoolExecutor(min(threads, len(slices))) as pool:
+        return list(pool.map(work, slices))
+
+
 def squared_distances(queries: np.ndarray, points: np.ndarray) -> np.ndarray:
     """``(Q, 3)``, ``(N, 3)`` float64 -> ``(Q, N)``, summed ``(dx² + dy²) + dz²`` as a k-d tree's L2 metric."""
-    dist = np.square(queries[:, None, 0] - points[None, :, 0])
+    dist = np.subtract(queries[:, None, 0], points[None, :, 0])
+    np.square(dist, out=dist)
+    term = np.empty_like(dist)  # one temporary for both other axes
     for axis in (1, 2):
-        dist += np.square(queries[:, None, axis] - points[None, :, axis])
+        np.subtract(queries[:, None, axis], points[None, :, axis], out=term)
+        dist += np.square(term, out=term)
     return dist
 
 
@@ -90,13 +114,16 @@ def _nearest_rows(dist: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.
     return candidates[np.take_along_axis(nearest, order, axis=1)], np.take_along_axis(near_dist, order, axis=1)
 
 
-def _brute_force(points: np.ndarray, queries: np.ndarray, k: int, index: np.ndarray, dist2: np.ndarray) -> None:
+def _brute_force(points: np.ndarray, queries: np.ndarray, k: int, index: np.ndarray, dist2: np.ndarray,
+                 threads: int | None) -> None:
     """The ``k`` nearest points of the points at ``queries``, written into rows ``queries`` of ``index``/``dist2``."""
-    chunk = max(1, _SEARCH_CHUNK_BYTES // (8 * len(points)))
     everyone = np.arange(len(points))
-    for start in range(0, len(queries), chunk):
-        rows = queries[start:start + chunk]
+
+    def search(chunk: slice) -> None:
+        rows = queries[chunk]
         index[rows], dist2[rows] = _nearest_rows(squared_distances(points[rows], points), everyone, k)
+
+    _over_chunks(search, len(queries), max(1, _SEARCH_CHUNK_BYTES // (8 * len(points))), threads)
 
 
 def _cell_size(points: np.ndarray, k: int) -> float:
@@ -106,53 +133,68 @@ def _cell_size(points: np.ndarray, k: int) -> float:
     return float(2.0 * np.median(kth))
 
 
-def _grid_search(points: np.ndarray, k: int, radius: float, index: np.ndarray, dist2: np.ndarray) -> np.ndarray:
-    """Each point's ``k`` nearest among the points of the 3 x 3 x 3 cells around its own; returns the points whose
-    result is not provably exact (the k-th distance, or the radius when smaller, not inside their cell block)."""
+def _grid_search(points: np.ndarray, k: int, radius: float, index: np.ndarray, dist2: np.ndarray,
+                 threads: int | None, ring: int = 1, among: np.ndarray | None = None) -> np.ndarray:
+    """Each point's ``k`` nearest among the points of the cells up to ``ring`` cells from its own (3 x 3 x 3 for
+    1), for all points or those at ``among``; returns the points whose result is not provably exact (the k-th
+    distance, or the radius when smaller, not inside their cell block)."""
     size = _cell_size(points, k)
     if not size > 0:
-        return np.arange(len(points))
+        return np.arange(len(points)) if among is None else among
+    wanted = None if among is None else np.isin(np.arange(len(points)), among)
     cells = np.floor((points - points.min(axis=0)) / size).astype(np.int64)
-    span = cells.max(axis=0) + 3
-    key = ((cells[:, 0] + 1) * span[1] + cells[:, 1] + 1) * span[2] + cells[:, 2] + 1
+    span = cells.max(axis=0) + 2 * ring + 1
+    key = ((cells[:, 0] + ring) * span[1] + cells[:, 1] + ring) * span[2] + cells[:, 2] + ring
     order = np.argsort(key, kind="stable")
     sorted_keys = key[order]
     occupied, first = np.unique(sorted_keys, return_index=True)
     last = np.append(first[1:], len(order))
-    shifts = np.array([(dx * span[1] + dy) * span[2] + dz for dx in (-1, 0, 1) for dy in (-1, 0, 1)
-                       for dz in (-1, 0, 1)])
+    steps = range(-ring, ring + 1)
+    shifts = np.array([(dx * span[1] + dy) * span[2] + dz for dx in steps for dy in steps for dz in steps])
     # a point outside a query's block is farther than the query's distance to the block's faces
-    low = points - ((cells - 1) * size + points.min(axis=0))
-    high = (cells + 2) * size + points.min(axis=0) - points
+    low = points - ((cells - ring) * size + points.min(axis=0))
+    high = (cells + ring + 1) * size + points.min(axis=0) - points
     reach = _CELL_MARGIN * np.minimum(low, high).min(axis=1)
-    unsure = []
-    for cell, begin, end in zip(occupied, first, last):
-        slots = np.searchsorted(occupied, cell + shifts)
-        slots = slots[(slots < len(occupied)) & (occupied[np.minimum(slots, len(occupied) - 1)] == cell + shifts)]
-        candidates = np.sort(np.concatenate([order[first[s]:last[s]] for s in slots]))
-        queries = order[begin:end]
-        found = min(k, len(candidates))
-        rows_index, rows_dist = _nearest_rows(squared_distances(points[queries], points[candidates]), candidates,
-                                              found)
-        kth = np.sqrt(rows_dist[:, -1]) if found == k else np.full(len(queries), np.inf)
-        exact = np.minimum(kth, radius) < reach[queries]
-        index[queries[exact], :found], dist2[queries[exact], :found] = rows_index[exact], rows_dist[exact]
-        unsure.append(queries[~exact])
+
+    def search_cells(cells_slice: slice) -> list[np.ndarray]:  # each cell writes only its own points' rows
+        unsure = []
+        for cell, begin, end in zip(occupied[cells_slice], first[cells_slice], last[cells_slice]):
+            queries = order[begin:end] if wanted is None else order[begin:end][wanted[order[begin:end]]]
+            if not len(queries):
+                continue
+            slots = np.searchsorted(occupied, cell + shifts)
+            slots = slots[(slots < len(occupied)) & (occupied[np.minimum(slots, len(occupied) - 1)] == cell + shifts)]
+            candidates = np.sort(np.concatenate([order[first[s]:last[s]] for s in slots]))
+            found = min(k, len(candidates))
+            rows_index, rows_dist = _nearest_rows(squared_distances(points[queries], points[candidates]),
+                                                  candidates, found)
+            kth = np.sqrt(rows_dist[:, -1]) if found == k else np.full(len(queries), np.inf)
+            exact = np.minimum(kth, radius) < reach[queries]
+            index[queries[exact], :found], dist2[queries[exact], :found] = rows_index[exact], rows_dist[exact]
+            unsure.append(queries[~exact])
+        return unsure
+
+    groups = _over_chunks(search_cells, len(occupied), max(1, -(-len(occupied) // (4 * _MAX_THREADS))), threads)
+    unsure = [queries for group in groups for queries in group]
     return np.concatenate(unsure) if unsure else np.zeros(0, dtype=np.int64)
 
 
-def hybrid_search(points: np.ndarray, radius: float, max_nn: int) -> Neighbourhoods:
+def hybrid_search(points: np.ndarray, radius: float, max_nn: int, threads: int | None = None) -> Neighbourhoods:
     """Open3D's hybrid search for every point of ``(N, 3)`` float64 ``points``: its ``max_nn`` nearest neighbours,
     cut to those at squared distance below ``radius²``. Equal distances keep the lower index first.
 
-    Exact: a grid of cells answers the points whose neighbours provably lie in the cells around theirs, a brute
-    force over all points the others (sparse regions, small clouds)."""
+    Exact: a grid of cells answers the points whose neighbours provably lie in the cells around theirs, then in
+    the cells up to two away, a brute force over all points the others (sparse regions, small clouds). Row
+    chunks run on ``threads`` threads (``default_threads()`` when ``None``), with the same results."""
     k = min(max_nn, len(points))
     index = np.zeros((len(points), k), dtype=np.int64)
     dist2 = np.full((len(points), k), np.inf)
-    rest = np.arange(len(points)) if len(points) <= _GRID_MIN_POINTS else _grid_search(points, k, radius, index,
-                                                                                          dist2)
-    _brute_force(points, rest, k, index, dist2)
+    rest = np.arange(len(points))
+    if len(points) > _GRID_MIN_POINTS:
+        rest = _grid_search(points, k, radius, index, dist2, threads)
+        if len(rest):
+            rest = _grid_search(points, k, radius, index, dist2, threads, ring=2, among=rest)
+    _brute_force(points, rest, k, index, dist2, threads)
     return Neighbourhoods(index, dist2, (dist2 < radius * radius).sum(axis=1))
 
 
@@ -175,13 +217,16 @@ def neighbourhood_covariances(points: np.ndarray, near: Neighbourhoods) -> np.nd
     return cov
 
 
-def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.stack([a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
-                     a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]], axis=1)
+def _cross(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The cross product of vectors whose components lie along ``axis``."""
+    a, b = np.moveaxis(a, axis, 0), np.moveaxis(b, axis, 0)
+    return np.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]], axis=axis)
 
 
-def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1]) + a[..., 2] * b[..., 2]
+def _dot(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The dot product ``(a₀b₀ + a₁b₁) + a₂b₂`` of vectors whose components lie along ``axis``."""
+    a, b = np.moveaxis(a, axis, 0), np.moveaxis(b, axis, 0)
+    return (a[0] * b[0] + a[1] * b[1]) + a[2] * b[2]
 
 
 def _times(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
@@ -280,25 +325,26 @@ def estimate_normals(points: np.ndarray, near: Neighbourhoods) -> np.ndarray:
 
 
 def pair_features(p1: np.ndarray, n1: np.ndarray, p2: np.ndarray, n2: np.ndarray) -> np.ndarray:
-    """``(..., 3)`` pairs -> ``(..., 3)`` angles ``(α, φ, θ)`` in the Darboux frame of the source point (the one
-    whose normal is closer to the line between them); zeros for coincident points or a normal along the line."""
+    """``(3, ...)`` pairs (components first, so that each is contiguous) -> ``(..., 3)`` angles ``(α, φ, θ)`` in
+    the Darboux frame of the source point (the one whose normal is closer to the line between them); zeros for
+    coincident points or a normal along the line."""
     line = p2 - p1
-    length = np.sqrt(_dot(line, line))
+    length = np.sqrt(_dot(line, line, 0))
     with np.errstate(divide="ignore", invalid="ignore"):
-        angle1, angle2 = _dot(n1, line) / length, _dot(n2, line) / length
+        angle1, angle2 = _dot(n1, line, 0) / length, _dot(n2, line, 0) / length
         # Open3D swaps when acos|cos1| > acos|cos2|: acos decreases, and its comparison follows the cosines' own
         # order even where they differ by one ulp (NumPy's arccos may round two such cosines to one value)
         swap = np.abs(angle1) < np.abs(angle2)
-        source = np.where(swap[..., None], n2, n1)
-        target = np.where(swap[..., None], n1, n2)
-        line = np.where(swap[..., None], -line, line)
+        source = np.where(swap, n2, n1)
+        target = np.where(swap, n1, n2)
+        np.negative(line, out=line, where=swap)
         theta = np.where(swap, -angle2, angle1)
-        v = _cross(line.reshape(-1, 3), source.reshape(-1, 3)).reshape(line.shape)
-        v_norm = np.sqrt(_dot(v, v))
-        v = v / v_norm[..., None]
-        w = _cross(source.reshape(-1, 3), v.reshape(-1, 3)).reshape(line.shape)
-        phi = _dot(v, target)
-        alpha = np.arctan2(_dot(w, target), _dot(source, target))
+        v = _cross(line, source, 0)
+        v_norm = np.sqrt(_dot(v, v, 0))
+        v /= v_norm
+        w = _cross(source, v, 0)
+        phi = _dot(v, target, 0)
+        alpha = np.arctan2(_dot(w, target, 0), _dot(source, target, 0))
     features = np.stack([alpha, phi, theta], axis=-1)
     features[(length == 0) | (v_norm == 0)] = 0.0
     return features
@@ -320,51 +366,69 @@ def repeated_sums(max_count: int, max_terms: int, total: float = 100.0) -> np.nd
     return np.concatenate([np.zeros((max_count + 1, 1)), np.cumsum(terms, axis=1)], axis=1)
 
 
-def spfh(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods) -> np.ndarray:
+def spfh(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods, threads: int | None = None) -> np.ndarray:
     """``(N, 33)``: each point's histogram of its pairs with its neighbours after the first, weights summing to
     100 per angle; zeros for a point without neighbours."""
-    n, k = near.index.shape
-    counts = np.zeros((n, FPFH_DIM), dtype=np.int64)
-    for start in range(0, n, _PAIR_CHUNK_POINTS):  # the pairs' temporaries stay a few tens of MB
-        rows = slice(start, start + _PAIR_CHUNK_POINTS)
-        others = near.index[rows, 1:]
-        features = pair_features(points[rows, None], normals[rows, None], points[others], normals[others])
-        bins = bin_index(features) + (np.arange(len(others)) * FPFH_DIM)[:, None, None]
-        in_radius = near.valid()[rows, 1:]
-        counts[rows] = np.bincount(bins[in_radius].ravel(), minlength=len(others) * FPFH_DIM).reshape(-1, FPFH_DIM)
+    k = near.index.shape[1]
     table = repeated_sums(k - 1, k - 1)
-    return table[np.maximum(near.count - 1, 0)[:, None], counts]
-
-
-def fpfh_features(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods) -> np.ndarray:
-    """``(N, 33)`` float64 FPFH: a point's SPFH plus its neighbours' weighted by ``1 / squared distance``, each
-    11-bin block of the weighted sum scaled to 100."""
-    own = spfh(points, normals, near)
-    weighted = np.zeros_like(own)
-    block_sums = np.zeros((len(points), 3))
     valid = near.valid()
-    for column in range(1, near.index.shape[1]):  # neighbour by neighbour, bin by bin, as Open3D sums
-        dist2 = near.dist2[:, column]
-        use = valid[:, column] & (dist2 != 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values = np.where(use[:, None], own[near.index[:, column]] / dist2[:, None], 0.0)
+    coords, directions = np.ascontiguousarray(points.T), np.ascontiguousarray(normals.T)
+
+    def histograms(rows: slice) -> np.ndarray:  # a few MB of pair temporaries per chunk
+        others = near.index[rows, 1:]
+        features = pair_features(coords[:, rows, None], directions[:, rows, None], coords[:, others],
+                                 directions[:, others])
+        bins = bin_index(features) + (np.arange(len(others)) * FPFH_DIM)[:, None, None]
+        counts = np.bincount(bins[valid[rows, 1:]].ravel(), minlength=len(others) * FPFH_DIM)
+        return table[np.maximum(near.count[rows] - 1, 0)[:, None], counts.reshape(-1, FPFH_DIM)]
+
+    chunks = _over_chunks(histograms, len(points), _PAIR_CHUNK_POINTS, threads)
+    return np.concatenate(chunks) if chunks else np.zeros((0, FPFH_DIM))
+
+
+def _fpfh_rows(own: np.ndarray, near: Neighbourhoods, rows: slice) -> np.ndarray:
+    """``fpfh_features`` of the points at ``rows``: their neighbours' SPFH summed neighbour by neighbour, bin by
+    bin, as Open3D sums (the arrays of a chunk of rows stay in cache through all the neighbours)."""
+    index, count = near.index[rows], near.count[rows]
+    dist2 = near.dist2[rows]
+    # a skipped neighbour (outside the radius, or at distance 0) divides by infinity: exactly 0 (SPFH is finite)
+    divisors = np.where((np.arange(index.shape[1]) < count[:, None]) & (dist2 != 0), dist2, np.inf)
+    weighted = np.zeros((len(index), FPFH_DIM))
+    block_sums = np.zeros((len(index), 3))
+    values = np.empty_like(weighted)
+    blocks = values.reshape(len(index), 3, BINS)
+    for column in range(1, int(count.max(initial=0))):  # later columns are all skipped: adding zeros
+        np.take(own, index[:, column], axis=0, out=values, mode="clip")  # "raise" would buffer the copy
+        np.divide(values, divisors[:, column, None], out=values)
         weighted += values
         for j in range(BINS):  # each block's running sum takes its 11 bins in order
-            block_sums += values[:, j::BINS]
+            block_sums += blocks[:, :, j]
     with np.errstate(divide="ignore"):
         scale = np.where(block_sums != 0, 100.0 / block_sums, 0.0)
-    has_pairs = (near.count > 1)[:, None]
-    return np.where(has_pairs, weighted * np.repeat(scale, BINS, axis=1) + own, 0.0)
+    weighted *= np.repeat(scale, BINS, axis=1)
+    weighted += own[rows]
+    weighted[count <= 1] = 0.0
+    return weighted
 
 
-def fpfh_of_points(points: np.ndarray, params: FPFHParams = FPFHParams()) -> np.ndarray:
-    """``(N, 3)`` points -> ``(N, 33)`` float64 FPFH, normals estimated first (``m3dm.features.fpfh``)."""
+def fpfh_features(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods,
+                  threads: int | None = None) -> np.ndarray:
+    """``(N, 33)`` float64 FPFH: a point's SPFH plus its neighbours' weighted by ``1 / squared distance``, each
+    11-bin block of the weighted sum scaled to 100. Row chunks run on ``threads`` threads, with the same bits."""
+    own = spfh(points, normals, near, threads)
+    chunks = _over_chunks(lambda rows: _fpfh_rows(own, near, rows), len(points), _ROW_CHUNK, threads)
+    return np.concatenate(chunks) if chunks else np.zeros((0, FPFH_DIM))
+
+
+def fpfh_of_points(points: np.ndarray, params: FPFHParams = FPFHParams(), threads: int | None = None) -> np.ndarray:
+    """``(N, 3)`` points -> ``(N, 33)`` float64 FPFH, normals estimated first (``m3dm.features.fpfh``), on
+    ``threads`` threads (``default_threads()`` when ``None``; the same bits for any count)."""
     points = np.asarray(points, dtype=np.float64)
     # one search serves both: the normals' neighbourhood is a prefix of the larger one (same distance order)
     near = hybrid_search(points, max(params.normal_radius, params.feature_radius),
-                         max(params.normal_max_nn, params.feature_max_nn))
+                         max(params.normal_max_nn, params.feature_max_nn), threads)
     normals = estimate_normals(points, near.narrowed(params.normal_radius, params.normal_max_nn))
-    return fpfh_features(points, normals, near.narrowed(params.feature_radius, params.feature_max_nn))
+    return fpfh_features(points, normals, near.narrowed(params.feature_radius, params.feature_max_nn), threads)
 
 
 def local_average(maps: np.ndarray, aligned: bool) -> np.ndarray:
@@ -403,22 +467,24 @@ def pooled_patches(feature_map: np.ndarray, grid: int, aligned: bool) -> np.ndar
 
 
 def fpfh_patches(points: np.ndarray, pixels: np.ndarray, size: int, grid: int, aligned: bool,
-                 params: FPFHParams = FPFHParams()) -> np.ndarray:
+                 params: FPFHParams = FPFHParams(), threads: int | None = None) -> np.ndarray:
     """A part's valid ``points (N, 3)`` at flat ``pixels (N,)`` of its ``size`` x ``size`` organized cloud ->
     ``(grid², 33)`` float32 FPFH patches: each point's histogram at its pixel (zeros elsewhere), pooled."""
     feature_map = np.zeros((size * size, FPFH_DIM))
     if len(points):
-        feature_map[pixels] = fpfh_of_points(points, params)
+        feature_map[pixels] = fpfh_of_points(points, params, threads)
     return pooled_patches(feature_map.T.reshape(FPFH_DIM, size, size), grid, aligned)
 
 
-def fpfh_batch(clouds: np.ndarray, settings: dict) -> np.ndarray:
+def fpfh_batch(clouds: np.ndarray, settings: dict, threads: int | None = None) -> np.ndarray:
     """``(B, 3, S, S)`` organized clouds -> ``(B, grid², 33)`` float32 FPFH patches, with the neighbourhoods and
-    pooling an exported model's metadata records (``fpfh``: grid, aligned, radii, neighbour caps)."""
+    pooling an exported model's metadata records (``fpfh``: grid, aligned, radii, neighbour caps), each cloud's
+    rows on ``threads`` threads (``default_threads()`` when ``None``)."""
     params = FPFHParams(settings["normal_radius"], settings["normal_max_nn"], settings["feature_radius"],
                         settings["feature_max_nn"])
     patches = []
     for cloud in clouds:
         points, pixels = valid_points(cloud)
-        patches.append(fpfh_patches(points, pixels, cloud.shape[-1], settings["grid"], settings["aligned"], params))
+        patches.append(fpfh_patches(points, pixels, cloud.shape[-1], settings["grid"], settings["aligned"], params,
+                                    threads))
     return np.stack(patches)

@@ -35,6 +35,7 @@ class ExportedModel:
         if threads:
             options.intra_op_num_threads = threads
         self.path = Path(path)
+        self.threads = threads  # also the FPFH's
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
@@ -70,7 +71,8 @@ class ExportedModel:
         if "cloud" in self.inputs:
             feeds["cloud"] = np.ascontiguousarray(clouds, dtype=np.float32)
         if "fpfh" in self.inputs:
-            feeds["fpfh"] = fpfh_batch(np.asarray(clouds, dtype=np.float32), self.meta["fpfh"])
+            feeds["fpfh"] = fpfh_batch(np.asarray(clouds, dtype=np.float32), self.meta["fpfh"],
+                                       self.threads)
         if "drop_path_draws" in self.inputs:
             assert self.draws is not None
             feeds["drop_path_draws"] = self.draws.draw(len(clouds))
