@@ -118,7 +118,7 @@ def measure(method: str, rgb: np.ndarray, cloud: np.ndarray, args) -> None:
         rows = {}
         for name, run in paths.items():
             single = timed(lambda run=run: run(1), args.repeats)
-            batched = timed(lambda run=run: run(8), max(1, args.repeats // 4))
+            batched = timed(lambda run=run: run(8), max(1, args.repeats // 4)) if args.batch8 else [float("nan")]
             rows[name] = (statistics.median(single), float(np.percentile(single, 95)), 1 / statistics.mean(single),
                           8 / statistics.mean(batched))
     for name, (p50, p95, one, eight) in rows.items():
@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["DINO+Point_MAE", "CFM", "BTF_FPFH"])
     parser.add_argument("--bank_rows", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no_batch8", dest="batch8", action="store_false",
+                        help="time batch 1 only (CFM's dense 224 x 224 feature grids at batch 8 need many GB)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "int8"],
                         help="the exported artefacts to time (m3dm.export --precision)")
     args = parser.parse_args()
