@@ -236,12 +236,20 @@ def test_faiss_search_gives_the_torch_search_metrics(dataset, uff_checkpoint, fi
     exact = json.loads((fitted(method) / "results.json").read_text())["per_class"]["gadget"]
     faiss = run_main(dataset, tmp_path, *method_flags(method, uff_checkpoint), "--bank_search", "faiss",
                      "--save_maps")["per_class"]["gadget"]
-    assert faiss.keys() == exact.keys()
+    compare_with_the_default_search(faiss, exact, tmp_path, fitted(method), metric_abs=2e-3, score_rtol=1e-4)
+
+
+def compare_with_the_default_search(got: dict, exact: dict, run_dir, exact_dir, *, metric_abs: float | None = None,
+                                    metric_rel: float | None = None, score_rtol: float) -> tuple[dict, dict]:
+    """Assert that another bank search's metrics and image scores equal the default search's within the given
+    tolerances; returns both runs' saved maps."""
+    assert got.keys() == exact.keys()
     for metric, value in exact.items():
         if isinstance(value, float):
-            assert faiss[metric] == pytest.approx(value, abs=2e-3), metric
-    maps, expected = saved_maps(tmp_path), saved_maps(fitted(method))
-    np.testing.assert_allclose(maps["image_scores"], expected["image_scores"], rtol=1e-4)
+            assert got[metric] == pytest.approx(value, abs=metric_abs, rel=metric_rel), metric
+    maps, expected = saved_maps(run_dir), saved_maps(exact_dir)
+    np.testing.assert_allclose(maps["image_scores"], expected["image_scores"], rtol=score_rtol)
+    return maps, expected
 
 
 @pytest.mark.slow
@@ -252,12 +260,8 @@ def test_projected_search_gives_the_torch_search_scores(dataset, fitted, tmp_pat
     exact = json.loads((fitted(method) / "results.json").read_text())["per_class"]["gadget"]
     projected = run_main(dataset, tmp_path, "--method_name", method, "--memory_bank", METHODS[method],
                          "--bank_search", "projected", "--save_maps")["per_class"]["gadget"]
-    assert projected.keys() == exact.keys()
-    for metric, value in exact.items():
-        if isinstance(value, float):
-            assert projected[metric] == pytest.approx(value, rel=1e-6), metric
-    maps, expected = saved_maps(tmp_path), saved_maps(fitted(method))
-    np.testing.assert_allclose(maps["image_scores"], expected["image_scores"], rtol=1e-6)
+    maps, expected = compare_with_the_default_search(projected, exact, tmp_path, fitted(method), metric_rel=1e-6,
+                                                     score_rtol=1e-6)
     np.testing.assert_allclose(maps["maps"], expected["maps"], rtol=1e-6)
 
 
