@@ -3,18 +3,27 @@ backbone, the bank search and every other matrix product stay float32 (the whole
 tests/integration)."""
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+import pytest
 
 from m3dm.export.onnx import quantise_rgb_backbone, rgb_linear_nodes
 
 WIDTH = 16
 
 
-def tiny_artefact(path):
+@pytest.fixture(scope="module")
+def onnx():
+    """The onnx package, imported when a test here first runs rather than at collection (with ml_dtypes it costs
+    every test process about 1 s)."""
+    import onnx
+
+    return onnx
+
+
+def tiny_artefact(path, onnx):
     """A linear layer of each backbone, a product of two activations in a backbone's scope (Point Feature Alignment's,
     attention's), and a bank search product outside them, named as the tracer names them in an artefact."""
+    helper, numpy_helper, TensorProto = onnx.helper, onnx.numpy_helper, onnx.TensorProto
     rng = np.random.default_rng(0)
     weights = {name: numpy_helper.from_array(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32), name)
                for name in ("qkv_weight", "fc_weight", "bank")}
@@ -33,8 +42,8 @@ def run(path, x):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-def test_only_the_rgb_backbones_linear_layers_are_quantised(tmp_path):
-    path = tiny_artefact(tmp_path / "tiny.onnx")
+def test_only_the_rgb_backbones_linear_layers_are_quantised(tmp_path, onnx):
+    path = tiny_artefact(tmp_path / "tiny.onnx", onnx)
     assert rgb_linear_nodes(onnx.load(str(path))) == ["/rgb_backbone/blocks.0/attn/qkv/MatMul"]
     x = np.random.default_rng(1).standard_normal((WIDTH, WIDTH)).astype(np.float32)
     expected = run(path, x)
