@@ -1,7 +1,7 @@
 """The approximate mode for large classes: each option's speed-up and its cost in the metrics against the exact
 default, on the real cable-gland samples and on synthetic classes.
 
-    python benchmarks/approximate.py [--real ../shared/data/mvtec3d_cable_gland_subset] [--synthetic 1]
+    python benchmarks/approximate.py [--real RAW_MVTEC3D_FOLDER] [--synthetic 1]
                                      [--train 20] [--test 12] [--shards 4] [--rows 392] [--method DINO+Point_MAE]
 
 Options (docs/approximate.md): ``--bank_search faiss`` (exact, for comparison), ``--coreset_shards S``,
@@ -133,9 +133,7 @@ def print_table(label: str, outcomes: dict[str, Outcome]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_real = Path(__file__).resolve().parents[2] / "shared/data/mvtec3d_cable_gland_subset"
-    parser.add_argument("--real", default=str(default_real) if default_real.is_dir() else None,
-                        help="a raw MVTec 3D-AD tree of real samples (default: ../shared/data's, where present)")
+    parser.add_argument("--real", default=None, help="a raw MVTec 3D-AD tree of real samples (default: none)")
     parser.add_argument("--synthetic", type=int, default=1, help="synthetic classes (0: none)")
     parser.add_argument("--train", type=int, default=20, help="training samples per synthetic class")
     parser.add_argument("--test", type=int, default=12, help="test samples per synthetic class (half defective)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import preprocessed_mvtec, random_uff_checkpoint
+from conftest import preprocessed_mvtec
 
 from m3dm.runtime import use_device
 
@@ -157,11 +157,6 @@ def test_screened_and_plain_search_agree_on_cuda(monkeypatch):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return preprocessed_mvtec(tmp_path_factory.mktemp("cuda"), n_train=5, n_val=1, n_test_good=3, n_test_defect=2)
-
-
-@pytest.fixture(scope="module")
-def uff_checkpoint(tmp_path_factory) -> Path:
-    return random_uff_checkpoint(tmp_path_factory.mktemp("uff"))
 
 
 def run_main(dataset: Path, out: Path, method: str, uff: Path, device: str, *extra: str) -> dict:

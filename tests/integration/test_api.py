@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import evaluate_in_process, preprocessed_mvtec, random_uff_checkpoint
+from conftest import evaluate_in_process, preprocessed_mvtec
 from PIL import Image
 
 import m3dm
@@ -29,11 +29,6 @@ METHOD_SETTINGS = {
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return preprocessed_mvtec(tmp_path_factory.mktemp("api"), n_train=3, n_val=1, n_test_good=1, n_test_defect=1)
-
-
-@pytest.fixture(scope="module")
-def uff_checkpoint(tmp_path_factory) -> Path:
-    return random_uff_checkpoint(tmp_path_factory.mktemp("uff"))
 
 
 def first_test_part(dataset: Path) -> tuple[Path, Path]:

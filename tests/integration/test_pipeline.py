@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import preprocessed_mvtec, random_uff_checkpoint
+from conftest import preprocessed_mvtec
 
 import main as main_module
 from m3dm.app.cli import build_parser
@@ -37,11 +37,6 @@ LOCALISATION = {"DINO": (COLOUR, 0.85), "Point_MAE": (GEOMETRIC, 0.85), "DINO+Po
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return preprocessed_mvtec(tmp_path_factory.mktemp("pipeline"), n_train=5, n_val=1, n_test_good=3, n_test_defect=2)
-
-
-@pytest.fixture(scope="module")
-def uff_checkpoint(tmp_path_factory) -> Path:
-    return random_uff_checkpoint(tmp_path_factory.mktemp("uff"))
 
 
 def run_main(dataset: Path, out: Path, *extra: str) -> dict:

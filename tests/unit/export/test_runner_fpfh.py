@@ -12,12 +12,7 @@ from m3dm.features.fpfh import FPFHFeatures, FPFHParams
 from m3dm_runner import fpfh
 from m3dm_runner.pointops import valid_points
 
-
-@pytest.fixture(scope="module", autouse=True)
-def o3d():
-    """Open3D, imported when the module's first test runs rather than at collection (where it costs every test
-    process about 1.4 s); every test here skips without it."""
-    return pytest.importorskip("open3d", reason="the reference FPFH features need open3d")
+pytestmark = pytest.mark.usefixtures("o3d")  # every test here needs Open3D (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,7 @@ import torch
 from m3dm.data.synthetic import make_mvtec_scene, sample_rng
 from m3dm.features.fpfh import FPFH_DIM, FPFHFeatures, FPFHParams, fpfh_map, pool_to_patches
 
-
-@pytest.fixture(scope="module", autouse=True)
-def o3d():
-    """Open3D, imported when the module's first test runs rather than at collection (where it costs every test
-    process about 1.4 s); every test here skips without it."""
-    return pytest.importorskip("open3d", reason="BTF's FPFH features need open3d")
+pytestmark = pytest.mark.usefixtures("o3d")  # every test here needs Open3D (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from m3dm.data.synthetic import make_mvtec_scene, sample_rng
 from m3dm.errors import DataError
 from m3dm.preprocess import mvtec3d as prep
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _open3d():
-    """Every test here compares with Open3D and skips without it; imported when the module's first test runs
-    rather than at collection (where it costs every test process about 1.4 s)."""
-    pytest.importorskip("open3d", reason="the NumPy RANSAC is compared with Open3D's")
+pytestmark = pytest.mark.usefixtures("o3d")  # the NumPy RANSAC is compared with Open3D's (tests/conftest.py)
 
 
 def without_open3d(monkeypatch) -> None:
