@@ -88,14 +88,17 @@ def stand_in_predictor(method: str, bank_rows: int) -> SimpleNamespace:
                            img_size=224)
 
 
-def timed(function, repeats: int) -> list[float]:
+def timed(function, repeats: int) -> tuple[list[float], float]:
+    """Wall seconds of each of ``repeats`` calls after a warm-up, and their mean CPU seconds (the process's, all
+    threads: on a loaded machine the CPU a path needs, whatever the other jobs take of the cores)."""
     function()  # warm-up (allocations, onnxruntime's first run)
     times = []
+    cpu_start = time.process_time()
     for _ in range(repeats):
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
-    return times
+    return times, (time.process_time() - cpu_start) / repeats
 
 
 def measure(method: str, rgb: np.ndarray, cloud: np.ndarray, args) -> None:
@@ -117,17 +120,19 @@ def measure(method: str, rgb: np.ndarray, cloud: np.ndarray, args) -> None:
             paths[f"onnxruntime {precision}"] = exported_run(ExportedModel(path), rgb, cloud)
         rows = {}
         for name, run in paths.items():
-            single = timed(lambda run=run: run(1), args.repeats)
-            batched = timed(lambda run=run: run(8), max(1, args.repeats // 4)) if args.batch8 else [float("nan")]
+            single, single_cpu = timed(lambda run=run: run(1), args.repeats)
+            batched, batched_cpu = (timed(lambda run=run: run(8), max(1, args.repeats // 4)) if args.batch8
+                                    else ([float("nan")], float("nan")))
             rows[name] = (statistics.median(single), float(np.percentile(single, 95)), 1 / statistics.mean(single),
-                          8 / statistics.mean(batched))
-    for name, (p50, p95, one, eight) in rows.items():
-        print(f"| {method} | {name} | {p50:.2f} | {p95:.2f} | {one:.3f} | {eight:.3f} |", flush=True)
+                          8 / statistics.mean(batched), single_cpu, batched_cpu / 8)
+    for name, (p50, p95, one, eight, cpu_one, cpu_eight) in rows.items():
+        print(f"| {method} | {name} | {p50:.2f} | {p95:.2f} | {one:.3f} | {eight:.3f} | {cpu_one:.2f} | "
+              f"{cpu_eight:.2f} |", flush=True)
     names = list(rows)
     for slow, fast in [(names[0], name) for name in names[1:]] + [(names[1], name) for name in names[2:]]:
         a, b = rows[slow], rows[fast]
         print(f"| {method} | ratio {slow} / {fast} | {a[0] / b[0]:.2f} | {a[1] / b[1]:.2f} | {b[2] / a[2]:.2f} | "
-              f"{b[3] / a[3]:.2f} |", flush=True)
+              f"{b[3] / a[3]:.2f} | {a[4] / b[4]:.2f} | {a[5] / b[5]:.2f} |", flush=True)
     print(f"artefact sizes: {', '.join(f'{k} {v:.0f} MB' for k, v in sizes.items())}", flush=True)
 
 
@@ -155,8 +160,9 @@ def main() -> None:
 
         rgb, cloud = np.zeros((3, 224, 224), np.float32), plane_cloud(224)
     print(f"torch threads {torch.get_num_threads()}; part with {(cloud != 0).all(axis=0).sum()} valid points")
-    print("| method | path | latency p50 (s) | p95 (s) | parts/s, batch 1 | parts/s, batch 8 |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| method | path | latency p50 (s) | p95 (s) | parts/s, batch 1 | parts/s, batch 8 | CPU s/part, batch 1 | "
+          "CPU s/part, batch 8 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for method in args.methods:
         measure(method, rgb, cloud, args)
 

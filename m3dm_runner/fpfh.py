@@ -448,22 +448,31 @@ def local_average(maps: np.ndarray, aligned: bool) -> np.ndarray:
     return total / count
 
 
-def adaptive_average_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """``(size_out, size_in)``: PyTorch's adaptive average pooling windows along one axis."""
-    matrix = np.zeros((size_out, size_in))
-    for i in range(size_out):
-        start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
+def adaptive_windows(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's adaptive average pooling windows along one axis: ``(starts, ends)``, each ``(size_out,)``."""
+    cells = np.arange(size_out)
+    return (cells * size_in) // size_out, -((-(cells + 1) * size_in) // size_out)
 
 
 def pooled_patches(feature_map: np.ndarray, grid: int, aligned: bool) -> np.ndarray:
-    """``(C, S, S)`` float64 map -> ``(grid², C)`` float32 patches, row-major (``m3dm.features.fpfh``'s pooling)."""
+    """``(C, S, S)`` float64 map -> ``(grid², C)`` float32 patches, row-major (``m3dm.features.fpfh``'s pooling).
+
+    Each window is summed as PyTorch's CPU kernel sums it (row by row, left to right, one running sum, then divided
+    by its height and then its width), so the float64 patches are PyTorch's to the bit. No matrix product: BLAS's
+    worker threads would spin on a loaded machine for a few million multiply-adds."""
     local = local_average(feature_map, aligned)
-    rows = adaptive_average_matrix(local.shape[1], grid)
-    cols = adaptive_average_matrix(local.shape[2], grid)
-    pooled = rows @ local @ cols.T  # (C, grid, grid)
-    return np.ascontiguousarray(pooled.reshape(len(pooled), -1).T, dtype=np.float32)
+    channels, height, width = local.shape
+    (top, bottom), (left, right) = adaptive_windows(height, grid), adaptive_windows(width, grid)
+    tall, wide = bottom - top, right - left
+    flat = np.concatenate([local.reshape(channels, -1), np.zeros((channels, 1))], axis=1)  # last: a zero to add
+    total = np.zeros((channels, grid * grid))
+    for row in range(int(tall.max())):
+        for col in range(int(wide.max())):
+            inside = (row < tall)[:, None] & (col < wide)[None, :]
+            pixel = (top + row)[:, None] * width + (left + col)[None, :]
+            total += np.take(flat, np.where(inside, pixel, height * width).ravel(), axis=1)
+    pooled = total / np.repeat(tall, grid).astype(np.float64) / np.tile(wide, grid).astype(np.float64)
+    return np.ascontiguousarray(pooled.T, dtype=np.float32)
 
 
 def fpfh_patches(points: np.ndarray, pixels: np.ndarray, size: int, grid: int, aligned: bool,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from m3dm.data.synthetic import make_mvtec_scene, sample_rng
-from m3dm.features.fpfh import FPFHFeatures, FPFHParams
+from m3dm.features.fpfh import FPFHFeatures, FPFHParams, pool_to_patches
 from m3dm_runner import fpfh
 from m3dm_runner.pointops import valid_points
 
@@ -77,7 +77,16 @@ def test_patches_are_the_pipelines(cloud, aligned):
                 "feature_max_nn": 100}
     got = fpfh.fpfh_batch(cloud[None], settings)[0]
     assert got.shape == expected.shape == (64, 33)
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5)
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize(("size", "grid", "aligned"), [(30, 8, False), (30, 8, True), (9, 8, False)])
+def test_pooling_sums_as_pytorch(size, grid, aligned):
+    """Windows of several sizes (and, from 9 pixels, 7 to 8: overlapping ones), summed in PyTorch's order."""
+    rng = np.random.default_rng(size)
+    feature_map = rng.random((4, size, size)) * 100 * (rng.random((1, size, size)) < 0.3)
+    expected = pool_to_patches(torch.from_numpy(feature_map)[None], grid, aligned)[0].flatten(1).T
+    assert np.array_equal(fpfh.pooled_patches(feature_map, grid, aligned), expected.to(torch.float32).numpy())
 
 
 def test_threads_and_row_chunks_keep_the_bits(cloud, monkeypatch):
