@@ -23,7 +23,7 @@ ones) or a pair's angle lies on a bin edge to round-off.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -324,38 +324,75 @@ def estimate_normals(points: np.ndarray, near: Neighbourhoods) -> np.ndarray:
     return normals
 
 
-def pair_features(p1: np.ndarray, n1: np.ndarray, p2: np.ndarray, n2: np.ndarray) -> np.ndarray:
-    """``(3, ...)`` pairs (components first, so that each is contiguous) -> ``(..., 3)`` angles ``(α, φ, θ)`` in
-    the Darboux frame of the source point (the one whose normal is closer to the line between them); zeros for
-    coincident points or a normal along the line."""
-    line = p2 - p1
-    length = np.sqrt(_dot(line, line, 0))
+def _dot_of(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
+    """``(a₀b₀ + a₁b₁) + a₂b₂`` of vectors given as three component arrays (no stacking, sums in place)."""
+    out = a[0] * b[0]
+    out += a[1] * b[1]
+    out += a[2] * b[2]
+    return out
+
+
+def _cross_of(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The cross product of vectors given as three component arrays."""
+    out = []
+    for i, j in ((1, 2), (2, 0), (0, 1)):
+        term = a[i] * b[j]
+        term -= a[j] * b[i]
+        out.append(term)
+    return out
+
+
+def pair_features(p1: Sequence[np.ndarray], n1: Sequence[np.ndarray], p2: Sequence[np.ndarray],
+                  n2: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs as three (broadcastable) component arrays each -> angles ``(α, φ, θ)`` in the Darboux frame of the
+    source point (the one whose normal is closer to the line between them); zeros for coincident points or a
+    normal along the line. The line itself is negated on a swap, as Open3D does (negating the results instead
+    would turn a cancelled +0 into −0, and ``atan2`` tells them apart)."""
+    line = [np.subtract(b, a) for a, b in zip(p1, p2)]
+    length = np.sqrt(_dot_of(line, line))
     with np.errstate(divide="ignore", invalid="ignore"):
-        angle1, angle2 = _dot(n1, line, 0) / length, _dot(n2, line, 0) / length
+        angle1 = _dot_of(n1, line)
+        angle1 /= length
+        angle2 = _dot_of(n2, line)
+        angle2 /= length
         # Open3D swaps when acos|cos1| > acos|cos2|: acos decreases, and its comparison follows the cosines' own
         # order even where they differ by one ulp (NumPy's arccos may round two such cosines to one value)
         swap = np.abs(angle1) < np.abs(angle2)
-        source = np.where(swap, n2, n1)
-        target = np.where(swap, n1, n2)
-        np.negative(line, out=line, where=swap)
-        theta = np.where(swap, -angle2, angle1)
-        v = _cross(line, source, 0)
-        v_norm = np.sqrt(_dot(v, v, 0))
-        v /= v_norm
-        w = _cross(source, v, 0)
-        phi = _dot(v, target, 0)
-        alpha = np.arctan2(_dot(w, target, 0), _dot(source, target, 0))
-    features = np.stack([alpha, phi, theta], axis=-1)
-    features[(length == 0) | (v_norm == 0)] = 0.0
-    return features
+        source = [np.where(swap, b, a) for a, b in zip(n1, n2)]
+        target = [np.where(swap, a, b) for a, b in zip(n1, n2)]
+        for component in line:
+            np.negative(component, out=component, where=swap)
+        theta = np.where(swap, np.negative(angle2, out=angle2), angle1)
+        v = _cross_of(line, source)
+        v_norm = np.sqrt(_dot_of(v, v))
+        for component in v:
+            component /= v_norm
+        w = _cross_of(source, v)
+        phi = _dot_of(v, target)
+        alpha = np.arctan2(_dot_of(w, target), _dot_of(source, target))
+    degenerate = (length == 0) | (v_norm == 0)
+    for angle in (alpha, phi, theta):
+        angle[degenerate] = 0.0
+    return alpha, phi, theta
 
 
-def bin_index(features: np.ndarray) -> np.ndarray:
-    """``(..., 3)`` angles -> ``(..., 3)`` histogram columns: 11 bins of α over [−π, π], of φ and θ over [−1, 1]."""
-    alpha = np.floor(BINS * (features[..., 0] + np.pi) / (2.0 * np.pi))
-    cosines = np.floor(BINS * (features[..., 1:] + 1.0) * 0.5)
-    bins = np.clip(np.concatenate([alpha[..., None], cosines], axis=-1), 0, BINS - 1).astype(np.int64)
-    return bins + np.arange(3) * BINS
+def histogram_columns(alpha: np.ndarray, phi: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Angles -> ``(3, ...)`` histogram columns (0-32): 11 bins of α over [−π, π], of φ and θ over [−1, 1].
+    Overwrites the angles."""
+    columns = np.empty((3, *alpha.shape), dtype=np.int64)
+    np.add(alpha, np.pi, out=alpha)
+    alpha *= BINS
+    alpha /= 2.0 * np.pi
+    for i, angle in enumerate((alpha, phi, theta)):
+        if i:
+            angle += 1.0
+            angle *= BINS
+            angle *= 0.5
+        np.floor(angle, out=angle)
+        np.clip(angle, 0, BINS - 1, out=angle)
+        columns[i] = angle
+        columns[i] += i * BINS
+    return columns
 
 
 def repeated_sums(max_count: int, max_terms: int, total: float = 100.0) -> np.ndarray:
@@ -376,10 +413,12 @@ def spfh(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods, threads:
 
     def histograms(rows: slice) -> np.ndarray:  # a few MB of pair temporaries per chunk
         others = near.index[rows, 1:]
-        features = pair_features(coords[:, rows, None], directions[:, rows, None], coords[:, others],
-                                 directions[:, others])
-        bins = bin_index(features) + (np.arange(len(others)) * FPFH_DIM)[:, None, None]
-        counts = np.bincount(bins[valid[rows, 1:]].ravel(), minlength=len(others) * FPFH_DIM)
+        columns = histogram_columns(*pair_features(coords[:, rows, None], directions[:, rows, None],
+                                                   coords[:, others], directions[:, others]))
+        columns += (np.arange(len(others)) * FPFH_DIM)[:, None]
+        unused = len(others) * FPFH_DIM  # the pairs past a point's neighbours count in one extra bin, dropped
+        np.copyto(columns, unused, where=~valid[rows, 1:])
+        counts = np.bincount(columns.ravel(), minlength=unused + 1)[:unused]
         return table[np.maximum(near.count[rows] - 1, 0)[:, None], counts.reshape(-1, FPFH_DIM)]
 
     chunks = _over_chunks(histograms, len(points), _PAIR_CHUNK_POINTS, threads)
