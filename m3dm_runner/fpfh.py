@@ -103,15 +103,26 @@ def squared_distances(queries: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def _nearest_rows(dist: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest of ``candidates (C,)`` (sorted by index) per row of ``dist (Q, C)``, nearest first, equal
-    distances in index order: ``(indices (Q, k), squared distances (Q, k))``."""
-    if k < dist.shape[1]:
-        nearest = np.argpartition(dist, k - 1, axis=1)[:, :k]
-        nearest.sort(axis=1)  # index order, then a stable sort by distance
+    distances in index order: ``(indices (Q, k), squared distances (Q, k))``.
+
+    The k-th smallest distance of each row (a partition of the values, cheaper than of their positions) picks the
+    row's nearest in index order; a row with several candidates at its k-th distance keeps the lower indices."""
+    rows, width = dist.shape
+    if k < width:
+        kth = np.partition(dist, k - 1, axis=1)[:, k - 1:k]
+        chosen = dist <= kth
+        tied = np.flatnonzero(np.count_nonzero(chosen, axis=1) > k)
+        if len(tied):  # of the candidates at the k-th distance, these rows take the lowest indices only
+            at_kth = dist[tied] == kth[tied]
+            short = k - np.count_nonzero(dist[tied] < kth[tied], axis=1)
+            chosen[tied] &= ~at_kth | (np.cumsum(at_kth, axis=1) <= short[:, None])
+        flat = np.flatnonzero(chosen).reshape(rows, k)  # in index order within each row
     else:
-        nearest = np.broadcast_to(np.arange(dist.shape[1]), dist.shape).copy()
-    near_dist = np.take_along_axis(dist, nearest, axis=1)
+        flat = np.arange(rows * width).reshape(rows, width)
+    near_dist = np.take(dist, flat)
     order = np.argsort(near_dist, axis=1, kind="stable")
-    return candidates[np.take_along_axis(nearest, order, axis=1)], np.take_along_axis(near_dist, order, axis=1)
+    flat = np.take_along_axis(flat, order, axis=1)
+    return candidates[flat % width], np.take(dist, flat)
 
 
 def _brute_force(points: np.ndarray, queries: np.ndarray, k: int, index: np.ndarray, dist2: np.ndarray,
@@ -425,29 +436,38 @@ def spfh(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods, threads:
     return np.concatenate(chunks) if chunks else np.zeros((0, FPFH_DIM))
 
 
-def _fpfh_rows(own: np.ndarray, near: Neighbourhoods, rows: slice) -> np.ndarray:
-    """``fpfh_features`` of the points at ``rows``: their neighbours' SPFH summed neighbour by neighbour, bin by
-    bin, as Open3D sums (the arrays of a chunk of rows stay in cache through all the neighbours)."""
-    index, count = near.index[rows], near.count[rows]
-    dist2 = near.dist2[rows]
+def _with_sum_slots(own: np.ndarray) -> np.ndarray:
+    """``(N, 33)`` SPFH -> ``(36, N)``: per 11-bin block, a zero row (the slot for the block's running sum) then
+    the block's bins, so that one reduction adds a neighbour's 11 bins to the running sum in order."""
+    slotted = np.zeros((3, BINS + 1, len(own)))
+    slotted[:, 1:] = own.T.reshape(3, BINS, len(own))
+    return slotted.reshape(3 * (BINS + 1), len(own))
+
+
+def _fpfh_rows(own: np.ndarray, slotted: np.ndarray, near: Neighbourhoods, rows: slice) -> np.ndarray:
+    """``fpfh_features`` of the points at ``rows``: their neighbours' SPFH (``slotted``: ``_with_sum_slots``)
+    summed neighbour by neighbour, bin by bin, as Open3D sums (the arrays of a chunk of rows stay in cache through
+    all the neighbours; rows of a chunk along the arrays' last axis, so each bin is contiguous)."""
+    index, count = near.index[rows].T, near.count[rows]
+    dist2 = near.dist2[rows].T
     # a skipped neighbour (outside the radius, or at distance 0) divides by infinity: exactly 0 (SPFH is finite)
-    divisors = np.where((np.arange(index.shape[1]) < count[:, None]) & (dist2 != 0), dist2, np.inf)
-    weighted = np.zeros((len(index), FPFH_DIM))
-    block_sums = np.zeros((len(index), 3))
+    divisors = np.where((np.arange(len(index))[:, None] < count) & (dist2 != 0), dist2, np.inf)
+    weighted = np.zeros((len(slotted), len(count)))
+    block_sums = np.zeros((3, len(count)))
     values = np.empty_like(weighted)
-    blocks = values.reshape(len(index), 3, BINS)
+    blocks = values.reshape(3, BINS + 1, len(count))
     for column in range(1, int(count.max(initial=0))):  # later columns are all skipped: adding zeros
-        np.take(own, index[:, column], axis=0, out=values, mode="clip")  # "raise" would buffer the copy
-        np.divide(values, divisors[:, column, None], out=values)
+        np.take(slotted, index[column], axis=1, out=values, mode="clip")  # "raise" would buffer the copy
+        np.divide(values, divisors[column], out=values)
         weighted += values
-        for j in range(BINS):  # each block's running sum takes its 11 bins in order
-            block_sums += blocks[:, :, j]
+        blocks[:, 0] = block_sums  # each block's running sum then takes its 11 bins in order (an outer-axis
+        np.add.reduce(blocks, axis=1, out=block_sums)  # reduction adds one slice after the other)
     with np.errstate(divide="ignore"):
         scale = np.where(block_sums != 0, 100.0 / block_sums, 0.0)
-    weighted *= np.repeat(scale, BINS, axis=1)
-    weighted += own[rows]
-    weighted[count <= 1] = 0.0
-    return weighted
+    features = weighted.reshape(3, BINS + 1, len(count))[:, 1:] * scale[:, None]
+    features = features.reshape(FPFH_DIM, len(count)).T + own[rows]
+    features[count <= 1] = 0.0
+    return features
 
 
 def fpfh_features(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods,
@@ -455,7 +475,8 @@ def fpfh_features(points: np.ndarray, normals: np.ndarray, near: Neighbourhoods,
     """``(N, 33)`` float64 FPFH: a point's SPFH plus its neighbours' weighted by ``1 / squared distance``, each
     11-bin block of the weighted sum scaled to 100. Row chunks run on ``threads`` threads, with the same bits."""
     own = spfh(points, normals, near, threads)
-    chunks = _over_chunks(lambda rows: _fpfh_rows(own, near, rows), len(points), _ROW_CHUNK, threads)
+    slotted = _with_sum_slots(own)
+    chunks = _over_chunks(lambda rows: _fpfh_rows(own, slotted, near, rows), len(points), _ROW_CHUNK, threads)
     return np.concatenate(chunks) if chunks else np.zeros((0, FPFH_DIM))
 
 
