@@ -4,7 +4,8 @@ The steps follow Open3D's documented algorithm (``estimate_normals`` then ``comp
 ``KDTreeSearchParamHybrid``), written vectorised over the points:
 
 - **neighbourhoods**: the ``max_nn`` nearest points (the point itself first) whose squared distance is below
-  ``radius²``; brute force in query chunks, exact float64 distances ``(dx² + dy²) + dz²``;
+  ``radius²``, exact float64 distances ``(dx² + dy²) + dz²``, from a grid of cells (candidates: the cells around
+  a point's, near its group of queries) with a brute force for the points it cannot settle;
 - **normals**: the covariance of each neighbourhood (at least 3 points, else the identity) from its raw moments
   ``E[x xᵀ] − E[x] E[x]ᵀ``, and the eigenvector of its smallest eigenvalue by the closed-form 3 × 3 solver Open3D
   uses (Geometric Tools' robust symmetric eigensolver), whose sign choice is the normal's orientation (the cloud is
@@ -35,12 +36,14 @@ FPFH_DIM = 33  # 3 angles x 11 bins
 BINS = 11
 NORMAL_MIN_NEIGHBOURS = 3
 _SEARCH_CHUNK_BYTES = 32 * 2**20
-_PAIR_CHUNK_POINTS = 256  # the pairs' temporaries (3 x 256 x 99 floats) stay in cache
-_ROW_CHUNK = 1024  # the histogram sums' rows: their (rows, 33) arrays stay in the CPU's cache
+_PAIR_CHUNK_POINTS = 128  # the pairs' temporaries (3 x 128 x 99 floats) stay in cache
+_ROW_CHUNK = 1024  # the histogram sums' rows: their (36, rows) arrays stay in the CPU's cache
 _MAX_THREADS = 8
 _GRID_MIN_POINTS = 2000  # below, one brute-force search is as fast
 _CELL_SAMPLE = 64
 _CELL_MARGIN = 1 - 1e-9  # the cells are found by float division
+_MARGIN_CELLS = 0.8  # per ring: candidates within this many cells of a query group's bounding box
+_QUERY_ROWS = 64  # queries of a cell searched together: their distance block stays in the CPU's cache
 _TWO_THIRDS_PI = 2.09439510239319549
 
 
@@ -147,8 +150,9 @@ def _cell_size(points: np.ndarray, k: int) -> float:
 def _grid_search(points: np.ndarray, k: int, radius: float, index: np.ndarray, dist2: np.ndarray,
                  threads: int | None, ring: int = 1, among: np.ndarray | None = None) -> np.ndarray:
     """Each point's ``k`` nearest among the points of the cells up to ``ring`` cells from its own (3 x 3 x 3 for
-    1), for all points or those at ``among``; returns the points whose result is not provably exact (the k-th
-    distance, or the radius when smaller, not inside their cell block)."""
+    1) that lie near its group of queries, for all points or those at ``among``; returns the points whose result
+    is not provably exact (the k-th distance, or the radius when smaller, not inside their cell block, or not
+    below the margin kept around their group)."""
     size = _cell_size(points, k)
     if not size > 0:
         return np.arange(len(points)) if among is None else among
@@ -166,6 +170,7 @@ def _grid_search(points: np.ndarray, k: int, radius: float, index: np.ndarray, d
     low = points - ((cells - ring) * size + points.min(axis=0))
     high = (cells + ring + 1) * size + points.min(axis=0) - points
     reach = _CELL_MARGIN * np.minimum(low, high).min(axis=1)
+    margin = _MARGIN_CELLS * ring * size  # most points' k-th neighbour is nearer (the cell: twice the median's)
 
     def search_cells(cells_slice: slice) -> list[np.ndarray]:  # each cell writes only its own points' rows
         unsure = []
@@ -175,15 +180,24 @@ def _grid_search(points: np.ndarray, k: int, radius: float, index: np.ndarray, d
                 continue
             slots = np.searchsorted(occupied, cell + shifts)
             slots = slots[(slots < len(occupied)) & (occupied[np.minimum(slots, len(occupied) - 1)] == cell + shifts)]
-            candidates = np.sort(np.concatenate([order[first[s]:last[s]] for s in slots]))
-            found = min(k, len(candidates))
-            rows_index, rows_dist = _nearest_rows(squared_distances(points[queries], points[candidates]),
-                                                  candidates, found)
-            kth = np.sqrt(rows_dist[:, -1]) if found == k else np.full(len(queries), np.inf)
-            exact = np.minimum(kth, radius) < reach[queries]
-            index[queries[exact], :found], dist2[queries[exact], :found] = rows_index[exact], rows_dist[exact]
-            unsure.append(queries[~exact])
+            block = np.sort(np.concatenate([order[first[s]:last[s]] for s in slots]))
+            for start in range(0, len(queries), _QUERY_ROWS):
+                unsure.append(search_near(queries[start:start + _QUERY_ROWS], block))
         return unsure
+
+    def search_near(queries: np.ndarray, block: np.ndarray) -> np.ndarray:
+        """The queries' nearest among the block's points within ``margin`` of their bounding box (a point farther
+        is farther than ``margin`` from each query); returns the queries not settled."""
+        low, high = points[queries].min(axis=0) - margin, points[queries].max(axis=0) + margin
+        coords = points[block]
+        candidates = block[((coords >= low) & (coords <= high)).all(axis=1)]
+        found = min(k, len(candidates))
+        rows_index, rows_dist = _nearest_rows(squared_distances(points[queries], points[candidates]),
+                                              candidates, found)
+        kth = np.sqrt(rows_dist[:, -1]) if found == k else np.full(len(queries), np.inf)
+        exact = np.minimum(kth, radius) < np.minimum(reach[queries], _CELL_MARGIN * margin)
+        index[queries[exact], :found], dist2[queries[exact], :found] = rows_index[exact], rows_dist[exact]
+        return queries[~exact]
 
     groups = _over_chunks(search_cells, len(occupied), max(1, -(-len(occupied) // (4 * _MAX_THREADS))), threads)
     unsure = [queries for group in groups for queries in group]

@@ -93,7 +93,7 @@ def test_threads_and_row_chunks_keep_the_bits(cloud, monkeypatch):
     points = valid_points(cloud)[0].astype(np.float64)
     whole = fpfh.fpfh_of_points(points, threads=1)
     # small chunks and cell groups, so that several run on the pool at once
-    for name, value in {"_ROW_CHUNK": 16, "_PAIR_CHUNK_POINTS": 16, "_GRID_MIN_POINTS": 0,
+    for name, value in {"_ROW_CHUNK": 16, "_PAIR_CHUNK_POINTS": 16, "_GRID_MIN_POINTS": 0, "_QUERY_ROWS": 8,
                         "_SEARCH_CHUNK_BYTES": 8 * 16 * len(points)}.items():
         monkeypatch.setattr(fpfh, name, value)
     assert np.array_equal(fpfh.fpfh_of_points(points, threads=1), whole)
