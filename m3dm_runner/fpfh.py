@@ -46,6 +46,8 @@ _MARGIN_CELLS = 0.8  # per ring: candidates within this many cells of a query gr
 _QUERY_ROWS = 64  # queries of a cell searched together: their distance block stays in the CPU's cache
 _TWO_THIRDS_PI = 2.09439510239319549
 
+Components = Sequence[np.ndarray] | np.ndarray  # a vector's three components: arrays, or a (3, ...) array
+
 
 @dataclass(frozen=True)
 class FPFHParams:
@@ -349,7 +351,7 @@ def estimate_normals(points: np.ndarray, near: Neighbourhoods) -> np.ndarray:
     return normals
 
 
-def _dot_of(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
+def _dot_of(a: Components, b: Components) -> np.ndarray:
     """``(a₀b₀ + a₁b₁) + a₂b₂`` of vectors given as three component arrays (no stacking, sums in place)."""
     out = a[0] * b[0]
     out += a[1] * b[1]
@@ -357,7 +359,7 @@ def _dot_of(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _cross_of(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[np.ndarray]:
+def _cross_of(a: Components, b: Components) -> list[np.ndarray]:
     """The cross product of vectors given as three component arrays."""
     out = []
     for i, j in ((1, 2), (2, 0), (0, 1)):
@@ -367,8 +369,8 @@ def _cross_of(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[np.ndarr
     return out
 
 
-def pair_features(p1: Sequence[np.ndarray], n1: Sequence[np.ndarray], p2: Sequence[np.ndarray],
-                  n2: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pair_features(p1: Components, n1: Components, p2: Components,
+                  n2: Components) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs as three (broadcastable) component arrays each -> angles ``(α, φ, θ)`` in the Darboux frame of the
     source point (the one whose normal is closer to the line between them); zeros for coincident points or a
     normal along the line. The line itself is negated on a swap, as Open3D does (negating the results instead
