@@ -110,6 +110,21 @@ def uff_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_backbones():
+    """A two-block tiny ViT (eval mode) and a Point-MAE transformer of 32 groups of 16 points, seeded, for the
+    extractor's tests (test_features.py, test_dense.py): built once per test process, not per module. The point
+    transformer keeps its 22 M parameters whatever the groups; each test sets the mode it needs."""
+    import torch
+
+    from m3dm.features.point_transformer import PointTransformer
+    from m3dm.features.vit import RGBBackbone
+
+    torch.manual_seed(0)
+    return RGBBackbone("vit_tiny_patch16_224", depth=2).eval(), PointTransformer("Point_MAE", num_group=32,
+                                                                                 group_size=16)
+
+
+@pytest.fixture(scope="session")
 def o3d():
     """Open3D, for the tests that compare with it (they skip without it); imported when such a test first runs
     rather than at collection, where it costs every test process about 1.4 s."""
