@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,20 @@ def pytest_configure(config):
             os.environ[variable] = str(threads)  # the libraries loaded later (Open3D's OpenMP), the processes started
         torch.set_num_threads(threads)
         threadpool_limits(threads)  # those loaded already (NumPy's OpenBLAS)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """An xdist worker ends here, without the interpreter's teardown: its results and its end of session are sent to
+    the controller by now (pytest-xdist sends them at the session's end, before this hook), and tearing down the
+    modules of torch, timm, SciPy and Open3D one by one cost each worker 1-3 s of CPU (measured; not a test's
+    concern). Files and processes that tests open are closed by their fixtures, not at the interpreter's exit."""
+    if hasattr(config, "workerinput"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 REAL_MVTEC_SUBSET = PROJECT_ROOT.parent / "shared" / "data" / "mvtec3d_cable_gland_subset"
 
 
@@ -92,6 +107,21 @@ def random_uff_checkpoint(folder: Path, rgb_dim: int = 192) -> Path:
 def uff_checkpoint(tmp_path_factory) -> Path:
     """A random UFF block in the reference's checkpoint format, for the tests of the Fusion methods."""
     return random_uff_checkpoint(tmp_path_factory.mktemp("uff"))
+
+
+@pytest.fixture(scope="session")
+def small_backbones():
+    """A two-block tiny ViT (eval mode) and a Point-MAE transformer of 32 groups of 16 points, seeded, for the
+    extractor's tests (test_features.py, test_dense.py): built once per test process, not per module. The point
+    transformer keeps its 22 M parameters whatever the groups; each test sets the mode it needs."""
+    import torch
+
+    from m3dm.features.point_transformer import PointTransformer
+    from m3dm.features.vit import RGBBackbone
+
+    torch.manual_seed(0)
+    return RGBBackbone("vit_tiny_patch16_224", depth=2).eval(), PointTransformer("Point_MAE", num_group=32,
+                                                                                 group_size=16)
 
 
 @pytest.fixture(scope="session")

@@ -170,7 +170,8 @@ def test_point_checkpoint_without_base_model_is_rejected(tmp_path, point_sources
 
 
 def test_point_default_path_is_used(tmp_path, pointmae_file, point_sources):
-    (tmp_path / "pointmae_pretrain.pth").write_bytes(pointmae_file.read_bytes())
+    # a second name for the module's file (a hard link: the same bytes, not another 88 MB written)
+    (tmp_path / "pointmae_pretrain.pth").hardlink_to(pointmae_file)
     model = build_point_backbone("Point_MAE", checkpoint_dir=tmp_path, num_group=G, group_size=K)
     assert model.checkpoint_path == tmp_path / "pointmae_pretrain.pth"
     assert_loaded(model, point_sources["Point_MAE"])
@@ -303,17 +304,16 @@ def test_reader_refuses_urls_absent_files_and_npz_naming_them(tmp_path):
         read_checkpoint(tmp_path / "jax.npz")
 
 
-def as_pickled_by_numpy_1(path: Path) -> Path:
-    """The same torch file with NumPy scalars named as NumPy 1 pickles them (`numpy.core`, not `numpy._core`):
-    the official files were written before NumPy 2."""
-    with zipfile.ZipFile(path) as source:
-        records = [(info, source.read(info)) for info in source.infolist()]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
-        for info, data in records:
+def as_pickled_by_numpy_1(path: Path, target: Path) -> Path:
+    """A copy of the torch file ``path`` at ``target`` with NumPy scalars named as NumPy 1 pickles them
+    (`numpy.core`, not `numpy._core`): the official files were written before NumPy 2."""
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as copy:
+        for info in source.infolist():
+            data = source.read(info)
             if info.filename.endswith("data.pkl"):
                 data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
-            target.writestr(info, data)
-    return path
+            copy.writestr(info, data)
+    return target
 
 
 def test_reader_loads_the_official_objects_with_the_weights_only_loader(tmp_path, monkeypatch, pointbert_file):
@@ -325,9 +325,8 @@ def test_reader_loads_the_official_objects_with_the_weights_only_loader(tmp_path
     torch.save({"model": {"w": torch.ones(2)}, "args": {"rgb_dim": 4}}, tmp_path / "ours.pth")
     torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1, dist_url="env://")},
                tmp_path / "reference.pth")
-    numpy_1 = tmp_path / "Point-BERT.pth"
-    numpy_1.write_bytes(pointbert_file.read_bytes())
-    pickled = torch.serialization.get_unsafe_globals_in_checkpoint(as_pickled_by_numpy_1(numpy_1))
+    numpy_1 = as_pickled_by_numpy_1(pointbert_file, tmp_path / "Point-BERT.pth")
+    pickled = torch.serialization.get_unsafe_globals_in_checkpoint(numpy_1)
     assert sorted(pickled) == ["numpy.core.multiarray.scalar", "numpy.dtype"]
     assert read_checkpoint(tmp_path / "ours.pth")["args"] == {"rgb_dim": 4}
     assert read_checkpoint(tmp_path / "reference.pth")["args"].dist_url == "env://"

@@ -8,8 +8,6 @@ import torch
 from m3dm.features.alignment import pfa_patches
 from m3dm.features.dense import dense_points, dense_rgb, valid_pixels
 from m3dm.features.extractor import XYZ_PATCH_GRID, FeatureExtractor
-from m3dm.features.point_transformer import PointTransformer
-from m3dm.features.vit import RGBBackbone
 
 
 def organized_cloud(size: int, radius: float) -> torch.Tensor:
@@ -20,10 +18,9 @@ def organized_cloud(size: int, radius: float) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def sample():
-    torch.manual_seed(0)
-    rgb = RGBBackbone("vit_tiny_patch16_224", depth=2).eval()
-    point = PointTransformer("Point_MAE", num_group=32, group_size=16).eval()
+def sample(small_backbones):
+    rgb, point = small_backbones
+    point.eval()
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     extractor = FeatureExtractor(rgb, point, img_size=48, point_outputs=("patches", "groups"))
     return extractor(image, organized_cloud(48, 0.4)[None])[0]

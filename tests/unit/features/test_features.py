@@ -24,14 +24,6 @@ def organized_cloud(size: int, seed: int, radius: float) -> torch.Tensor:
     return cloud
 
 
-@pytest.fixture(scope="module")
-def small_backbones():
-    torch.manual_seed(0)
-    rgb = RGBBackbone("vit_tiny_patch16_224", depth=2).eval()
-    point = PointTransformer("Point_MAE", num_group=32, group_size=16)
-    return rgb, point
-
-
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_batch_equals_single_samples(small_backbones, train_mode):
     rgb_backbone, point_backbone = small_backbones
@@ -86,6 +78,7 @@ def test_full_configuration_shapes():
 
 def test_empty_cloud_is_named(small_backbones):
     _, point_backbone = small_backbones
+    point_backbone.eval()
     extractor = FeatureExtractor(None, point_backbone, img_size=64)
     clouds = torch.stack([organized_cloud(64, 0, 0.4), torch.zeros(3, 64, 64)])
     with pytest.raises(DataError, match="widget/test/good/001"):

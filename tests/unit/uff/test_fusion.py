@@ -177,19 +177,20 @@ def test_loader_restores_the_weights_strictly(tmp_path):
 
 
 def test_loader_refuses_a_wrong_file_naming_the_missing_keys(tmp_path):
-    state = {k: v for k, v in FeatureFusionBlock(rgb_dim=C).state_dict().items() if not k.startswith("xyz_head")}
+    block_state = FeatureFusionBlock(rgb_dim=C).state_dict()  # one random block (11 M values) for the three files
+    state = {k: v for k, v in block_state.items() if not k.startswith("xyz_head")}
     state["proj.weight"] = torch.zeros(3)
     save_checkpoint(tmp_path / "wrong.pth", state)
     with pytest.raises(CheckpointError, match=r"wrong.pth does not fit a UFF fusion block for RGB width 24") as error:
         load_fusion_block(tmp_path / "wrong.pth", rgb_dim=C)
     assert "2 missing keys: xyz_head.weight, xyz_head.bias" in str(error.value)
     assert "1 unexpected keys: proj.weight" in str(error.value)
-    state = {**FeatureFusionBlock(rgb_dim=C).state_dict(), "proj.weight": torch.zeros(3)}
+    state = {**block_state, "proj.weight": torch.zeros(3)}
     save_checkpoint(tmp_path / "extra.pth", state)  # every key right, one more: refused too (strict)
     with pytest.raises(CheckpointError, match=r"extra.pth does not fit.*\n  1 unexpected keys: proj.weight$"):
         load_fusion_block(tmp_path / "extra.pth", rgb_dim=C)
 
-    torch.save(FeatureFusionBlock(rgb_dim=C).state_dict(), tmp_path / "bare.pth")  # no {'model': ...}
+    torch.save(block_state, tmp_path / "bare.pth")  # no {'model': ...}
     with pytest.raises(CheckpointError, match=r"bare.pth is not a checkpoint of the fusion_pretrain.py .* no 'model'"):
         load_fusion_block(tmp_path / "bare.pth", rgb_dim=C)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
