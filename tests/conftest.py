@@ -11,6 +11,11 @@ from m3dm.data.synthetic import write_eyecandies, write_mvtec3d
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+# Cache compiled modules (pytest's rewritten test modules and the project's own) even where the environment sets
+# PYTHONDONTWRITEBYTECODE: without the cache every test process compiles them all again (about 2 s CPU per xdist
+# worker, measured); the caches go to git-ignored __pycache__ folders.
+sys.dont_write_bytecode = False
+
 
 def pytest_configure(config):
     """With pytest-xdist (``-n``), each worker process gets its share of the cores for its threads (torch's
