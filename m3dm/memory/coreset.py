@@ -7,6 +7,8 @@ selection strategy: every strategy but :class:`ShardedGreedy` returns the refere
 - :class:`PrunedGreedy`: the same indices on the CPU in float16, skipping rows that provably cannot get closer.
 - :class:`DropCopies` (wraps another): leaves exact copies of earlier rows out first; the same indices.
 - :class:`ShardedGreedy` (wraps another): one selection per contiguous block of rows; faster, not the reference.
+- :class:`ShardPairwise`: one selection per block of at most a given number of distinct rows, all blocks' steps
+  at once on their precomputed distances; much faster on large banks, not the reference.
 
 :func:`m3dm.memory.defaults.default_coreset` makes the automatic choice. Numerics, chosen to match the reference:
 with ``fp16=True`` the projected bank, the current row and the running minima are float16, as in the reference;
@@ -19,6 +21,7 @@ which is below the reproducibility of the reference itself.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -370,6 +373,71 @@ class ShardedGreedy:
             count = quotas[block + 1] - quotas[block]
             picked.append(self.inner.run(rows, block_dist, count, progress) + start)
         return torch.cat(picked)
+
+
+PAIRWISE_BLOCK_ENTRIES = 1 << 25  # distances held at once by ShardPairwise (shards x rows x rows, 128 MiB float32)
+
+
+@dataclass(frozen=True)
+class ShardPairwise:
+    """An approximate mode, not the reference: exact copies left out first (:func:`first_occurrences`), then the
+    distinct rows cut into contiguous shards of at most ``shard_rows`` rows, each with its own greedy selection of
+    its share of the ``n`` rows, started at its first row, as :class:`ShardedGreedy`.
+
+    The shards are small, so each one's distances between all its rows are taken once, as one batched float32
+    matrix product (``|x|² + |y|² − 2 x·y`` of rows centred on their shard's mean), instead of the loop's float16
+    difference per step; a step is then one gather, one minimum and one argmax over a block of shards at once.
+    The work is ``distinct rows x shard_rows x dims``: linear in the bank for a fixed ``shard_rows``, and the
+    Python steps number the largest quota of a shard, not ``n``. Its float32 distances round differently from the
+    float16 ones of the loop, so where two rows nearly tie the choice may differ from :class:`ShardedGreedy`'s.
+    """
+
+    shard_rows: int
+
+    def __post_init__(self) -> None:
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows must be at least 1, got {self.shard_rows}")
+
+    def run(self, reduced: torch.Tensor, min_dist: torch.Tensor, n: int, progress: bool) -> torch.Tensor:
+        kept = first_occurrences(reduced)
+        rows = reduced if kept is None else reduced[kept]
+        count = max(n, 1)
+        shards = max(1, min(-(-rows.shape[0] // self.shard_rows), rows.shape[0], count))
+        bounds = [round(i * rows.shape[0] / shards) for i in range(shards + 1)]
+        quotas = [round(i * count / shards) for i in range(shards + 1)]
+        size = max(b - a for a, b in itertools.pairwise(bounds))
+        per_block = max(1, PAIRWISE_BLOCK_ENTRIES // (size * size))
+        picked = []
+        for first in tqdm(range(0, shards, per_block), desc="coreset shards", disable=not progress, leave=False):
+            last = min(shards, first + per_block)
+            picked.append(_pairwise_greedy(rows, bounds[first:last + 1], quotas[first:last + 1], size))
+        chosen = torch.cat(picked)
+        return chosen if kept is None else kept.cpu()[chosen]
+
+
+def _pairwise_greedy(rows: torch.Tensor, bounds: list[int], quotas: list[int], size: int) -> torch.Tensor:
+    """The greedy selections of the shards ``bounds[i]:bounds[i + 1]`` of ``rows`` (``quotas[i + 1] − quotas[i]``
+    rows each), all at once: indices into ``rows``, shard after shard."""
+    shards = len(bounds) - 1
+    block = torch.zeros((shards, size, rows.shape[1]), dtype=torch.float32)
+    valid = torch.zeros((shards, size), dtype=torch.bool)
+    for i in range(shards):
+        part = rows[bounds[i]:bounds[i + 1]].to("cpu", torch.float32)
+        block[i, :part.shape[0]] = part - part.mean(dim=0)  # centred: less cancellation in the expansion
+        valid[i, :part.shape[0]] = True
+    squared = block.square().sum(dim=2)
+    dist = torch.baddbmm(squared.unsqueeze(2) + squared.unsqueeze(1), block, block.transpose(1, 2), alpha=-2)
+    dist = dist.clamp_min_(0).sqrt_()
+    dist.diagonal(dim1=1, dim2=2).zero_()
+    steps = max(b - a for a, b in itertools.pairwise(quotas))
+    every = torch.arange(shards)
+    running = torch.where(valid, dist[:, 0], torch.tensor(-1.0))  # padding never chosen
+    selected = torch.zeros((shards, max(steps, 1)), dtype=torch.long)
+    for step in range(1, steps):
+        last = torch.argmax(running, dim=1)  # the first of the farthest rows of every shard
+        selected[:, step] = last
+        torch.minimum(running, dist[every, last], out=running)
+    return torch.cat([selected[i, :quotas[i + 1] - quotas[i]] + bounds[i] for i in range(shards)])
 
 
 @dataclass(frozen=True)
