@@ -222,10 +222,11 @@ def print_table(results: list[dict]) -> None:
     for result in results:
         code = result["code"]
         for stage, row in result["stages"].items():
+            floor = (f"{row['macs']:>10.2e}{row['floor_s']:>9.1f}{row['cpu'] / row['floor_s']:>9.2f}x"
+                     if "macs" in row else f"{'':>29}")  # finalize: no floor of its own
             print(f"{code:>9}{result['samples']:>6}  {stage:<12}{row['wall']:>9.1f}{row['cpu']:>9.1f}"
-                  f"{row['peak_mb']:>9.0f}{exponent(previous.get(code), result, stage):>6}{row['macs']:>10.2e}"
-                  f"{row['floor_s']:>9.1f}{row['cpu'] / row['floor_s']:>9.2f}x{result['load']:>6.1f}"
-                  if "macs" in row else f"{result['load']:>45.1f}")
+                  f"{row['peak_mb']:>9.0f}{exponent(previous.get(code), result, stage):>6}{floor}"
+                  f"{result['load']:>6.1f}")
         previous[code] = result
     for result in results:
         rates = result["rates"]

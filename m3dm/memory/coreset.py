@@ -22,6 +22,7 @@ which is below the reproducibility of the reference itself.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +31,12 @@ import torch
 from sklearn.random_projection import SparseRandomProjection
 from tqdm import tqdm
 
-from m3dm.memory.projection import fit_sparse_random_projection, project_rows, projection_chunks
+from m3dm.memory.projection import (
+    fit_sparse_random_projection,
+    project_rows,
+    projection_bounds,
+    projection_chunks,
+)
 from m3dm.memory.storage import ArrayLike, as_tensor
 from m3dm.runtime import cpu_threads
 
@@ -303,7 +309,16 @@ class Clusters:
 
 def first_occurrences(reduced: torch.Tensor, min_share: float = MIN_COPY_SHARE) -> torch.Tensor | None:
     """Ascending indices of the rows that are not an exact copy of an earlier row (None when fewer than
-    ``min_share`` of the rows are copies).
+    ``min_share`` of the rows are copies; see :func:`copy_sources`)."""
+    sources = copy_sources(reduced, min_share)
+    if sources is None:
+        return None
+    return (sources == torch.arange(reduced.shape[0], device=reduced.device)).nonzero().squeeze(1)
+
+
+def copy_sources(reduced: torch.Tensor, min_share: float = MIN_COPY_SHARE) -> torch.Tensor | None:
+    """Every row's first exact copy: the index of the earliest row equal to it (its own index when none is), or
+    None when fewer than ``min_share`` of the rows are copies.
 
     Copies are common: every empty patch of an xyz bank is the same row (about 80 % of the rows on MVTec 3D-AD).
     Rows are grouped by a random linear key, then each row is compared with the first row of its group, so a
@@ -324,9 +339,9 @@ def first_occurrences(reduced: torch.Tensor, min_share: float = MIN_COPY_SHARE) 
                        for part in suspects.split(CPU_DISTANCE_CHUNK_ROWS)])
     if int(equal.sum()) < min_share * rows:
         return None
-    keep = torch.ones(rows, dtype=torch.bool, device=reduced.device)
-    keep[suspects[equal]] = False
-    return keep.nonzero().squeeze(1)
+    copies = suspects[equal]
+    order[copies] = first[copies]
+    return order
 
 
 @dataclass(frozen=True)
@@ -453,6 +468,7 @@ class GreedyCoreset:
     selection: Selection
     device: torch.device | str
     fp16: bool = True
+    project_copies_once: bool = False  # project each chunk's distinct rows only (the same values, less work)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))
@@ -467,23 +483,42 @@ class GreedyCoreset:
             raise ValueError(f"the coreset needs a non-empty (rows, dim) bank, got {tuple(features.shape)}")
         projector = fit_sparse_random_projection(features.shape[0], features.shape[1], eps, random_state)
         reduced, min_dist = _project_for_coreset(features, projector, torch.float16 if self.fp16 else None,
-                                                 self.device)
+                                                 self.device, self.project_copies_once)
         return self.selection.run(reduced, min_dist, n, progress)
 
 
 def _project_for_coreset(features: torch.Tensor, projector: SparseRandomProjection | None,
-                         store_dtype: torch.dtype | None, device: torch.device | str):
+                         store_dtype: torch.dtype | None, device: torch.device | str, copies_once: bool = False):
     """Projected bank and the distances of every row to row 0, both in ``store_dtype`` on ``device``.
 
     The distances to row 0 are taken in the projection's precision before the cast, as in the reference.
+    ``copies_once``: each chunk's exact copies take their first row's projection instead of their own (the sparse
+    product projects every row on its own, so the values are the same).
     """
     first = project_rows(features[:1], projector)
     dtype = store_dtype or first.dtype
     reduced = torch.empty((features.shape[0], first.shape[1]), dtype=dtype, device=device)
     min_dist = torch.empty(features.shape[0], dtype=dtype, device=device)
-    for start, chunk in projection_chunks(features, projector):
+    chunks = _distinct_projection_chunks(features, projector) if copies_once else projection_chunks(features, projector)
+    for start, chunk in chunks:
         stop = start + chunk.shape[0]
         # computed and cast where the projection lives (the CPU), then moved, as the reference
         min_dist[start:stop] = torch.linalg.vector_norm(chunk - first, dim=1).to(dtype).to(device)
         reduced[start:stop] = chunk.to(dtype).to(device)
     return reduced, min_dist
+
+
+def _distinct_projection_chunks(features: torch.Tensor, projector: SparseRandomProjection | None
+                                ) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`projection_chunks`, each chunk's distinct rows projected once and copied to their exact copies."""
+    for start, stop in projection_bounds(features):
+        chunk = as_tensor(features[start:stop])
+        sources = copy_sources(chunk)
+        if sources is None:
+            yield start, project_rows(chunk, projector)
+            continue
+        distinct = (sources == torch.arange(chunk.shape[0])).nonzero().squeeze(1)
+        projected = project_rows(chunk[distinct], projector)
+        full = torch.empty((chunk.shape[0], projected.shape[1]), dtype=projected.dtype)
+        full[distinct] = projected
+        yield start, full[sources]

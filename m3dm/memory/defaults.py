@@ -41,7 +41,7 @@ def default_coreset(device: str | torch.device | None = None, fp16: bool = True,
     """
     device = resolve_device(device)
     if shard_rows is not None:
-        return GreedyCoreset(ShardPairwise(shard_rows), device, fp16)
+        return GreedyCoreset(ShardPairwise(shard_rows), device, fp16, project_copies_once=True)
     exact: Selection = PrunedGreedy() if device.type == "cpu" and fp16 else PlainGreedy()
     selection: Selection = DropCopies(exact)
     if shards > 1:

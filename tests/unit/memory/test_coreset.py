@@ -274,11 +274,11 @@ def test_sharded_coreset_with_float16_blocks_selects_like_the_plain_loop_per_blo
 
 # -- the pairwise sharded selection (approximate mode, not the reference's) --------------------------------------
 
-@pytest.mark.parametrize("shard_rows,n", [(150, 97), (1000, 40), (7, 500)])
+@pytest.mark.parametrize("shard_rows,n", [(150, 97), (1000, 40), (7, 200)])
 def test_pairwise_shards_select_like_the_sharded_loop_over_the_distinct_rows(shard_rows, n):
     # float64 rows with distinct distances: the pairwise expansion's rounding cannot reorder them
     g = torch.Generator().manual_seed(shard_rows)
-    x = torch.randn(1000, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(600, 16, generator=g, dtype=torch.float64)
     x[100:300] = x[5]  # exact copies, left out before the shards are cut
     kept = first_occurrences(x)
     shards = -(-kept.shape[0] // shard_rows)
@@ -291,11 +291,20 @@ def test_pairwise_shards_select_like_the_sharded_loop_over_the_distinct_rows(sha
     assert got.shape == (n,) and not bool(torch.isin(got, torch.arange(101, 300)).any())
 
 
+def test_projecting_each_chunks_copies_once_gives_the_same_projection():
+    x = torch.from_numpy(clustered(3, rows=120, dim=256, duplicates=40))
+    x[::3] = 0  # many copies of one row, as the empty point patches
+    projector = SparseRandomProjection(eps=0.9, random_state=0).fit(np.zeros((160, 256)))
+    every = coreset_module._project_for_coreset(x, projector, torch.float16, "cpu")
+    once = coreset_module._project_for_coreset(x, projector, torch.float16, "cpu", copies_once=True)
+    assert torch.equal(every[0], once[0]) and torch.equal(every[1], once[1])
+
+
 def test_default_coreset_with_shard_rows_is_the_pairwise_selection():
-    assert default_coreset("cpu", shard_rows=64).selection == ShardPairwise(64)
-    x = torch.from_numpy(clustered(8, rows=900, dim=256))
-    chosen = default_coreset("cpu", shard_rows=300).select(x, 90, random_state=1, progress=False)
-    assert len(set(chosen.tolist())) == 90
-    assert all(sum(block * 300 <= i < (block + 1) * 300 for i in chosen.tolist()) == 30 for block in range(3))
+    assert default_coreset("cpu", shard_rows=64) == GreedyCoreset(ShardPairwise(64), "cpu", project_copies_once=True)
+    x = torch.from_numpy(clustered(8, rows=450, dim=64))
+    chosen = default_coreset("cpu", shard_rows=150).select(x, 45, random_state=1, progress=False)
+    assert len(set(chosen.tolist())) == 45
+    assert all(sum(block * 150 <= i < (block + 1) * 150 for i in chosen.tolist()) == 15 for block in range(3))
     with pytest.raises(ValueError, match="at least 1"):
         ShardPairwise(0)
