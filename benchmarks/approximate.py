@@ -3,9 +3,13 @@ default, on the real cable-gland samples and on synthetic classes.
 
     python benchmarks/approximate.py [--real RAW_MVTEC3D_FOLDER] [--synthetic 1]
                                      [--train 20] [--test 12] [--shards 4] [--rows 392] [--method DINO+Point_MAE]
+                                     [--shard_rows 1024] [--fusion_samples M] [--only exact ivf recommended]
 
 Options (docs/approximate.md): ``--bank_search faiss`` (exact, for comparison), ``--coreset_shards S``,
-``--bank_rows_per_sample N``, ``--bank_search hnsw``, and all three approximate ones together. Full configuration
+``--bank_rows_per_sample N``, ``--bank_search hnsw``, and all three approximate ones together; the mode for large
+classes: ``--bank_search ivf``, ``--coreset_shard_rows R``, ``--fusion_samples M`` (default: half the training
+samples) and the three together (``recommended``). ``--only`` picks options by name (the exact default is
+always run first). Full configuration
 (ViT-B/8 224 px, Point-MAE 1024 x 128), random weights (none are shipped): the metrics are those of random
 features, so the differences from the exact default, not the values, are the result. Every sample is extracted
 once (``benchmarks/coreset.py``'s cache); the same features then fit and score the class with each option.
@@ -63,13 +67,27 @@ def cpu_timer():
     return CPUTimer()
 
 
-def options(shards: int, rows: int) -> dict[str, dict]:
-    """Label -> DetectorSettings changes; the first is the exact default."""
-    return {"exact (default)": {}, "faiss (exact)": {"bank_search": "faiss"},
-            f"coreset_shards {shards}": {"coreset_shards": shards},
-            f"bank_rows_per_sample {rows}": {"bank_rows_per_sample": rows},
-            "bank_search hnsw": {"bank_search": "hnsw"},
-            "all three": {"coreset_shards": shards, "bank_rows_per_sample": rows, "bank_search": "hnsw"}}
+OPTION_NAMES = ("faiss", "shards", "rows", "hnsw", "all three", "ivf", "shard_rows", "fusion_samples",
+                "recommended")
+
+
+def options(args, train: int) -> dict[str, dict]:
+    """Label -> DetectorSettings changes of the options ``args.only`` names; the first is the exact default."""
+    shards, rows, shard_rows = args.shards, args.rows, args.shard_rows
+    fusion = args.fusion_samples or max(1, train // 2)
+    every = {"faiss": ("faiss (exact)", {"bank_search": "faiss"}),
+             "shards": (f"coreset_shards {shards}", {"coreset_shards": shards}),
+             "rows": (f"bank_rows_per_sample {rows}", {"bank_rows_per_sample": rows}),
+             "hnsw": ("bank_search hnsw", {"bank_search": "hnsw"}),
+             "all three": ("all three", {"coreset_shards": shards, "bank_rows_per_sample": rows,
+                                         "bank_search": "hnsw"}),
+             "ivf": ("bank_search ivf", {"bank_search": "ivf"}),
+             "shard_rows": (f"coreset_shard_rows {shard_rows}", {"coreset_shard_rows": shard_rows}),
+             "fusion_samples": (f"fusion_samples {fusion}", {"fusion_samples": fusion}),
+             "recommended": (f"ivf + shard_rows {shard_rows} + fusion_samples {fusion}",
+                             {"bank_search": "ivf", "coreset_shard_rows": shard_rows, "fusion_samples": fusion})}
+    chosen = dict(every[name] for name in (args.only or OPTION_NAMES))
+    return {"exact (default)": {}, **chosen}
 
 
 def run_option(data: Path, class_name: str, extractor, method: str, changes: dict) -> Outcome:
@@ -140,11 +158,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="side of the synthetic images")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--rows", type=int, default=392, help="--bank_rows_per_sample")
+    parser.add_argument("--shard_rows", type=int, default=1024, help="--coreset_shard_rows")
+    parser.add_argument("--fusion_samples", type=int, default=None,
+                        help="--fusion_samples (default: half the training samples)")
+    parser.add_argument("--only", nargs="+", default=None, choices=OPTION_NAMES, help="options to run (default: all)")
     parser.add_argument("--method", default="DINO+Point_MAE")
     args = parser.parse_args()
 
     import torch
 
+    from m3dm.data.layout import discover_samples
     from m3dm.features.extractor import FeatureExtractor
     from m3dm.features.weights import build_point_backbone, build_rgb_backbone
 
@@ -159,7 +182,8 @@ def main() -> None:
             build_point_backbone("Point_MAE", random_init=True, quiet=True), device="cpu", seed=0))
         for label, data, class_name in datasets:
             outcomes = {}
-            for name, changes in options(args.shards, args.rows).items():
+            train = len(discover_samples(data, class_name, "train"))
+            for name, changes in options(args, train).items():
                 outcomes[name] = run_option(data, class_name, extractor, args.method, changes)
                 print(f"{label}, {name}: fit {outcomes[name].fit_seconds:.1f} CPU s, "
                       + ", ".join(f"{m} {v:.4f}" for m, v in outcomes[name].metrics.items()), flush=True)

@@ -1,6 +1,7 @@
 """Growth of M3DM's fitting stages with the number of training samples, beside each stage's flop floor.
 
     python benchmarks/scaling.py [--samples 25 50 100] [--threads 1] [--busy] [--baseline 5e17aef] [--no_baseline]
+        [--bank_search ivf] [--coreset_shard_rows R] [--fusion_samples M]   # an approximate mode
 
 DINO+Point_MAE with its default settings (two banks, shared statistics, 10 % coreset, decision layer fusion) is fitted
 on synthetic features that look like real parts, with the pipeline's own code (``m3dm.detection.detector.Detector``,
@@ -55,6 +56,7 @@ XYZ = (56, 1152, 0.815)  # patch grid side, dimension, share of empty patches (a
 RGB = (28, 768, 0.0)
 METHOD = "DINO+Point_MAE"
 PIXELS = 224 * 224
+SHORT = {"coreset_shard_rows": "R", "fusion_samples": "M"}  # the approximate options in a run's label
 
 
 class PeakMemory:
@@ -142,14 +144,15 @@ def measured_rates() -> dict[str, float]:
     return {"gemm": best(lambda: a @ b, 1024**3, 5), "gemv": best(lambda: torch.mv(matrix, vector), 65536 * 256, 20)}
 
 
-def fit_detector(samples: int, baseline: str | None, spool: str, search: str = "torch") -> dict:
+def fit_detector(samples: int, baseline: str | None, spool: str, search: str = "torch",
+                 approximate: dict | None = None) -> dict:
     """Fit DINO+Point_MAE on ``samples`` synthetic training samples, stage by stage (see the module docstring)."""
     from m3dm.config import DetectorSettings
     from m3dm.detection.detector import Detector
     from m3dm.features.extractor import SampleFeatures
 
     stages = Stages()
-    settings = DetectorSettings(method_name=METHOD, random_state=0, bank_search=search)
+    settings = DetectorSettings(method_name=METHOD, random_state=0, bank_search=search, **(approximate or {}))
     detector = Detector(settings, device="cpu", progress=False,
                         spool_dir=spool)
     empty_xyz, searched_xyz = 0, 0
@@ -167,33 +170,42 @@ def fit_detector(samples: int, baseline: str | None, spool: str, search: str = "
             module = baseline_module(baseline)
             coreset = module.GreedyCoreset(Recording(module.DropCopies(module.PrunedGreedy())), "cpu", True)
         bank.coreset = TimedCoreset(name, coreset, stages, max(0, empty_xyz - 1) if name == "xyz" else 0)
-    detector.finalize()
+    stages.run("finalize", detector.finalize)  # statistics, normalisation and both coresets (timed above too)
     if baseline is not None:  # only the coreset differs: pass 2 and the DLF fit are today's code either way
         return stages.rows
+    scored = detector.fusion_samples()
     scores = stages.run("pass 2", lambda: [detector.modality_scores(detector.training_patches(i))
-                                           for i in range(samples)], rate="gemm")
-    searched = {"xyz": searched_xyz, "rgb": samples * RGB[0] ** 2}
+                                           for i in scored], rate="gemm")
+    share = len(scored) / samples  # the exact search's MACs of the samples scored (an approximate search does fewer)
+    searched = {"xyz": share * searched_xyz, "rgb": len(scored) * RGB[0] ** 2}
     stages.floor("pass 2", sum(searched[m] * b.rows * b.dim for m, b in detector.banks.items()))
     stages.run("DLF fit", lambda: detector.fit_fusion(scores))
     dlf = detector.dlf
     modalities = len(detector.banks)
-    stages.floor("DLF fit", modalities * (dlf.detect_fuser.n_iter_ * samples
-                                          + dlf.seg_fuser.n_iter_ * samples * PIXELS))
+    stages.floor("DLF fit", modalities * (dlf.detect_fuser.n_iter_ * len(scored)
+                                          + dlf.seg_fuser.n_iter_ * len(scored) * PIXELS))
     detector.release_training_samples()
     return stages.rows
 
 
-def one_run(samples: int, threads: int, baseline: str | None, spool: str | None, search: str = "torch") -> dict:
+def one_run(samples: int, threads: int, baseline: str | None, spool: str | None, search: str = "torch",
+            approximate: dict | None = None) -> dict:
     torch.set_num_threads(threads)
     np.random.seed(0)
     rates = measured_rates()
     with tempfile.TemporaryDirectory(dir=spool, prefix="m3dm-scaling-") as folder:
-        rows = fit_detector(samples, baseline, folder, search)
+        rows = fit_detector(samples, baseline, folder, search, approximate)
     for row in rows.values():
-        row["floor_s"] = row["macs"] / rates[row["rate"]]
-    code = baseline or ("today" if search == "torch" else search)
+        row["floor_s"] = row["macs"] / rates[row["rate"]] if "macs" in row else math.nan
+    code = baseline or label(search, approximate or {})
     return {"samples": samples, "code": code, "rates": rates, "stages": rows,
             "load": os.getloadavg()[0]}
+
+
+def label(search: str, approximate: dict) -> str:
+    """The name of a run's code in the table: today, or its search and approximate options."""
+    parts = ([] if search == "torch" else [search]) + [f"{SHORT[k]}{v}" for k, v in approximate.items()]
+    return "+".join(parts) or "today"
 
 
 def exponent(previous: dict | None, current: dict, stage: str) -> str:
@@ -210,14 +222,21 @@ def print_table(results: list[dict]) -> None:
     for result in results:
         code = result["code"]
         for stage, row in result["stages"].items():
+            floor = (f"{row['macs']:>10.2e}{row['floor_s']:>9.1f}{row['cpu'] / row['floor_s']:>9.2f}x"
+                     if "macs" in row else f"{'':>29}")  # finalize: no floor of its own
             print(f"{code:>9}{result['samples']:>6}  {stage:<12}{row['wall']:>9.1f}{row['cpu']:>9.1f}"
-                  f"{row['peak_mb']:>9.0f}{exponent(previous.get(code), result, stage):>6}{row['macs']:>10.2e}"
-                  f"{row['floor_s']:>9.1f}{row['cpu'] / row['floor_s']:>9.2f}x{result['load']:>6.1f}")
+                  f"{row['peak_mb']:>9.0f}{exponent(previous.get(code), result, stage):>6}{floor}"
+                  f"{result['load']:>6.1f}")
         previous[code] = result
     for result in results:
         rates = result["rates"]
         print(f"rates measured with {result['code']} at N = {result['samples']}: GEMM {rates['gemm'] / 1e9:.1f}, "
               f"GEMV {rates['gemv'] / 1e9:.2f} GMAC/s")
+
+
+def approximate_options(args: argparse.Namespace) -> dict:
+    """The approximate options given on the command line, as DetectorSettings fields."""
+    return {name: getattr(args, name) for name in SHORT if getattr(args, name) is not None}
 
 
 def main() -> None:
@@ -230,6 +249,8 @@ def main() -> None:
     parser.add_argument("--spool", default=None, help="folder for the spooled training patches (default: temp)")
     parser.add_argument("--bank_search", default="torch", choices=BANK_SEARCHES,
                         help="the banks' search (today's code only; its rows are labelled with its name)")
+    parser.add_argument("--coreset_shard_rows", type=int, default=None, help="the approximate coreset's option")
+    parser.add_argument("--fusion_samples", type=int, default=None, help="the approximate pass 2's option")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child process: one N
     parser.add_argument("--code", default="today", help=argparse.SUPPRESS)
@@ -241,7 +262,8 @@ def main() -> None:
         return
     if args.one is not None:
         baseline = None if args.code == "today" else args.code
-        print(json.dumps(one_run(args.one, args.threads, baseline, args.spool, args.bank_search)))
+        print(json.dumps(one_run(args.one, args.threads, baseline, args.spool, args.bank_search,
+                                 approximate_options(args))))
         return
     codes = ["today"] + ([] if args.no_baseline else [args.baseline])
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
@@ -254,7 +276,8 @@ def main() -> None:
             for code in codes:
                 command = [sys.executable, __file__, "--one", str(samples), "--code", code,
                            "--threads", str(args.threads), "--bank_search", args.bank_search
-                           ] + (["--spool", args.spool] if args.spool else [])
+                           ] + (["--spool", args.spool] if args.spool else []) + [
+                           f"--{k}={v}" for k, v in approximate_options(args).items()]
                 child = subprocess.run(command, check=True, capture_output=True, text=True)
                 results.append(json.loads(child.stdout.strip().splitlines()[-1]))
                 if args.json:  # written as each run ends: an interrupted run keeps what it measured

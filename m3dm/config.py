@@ -32,7 +32,7 @@ MODALITIES = ("xyz", "rgb", "fusion")
 CONCAT = "rgb+xyz"  # BTF's bank of RGB patches concatenated with point (FPFH) patches, no score weights of its own
 BANK_ORDER = (*MODALITIES, CONCAT)  # the order banks are built in (they share numpy's global generator)
 BTF_PATCH_GRID = 28  # BTF pools every feature map to 28 x 28 patches
-BANK_SEARCHES = ("torch", "projected", "faiss", "hnsw")  # --bank_search (m3dm.memory.defaults.default_search)
+BANK_SEARCHES = ("torch", "projected", "faiss", "hnsw", "ivf")  # --bank_search (m3dm.memory.defaults.default_search)
 
 
 @dataclass(frozen=True)
@@ -167,12 +167,21 @@ class DetectorSettings:
         1, "faster coreset: S contiguous blocks of the bank, each with its own greedy selection (faster; default "
            "1 = the reference's exact selection; it lowers the localisation metrics, see benchmarks/README.md)",
         group=ADDED, metavar="S")
+    coreset_shard_rows: int | None = setting(
+        None, "approximate, for large classes: exact copies dropped, then one greedy selection per block of at most "
+              "R distinct bank rows, all blocks at once on their precomputed distances (linear in the class size; "
+              "default: the reference's exact selection; docs/approximate.md)", type=int, group=ADDED, metavar="R")
+    fusion_samples: int | None = setting(
+        None, "approximate, for large classes: pass 2 scores and the decision layer fusion fits on M evenly spaced "
+              "training samples only (the banks keep every sample; default: all of them; docs/approximate.md)",
+        type=int, group=ADDED, metavar="M")
     bank_search: str = setting(
         "torch", "nearest-neighbour search of the memory banks (pass 2 and test scoring): torch, exact, the "
                  "reference's numbers; projected, exact, the same numbers, screened in 64 principal directions "
                  "(fewer multiply-adds; docs/approximate.md); faiss, exact through faiss on the CPU (faster; "
                  "distances equal to float32 rounding, so scores may differ in the last digits); hnsw, "
-                 "approximate (faiss's HNSW graph: faster on large banks, lowers the metrics; docs/approximate.md)",
+                 "approximate (faiss's HNSW graph: faster on large banks, lowers the metrics; docs/approximate.md); "
+                 "ivf, approximate (faiss's inverted lists: a quick build, for large classes; docs/approximate.md)",
         choices=BANK_SEARCHES, group=ADDED)
     bank_rows_per_sample: int | None = setting(
         None, "approximate: build each memory bank from at most N patches per training sample, evenly spaced (a "
@@ -649,9 +658,15 @@ def _option_rules(s: Settings) -> str | None:
     if d.rm_zero_for_project and m != "Point_MAE":
         return "--rm_zero_for_project only applies to --method_name Point_MAE"
     approximate = [f for f, v in (("--bank_search", d.bank_search != "torch"),
-                                  ("--bank_rows_per_sample", d.bank_rows_per_sample is not None)) if v]
+                                  ("--bank_rows_per_sample", d.bank_rows_per_sample is not None),
+                                  ("--coreset_shard_rows", d.coreset_shard_rows is not None),
+                                  ("--fusion_samples", d.fusion_samples is not None)) if v]
     if approximate and d.spec.family != "m3dm":
         return f"{approximate[0]} applies to the memory-bank methods (M3DM's and BTF's), not --method_name {m}"
+    if d.coreset_shard_rows is not None and d.coreset_shards > 1:
+        return "--coreset_shard_rows and --coreset_shards are two ways of sharding the coreset: give one"
+    if d.fusion_samples is not None and not d.uses_dlf:
+        return "--fusion_samples caps pass 2 of decision layer fusion: use it with --memory_bank multiple"
     if s.uff.use_uff and not d.spec.needs_rgb:
         return (f"--use_uff loads the UFF block, which needs RGB features: --method_name {m} has none, drop "
                 f"--use_uff")
@@ -705,6 +720,8 @@ def _bounds(s: Settings) -> dict[str, Bound]:
         "coreset_eps": Bound(0, 1, open_low=True, open_high=True,
                              why="the Johnson-Lindenstrauss eps of the sparse random projection"),
         "coreset_shards": Bound(1, why="1: the reference's exact selection"),
+        "coreset_shard_rows": Bound(1, why="distinct bank rows per block of the coreset"),
+        "fusion_samples": Bound(1, why="training samples pass 2 scores"),
         "bank_rows_per_sample": Bound(1, why="patches a training sample gives its banks; omit it to keep every "
                                             "patch"),
         "random_state": Bound(0, MAX_SEED, why="a NumPy seed"),

@@ -303,7 +303,7 @@ class ClassRun:
     def _pass2_reused(self, detector: FusionDetector) -> list:
         """Pass 2 on the pass-1 features kept with the banks (no second extraction)."""
         scores = []
-        for index in tqdm(range(detector.n_train), desc=f"{self.class_name}: pass 2 (decision fusion)",
+        for index in tqdm(detector.fusion_samples(), desc=f"{self.class_name}: pass 2 (decision fusion)",
                           disable=not self.progress, file=sys.stderr, leave=False):
             with self.timer("pass 2 scoring"):
                 scores.append(detector.modality_scores(detector.training_patches(index)))
@@ -312,11 +312,14 @@ class ClassRun:
     def _pass2_reextracted(self, detector: FusionDetector, loader) -> list:
         """Pass 2 as the reference runs it: every training sample extracted again."""
         scores = []
+        chosen, index = set(detector.fusion_samples()), 0
         for batch in self._batches(loader, "pass 2 (decision fusion, re-extracting)"):
-            with self.timer("extract"):
+            with self.timer("extract"):  # every sample, so the extractor's random draws stay those of a full pass
                 features = self._extract(batch)
             with self.timer("pass 2 scoring"):
-                scores += [detector.modality_scores(detector.modality_patches(f)) for f in features]
+                scores += [detector.modality_scores(detector.modality_patches(f))
+                           for i, f in enumerate(features, start=index) if i in chosen]
+            index += len(features)
         return scores
 
     # ----------------------------------------------------------------------------------- saved models

@@ -53,7 +53,8 @@ class Detector:
             raise ValueError(f"{config.method_name} needs the UFF fusion block (--use_uff)")
         self.fusion_block = fusion_block
         self.device = torch.device(device)
-        coreset = default_coreset(self.device, self.config.coreset_fp16, self.config.coreset_shards)
+        coreset = default_coreset(self.device, self.config.coreset_fp16, self.config.coreset_shards,
+                                   self.config.coreset_shard_rows)
         # banks live on the run's device: every nearest-neighbour search runs where the features are
         self.banks = {m: MemoryBank(self.device, spool_dir=spool_dir, coreset=coreset,
                                     search=default_search(self.device, config.bank_search),
@@ -190,6 +191,10 @@ class Detector:
     def uses_dlf(self) -> bool:
         return self.config.uses_dlf
 
+    def fusion_samples(self) -> list[int]:
+        """The training samples pass 2 scores: every one, or ``--fusion_samples`` of them evenly spaced."""
+        return evenly_spaced(self.n_train, self.config.fusion_samples)
+
     def training_patches(self, index: int) -> dict[str, torch.Tensor]:
         """Pass-1 patches of training sample ``index``, as they were before normalisation (reused in pass 2
         instead of extracting the sample again)."""
@@ -293,6 +298,15 @@ class Detector:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{model.path}: the saved detector is incomplete or inconsistent "
                                  f"({type(exc).__name__}: {exc})") from exc
+
+
+def evenly_spaced(total: int, cap: int | None) -> list[int]:
+    """``0 .. total − 1``, or ``cap`` of them evenly spaced (the first and the last included) when fewer."""
+    if cap is None or cap >= total:
+        return list(range(total))
+    if cap == 1:
+        return [0]
+    return [round(i * (total - 1) / (cap - 1)) for i in range(cap)]
 
 
 def sample_cap(max_sample: int, fix_quirks: bool) -> int:

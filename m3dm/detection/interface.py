@@ -156,6 +156,10 @@ class ClassDetector(Protocol):
 class FusionDetector(ClassDetector, Protocol):
     """A detector whose fitting has pass 2 (``uses_dlf``): a model fitted on the training samples' own scores."""
 
+    def fusion_samples(self) -> list[int]:
+        """The indices of the training samples pass 2 scores (all, unless an approximate mode caps them)."""
+        ...
+
     def training_patches(self, index: int) -> dict[str, Any]:
         """Pass-1 patches of training sample ``index`` (pass 2 without a second extraction)."""
         ...

@@ -1,7 +1,7 @@
 """The one place that chooses a memory bank's coreset and search strategies: the reference's numbers, fastest.
 
-Every choice made here leaves the results unchanged (same coreset indices, same distances) except ``shards > 1``
-and a search other than ``"torch"``, which the caller asks for explicitly.
+Every choice made here leaves the results unchanged (same coreset indices, same distances) except ``shards > 1``,
+``shard_rows`` and a search other than ``"torch"``, which the caller asks for explicitly.
 """
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ import logging
 import torch
 
 from m3dm.config import BANK_SEARCHES
-from m3dm.memory.coreset import DropCopies, GreedyCoreset, PlainGreedy, PrunedGreedy, Selection, ShardedGreedy
-from m3dm.memory.faiss_search import FaissExactSearch, HNSWSearch, faiss_available
+from m3dm.memory.coreset import (
+    DropCopies,
+    GreedyCoreset,
+    PlainGreedy,
+    PrunedGreedy,
+    Selection,
+    ShardedGreedy,
+    ShardPairwise,
+)
+from m3dm.memory.faiss_search import FaissExactSearch, HNSWSearch, IVFSearch, faiss_available
 from m3dm.memory.projected import ProjectedSearch
 from m3dm.memory.screened import ScreenedSearch, bf16_matmul_is_fast
 from m3dm.memory.search import ExactSearch, NeighbourSearch, SharedEmptyRows
@@ -21,14 +29,19 @@ from m3dm.runtime import resolve_device
 log = logging.getLogger(__name__)
 
 
-def default_coreset(device: str | torch.device | None = None, fp16: bool = True, shards: int = 1) -> GreedyCoreset:
+def default_coreset(device: str | torch.device | None = None, fp16: bool = True, shards: int = 1,
+                    shard_rows: int | None = None) -> GreedyCoreset:
     """The reference's greedy coreset on ``device`` (None: CUDA when available, as the reference).
 
     The pruned selection on the CPU in float16 (:class:`PrunedGreedy`; the plain loop elsewhere), exact copies of
     earlier rows left out first (:class:`DropCopies`); ``shards > 1``: one selection per block of rows
-    (:class:`ShardedGreedy`, not the reference's selection). ``fp16``: see :class:`GreedyCoreset`.
+    (:class:`ShardedGreedy`, not the reference's selection); ``shard_rows``: one selection per block of at most
+    that many distinct rows, all blocks at once (:class:`ShardPairwise`, not the reference's selection either).
+    ``fp16``: see :class:`GreedyCoreset`.
     """
     device = resolve_device(device)
+    if shard_rows is not None:
+        return GreedyCoreset(ShardPairwise(shard_rows), device, fp16, project_copies_once=True)
     exact: Selection = PrunedGreedy() if device.type == "cpu" and fp16 else PlainGreedy()
     selection: Selection = DropCopies(exact)
     if shards > 1:
@@ -43,7 +56,8 @@ def default_search(device: str | torch.device = "cpu", kind: str = "torch") -> N
     (:func:`bf16_matmul_is_fast`: CPUs with AVX512-BF16/AMX, CUDA GPUs from Ampere on), plain elsewhere.
     ``"projected"``: the plain search's numbers too, screened in a few principal directions of the bank
     (:class:`ProjectedSearch`, any device). ``"faiss"``: faiss's exact search (same rows, distances to float32
-    rounding); ``"hnsw"``: faiss's approximate HNSW graph. Both run on the CPU; on another device, or without
+    rounding); ``"hnsw"``: faiss's approximate HNSW graph; ``"ivf"``: faiss's approximate
+    inverted lists. They run on the CPU; on another device, or without
     faiss, the torch search is used (logged).
     """
     if kind not in BANK_SEARCHES:
@@ -60,6 +74,8 @@ def default_search(device: str | torch.device = "cpu", kind: str = "torch") -> N
         inner = FaissExactSearch()
     elif kind == "hnsw":
         inner = HNSWSearch()
+    elif kind == "ivf":
+        inner = IVFSearch()
     else:
         inner = ScreenedSearch() if bf16_matmul_is_fast(device) else ExactSearch()
     return SharedEmptyRows(inner)

@@ -13,6 +13,13 @@ built with one thread so that the graph, hence every result, is the same in ever
 that is not its nearest, so a distance may be larger than the exact one; it is the search of the approximate
 mode (``--bank_search hnsw``, docs/approximate.md).
 
+
+
+:class:`IVFSearch` is approximate too: faiss's inverted lists (``IndexIVFFlat``): the bank's rows grouped around
+about ``sqrt(rows)`` k-means centres, a query searched in the rows of its few nearest groups only. Its build (a
+short k-means on a sample of the bank, then one assignment of every row) costs far less than the HNSW graph's on
+large banks (``--bank_search ivf``).
+
 faiss is imported when a search is built; :func:`faiss_available` says whether it can be.
 """
 
@@ -31,6 +38,10 @@ from m3dm.runtime import cpu_threads
 HNSW_NEIGHBOURS = 32  # graph links per node (faiss's M): PatchCore-scale banks, recall above 0.9 at ef 64
 HNSW_EF_CONSTRUCTION = 40  # faiss's default candidate list while building
 HNSW_EF_SEARCH = 64  # candidate list per query (faiss's default 16 misses too often on patch features)
+IVF_PROBES = 8  # inverted lists searched per query (IVFSearch)
+IVF_TRAIN_PER_LIST = 40  # k-means training rows per list, evenly spaced over the bank
+IVF_ITERATIONS = 10  # k-means iterations (faiss's default 25: the lists need only be roughly balanced)
+IVF_SEED = 1234  # k-means seed: the same lists in every run
 
 
 @functools.cache
@@ -140,6 +151,52 @@ class HNSWSearch:
             self._index = self._build(self.bank)
         x = _host_rows(queries)
         self._index.hnsw.efSearch = self.ef_search
+        _module().omp_set_num_threads(torch.get_num_threads())
+        squared, index = self._index.search(x, 1)
+        return _as_result(squared, index)
+
+
+class IVFSearch:
+    """Approximate nearest bank row: faiss's inverted lists (``IndexIVFFlat``, about ``sqrt(rows)`` lists, the
+    ``probes`` nearest searched per query), built at the first search after ``fit`` with one thread, a fixed k-means
+    seed and evenly spaced training rows (the same lists in every run), searched with the caller's torch thread
+    count; first index on ties within the probed lists. Holds a copy of the bank inside the lists."""
+
+    def __init__(self, probes: int = IVF_PROBES) -> None:
+        self.probes = probes
+        self.bank: torch.Tensor | None = None
+        self._index: Any = None  # a faiss.IndexIVFFlat
+
+    def fit(self, bank: torch.Tensor) -> IVFSearch:
+        _module()  # fail here, not at the first search, when faiss is missing
+        self.bank, self._index = bank, None
+        return self
+
+    def _build(self, bank: torch.Tensor) -> Any:
+        faiss = _module()
+        rows = _host_rows(bank)
+        lists = max(1, round(rows.shape[0] ** 0.5))
+        quantizer = faiss.IndexFlatL2(rows.shape[1])
+        index = faiss.IndexIVFFlat(quantizer, rows.shape[1], lists)
+        index.cp.niter, index.cp.seed = IVF_ITERATIONS, IVF_SEED
+        index.cp.max_points_per_centroid, index.cp.min_points_per_centroid = IVF_TRAIN_PER_LIST, 1
+        step = max(1, rows.shape[0] // (IVF_TRAIN_PER_LIST * lists))
+        with cpu_threads(1):  # k-means' parallel reductions would make the lists depend on the thread count
+            faiss.omp_set_num_threads(1)
+            index.train(np.ascontiguousarray(rows[::step]))
+            index.add(rows)
+        return index
+
+    def search(self, queries: torch.Tensor, empty: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bank is None:
+            raise RuntimeError("IVFSearch.search before fit")
+        if self.bank.shape[0] == 0:
+            raise ValueError("IVFSearch: the bank is empty")
+        if self._index is None:
+            self._index = self._build(self.bank)
+        x = _host_rows(queries)
+        self._index.nprobe = self.probes
         _module().omp_set_num_threads(torch.get_num_threads())
         squared, index = self._index.search(x, 1)
         return _as_result(squared, index)

@@ -54,6 +54,12 @@ def project_rows(rows: torch.Tensor, projector: SparseRandomProjection | None) -
 def projection_chunks(features: torch.Tensor, projector: SparseRandomProjection | None
                       ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, projected rows)`` over the bank, holding one float64 input chunk at a time."""
+    for start, stop in projection_bounds(features):
+        yield start, project_rows(features[start:stop], projector)
+
+
+def projection_bounds(features: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the bank's projection chunks (``PROJECTION_CHUNK_BYTES`` of float64 input each)."""
     rows = max(1, PROJECTION_CHUNK_BYTES // (8 * max(1, features.shape[1])))
     for start in range(0, features.shape[0], rows):
-        yield start, project_rows(features[start:start + rows], projector)
+        yield start, min(start + rows, features.shape[0])

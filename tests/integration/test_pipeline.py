@@ -152,6 +152,9 @@ def test_fix_quirks_changes_the_scores_and_still_localises(dataset, tmp_path, uf
     (["--method_name", "Point_MAE", "--memory_bank", "single", "--asy_memory_bank", "3"], "DINO+Point_MAE+Fusion"),
     (["--method_name", "DINO", "--memory_bank", "single", "--img_size", "256"], "224"),
     (["--method_name", "DINO", "--memory_bank", "single", "--coreset_shards", "0"], "at least 1"),
+    (["--method_name", "DINO+Point_MAE", "--coreset_shards", "2", "--coreset_shard_rows", "9"], "give one"),
+    (["--method_name", "DINO+Point_MAE+add", "--memory_bank", "single", "--fusion_samples", "5"],
+     "--memory_bank multiple"),
     (["--method_name", "Point_MAE", "--memory_bank", "single", "--use_uff"], "drop --use_uff"),
     (["--method_name", "DINO", "--memory_bank", "single", "--save_model", "--load_model"], "use one of them"),
 ])
@@ -264,6 +267,13 @@ def test_projected_search_gives_the_torch_search_scores(dataset, fitted, tmp_pat
 def test_approximate_options_run(dataset, tmp_path):
     record = run_main(dataset, tmp_path, "--method_name", "DINO+Point_MAE", "--memory_bank", "multiple",
                       "--bank_search", "hnsw", "--bank_rows_per_sample", "300", "--coreset_shards", "3")
+    assert record["per_class"]["gadget"]["pixel_rocauc"] > 0.75
+
+
+@pytest.mark.slow
+def test_approximate_mode_for_large_classes_runs(dataset, tmp_path):
+    record = run_main(dataset, tmp_path, "--method_name", "DINO+Point_MAE", "--memory_bank", "multiple",
+                      "--bank_search", "ivf", "--coreset_shard_rows", "500", "--fusion_samples", "2")
     assert record["per_class"]["gadget"]["pixel_rocauc"] > 0.75
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from m3dm.config import DetectorSettings, Settings, recorded_defaults
-from m3dm.detection.detector import MAP_SIZE, Detector
+from m3dm.detection.detector import MAP_SIZE, Detector, evenly_spaced
 from m3dm.detection.persistence import (
     Setup,
     WeightRecord,
@@ -33,7 +33,9 @@ ADDED_CONFIG_KEYS = {"cfm_epochs", "cfm_batch_size", "cfm_lr", "cfm_seed", "cfm_
                      "drop_out", "perc", "alpha", "anchor", "magnitude", "margin", "const", "perm", "scaling",
                      "scoring_mode", "l2", "l1",
                      # the bank search and the row cap
-                     "bank_search", "bank_rows_per_sample"}
+                     "bank_search", "bank_rows_per_sample",
+                     # the approximate mode for large classes
+                     "coreset_shard_rows", "fusion_samples"}
 METHODS = [("DINO", "single"), ("Point_MAE", "single"), ("DINO+Point_MAE", "multiple"),
            ("DINO+Point_MAE+add", "single")]
 
@@ -139,6 +141,15 @@ def test_approximate_options_fit_and_score(detectors):
     nearest = exact.banks["xyz"].score(features(10).xyz)[1].square()
     rounding = 1e-5 * (patches.square().sum(dim=1) + exact.banks["xyz"].bank.square().sum(dim=1).max())
     assert bool((got >= nearest - rounding).all()) and bool((got > nearest + rounding).any())
+
+
+def test_pass_2_scores_every_training_sample_or_fusion_samples_of_them_evenly_spaced():
+    assert evenly_spaced(7, None) == evenly_spaced(7, 7) == evenly_spaced(7, 9) == list(range(7))
+    assert evenly_spaced(10, 4) == [0, 3, 6, 9] and evenly_spaced(10, 1) == [0]
+    assert len(set(evenly_spaced(1000, 999))) == 999
+    detector = Detector(small("DINO+Point_MAE", "multiple", fusion_samples=2), progress=False)
+    detector.n_train = 5
+    assert detector.fusion_samples() == [0, 4]
 
 
 def test_record_layout_is_that_of_version_1():

@@ -9,7 +9,15 @@ from memory_oracles import clustered, default_indices, numpy_coreset, to_half_li
 from sklearn.random_projection import SparseRandomProjection
 
 import m3dm.memory.coreset as coreset_module
-from m3dm.memory.coreset import DropCopies, GreedyCoreset, PlainGreedy, PrunedGreedy, ShardedGreedy, first_occurrences
+from m3dm.memory.coreset import (
+    DropCopies,
+    GreedyCoreset,
+    PlainGreedy,
+    PrunedGreedy,
+    ShardedGreedy,
+    ShardPairwise,
+    first_occurrences,
+)
 from m3dm.memory.defaults import default_coreset
 from m3dm.runtime import cpu_threads
 
@@ -133,7 +141,7 @@ def test_coreset_without_projection_still_a_k_center_sequence():
 
 
 @pytest.mark.parametrize("selection", [PlainGreedy(), PrunedGreedy(), DropCopies(PrunedGreedy()),
-                                       ShardedGreedy(DropCopies(PrunedGreedy()), 3)])
+                                       ShardedGreedy(DropCopies(PrunedGreedy()), 3), ShardPairwise(50)])
 def test_coreset_smaller_than_one_row_gives_row_zero(selection):
     coreset = GreedyCoreset(selection, "cpu")
     assert coreset.select(clustered(9), 0, random_state=0, progress=False).tolist() == [0]
@@ -262,3 +270,41 @@ def test_sharded_coreset_with_float16_blocks_selects_like_the_plain_loop_per_blo
     fast = default_indices(x, 60, random_state=2, shards=3)
     plain = GreedyCoreset(ShardedGreedy(PlainGreedy(), 3), "cpu").select(x, 60, random_state=2, progress=False)
     assert torch.equal(fast, plain)
+
+
+# -- the pairwise sharded selection (approximate mode, not the reference's) --------------------------------------
+
+@pytest.mark.parametrize("shard_rows,n", [(150, 97), (1000, 40), (7, 200)])
+def test_pairwise_shards_select_like_the_sharded_loop_over_the_distinct_rows(shard_rows, n):
+    # float64 rows with distinct distances: the pairwise expansion's rounding cannot reorder them
+    g = torch.Generator().manual_seed(shard_rows)
+    x = torch.randn(600, 16, generator=g, dtype=torch.float64)
+    x[100:300] = x[5]  # exact copies, left out before the shards are cut
+    kept = first_occurrences(x)
+    shards = -(-kept.shape[0] // shard_rows)
+
+    def run(selection, rows):
+        return selection.run(rows, torch.linalg.norm(rows - rows[:1], dim=1), n, False)
+
+    got = run(ShardPairwise(shard_rows), x)
+    assert torch.equal(got, kept[run(ShardedGreedy(PlainGreedy(), shards), x[kept])])
+    assert got.shape == (n,) and not bool(torch.isin(got, torch.arange(101, 300)).any())
+
+
+def test_projecting_each_chunks_copies_once_gives_the_same_projection():
+    x = torch.from_numpy(clustered(3, rows=120, dim=256, duplicates=40))
+    x[::3] = 0  # many copies of one row, as the empty point patches
+    projector = SparseRandomProjection(eps=0.9, random_state=0).fit(np.zeros((160, 256)))
+    every = coreset_module._project_for_coreset(x, projector, torch.float16, "cpu")
+    once = coreset_module._project_for_coreset(x, projector, torch.float16, "cpu", copies_once=True)
+    assert torch.equal(every[0], once[0]) and torch.equal(every[1], once[1])
+
+
+def test_default_coreset_with_shard_rows_is_the_pairwise_selection():
+    assert default_coreset("cpu", shard_rows=64) == GreedyCoreset(ShardPairwise(64), "cpu", project_copies_once=True)
+    x = torch.from_numpy(clustered(8, rows=450, dim=64))
+    chosen = default_coreset("cpu", shard_rows=150).select(x, 45, random_state=1, progress=False)
+    assert len(set(chosen.tolist())) == 45
+    assert all(sum(block * 150 <= i < (block + 1) * 150 for i in chosen.tolist()) == 15 for block in range(3))
+    with pytest.raises(ValueError, match="at least 1"):
+        ShardPairwise(0)

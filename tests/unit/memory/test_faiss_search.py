@@ -7,7 +7,7 @@ import torch
 
 from m3dm.memory import defaults
 from m3dm.memory.defaults import default_search
-from m3dm.memory.faiss_search import FaissExactSearch, HNSWSearch
+from m3dm.memory.faiss_search import FaissExactSearch, HNSWSearch, IVFSearch
 from m3dm.memory.screened import ScreenedSearch
 from m3dm.memory.search import ExactSearch, SharedEmptyRows, nearest_neighbours
 
@@ -91,11 +91,28 @@ def test_hnsw_search_is_close_to_exact_and_the_same_in_every_build():
     assert torch.equal(again[0], dist) and torch.equal(again[1], idx)
 
 
+def test_ivf_search_is_close_to_exact_and_the_same_in_every_build():
+    g = torch.Generator().manual_seed(6)
+    bank, queries = torch.randn(900, 16, generator=g), torch.randn(200, 16, generator=g)  # no clusters: hard
+    exact_dist, exact_idx = nearest_neighbours(queries, bank)
+    search = IVFSearch(probes=3).fit(bank)
+    dist, idx = search.search(queries)
+    assert search._index.nlist == 30  # about sqrt(rows) lists, 3 of them searched per query
+    assert 0.5 < float((idx == exact_idx).float().mean()) < 1  # approximate: not every nearest row is found
+    found = torch.linalg.vector_norm(queries - bank[idx], dim=1)
+    assert bool(((dist - found).abs() <= 1e-4 * (1 + found)).all())  # the distance to the row it returns
+    assert bool((dist >= exact_dist * (1 - 1e-5)).all())  # never nearer than the nearest
+    assert torch.equal(IVFSearch(probes=30).fit(bank).search(queries)[1], exact_idx)  # every list: exact
+    again = IVFSearch(probes=3).fit(bank).search(queries)
+    assert torch.equal(again[0], dist) and torch.equal(again[1], idx)
+
+
 def test_default_search_kinds(monkeypatch, caplog):
     exact = ScreenedSearch if defaults.bf16_matmul_is_fast("cpu") else ExactSearch
     assert isinstance(default_search("cpu").inner, exact)
     assert isinstance(default_search("cpu", "faiss").inner, FaissExactSearch)
     assert isinstance(default_search("cpu", "hnsw").inner, HNSWSearch)
+    assert isinstance(default_search("cpu", "ivf").inner, IVFSearch)
     assert isinstance(default_search("meta", "faiss").inner, ExactSearch)  # faiss-cpu runs on the CPU only
     monkeypatch.setattr(defaults, "faiss_available", lambda: False)
     assert isinstance(default_search("cpu", "hnsw").inner, exact)
