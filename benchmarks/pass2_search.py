@@ -48,7 +48,7 @@ def pass2(detector: Detector, kind: str, samples: int) -> list:
     stats = {m: getattr(b.search.inner, "last_stats", None) for m, b in detector.banks.items()}
     print("  candidates per query (last search):", {m: round(s.candidates / max(s.screened_queries, 1), 2)
                                                      for m, s in stats.items() if s is not None})
-    prepared = {m: b.search.inner._prepared for m, b in detector.banks.items()}
+    prepared = {m: getattr(b.search.inner, "_prepared", None) for m, b in detector.banks.items()}
     clustered = {m: p for m, p in prepared.items() if isinstance(p, ClusteredBank) and p.clustered}
     print("  clusters, bank rows bounded per query, blocks screened row by row:",
           {m: (p.sizes.numel(), round(p.rows_read / max(p.queries_screened, 1)), p.row_fallbacks)
@@ -59,6 +59,8 @@ def pass2(detector: Detector, kind: str, samples: int) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, nargs="+", default=[25, 50])
+    parser.add_argument("--searches", nargs="+", default=list(SEARCHES), choices=list(SEARCHES),
+                        help="the searches to run, in this order (the first is the reference of the comparison)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for samples in args.samples:
@@ -68,11 +70,12 @@ def main() -> None:
             for xyz, rgb in zip(patch_images(samples, *XYZ, seed=1), patch_images(samples, *RGB, seed=2)):
                 detector.add(SampleFeatures(xyz=xyz, rgb=rgb, rgb_map=rgb.T.reshape(-1, RGB[0], RGB[0])))
             detector.finalize()
-            results = {kind: pass2(detector, kind, samples) for kind in SEARCHES}
+            results = {kind: pass2(detector, kind, samples) for kind in args.searches}
+        reference = results[args.searches[0]]
         for kind, scores in results.items():
             same = all(a[m].score == b[m].score and torch.equal(a[m].score_map, b[m].score_map)
-                       for a, b in zip(results["torch"], scores) for m in a)
-            print(f"  {kind}: every score and map bit-identical to the default's: {same}")
+                       for a, b in zip(reference, scores) for m in a)
+            print(f"  {kind}: every score and map bit-identical to {args.searches[0]}'s: {same}")
 
 
 if __name__ == "__main__":
