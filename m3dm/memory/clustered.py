@@ -86,7 +86,7 @@ class ClusteredBank(ProjectedBank):
         ends = torch.cumsum(sizes, 0)
         self.spans = list(zip((ends - sizes).tolist(), ends.tolist()))  # each cluster's rows in sorted_rows
         self.sorted_rows = self.padded.index_select(0, self.order)
-        member = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+        member = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes)
         self._cluster_summaries(self.sorted_rows, member, sizes.numel())
         self.clustered = True
 
@@ -97,7 +97,7 @@ class ClusteredBank(ProjectedBank):
         own = rows[:, d + 4].to(torch.float64)
         squared = z.square().sum(dim=1)
         counts = torch.bincount(member, minlength=clusters).to(torch.float64)
-        self.centres = torch.zeros(clusters, d + 1, dtype=torch.float64).index_add_(0, member, z) / counts[:, None]
+        self.centres = z.new_zeros(clusters, d + 1).index_add_(0, member, z) / counts[:, None]
         self.centre_squared = self.centres.square().sum(dim=1)
         spread = torch.linalg.vector_norm(z - self.centres[member], dim=1)  # differences: no cancellation
         self.radius = _segment(spread, member, clusters, "amax") * (1 + ETA)
@@ -147,7 +147,7 @@ class ClusteredBank(ProjectedBank):
 
     def _nearest_in_best_cluster(self, query_rows: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
         """Per query, the bank row (original index) with the smallest projected bound in cluster ``best[i]``."""
-        nearest = torch.empty(best.shape[0], dtype=torch.long)
+        nearest = torch.empty_like(best)
         order = torch.argsort(best, stable=True)
         clusters, counts = torch.unique_consecutive(best[order], return_counts=True)
         for cluster, queries in zip(clusters.tolist(), torch.split(order, counts.tolist())):
@@ -191,7 +191,7 @@ def _kmeans(points: torch.Tensor, clusters: int) -> torch.Tensor:
 def _assign(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Index of each point's nearest centre (float32; ties and rounding only move rows between clusters)."""
     centre_squared = centres.square().sum(dim=1)
-    out = torch.empty(points.shape[0], dtype=torch.long)
+    out = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
     for start in range(0, points.shape[0], ASSIGN_ROWS):
         chunk = points[start:start + ASSIGN_ROWS]
         out[start:start + chunk.shape[0]] = (centre_squared - 2 * chunk @ centres.T).argmin(dim=1)
@@ -200,7 +200,7 @@ def _assign(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 def _segment(values: torch.Tensor, member: torch.Tensor, clusters: int, reduce: str) -> torch.Tensor:
     """Per cluster, the max (``"amax"``) or min (``"amin"``) of ``values`` over its rows."""
-    return torch.zeros(clusters, dtype=values.dtype).scatter_reduce_(0, member, values, reduce, include_self=False)
+    return values.new_zeros(clusters).scatter_reduce_(0, member, values, reduce, include_self=False)
 
 
 class ClusteredSearch(ProjectedSearch):
