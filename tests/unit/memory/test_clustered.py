@@ -21,33 +21,33 @@ def clustered_bank(bank: torch.Tensor, **args) -> ClusteredBank:
 
 
 def test_low_rank_data_reads_few_rows_and_gives_the_exact_result():
-    bank = low_rank(2000, 768, rank=4, seed=21)
+    bank = low_rank(1500, 512, rank=4, seed=21)
     prepared = clustered_bank(bank)
-    queries = near_rows(bank, 200, noise=0.01, seed=22)
+    queries = near_rows(bank, 100, noise=0.01, seed=22)
     stats = assert_same_as_exact(queries, bank, prepared)
     assert prepared.row_fallbacks == 0 and stats.plain_blocks == 0
     assert prepared.rows_read < 0.3 * queries.shape[0] * bank.shape[0]  # whole clusters skipped
 
 
 def test_clusters_in_many_directions_stay_exact():
-    bank = clustered(2000, 768, clusters=60, spread=0.3, seed=23)
+    bank = clustered(1200, 768, clusters=40, spread=0.3, seed=23)
     assert_same_as_exact(near_rows(bank, 100, noise=0.05, seed=24), bank, clustered_bank(bank))
 
 
 def test_uniform_high_dimensional_data_falls_back_and_stays_exact():
     # no structure at all: the cluster bound prunes nothing, the block is screened row by row (or scored plainly)
-    bank = torch.rand(2000, 768, generator=torch.Generator().manual_seed(25))
-    queries = torch.rand(100, 768, generator=torch.Generator().manual_seed(26))
+    bank = torch.rand(1000, 512, generator=torch.Generator().manual_seed(25))
+    queries = torch.rand(64, 512, generator=torch.Generator().manual_seed(26))
     prepared = clustered_bank(bank)
     stats = assert_same_as_exact(queries, bank, prepared)
     assert prepared.row_fallbacks + stats.plain_blocks > 0
-    assert_same_as_exact(gaussian(64, 768, seed=27), gaussian(2000, 768, seed=28))
+    assert_same_as_exact(gaussian(64, 512, seed=27), gaussian(1000, 512, seed=28))
 
 
 def test_training_rows_zero_rows_and_copies_resolve_to_the_first_index():
     # pass 2: queries that are bank rows (distance 0), empty patches (exact zero rows), and copies in the bank
-    base = low_rank(1200, 512, rank=6, seed=29)
-    zeros = torch.zeros(3, 512)
+    base = low_rank(800, 256, rank=6, seed=29)
+    zeros = torch.zeros(3, 256)
     bank = torch.cat([zeros, base, base[:500], zeros])
     queries = torch.cat([base[200:260], near_rows(base[:500], 80, noise=0.01, seed=30), zeros[:1].expand(20, -1)])
     prepared = clustered_bank(bank)
@@ -63,26 +63,26 @@ def test_exact_ties_go_to_the_first_row():
     queries = torch.randint(-4, 5, (40, 256), generator=generator).float()
     step = torch.zeros(40, 256)
     step[:, 0] = 1
-    others = torch.randint(-4, 5, (1600, 256), generator=generator).float() + 20
-    bank = torch.cat([others[:800], queries + step, others[800:], queries - step])
+    others = torch.randint(-4, 5, (1000, 256), generator=generator).float() + 20
+    bank = torch.cat([others[:500], queries + step, others[500:], queries - step])
     prepared = clustered_bank(bank)
     _, indices = prepared.search(queries)
-    assert torch.equal(indices, torch.arange(40) + 800)
+    assert torch.equal(indices, torch.arange(40) + 500)
     assert_same_as_exact(queries, bank, prepared)
 
 
 def test_far_from_the_origin_and_several_blocks():
-    bank = low_rank(2000, 768, rank=8, seed=32, offset=300.0)
-    queries = near_rows(bank, 250, noise=0.02, seed=33)
-    stats = assert_same_as_exact(queries, bank, clustered_bank(bank, block_elements=100 * 2000))
+    bank = low_rank(1200, 512, rank=8, seed=32, offset=300.0)
+    queries = near_rows(bank, 150, noise=0.02, seed=33)
+    stats = assert_same_as_exact(queries, bank, clustered_bank(bank, block_elements=60 * 1200))
     assert stats.blocks == 3
 
 
 def test_cluster_bound_is_below_every_rows_distance_and_screen_bound():
     # the bound of a (query, cluster) pair against the plain path's float32 squared distance and the projected
     # screen's GEMM output of every row of the cluster, on data far from the origin (large norms, cancellation)
-    bank = low_rank(2000, 768, rank=8, seed=34, offset=5.0)
-    queries = torch.cat([near_rows(bank, 60, noise=0.01, seed=35), bank[:20], torch.zeros(2, 768)])
+    bank = low_rank(1200, 512, rank=8, seed=34, offset=5.0)
+    queries = torch.cat([near_rows(bank, 60, noise=0.01, seed=35), bank[:20], torch.zeros(2, 512)])
     prepared = clustered_bank(bank)
     query_rows, finite = prepared._prepare_rows(queries, for_queries=True)
     assert finite
