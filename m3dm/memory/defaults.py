@@ -11,6 +11,7 @@ import logging
 import torch
 
 from m3dm.config import BANK_SEARCHES
+from m3dm.memory.clustered import ClusteredSearch
 from m3dm.memory.coreset import (
     DropCopies,
     GreedyCoreset,
@@ -21,7 +22,6 @@ from m3dm.memory.coreset import (
     ShardPairwise,
 )
 from m3dm.memory.faiss_search import FaissExactSearch, HNSWSearch, IVFSearch, faiss_available
-from m3dm.memory.projected import ProjectedSearch
 from m3dm.memory.screened import ScreenedSearch, bf16_matmul_is_fast
 from m3dm.memory.search import ExactSearch, NeighbourSearch, SharedEmptyRows
 from m3dm.runtime import resolve_device
@@ -54,17 +54,16 @@ def default_search(device: str | torch.device = "cpu", kind: str = "torch") -> N
 
     ``"torch"`` (the reference's numbers): bfloat16-screened where the device has native bfloat16 matrix products
     (:func:`bf16_matmul_is_fast`: CPUs with AVX512-BF16/AMX, CUDA GPUs from Ampere on), plain elsewhere.
-    ``"projected"``: the plain search's numbers too, screened in a few principal directions of the bank
-    (:class:`ProjectedSearch`, any device). ``"faiss"``: faiss's exact search (same rows, distances to float32
-    rounding); ``"hnsw"``: faiss's approximate HNSW graph; ``"ivf"``: faiss's approximate
-    inverted lists. They run on the CPU; on another device, or without
-    faiss, the torch search is used (logged).
+    ``"projected"``: the plain search's numbers too, screened in a few principal directions of the bank, whole
+    clusters of rows first (:class:`ClusteredSearch`, any device). ``"faiss"``: faiss's exact search (same rows,
+    distances to float32 rounding); ``"hnsw"``: faiss's approximate HNSW graph; ``"ivf"``: faiss's approximate
+    inverted lists. They run on the CPU; on another device, or without faiss, the torch search is used (logged).
     """
     if kind not in BANK_SEARCHES:
         raise ValueError(f"search must be one of {BANK_SEARCHES}, got {kind!r}")
     device = torch.device(device)
     if kind == "projected":
-        return SharedEmptyRows(ProjectedSearch())
+        return SharedEmptyRows(ClusteredSearch())
     if kind != "torch" and (device.type != "cpu" or not faiss_available()):
         why = f"the bank is on {device}" if device.type != "cpu" else "faiss is not installed"
         log.warning("--bank_search %s runs on the CPU with faiss, but %s: the exact torch search is used", kind, why)

@@ -145,8 +145,11 @@ class ProjectedBank(ScreenedBank):
 
     def _screen(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         query_rows, finite = self._prepare_rows(block, for_queries=True)
-        if not finite:
-            return None
+        return self._screen_every_row(block, query_rows) if finite else None
+
+    def _screen_every_row(self, block: torch.Tensor, query_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidate ``(query, bank row)`` pairs of ``block`` (its GEMM rows ``query_rows``), from the bound
+        of every pair."""
         lower = query_rows @ self.padded.T  # (queries, bank) float32: at most the plain path's squared distances
         nearest = lower.min(dim=1).indices
         upper = self._upper_bound(block, nearest)
