@@ -12,12 +12,15 @@ preprocessed one (``--part``), or a plane seen by every pixel (the most points a
 ``FeatureExtractor`` + ``predict`` per part, as ``m3dm.predict`` scores; exported:
 ``m3dm_runner.ExportedModel.score_arrays`` (its NumPy FPS or FPFH included), once per ``--precision`` (int8:
 ``python -m m3dm.export --precision int8``'s artefact). Both use their library's default
-threads. Results are in benchmarks/README.md.
+threads. Each path's peak resident memory is the process's (both paths' models loaded), reset before its batch 1
+and its batch 8 runs (Linux ``/proc/self/clear_refs``); the load average and the process's CPU seconds per path
+are printed with the table, as the machine may be shared. Results are in benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -88,6 +91,25 @@ def stand_in_predictor(method: str, bank_rows: int) -> SimpleNamespace:
                            img_size=224)
 
 
+def reset_peak_memory() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_gb() -> float:
+    """The process's peak resident memory since the last :func:`reset_peak_memory` (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def timed_with_peak(function, repeats: int) -> tuple[list[float], float, float]:
+    """:func:`timed` and the peak resident memory (GB) during it."""
+    reset_peak_memory()
+    times, cpu = timed(function, repeats)
+    return times, cpu, peak_memory_gb()
+
+
 def timed(function, repeats: int) -> tuple[list[float], float]:
     """Wall seconds of each of ``repeats`` calls after a warm-up, and their mean CPU seconds (the process's, all
     threads: on a loaded machine the CPU a path needs, whatever the other jobs take of the cores)."""
@@ -118,16 +140,19 @@ def measure(method: str, rgb: np.ndarray, cloud: np.ndarray, args) -> None:
             path = export_onnx(predictor, Path(folder) / f"{method}.{precision}.onnx", precision=precision)
             sizes[precision] = path.stat().st_size / 2**20
             paths[f"onnxruntime {precision}"] = exported_run(ExportedModel(path), rgb, cloud)
-        rows = {}
+        rows, peaks = {}, {}
         for name, run in paths.items():
-            single, single_cpu = timed(lambda run=run: run(1), args.repeats)
-            batched, batched_cpu = (timed(lambda run=run: run(8), max(1, args.repeats // 4)) if args.batch8
-                                    else ([float("nan")], float("nan")))
+            single, single_cpu, peak1 = timed_with_peak(lambda run=run: run(1), args.repeats)
+            batched, batched_cpu, peak8 = (timed_with_peak(lambda run=run: run(8), max(1, args.repeats // 4))
+                                           if args.batch8 else ([float("nan")], float("nan"), float("nan")))
             rows[name] = (statistics.median(single), float(np.percentile(single, 95)), 1 / statistics.mean(single),
                           8 / statistics.mean(batched), single_cpu, batched_cpu / 8)
+            peaks[name] = (peak1, peak8)
+            print(f"{method}, {name}: load average {os.getloadavg()[0]:.1f}", flush=True)
     for name, (p50, p95, one, eight, cpu_one, cpu_eight) in rows.items():
+        peak1, peak8 = peaks[name]
         print(f"| {method} | {name} | {p50:.2f} | {p95:.2f} | {one:.3f} | {eight:.3f} | {cpu_one:.2f} | "
-              f"{cpu_eight:.2f} |", flush=True)
+              f"{cpu_eight:.2f} | {peak1:.2f} | {peak8:.2f} |", flush=True)
     names = list(rows)
     for slow, fast in [(names[0], name) for name in names[1:]] + [(names[1], name) for name in names[2:]]:
         a, b = rows[slow], rows[fast]
@@ -149,7 +174,7 @@ def main() -> None:
     parser.add_argument("--bank_rows", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no_batch8", dest="batch8", action="store_false",
-                        help="time batch 1 only (CFM's dense 224 x 224 feature grids at batch 8 need many GB)")
+                        help="time batch 1 only")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "int8"],
                         help="the exported artefacts to time (m3dm.export --precision)")
     args = parser.parse_args()
@@ -160,11 +185,13 @@ def main() -> None:
 
         rgb, cloud = np.zeros((3, 224, 224), np.float32), plane_cloud(224)
     print(f"torch threads {torch.get_num_threads()}; part with {(cloud != 0).all(axis=0).sum()} valid points")
+    print(f"load average {os.getloadavg()[0]:.1f}")
     print("| method | path | latency p50 (s) | p95 (s) | parts/s, batch 1 | parts/s, batch 8 | CPU s/part, batch 1 | "
-          "CPU s/part, batch 8 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "CPU s/part, batch 8 | peak GB, batch 1 | peak GB, batch 8 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method in args.methods:
         measure(method, rgb, cloud, args)
+    print(f"load average {os.getloadavg()[0]:.1f}; process CPU {time.process_time():.0f} s")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,13 @@ class Scored:
 class ExportedModel:
     """``m3dm.export``'s artefact with what its graph leaves out (valid points, farthest point sampling and, for a
     training-mode point backbone, the DropPath draws continued from the fitted model's generator state, so parts
-    scored in the same order and batches get ``m3dm.predict``'s scores; BTF's FPFH patches)."""
+    scored in the same order and batches get ``m3dm.predict``'s scores; BTF's FPFH patches).
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    ``parts_per_run``: the most parts one run of the graph gets; a larger batch is scored in runs of that many, in
+    order (same scores, and the memory of one run). None: the artefact's own cap (metadata ``parts_per_run``, which
+    CFM's export sets: one run takes about 2.7 GB a part), else the whole batch in one run."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, parts_per_run: int | None = None) -> None:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -46,6 +50,7 @@ class ExportedModel:
         self.inputs = {i.name for i in self.session.get_inputs()}
         state = self.meta.get("drop_path_state")
         self.draws = None if state is None else DropPathDraws(state["key"], state["pos"])
+        self.parts_per_run = parts_per_run or self.meta.get("parts_per_run")
 
     @property
     def img_size(self) -> int:
@@ -62,7 +67,16 @@ class ExportedModel:
         return {"points": padded, "pixels": index, "centres": farthest_point_sample(padded, self.meta["num_group"])}
 
     def score_arrays(self, rgb: np.ndarray, clouds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``rgb (B, 3, 224, 224)``, ``clouds (B, 3, S, S)`` preprocessed -> ``(scores (B,), maps (B, 224, 224))``."""
+        """``rgb (B, 3, 224, 224)``, ``clouds (B, 3, S, S)`` preprocessed -> ``(scores (B,), maps (B, 224, 224))``,
+        in runs of at most ``parts_per_run`` parts."""
+        step = self.parts_per_run or max(len(clouds), 1)
+        if len(clouds) <= step:
+            return self.run_graph(rgb, clouds)
+        runs = [self.run_graph(rgb[i:i + step], clouds[i:i + step]) for i in range(0, len(clouds), step)]
+        return np.concatenate([scores for scores, _ in runs]), np.concatenate([maps for _, maps in runs])
+
+    def run_graph(self, rgb: np.ndarray, clouds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One run of the graph on the whole batch."""
         feeds: dict[str, np.ndarray] = {}
         if "rgb" in self.inputs:
             feeds["rgb"] = np.ascontiguousarray(rgb, dtype=np.float32)

@@ -91,11 +91,19 @@ def test_exported_scores_match_pytorch(dataset, weights, tmp_path, method):
     loaded = [load_part(part, 224) for part in parts]
     expected = Predictor(load_class_model(model_path), device="cpu").score(loaded)
     exported = ExportedModel(onnx_path)
+    one_by_one = []
     for part, (score, score_map) in zip(loaded, expected):
         got_score, got_map = exported.score_arrays(part.rgb.numpy()[None], part.pc.numpy()[None])
         assert got_score.shape == (1,) and got_map.shape == (1, 224, 224)
         assert abs(float(got_score[0]) - score) <= tolerance * abs(score)
         assert np.abs(got_map[0] - score_map).max() <= blur_steps * np.abs(score_map).max() / 255
+        one_by_one.append((got_score, got_map))
+    if exported.parts_per_run:  # CFM: a batch goes through the graph in runs of that many parts, in order
+        rerun = ExportedModel(onnx_path)  # the DropPath draws from the start again
+        scores, maps = rerun.score_arrays(np.stack([p.rgb.numpy() for p in loaded]),
+                                          np.stack([p.pc.numpy() for p in loaded]))
+        np.testing.assert_array_equal(scores, np.concatenate([s for s, _ in one_by_one]))
+        np.testing.assert_array_equal(maps, np.concatenate([m for _, m in one_by_one]))
 
 
 def test_runner_command_line_scores_a_folder(dataset, tmp_path):
