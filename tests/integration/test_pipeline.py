@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import preprocessed_mvtec
+from conftest import main_through_pass_one, preprocessed_mvtec
 
 import main as main_module
 from m3dm.app.cli import build_parser
@@ -182,13 +182,15 @@ def test_missing_dataset_class_is_a_clear_error(dataset, tmp_path, capsys):
 @pytest.mark.slow
 def test_save_feature_dumps_reference_layout_and_aligned_layout(dataset, tmp_path):
     """One (3136, 1152 + C) tensor per training sample; RGB rows scrambled as the reference (quirk 20) by default,
-    spatially aligned (2x nearest of the 28 x 28 token map) with --fix_quirks. ViT-S/8 gives the real 28 grid."""
+    spatially aligned (2x nearest of the 28 x 28 token map) with --fix_quirks. ViT-S/8 gives the real 28 grid.
+    The dumps are written in the first pass over the training samples: each run stops there."""
     dumps = {}
     for fix in (False, True):
         folder = tmp_path / f"patch_lib_{fix}"
-        run_main(dataset, tmp_path / f"out_{fix}", "--method_name", "DINO+Point_MAE", "--save_feature",
-                 "--save_feature_path", str(folder), "--max_sample", "2", "--rgb_backbone_name",
-                 "vit_small_patch8_224", *(["--fix_quirks"] if fix else []))
+        main_through_pass_one(["--dataset_path", str(dataset), "--output_dir", str(tmp_path / f"out_{fix}"), *SMALL,
+                               "--method_name", "DINO+Point_MAE", "--save_feature", "--save_feature_path",
+                               str(folder), "--max_sample", "2", "--rgb_backbone_name", "vit_small_patch8_224",
+                               *(["--fix_quirks"] if fix else [])])
         files = sorted(folder.glob("*.pt"))
         assert [f.name for f in files] == [f"gadget{i}.pt" for i in range(2 if fix else 3)]  # max_sample + 1
         dumps[fix] = torch.load(files[0], weights_only=True)
