@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import main_through_pass_one
 
 import main as main_module
 from m3dm.app.pretrain import build_parser, main, settings_from_argv, train
@@ -264,11 +263,9 @@ def test_dump_pretrain_with_torchrun_then_detect_with_the_checkpoint(tmp_path):
     run_main = lambda out, *extra: main_module.main(
         ["--dataset_path", str(dataset), "--output_dir", str(tmp_path / out), *SMALL, *extra])
 
-    # the tiny ViT's 14 x 14 tokens only allow the aligned dump: (3136, 1152 + 192) per training sample; main.py
-    # stops once its first pass has written them (the model it would go on to fit is not used)
-    main_through_pass_one(["--dataset_path", str(dataset), "--output_dir", str(tmp_path / "dump"), *SMALL,
-                           "--method_name", "DINO+Point_MAE", "--save_feature", "--save_feature_path",
-                           str(tmp_path / "patch_lib"), "--fix_quirks"])
+    # the tiny ViT's 14 x 14 tokens only allow the aligned dump: (3136, 1152 + 192) per training sample
+    assert run_main("dump", "--method_name", "DINO+Point_MAE", "--save_feature", "--save_feature_path",
+                    str(tmp_path / "patch_lib"), "--fix_quirks") == 0
     assert FeatureDumpDataset(tmp_path / "patch_lib").shape == (3136, 1152 + 192)
     assert len(list((tmp_path / "patch_lib").glob("*.pt"))) == 4
 
