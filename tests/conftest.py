@@ -120,22 +120,3 @@ def real_mvtec_subset() -> Path:
     if not (REAL_MVTEC_SUBSET / "cable_gland").is_dir():
         pytest.skip(f"real MVTec 3D-AD samples not found at {REAL_MVTEC_SUBSET}")
     return REAL_MVTEC_SUBSET
-
-
-class PassOneDone(Exception):
-    """Raised where a fit goes on after its first pass over the training samples (``main_through_pass_one``)."""
-
-
-def main_through_pass_one(argv: list[str]) -> None:
-    """``main.py argv`` in this process, stopped where the first pass over the training samples ends, which is
-    where ``--save_feature`` has written every dump: the banks' coreset, pass 2 and the evaluation, which the dumps
-    do not depend on, are skipped."""
-    import main as main_module
-    from m3dm.detection.detector import Detector
-
-    def stop(self):
-        raise PassOneDone
-
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(PassOneDone):
-        patch.setattr(Detector, "finalize", stop)
-        main_module.main(argv)

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import main_through_pass_one, preprocessed_mvtec
+from conftest import preprocessed_mvtec
 
 import main as main_module
 from m3dm.app.cli import build_parser
 from m3dm.config import settings_from_flags
 from m3dm.data.dataset import AnomalyDataset
+from m3dm.detection.detector import Detector
 from m3dm.evaluation.metrics import pixel_auroc
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
@@ -177,6 +178,23 @@ def test_missing_dataset_class_is_a_clear_error(dataset, tmp_path, capsys):
             "--memory_bank", "single", "--classes", "no_such_class"]
     assert main_module.main(argv) == 2
     assert "no_such_class" in capsys.readouterr().err
+
+
+class PassOneDone(Exception):
+    """Raised where a fit goes on after its first pass over the training samples (``main_through_pass_one``)."""
+
+
+def main_through_pass_one(argv: list[str]) -> None:
+    """``main.py argv`` in this process, stopped where the first pass over the training samples ends, which is
+    where ``--save_feature`` has written every dump: the banks' coreset, pass 2 and the evaluation, which the dumps
+    do not depend on, are skipped."""
+
+    def stop(self):
+        raise PassOneDone
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(PassOneDone):
+        patch.setattr(Detector, "finalize", stop)
+        main_module.main(argv)
 
 
 @pytest.mark.slow
