@@ -1,5 +1,7 @@
 """``python -m m3dm.export`` then ``m3dm_runner`` against ``m3dm.predict``'s PyTorch scores, on models fitted by
-``main.py --save_model`` in the small test configuration (synthetic data, random backbone weights).
+``m3dm.fit`` in the small test configuration (synthetic data, random backbone weights) and saved as
+``main.py --save_model`` saves them (the same file, tests/integration/test_api.py; ``m3dm.fit`` skips the test
+split's evaluation that main.py runs, which nothing here reads).
 
 Agreement (docs/deployment.md): image scores to 1e-4 relative, maps within one blur step. A blur step is what one
 8-bit level of the reference's Pillow blur is worth, ``max/255`` of the map; a float round-off that moves a pixel
@@ -20,12 +22,14 @@ of the pixels, and no other summation order reproduces which. CFM is therefore c
 whose final LayerNorm is not the identity, as trained weights' is not (docs/deployment.md).
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from conftest import preprocessed_mvtec, random_uff_checkpoint
 
-import main as main_module
+import m3dm
 from m3dm.app.parts import discover_parts, load_part
 from m3dm.app.predict import Predictor
 from m3dm.detection.persistence import load_class_model
@@ -35,15 +39,16 @@ from m3dm_runner import ExportedModel
 from m3dm_runner.__main__ import main as runner_main
 
 pytestmark = pytest.mark.slow
-SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32", "--random_init",
-         "--device", "cpu", "--batch_size", "2", "-q"]
-CASES = {  # method: (flags, image-score relative tolerance, map tolerance in blur steps), see the module docstring
-    "DINO": (["--memory_bank", "single"], 1e-4, 2),
-    "Point_MAE": (["--memory_bank", "single", "--backbone_eval"], 1e-3, 14),  # measured 7.3e-4, 10.8 steps
-    "DINO+Point_MAE": (["--memory_bank", "multiple"], 1e-3, 8),  # the reference's training-mode point backbone
-    "Fusion": (["--memory_bank", "single", "--use_uff", "--fusion_module_path", "{uff}"], 1e-3, 8),
-    "DINO+Point_MAE+Fusion": (["--memory_bank", "multiple", "--use_uff", "--fusion_module_path", "{uff}"], 1e-3, 8),
-    "CFM": (["--cfm_epochs", "1", "--xyz_checkpoint", "{xyz}"], 1e-4, 2),  # the targets: see the docstring
+SMALL = {"rgb_backbone_name": "vit_tiny_patch16_224", "num_group": 64, "group_size": 32, "random_init": True,
+         "device": "cpu", "batch_size": 2}
+UFF = {"use_uff": True, "fusion_module_path": "{uff}"}
+CASES = {  # method: (settings, image-score relative tolerance, map tolerance in blur steps), see the module docstring
+    "DINO": ({"memory_bank": "single"}, 1e-4, 2),
+    "Point_MAE": ({"memory_bank": "single", "backbone_eval": True}, 1e-3, 14),  # measured 7.3e-4, 10.8 steps
+    "DINO+Point_MAE": ({"memory_bank": "multiple"}, 1e-3, 8),  # the reference's training-mode point backbone
+    "Fusion": ({"memory_bank": "single", **UFF}, 1e-3, 8),
+    "DINO+Point_MAE+Fusion": ({"memory_bank": "multiple", **UFF}, 1e-3, 8),
+    "CFM": ({"cfm_epochs": 1, "xyz_checkpoint": "{xyz}"}, 1e-4, 2),  # the targets: see the docstring
 }
 # --precision int8 (RGB backbone quantised) against float32, DINO+Point_MAE: measured 4.7e-5 relative and 1.95 blur
 # steps at worst on this data, 2.6e-4 and 1.6 on the real samples (benchmarks/README.md); the bounds leave ~4x
@@ -73,15 +78,31 @@ def weights(tmp_path_factory):
     return {"uff": random_uff_checkpoint(folder), "xyz": point_mae_with_layer_norm(folder / "pointmae.pth")}
 
 
+@pytest.fixture(scope="module")
+def exported(dataset, weights, tmp_path_factory):
+    """``exported(method)``: the paths of ``method``'s model (its CASES settings) and of its float32 ONNX artefact,
+    made once: the runner and int8 tests reuse the DINO and DINO+Point_MAE ones."""
+    made = {}
+
+    def make(method: str) -> tuple[Path, Path]:
+        if method not in made:
+            folder = tmp_path_factory.mktemp("exported")
+            settings = {name: value.format(**weights) if isinstance(value, str) else value
+                        for name, value in CASES[method][0].items()}
+            model_path = m3dm.fit(dataset / "gadget", method=method, **SMALL, **settings).save(
+                folder / "models" / "gadget.pt")
+            onnx_path = folder / "gadget.onnx"
+            assert export_main(["--model", str(model_path), "--out", str(onnx_path), "-q"]) == 0
+            made[method] = model_path, onnx_path
+        return made[method]
+
+    return make
+
+
 @pytest.mark.parametrize("method", list(CASES))
-def test_exported_scores_match_pytorch(dataset, weights, tmp_path, method):
-    flags, tolerance, blur_steps = CASES[method]
-    flags = [flag.format(**weights) for flag in flags]
-    assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(tmp_path), "--method_name", method,
-                             "--save_model", *SMALL, *flags]) == 0
-    model_path = tmp_path / "models" / "gadget.pt"
-    onnx_path = tmp_path / "gadget.onnx"
-    assert export_main(["--model", str(model_path), "--out", str(onnx_path), "-q"]) == 0
+def test_exported_scores_match_pytorch(dataset, exported, method):
+    _, tolerance, blur_steps = CASES[method]
+    model_path, onnx_path = exported(method)
     import onnx
 
     operators = [node for node in onnx.load(str(onnx_path)).graph.node if node.op_type != "Constant"]
@@ -90,15 +111,15 @@ def test_exported_scores_match_pytorch(dataset, weights, tmp_path, method):
     parts = discover_parts([str(dataset / "gadget" / "test")], [], [])
     loaded = [load_part(part, 224) for part in parts]
     expected = Predictor(load_class_model(model_path), device="cpu").score(loaded)
-    exported = ExportedModel(onnx_path)
+    artefact = ExportedModel(onnx_path)
     one_by_one = []
     for part, (score, score_map) in zip(loaded, expected):
-        got_score, got_map = exported.score_arrays(part.rgb.numpy()[None], part.pc.numpy()[None])
+        got_score, got_map = artefact.score_arrays(part.rgb.numpy()[None], part.pc.numpy()[None])
         assert got_score.shape == (1,) and got_map.shape == (1, 224, 224)
         assert abs(float(got_score[0]) - score) <= tolerance * abs(score)
         assert np.abs(got_map[0] - score_map).max() <= blur_steps * np.abs(score_map).max() / 255
         one_by_one.append((got_score, got_map))
-    if exported.parts_per_run:  # CFM: a batch goes through the graph in runs of that many parts, in order
+    if artefact.parts_per_run:  # CFM: a batch goes through the graph in runs of that many parts, in order
         rerun = ExportedModel(onnx_path)  # the DropPath draws from the start again
         scores, maps = rerun.score_arrays(np.stack([p.rgb.numpy() for p in loaded]),
                                           np.stack([p.pc.numpy() for p in loaded]))
@@ -106,11 +127,8 @@ def test_exported_scores_match_pytorch(dataset, weights, tmp_path, method):
         np.testing.assert_array_equal(maps, np.concatenate([m for _, m in one_by_one]))
 
 
-def test_runner_command_line_scores_a_folder(dataset, tmp_path):
-    assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(tmp_path), "--method_name", "DINO",
-                             "--memory_bank", "single", "--save_model", *SMALL]) == 0
-    onnx_path = tmp_path / "gadget.onnx"
-    assert export_main(["--model", str(tmp_path / "models" / "gadget.pt"), "--out", str(onnx_path), "-q"]) == 0
+def test_runner_command_line_scores_a_folder(dataset, exported, tmp_path):
+    _, onnx_path = exported("DINO")
     out = tmp_path / "scores.csv"
     assert runner_main(["--model", str(onnx_path), str(dataset / "gadget" / "test"), "--out", str(out)]) == 0
     rows = out.read_text().splitlines()
@@ -120,21 +138,19 @@ def test_runner_command_line_scores_a_folder(dataset, tmp_path):
     assert all(row.split(",")[2] in ("pass", "fail") for row in rows[1:])
 
 
-def test_int8_artefact_stays_close_to_float32(dataset, tmp_path):
+def test_int8_artefact_stays_close_to_float32(dataset, exported, tmp_path):
     """``--precision int8`` on DINO+Point_MAE (its RGB backbone quantised, the point backbone not): the runner scores
-    it, and its image scores and maps stay within INT8_SCORE and INT8_MAP_STEPS of the float32 artefact's."""
-    assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(tmp_path), "--method_name",
-                             "DINO+Point_MAE", "--memory_bank", "multiple", "--save_model", *SMALL]) == 0
-    model_path = tmp_path / "models" / "gadget.pt"
+    it, and its image scores and maps stay within INT8_SCORE and INT8_MAP_STEPS of the float32 artefact's (the
+    default precision, made for the comparison with PyTorch above)."""
+    model_path, float32_path = exported("DINO+Point_MAE")
     loaded = [load_part(part, 224) for part in discover_parts([str(dataset / "gadget" / "test")], [], [])]
+    paths = {"fp32": float32_path, "int8": tmp_path / "gadget.int8.onnx"}
+    assert export_main(["--model", str(model_path), "--out", str(paths["int8"]), "--precision", "int8", "-q"]) == 0
     scored = {}
-    for precision in ("fp32", "int8"):
-        onnx_path = tmp_path / f"gadget.{precision}.onnx"
-        assert export_main(["--model", str(model_path), "--out", str(onnx_path), "--precision", precision,
-                            "-q"]) == 0
-        exported = ExportedModel(onnx_path)
-        assert exported.meta["precision"] == precision
-        scored[precision] = [exported.score_arrays(p.rgb.numpy()[None], p.pc.numpy()[None]) for p in loaded]
+    for precision, onnx_path in paths.items():
+        artefact = ExportedModel(onnx_path)
+        assert artefact.meta["precision"] == precision
+        scored[precision] = [artefact.score_arrays(p.rgb.numpy()[None], p.pc.numpy()[None]) for p in loaded]
     import onnx
 
     quantised = [node.name for node in onnx.load(str(tmp_path / "gadget.int8.onnx")).graph.node

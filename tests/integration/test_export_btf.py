@@ -1,16 +1,19 @@
 """BTF's methods through ``python -m m3dm.export`` and ``m3dm_runner`` against ``m3dm.predict``'s PyTorch scores,
-on models fitted by ``main.py --save_model`` on synthetic data (random wide-ResNet weights).
+on models fitted by ``m3dm.fit`` on synthetic data (random wide-ResNet weights) and saved as ``main.py
+--save_model`` saves them (``m3dm.fit`` skips the test split's evaluation that main.py runs, which nothing here reads).
 
 The runner computes the FPFH patches in NumPy (``m3dm_runner.fpfh``), the graph the wide-ResNet, the banks and the
 maps. Agreement as for the other methods (docs/deployment.md): image scores to 1e-4 relative, maps within one blur
 step (``2 · max/255`` at every pixel).
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import preprocessed_mvtec
 
-import main as main_module
+import m3dm
 from m3dm.app.parts import discover_parts, load_part
 from m3dm.app.predict import Predictor
 from m3dm.detection.persistence import load_class_model
@@ -19,7 +22,7 @@ from m3dm_runner import ExportedModel
 from m3dm_runner.__main__ import main as runner_main
 
 pytestmark = pytest.mark.slow
-FLAGS = ["--memory_bank", "single", "--random_init", "--device", "cpu", "--batch_size", "2", "-q"]
+SETTINGS = {"memory_bank": "single", "random_init": True, "device": "cpu", "batch_size": 2}
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +31,29 @@ def dataset(tmp_path_factory):
                               n_test_defect=1)
 
 
-def fit_and_export(dataset, out, method: str, *extra: str):
-    assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(out), "--method_name", method,
-                             "--save_model", *FLAGS, *extra]) == 0
-    model_path, onnx_path = out / "models" / "gadget.pt", out / "gadget.onnx"
-    assert export_main(["--model", str(model_path), "--out", str(onnx_path), "-q"]) == 0
-    return model_path, onnx_path
+@pytest.fixture(scope="module")
+def exported(dataset, tmp_path_factory):
+    """``exported(method, fix_quirks)``: the paths of the model and its ONNX artefact, made once (the runner test
+    reuses BTF_FPFH's)."""
+    made = {}
+
+    def make(method: str, fix_quirks: bool = False) -> tuple[Path, Path]:
+        if (method, fix_quirks) not in made:
+            folder = tmp_path_factory.mktemp("exported")
+            model = m3dm.fit(dataset / "gadget", method=method, fix_quirks=fix_quirks, **SETTINGS)
+            model_path, onnx_path = model.save(folder / "models" / "gadget.pt"), folder / "gadget.onnx"
+            assert export_main(["--model", str(model_path), "--out", str(onnx_path), "-q"]) == 0
+            made[method, fix_quirks] = model_path, onnx_path
+        return made[method, fix_quirks]
+
+    return make
 
 
-@pytest.mark.parametrize("method, extra", [("BTF_FPFH", ()), ("BTF_RGB", ()), ("BTF_RGB+FPFH", ()),
-                                           ("BTF_RGB+FPFH", ("--fix_quirks",))],
+@pytest.mark.parametrize("method, fix_quirks", [("BTF_FPFH", False), ("BTF_RGB", False), ("BTF_RGB+FPFH", False),
+                                                ("BTF_RGB+FPFH", True)],
                          ids=["BTF_FPFH", "BTF_RGB", "BTF_RGB+FPFH", "BTF_RGB+FPFH-fix_quirks"])
-def test_exported_btf_scores_match_pytorch(dataset, tmp_path, method, extra):
-    model_path, onnx_path = fit_and_export(dataset, tmp_path, method, *extra)
+def test_exported_btf_scores_match_pytorch(dataset, exported, method, fix_quirks):
+    model_path, onnx_path = exported(method, fix_quirks)
     parts = discover_parts([str(dataset / "gadget" / "test")], [], [])
     loaded = [load_part(part, 224) for part in parts]
     expected = Predictor(load_class_model(model_path), device="cpu").score(loaded)
@@ -55,8 +68,8 @@ def test_exported_btf_scores_match_pytorch(dataset, tmp_path, method, extra):
         assert np.abs(got_map - score_map).max() <= 2 * np.abs(score_map).max() / 255
 
 
-def test_runner_command_line_scores_btf_parts(dataset, tmp_path):
-    _, onnx_path = fit_and_export(dataset, tmp_path, "BTF_FPFH")
+def test_runner_command_line_scores_btf_parts(dataset, exported, tmp_path):
+    _, onnx_path = exported("BTF_FPFH")
     out = tmp_path / "scores.csv"
     assert runner_main(["--model", str(onnx_path), str(dataset / "gadget" / "test"), "--out", str(out),
                         "--batch_size", "2"]) == 0

@@ -1,5 +1,6 @@
 """G2SF through ``python -m m3dm.export`` and ``m3dm_runner`` against ``m3dm.predict``'s PyTorch scores, as
-tests/integration/test_export.py does for the other methods (small configuration, synthetic data).
+tests/integration/test_export.py does for the other methods (small configuration, synthetic data; the model fitted
+by ``m3dm.fit`` and saved as ``main.py --save_model`` saves it).
 
 The point backbone's weights here are random but with a non-zero bias in its final LayerNorm, as trained
 weights have. With ``--random_init`` that bias is 0, so every patch's point features sum to 0 up to round-off, and
@@ -19,7 +20,7 @@ import pytest
 import torch
 from conftest import preprocessed_mvtec
 
-import main as main_module
+import m3dm
 from m3dm.app.parts import discover_parts, load_part
 from m3dm.app.predict import Predictor
 from m3dm.detection.persistence import load_class_model
@@ -28,9 +29,9 @@ from m3dm.features.point_transformer import PointTransformer
 from m3dm_runner import ExportedModel
 
 pytestmark = pytest.mark.slow
-SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32", "--random_init",
-         "--device", "cpu", "--batch_size", "2", "-q"]
-G2SF = ["--method_name", "G2SF", "--num_anomalies", "3", "--max_epoch", "2", "--n_hidden", "16", "--emb_dim", "8"]
+SMALL = {"rgb_backbone_name": "vit_tiny_patch16_224", "num_group": 64, "group_size": 32, "random_init": True,
+         "device": "cpu", "batch_size": 2}
+G2SF = {"num_anomalies": 3, "max_epoch": 2, "n_hidden": "16", "emb_dim": 8}
 
 
 def point_weights(path: Path) -> Path:
@@ -45,9 +46,8 @@ def point_weights(path: Path) -> Path:
 def test_exported_g2sf_scores_match_pytorch(tmp_path):
     dataset = preprocessed_mvtec(tmp_path / "data", n_train=3, n_val=1, n_test_good=1, n_test_defect=1)
     weights = point_weights(tmp_path / "pointmae.pth")
-    assert main_module.main(["--dataset_path", str(dataset), "--output_dir", str(tmp_path), *SMALL, *G2SF,
-                             "--xyz_checkpoint", str(weights), "--save_model"]) == 0
-    model_path, onnx_path = tmp_path / "models" / "gadget.pt", tmp_path / "gadget.onnx"
+    model = m3dm.fit(dataset / "gadget", method="G2SF", xyz_checkpoint=str(weights), **SMALL, **G2SF)
+    model_path, onnx_path = model.save(tmp_path / "models" / "gadget.pt"), tmp_path / "gadget.onnx"
     assert export_main(["--model", str(model_path), "--out", str(onnx_path), "-q"]) == 0
     import onnx
 

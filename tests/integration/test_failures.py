@@ -1,7 +1,8 @@
 """What each command leaves behind when it fails: a full disk (a real, small tmpfs), Ctrl-C, a second run into the
-same output folder, a model file killed while being written, and resuming each. Every case runs the real command
-in a process of its own and checks its exit status, its one-line message and that the inputs and the finished
-outputs are unchanged (docs/security.md)."""
+same output folder, a model file killed while being written, and resuming each. Every failure happens in the real
+command in a process of its own (the resumes and the runs that only read what a failure left run main() in this
+process) and the test checks its exit status, its one-line message and that the inputs and the finished outputs
+are unchanged (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from conftest import PROJECT_ROOT
 
 import main as main_module
 from m3dm.app.lock import LOCK_NAME
+from m3dm.app.predict import main as predict_main
 from m3dm.data.synthetic import write_mvtec3d
 from m3dm.preprocess.mvtec3d import preprocess_dataset
 
@@ -136,7 +138,7 @@ def test_preprocessing_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 
 @pytest.mark.slow
-def test_ctrl_c_in_main_is_one_line_and_resume_finishes(two_classes, tmp_path):
+def test_ctrl_c_in_main_is_one_line_and_resume_finishes(two_classes, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["main.py", "--dataset_path", str(two_classes), "--output_dir", str(out), *SMALL]
     run = interrupted(argv, lambda: (out / "classes/gadget.json").is_file())
@@ -145,14 +147,14 @@ def test_ctrl_c_in_main_is_one_line_and_resume_finishes(two_classes, tmp_path):
                                      f"{out / 'classes'}; run the same command with --resume to run the others")
     kept = (out / "classes/gadget.json").read_bytes()
     assert not (out / LOCK_NAME).exists()
+    # the resumed and the refused runs in this process: what they do is main()'s, not the process's
     # output flags may differ on resume: only the settings that change a number must match
-    resumed = command(*argv, "--resume", "--save_maps", "--save_preds")
-    assert resumed.returncode == 0, resumed.stderr
+    assert main_module.main([*argv[1:], "--resume", "--save_maps", "--save_preds"]) == 0
     assert (out / "classes/gadget.json").read_bytes() == kept
     assert set(json.loads((out / "results.json").read_text())["per_class"]) == {"gadget", "widget"}
-    refused = command(*argv, "--resume", "--num_group", "64")
-    assert refused.returncode == 2
-    assert "--num_group 32 there, 64 now" in last_line(refused.stderr)
+    capsys.readouterr()
+    assert main_module.main([*argv[1:], "--resume", "--num_group", "64"]) == 2
+    assert "--num_group 32 there, 64 now" in last_line(capsys.readouterr().err)
 
 
 @pytest.mark.slow
@@ -216,17 +218,19 @@ def fitted(two_classes, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_a_model_killed_while_being_saved_leaves_no_model_and_load_model_says_so(two_classes, fitted, tmp_path):
+def test_a_model_killed_while_being_saved_leaves_no_model_and_load_model_says_so(two_classes, fitted, tmp_path,
+                                                                                  capsys):
     models = tmp_path / "models"
     models.mkdir()
-    # what SIGKILL during the save leaves: the temporary file next to the model, cut short; no model file
+    # what SIGKILL during the save leaves: the temporary file next to the model, cut short; no model file. Read by
+    # main() in this process (the kill is over; what the next run makes of its leftovers is main()'s)
     data = fitted.read_bytes()
     (models / ".gadget.pt.k1ll3d.tmp.pt").write_bytes(data[: len(data) // 2])
-    run = command("main.py", "--dataset_path", str(two_classes), "--output_dir", str(tmp_path / "out"), *SMALL,
-                  "--classes", "gadget", "--backbone_eval", "--load_model", str(models))
-    assert run.returncode == 2
-    assert last_line(run.stderr) == (f"main.py: error: --load_model {models}: no saved model for gadget (expected "
-                                     f"{models / 'gadget.pt'}; fit with main.py --save_model)")
+    assert main_module.main(["--dataset_path", str(two_classes), "--output_dir", str(tmp_path / "out"), *SMALL,
+                             "--classes", "gadget", "--backbone_eval", "--load_model", str(models)]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        f"main.py: error: --load_model {models}: no saved model for gadget (expected {models / 'gadget.pt'}; fit "
+        f"with main.py --save_model)")
 
 
 # ------------------------------------------------------------------------------------------ predictions
@@ -246,9 +250,10 @@ def many_parts(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_ctrl_c_in_predict_keeps_the_rows_writes_the_report_and_resume_scores_the_rest(fitted, many_parts,
                                                                                         tmp_path):
+    # the uninterrupted run and the resume in this process (what they do is predict's main(), not the process's)
     full = tmp_path / "full"
-    assert command("-m", "m3dm.predict", "--model", str(fitted), str(many_parts), "--output", str(full), "-q",
-                   "--batch_size", "2").returncode == 0
+    assert predict_main(["--model", str(fitted), str(many_parts), "--output", str(full), "-q", "--batch_size",
+                         "2"]) == 0
     out = tmp_path / "out"
     argv = ["-m", "m3dm.predict", "--model", str(fitted), str(many_parts), "--output", str(out), "-q",
             "--batch_size", "2"]
@@ -266,8 +271,7 @@ def test_ctrl_c_in_predict_keeps_the_rows_writes_the_report_and_resume_scores_th
                                      f"others")
     report = (out / "report.html").read_text()  # the report of what finished
     assert all(row["name"] in report for row in kept)
-    resumed = command(*argv, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    assert predict_main([*argv[2:], "--resume"]) == 0
     assert rows(out)[: len(kept)] == kept  # the finished rows are kept as they were
     assert [(r["name"], r["result"]) for r in rows(out)] == [(r["name"], r["result"]) for r in rows(full)]
     for ours, theirs in zip(rows(out), rows(full)):

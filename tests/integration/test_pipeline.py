@@ -18,6 +18,7 @@ import main as main_module
 from m3dm.app.cli import build_parser
 from m3dm.config import settings_from_flags
 from m3dm.data.dataset import AnomalyDataset
+from m3dm.detection.detector import Detector
 from m3dm.evaluation.metrics import pixel_auroc
 
 SMALL = ["--rgb_backbone_name", "vit_tiny_patch16_224", "--num_group", "64", "--group_size", "32",
@@ -182,16 +183,35 @@ def test_missing_dataset_class_is_a_clear_error(dataset, tmp_path, capsys):
     assert "no_such_class" in capsys.readouterr().err
 
 
+class PassOneDone(Exception):
+    """Raised where a fit goes on after its first pass over the training samples (``main_through_pass_one``)."""
+
+
+def main_through_pass_one(argv: list[str]) -> None:
+    """``main.py argv`` in this process, stopped where the first pass over the training samples ends, which is
+    where ``--save_feature`` has written every dump: the banks' coreset, pass 2 and the evaluation, which the dumps
+    do not depend on, are skipped."""
+
+    def stop(self):
+        raise PassOneDone
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(PassOneDone):
+        patch.setattr(Detector, "finalize", stop)
+        main_module.main(argv)
+
+
 @pytest.mark.slow
 def test_save_feature_dumps_reference_layout_and_aligned_layout(dataset, tmp_path):
     """One (3136, 1152 + C) tensor per training sample; RGB rows scrambled as the reference (quirk 20) by default,
-    spatially aligned (2x nearest of the 28 x 28 token map) with --fix_quirks. ViT-S/8 gives the real 28 grid."""
+    spatially aligned (2x nearest of the 28 x 28 token map) with --fix_quirks. ViT-S/8 gives the real 28 grid.
+    The dumps are written in the first pass over the training samples: each run stops there."""
     dumps = {}
     for fix in (False, True):
         folder = tmp_path / f"patch_lib_{fix}"
-        run_main(dataset, tmp_path / f"out_{fix}", "--method_name", "DINO+Point_MAE", "--save_feature",
-                 "--save_feature_path", str(folder), "--max_sample", "2", "--rgb_backbone_name",
-                 "vit_small_patch8_224", *(["--fix_quirks"] if fix else []))
+        main_through_pass_one(["--dataset_path", str(dataset), "--output_dir", str(tmp_path / f"out_{fix}"), *SMALL,
+                               "--method_name", "DINO+Point_MAE", "--save_feature", "--save_feature_path",
+                               str(folder), "--max_sample", "2", "--rgb_backbone_name", "vit_small_patch8_224",
+                               *(["--fix_quirks"] if fix else [])])
         files = sorted(folder.glob("*.pt"))
         assert [f.name for f in files] == [f"gadget{i}.pt" for i in range(2 if fix else 3)]  # max_sample + 1
         dumps[fix] = torch.load(files[0], weights_only=True)

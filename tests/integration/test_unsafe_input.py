@@ -1,7 +1,8 @@
 """Input that must never run code or silently change a result, tried through the real commands (main.py,
-fusion_pretrain.py, python -m m3dm.predict, python -m m3dm.data check) as subprocesses (two refusals made after a
-run, before any fitting, through main.py's main() in-process): each is refused in one line that names the file or
-the flag (exit status 2), or gives the correct result; inputs and finished outputs are left as they were."""
+fusion_pretrain.py, python -m m3dm.predict, python -m m3dm.data check) as subprocesses where the process matters
+(no Open3D, worker processes, a whole run, what reaches stderr of a dataset check), the refusals made before any
+fitting through the command's main() in this process: each is refused in one line that names the file or the flag
+(exit status 2), or gives the correct result; inputs and finished outputs are left as they were."""
 
 import ast
 import json
@@ -21,6 +22,7 @@ from PIL import Image
 from test_pretrain import write_dumps
 
 import main as main_module
+from m3dm.app.pretrain import main as pretrain_main
 from m3dm.data.io import write_tiff
 from m3dm.data.synthetic import write_mvtec3d
 from m3dm.preprocess.mvtec3d import preprocess_dataset
@@ -56,10 +58,10 @@ def error_line(result: subprocess.CompletedProcess, prog: str) -> str:
     return lines[0].removeprefix(f"{prog}: error: ")
 
 
-def main_error_line(status: int, capsys) -> str:
-    """The one error line of ``main.py``'s ``main()`` run in this process (exit status 2), as ``error_line``."""
+def main_error_line(status: int, capsys, prog: str = "main.py") -> str:
+    """The one error line of ``prog``'s ``main()`` run in this process (exit status 2), as ``error_line``."""
     captured = capsys.readouterr()
-    return error_line(subprocess.CompletedProcess(["main.py"], status, captured.out, captured.err), "main.py")
+    return error_line(subprocess.CompletedProcess([prog], status, captured.out, captured.err), prog)
 
 
 # ----------------------------------------------------------------------------------- code in a checkpoint
@@ -89,29 +91,30 @@ REFUSED = "{kind} file {path} is refused: it pickles {system}, which is not a te
 SYSTEM = f"{os.system.__module__}.system"  # posix.system on Linux and macOS
 
 
-@pytest.mark.slow  # a process of the command: its imports alone cost seconds
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--rgb_checkpoint", "--xyz_checkpoint", "--fusion_module_path"])
-def test_main_refuses_a_checkpoint_that_would_run_code(dataset, tmp_path, flag):
+def test_main_refuses_a_checkpoint_that_would_run_code(dataset, tmp_path, flag, capsys):
     path, target = crafted_checkpoint(tmp_path, {"model": {}, "base_model": {}})
     fusion = ["--method_name", "DINO+Point_MAE+Fusion", "--use_uff"] if flag == "--fusion_module_path" else []
     output = tmp_path / "out"
-    result = run("main.py", "--dataset_path", str(dataset), "--output_dir", str(output), *SMALL, *fusion, flag,
-                 str(path))
+    status = main_module.main(["--dataset_path", str(dataset), "--output_dir", str(output), *SMALL, *fusion, flag,
+                               str(path)])
     kind = "UFF checkpoint" if flag == "--fusion_module_path" else "checkpoint"
-    assert error_line(result, "main.py") == REFUSED.format(kind=kind, path=path, system=SYSTEM)
+    assert main_error_line(status, capsys) == REFUSED.format(kind=kind, path=path, system=SYSTEM)
     assert not target.exists()
     assert not any(output.rglob("*.json"))  # nothing fitted, no result written
 
 
-@pytest.mark.slow  # a process of the command: its imports alone cost seconds
-def test_fusion_pretrain_refuses_to_resume_from_a_checkpoint_that_would_run_code(tmp_path):
+@pytest.mark.slow
+def test_fusion_pretrain_refuses_to_resume_from_a_checkpoint_that_would_run_code(tmp_path, capsys):
     dumps = write_dumps(tmp_path / "dumps", files=2, rows=16)
     before = {p: p.read_bytes() for p in dumps.iterdir()}
     path, target = crafted_checkpoint(tmp_path, {"model": {}, "epoch": 0})
     output = tmp_path / "out"
-    result = run("fusion_pretrain.py", "--data_path", str(dumps), "--output_dir", str(output), "--device", "cpu",
-                 "--batch_size", "2", "--num_workers", "0", "--resume", str(path), "-q")
-    assert error_line(result, "fusion_pretrain.py") == REFUSED.format(kind="--resume", path=path, system=SYSTEM)
+    status = pretrain_main(["--data_path", str(dumps), "--output_dir", str(output), "--device", "cpu",
+                            "--batch_size", "2", "--num_workers", "0", "--resume", str(path), "-q"])
+    assert main_error_line(status, capsys, "fusion_pretrain.py") == REFUSED.format(kind="--resume", path=path,
+                                                                                    system=SYSTEM)
     assert not target.exists()
     assert not any(output.glob("checkpoint-*.pth"))
     assert {p: p.read_bytes() for p in dumps.iterdir()} == before
@@ -218,20 +221,21 @@ def test_the_dataset_check_reports_images_masks_and_clouds_by_file(dataset, tmp_
     assert snapshot(data) == before
 
 
-@pytest.mark.slow  # a process of the command: its imports alone cost seconds
-def test_class_names_with_a_path_separator_are_refused_before_anything_is_made(dataset, tmp_path):
+@pytest.mark.slow
+def test_class_names_with_a_path_separator_are_refused_before_anything_is_made(dataset, tmp_path, capsys):
     output = tmp_path / "out"
-    result = run("main.py", "--dataset_path", str(dataset), "--output_dir", str(output), *SMALL, "--classes",
-                 "gadget/test")
-    assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == ("main.py: error: --classes 'gadget/test' is not a class: give the "
-                                              "name of a class folder under the dataset root (no '/', '\\', '.' "
-                                              "or '..')")
+    with pytest.raises(SystemExit) as exit_status:  # the usage message, then the line
+        main_module.main(["--dataset_path", str(dataset), "--output_dir", str(output), *SMALL, "--classes",
+                          "gadget/test"])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "main.py: error: --classes 'gadget/test' is not a class: give the name of a class folder under the dataset "
+        "root (no '/', '\\', '.' or '..')")
     assert not output.exists()
     # a completed folder name's slash is dropped: gadget/ is the class gadget (the missing one is named alone)
-    result = run("main.py", "--dataset_path", str(dataset), "--output_dir", str(output), *SMALL, "--classes",
-                 "gadget/", "nope/")
-    assert error_line(result, "main.py") == f"--classes: nope not found under {dataset} (classes there: gadget)"
+    status = main_module.main(["--dataset_path", str(dataset), "--output_dir", str(output), *SMALL, "--classes",
+                               "gadget/", "nope/"])
+    assert main_error_line(status, capsys) == f"--classes: nope not found under {dataset} (classes there: gadget)"
     assert not output.exists()
 
 
@@ -357,13 +361,14 @@ def test_fusion_pretrain_names_a_dump_with_nan_features_in_one_line(tmp_path, wo
     assert not any(output.glob("checkpoint-*.pth")) and snapshot(dumps) == before
 
 
-@pytest.mark.slow  # a process of the command: its imports alone cost seconds
-def test_fusion_pretrain_refuses_dumps_of_mixed_widths_naming_the_file(tmp_path):
+@pytest.mark.slow
+def test_fusion_pretrain_refuses_dumps_of_mixed_widths_naming_the_file(tmp_path, capsys):
     dumps = write_dumps(tmp_path / "dumps", files=2, rows=16)
     torch.save(torch.randn(16, 1152 + 32), dumps / "widget.pt")  # another backbone's RGB width
-    result = pretrain(dumps, tmp_path / "out", "--num_workers", "0")
+    status = pretrain_main(["--data_path", str(dumps), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+                            "--batch_size", "2", "--epochs", "1", "-q", "--num_workers", "0"])
     first = sorted(dumps.iterdir())[0]
-    assert error_line(result, "fusion_pretrain.py") == (
+    assert main_error_line(status, capsys, "fusion_pretrain.py") == (
         f"{dumps / 'widget.pt'}: shape (16, 1184) differs from (16, {1152 + 48}) of {first} (mixed backbones or "
         f"layouts in '{dumps}'?)")
 
