@@ -115,21 +115,50 @@ class FaissExactSearch:
         return _as_result(squared, index)
 
 
-class HNSWSearch:
-    """Approximate nearest bank row: faiss's HNSW graph (``neighbours`` links per node, ``ef_search`` candidates
-    per query), built at the first search after ``fit`` with one thread (the same graph in every run) and
-    searched with the caller's torch thread count. Holds a copy of the bank inside the graph."""
+class _BuiltIndexSearch:
+    """A faiss index built from the bank at the first search after ``fit`` (so a model that is only loaded and
+    saved builds nothing), searched with the caller's torch thread count. Subclasses build it (``_build``) and set
+    its search-time parameters (``_tune``)."""
 
-    def __init__(self, neighbours: int = HNSW_NEIGHBOURS, ef_search: int = HNSW_EF_SEARCH,
-                 ef_construction: int = HNSW_EF_CONSTRUCTION) -> None:
-        self.neighbours, self.ef_search, self.ef_construction = neighbours, ef_search, ef_construction
+    def __init__(self) -> None:
         self.bank: torch.Tensor | None = None
-        self._index: Any = None  # a faiss.IndexHNSWFlat (faiss ships no type information)
+        self._index: Any = None  # a faiss index (faiss ships no type information)
 
-    def fit(self, bank: torch.Tensor) -> HNSWSearch:
+    def fit(self, bank: torch.Tensor) -> _BuiltIndexSearch:
         _module()  # fail here, not at the first search, when faiss is missing
         self.bank, self._index = bank, None
         return self
+
+    def _build(self, bank: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def _tune(self, index: Any) -> None:
+        raise NotImplementedError
+
+    def search(self, queries: torch.Tensor, empty: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        name = type(self).__name__
+        if self.bank is None:
+            raise RuntimeError(f"{name}.search before fit")
+        if self.bank.shape[0] == 0:
+            raise ValueError(f"{name}: the bank is empty")
+        if self._index is None:
+            self._index = self._build(self.bank)
+        x = _host_rows(queries)
+        self._tune(self._index)
+        _module().omp_set_num_threads(torch.get_num_threads())
+        squared, index = self._index.search(x, 1)
+        return _as_result(squared, index)
+
+
+class HNSWSearch(_BuiltIndexSearch):
+    """Approximate nearest bank row: faiss's HNSW graph (``neighbours`` links per node, ``ef_search`` candidates
+    per query), built with one thread (the same graph in every run). Holds a copy of the bank inside the graph."""
+
+    def __init__(self, neighbours: int = HNSW_NEIGHBOURS, ef_search: int = HNSW_EF_SEARCH,
+                 ef_construction: int = HNSW_EF_CONSTRUCTION) -> None:
+        super().__init__()
+        self.neighbours, self.ef_search, self.ef_construction = neighbours, ef_search, ef_construction
 
     def _build(self, bank: torch.Tensor) -> Any:
         faiss = _module()
@@ -141,36 +170,19 @@ class HNSWSearch:
             index.add(rows)
         return index
 
-    def search(self, queries: torch.Tensor, empty: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.bank is None:
-            raise RuntimeError("HNSWSearch.search before fit")
-        if self.bank.shape[0] == 0:
-            raise ValueError("HNSWSearch: the bank is empty")
-        if self._index is None:
-            self._index = self._build(self.bank)
-        x = _host_rows(queries)
-        self._index.hnsw.efSearch = self.ef_search
-        _module().omp_set_num_threads(torch.get_num_threads())
-        squared, index = self._index.search(x, 1)
-        return _as_result(squared, index)
+    def _tune(self, index: Any) -> None:
+        index.hnsw.efSearch = self.ef_search
 
 
-class IVFSearch:
+class IVFSearch(_BuiltIndexSearch):
     """Approximate nearest bank row: faiss's inverted lists (``IndexIVFFlat``, about ``sqrt(rows)`` lists, the
-    ``probes`` nearest searched per query), built at the first search after ``fit`` with one thread, a fixed k-means
-    seed and evenly spaced training rows (the same lists in every run), searched with the caller's torch thread
-    count; first index on ties within the probed lists. Holds a copy of the bank inside the lists."""
+    ``probes`` nearest searched per query), built with one thread, a fixed k-means seed and evenly spaced training
+    rows (the same lists in every run); first index on ties within the probed lists. Holds a copy of the bank
+    inside the lists."""
 
     def __init__(self, probes: int = IVF_PROBES) -> None:
+        super().__init__()
         self.probes = probes
-        self.bank: torch.Tensor | None = None
-        self._index: Any = None  # a faiss.IndexIVFFlat
-
-    def fit(self, bank: torch.Tensor) -> IVFSearch:
-        _module()  # fail here, not at the first search, when faiss is missing
-        self.bank, self._index = bank, None
-        return self
 
     def _build(self, bank: torch.Tensor) -> Any:
         faiss = _module()
@@ -187,16 +199,5 @@ class IVFSearch:
             index.add(rows)
         return index
 
-    def search(self, queries: torch.Tensor, empty: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.bank is None:
-            raise RuntimeError("IVFSearch.search before fit")
-        if self.bank.shape[0] == 0:
-            raise ValueError("IVFSearch: the bank is empty")
-        if self._index is None:
-            self._index = self._build(self.bank)
-        x = _host_rows(queries)
-        self._index.nprobe = self.probes
-        _module().omp_set_num_threads(torch.get_num_threads())
-        squared, index = self._index.search(x, 1)
-        return _as_result(squared, index)
+    def _tune(self, index: Any) -> None:
+        index.nprobe = self.probes
