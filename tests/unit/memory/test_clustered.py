@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from test_projected import assert_same_as_exact, low_rank
+from test_projected import assert_same_as_exact, copies_and_zero_rows, low_rank, tied_pairs
 from test_screened import clustered, gaussian, near_rows, plain_squared_distances
 
 from m3dm.memory.clustered import ClusteredBank, ClusteredSearch
@@ -46,10 +46,8 @@ def test_uniform_high_dimensional_data_falls_back_and_stays_exact():
 
 def test_training_rows_zero_rows_and_copies_resolve_to_the_first_index():
     # pass 2: queries that are bank rows (distance 0), empty patches (exact zero rows), and copies in the bank
-    base = low_rank(800, 256, rank=6, seed=29)
-    zeros = torch.zeros(3, 256)
-    bank = torch.cat([zeros, base, base[:500], zeros])
-    queries = torch.cat([base[200:260], near_rows(base[:500], 80, noise=0.01, seed=30), zeros[:1].expand(20, -1)])
+    queries, bank = copies_and_zero_rows(low_rank(800, 256, rank=6, seed=29), 3, copies=500, first=200, near=80,
+                                         seed=30)
     prepared = clustered_bank(bank)
     assert_same_as_exact(queries, bank, prepared)
     _, indices = prepared.search(queries)
@@ -58,13 +56,7 @@ def test_training_rows_zero_rows_and_copies_resolve_to_the_first_index():
 
 
 def test_exact_ties_go_to_the_first_row():
-    # each query is equidistant, exactly in float32 (small integers), from two rows; the first one wins
-    generator = torch.Generator().manual_seed(31)
-    queries = torch.randint(-4, 5, (40, 256), generator=generator).float()
-    step = torch.zeros(40, 256)
-    step[:, 0] = 1
-    others = torch.randint(-4, 5, (1000, 256), generator=generator).float() + 20
-    bank = torch.cat([others[:500], queries + step, others[500:], queries - step])
+    queries, bank = tied_pairs(1000, seed=31)
     prepared = clustered_bank(bank)
     _, indices = prepared.search(queries)
     assert torch.equal(indices, torch.arange(40) + 500)

@@ -32,6 +32,30 @@ def low_rank(rows: int, dim: int, rank: int, seed: int, noise: float = 0.02, off
             + noise * torch.randn(rows, dim, generator=generator) + offset)
 
 
+def copies_and_zero_rows(base: torch.Tensor, zero_rows: int, copies: int, first: int, near: int, seed: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 2's case: a bank of ``zero_rows`` zero rows, ``base``, a copy of its first ``copies`` rows and the zero
+    rows again; queries: 60 bank rows (``base[first:first + 60]``, distance 0), ``near`` rows close to the copied
+    ones, and 20 zero rows (the empty patches). Each query's first index wins."""
+    zeros = torch.zeros(zero_rows, base.shape[1])
+    bank = torch.cat([zeros, base, base[:copies], zeros])
+    queries = torch.cat([base[first:first + 60], near_rows(base[:copies], near, noise=0.01, seed=seed),
+                         zeros[:1].expand(20, -1)])
+    return queries, bank
+
+
+def tied_pairs(others: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """40 queries, each equidistant, exactly in float32 (small integers), from a pair of bank rows (rows
+    ``others // 2 + i`` and the last 40); ``others`` rows far from both. The first of the pair must win."""
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.randint(-4, 5, (40, 256), generator=generator).float()
+    step = torch.zeros(40, 256)
+    step[:, 0] = 1
+    rest = torch.randint(-4, 5, (others, 256), generator=generator).float() + 20
+    half = others // 2
+    return queries, torch.cat([rest[:half], queries + step, rest[half:], queries - step])
+
+
 @pytest.mark.parametrize("dim", [768, 1152])
 def test_low_rank_data_gives_the_exact_result_with_few_candidates(dim):
     bank = low_rank(1500, dim, rank=24, seed=dim)
@@ -50,10 +74,8 @@ def test_clustered_data_in_more_directions_than_screened():
 def test_training_rows_as_queries_and_duplicates_resolve_to_the_first_index():
     # pass 2: the queries are training patches, some of them bank rows (distance 0), with exact zero rows (the
     # empty patches) and exact copies in the bank
-    base = low_rank(800, 768, rank=16, seed=4)
-    zeros = torch.zeros(2, 768)
-    bank = torch.cat([zeros, base, base[:300], zeros])
-    queries = torch.cat([base[100:160], near_rows(base[:300], 100, noise=0.01, seed=5), zeros[:1].expand(20, -1)])
+    queries, bank = copies_and_zero_rows(low_rank(800, 768, rank=16, seed=4), 2, copies=300, first=100, near=100,
+                                         seed=5)
     stats = assert_same_as_exact(queries, bank)
     assert stats.plain_blocks == 0
     _, indices = ProjectedBank(bank).search(queries)
@@ -62,13 +84,7 @@ def test_training_rows_as_queries_and_duplicates_resolve_to_the_first_index():
 
 
 def test_exact_ties_go_to_the_first_row():
-    # each query is equidistant, exactly in float32 (small integers), from a pair of rows; the first of the pair wins
-    generator = torch.Generator().manual_seed(6)
-    queries = torch.randint(-4, 5, (40, 256), generator=generator).float()
-    step = torch.zeros(40, 256)
-    step[:, 0] = 1
-    others = torch.randint(-4, 5, (800, 256), generator=generator).float() + 20
-    bank = torch.cat([others[:400], queries + step, others[400:], queries - step])
+    queries, bank = tied_pairs(800, seed=6)
     _, indices = ProjectedBank(bank).search(queries)
     assert torch.equal(indices, torch.arange(40) + 400)
     assert_same_as_exact(queries, bank)
